@@ -1,0 +1,58 @@
+# tokenwire: `make run` serves, `make test` tests. Both set everything up on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENWIRE_MODELS ?= $(HOME)/.local/share/tokenwire/models
+HOST ?= 127.0.0.1
+GRPC_PORT ?= 50051
+HTTP_PORT ?= 8000
+
+.PHONY: setup model run serve bridge test proto bench lint browser node clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Installs the project (editable), the model-building extra and the dev tools.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[export,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Builds the default model into the store (idempotent: instant when present).
+model: setup
+	$(BIN)/tokenwire pull smollm2-135m
+
+# The Node.js client's packages (from npm).
+node:
+	cd clients/node && npm install --no-audit --no-fund --silent
+
+# Debian's chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
+run: model
+	$(BIN)/tokenwire up --host $(HOST) --port $(GRPC_PORT) --http-port $(HTTP_PORT)
+
+serve: model
+	$(BIN)/tokenwire serve --host $(HOST) --port $(GRPC_PORT)
+
+test: model
+	$(BIN)/python -m pytest -q
+
+proto: setup
+	$(BIN)/python proto/generate.py
+
+bench: model
+	$(BIN)/python bench/bench_single.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Clients of the tokenwire server: the `tokenwire` command line."""

@@ -1,0 +1,338 @@
+"""The `tokenwire` command: serve, pull, generate, models (and the bridge)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from .connection import describe_rpc_error, open_channel, server_target
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"tokenwire: {message}", file=sys.stderr)
+    return code
+
+
+# ---- serve -------------------------------------------------------------------------------------
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    from tokenwire.server.config import ServerConfig
+
+    d = ServerConfig()
+    p.add_argument("--host", default=d.host, help="address to bind (env TOKENWIRE_HOST)")
+    p.add_argument("--port", type=int, default=d.port, help="gRPC port (env TOKENWIRE_PORT)")
+    p.add_argument("--models-dir", type=Path, default=d.models_dir, help="model store (env TOKENWIRE_MODELS)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="execution provider (env TOKENWIRE_DEVICE)")
+    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads, 0 = all cores")
+    p.add_argument("--max-running", type=int, default=d.max_running, help="generations at once (env TOKENWIRE_MAX_RUNNING)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size, help="requests that may wait (env TOKENWIRE_QUEUE_SIZE)")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max tokens when a request sets none")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest prompt accepted, in bytes")
+
+
+def _server_config(args: argparse.Namespace):
+    from tokenwire.server.config import ServerConfig
+
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        models_dir=args.models_dir,
+        device=args.device,
+        threads=args.threads,
+        max_running=args.max_running,
+        queue_size=args.queue_size,
+        default_max_tokens=args.default_max_tokens,
+        max_request_bytes=args.max_request_bytes,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tokenwire.server.app import serve
+    from tokenwire.server.decoder import DeviceUnavailable
+
+    config = _server_config(args)
+
+    def ready(cfg) -> None:
+        print(f"tokenwire server on {cfg.address} (gRPC; models in {cfg.models_dir})", flush=True)
+
+    try:
+        asyncio.run(serve(config, on_ready=ready))
+    except DeviceUnavailable as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# ---- pull --------------------------------------------------------------------------------------
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tokenwire.server.model_build import CATALOGUE, BuildError, pull
+    from tokenwire.server.store import ModelStore
+
+    store = ModelStore(args.models_dir)
+    if not args.name:
+        print("models tokenwire can pull (tokenwire pull NAME):")
+        for entry in CATALOGUE.values():
+            have = "  [in store]" if entry.name in store.aliases() else ""
+            print(f"  {entry.name:<16} {entry.description} ({entry.license}){have}")
+        return 0
+    try:
+        pull(args.name, store, force=args.force)
+    except BuildError as exc:
+        return _fail(str(exc))
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+def _build_generate_request(args: argparse.Namespace):
+    from tokenwire.v1 import inference_pb2 as pb
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = pb.SamplingParams()
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(sampling, name, value)
+    request = pb.GenerateRequest(
+        model=args.model or "",
+        sampling=sampling,
+        max_tokens=args.max_tokens or 0,
+        stop=args.stop or [],
+        include_logprobs=args.logprobs,
+    )
+    if args.chat or args.system:
+        if args.system:
+            request.messages.append(pb.ChatMessage(role="system", content=args.system))
+        request.messages.append(pb.ChatMessage(role="user", content=prompt))
+    else:
+        request.prompt = prompt
+    return request
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from tokenwire.v1 import inference_pb2 as pb
+    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+    if args.max_tokens is not None and args.max_tokens < 1:
+        return _fail(f"--max-tokens must be >= 1, got {args.max_tokens}", 2)
+    request = _build_generate_request(args)
+    target = server_target(args.server)
+    channel = open_channel(target)
+    call = pb_grpc.InferenceStub(channel).Generate(request)
+    finished = None
+    try:
+        for response in call:
+            kind = response.WhichOneof("event")
+            if args.json:
+                print(json.dumps({kind: MessageToDict(getattr(response, kind), preserving_proto_field_name=True)}), flush=True)
+            elif kind == "token":
+                sys.stdout.write(response.token.text)
+                sys.stdout.flush()
+            elif kind == "queued":
+                print(f"[queued: position {response.queued.position}]", file=sys.stderr, flush=True)
+            if kind == "finished":
+                finished = response.finished
+    except KeyboardInterrupt:
+        call.cancel()
+        print("\n[stopped]", file=sys.stderr)
+        return 130
+    except grpc.RpcError as exc:
+        return _fail(describe_rpc_error(exc, target))
+    finally:
+        channel.close()
+    if not args.json:
+        sys.stdout.write("\n")
+        if finished is not None and args.verbose:
+            u = finished.usage
+            print(
+                f"[{pb.FinishReason.Name(finished.reason).removeprefix('FINISH_REASON_').lower()}: "
+                f"{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, "
+                f"first token {u.time_to_first_token_ms:.0f} ms, {u.decode_tokens_per_second:.1f} tok/s]",
+                file=sys.stderr,
+            )
+    if finished is not None and finished.reason == pb.FINISH_REASON_ERROR:
+        return _fail(f"generation failed: {finished.error_message}")
+    return 0
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from tokenwire.v1 import inference_pb2 as pb
+    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+    target = server_target(args.server)
+    channel = open_channel(target)
+    try:
+        reply = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    except grpc.RpcError as exc:
+        return _fail(describe_rpc_error(exc, target))
+    finally:
+        channel.close()
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
+    if not reply.models:
+        print("no models in the store: run `tokenwire pull smollm2-135m`")
+        return 0
+    print(f"{'ID':<24} {'ARCH':<8} {'PARAMS':>8} {'PREC':<5} {'CTX':>6} {'SIZE':>9}  STATE")
+    for m in reply.models:
+        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        extra = (" (default)" if m.is_default else "") + (f" — {m.error_message}" if m.error_message else "")
+        params = f"{m.parameter_count / 1e6:.0f}M" if m.parameter_count else "?"
+        print(f"{m.id:<24} {m.architecture:<8} {params:>8} {m.precision:<5} {m.context_length:>6} "
+              f"{_human_bytes(m.size_bytes):>9}  {state}{extra}")
+    return 0
+
+
+# ---- bridge / up -------------------------------------------------------------------------------
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    try:
+        from tokenwire.bridge.app import run_bridge
+    except ImportError as exc:
+        return _fail(f"the bridge is not available: {exc}")
+    run_bridge(host=args.http_host, port=args.http_port, grpc_target=server_target(args.server))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Server and bridge together, in two processes; Ctrl-C stops both."""
+    import subprocess
+    import time
+
+    exe = [sys.executable, "-m", "tokenwire.clients.cli"]
+    server_args = ["serve", "--host", args.host, "--port", str(args.port), "--models-dir", str(args.models_dir),
+                   "--device", args.device, "--threads", str(args.threads), "--max-running", str(args.max_running),
+                   "--queue-size", str(args.queue_size)]
+    server = subprocess.Popen(exe + server_args)
+    target = f"{args.host}:{args.port}"
+    if not _wait_for_server(target, 60):
+        server.terminate()
+        return _fail(f"the server did not start on {target}")
+    bridge = subprocess.Popen(exe + ["bridge", "--server", target, "--http-host", args.http_host,
+                                     "--http-port", str(args.http_port)])
+    url = f"http://{args.http_host}:{args.http_port}/"
+    print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
+          f"    gRPC                   {target}\n    try: tokenwire generate --chat 'Hello!'\n", flush=True)
+    try:
+        while server.poll() is None and bridge.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in (bridge, server):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (bridge, server):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0
+
+
+def _wait_for_server(target: str, timeout_s: float) -> bool:
+    channel = open_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+# ---- parser ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description="Serve a local LLM token by token.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more output (timings, logs)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the gRPC server")
+    _add_server_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pull", help="build a model into the store (no NAME: list what can be pulled)")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--models-dir", type=Path, default=None, help="model store (env TOKENWIRE_MODELS)")
+    p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("generate", help="stream a generation to stdout")
+    p.add_argument("prompt", help="prompt text, or - to read it from stdin")
+    p.add_argument("--model", "-m", default="", help="model id or alias (default: the server's default)")
+    p.add_argument("--max-tokens", "-n", type=int, default=None)
+    p.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (implies --chat)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON event per line")
+    p.add_argument("--logprobs", action="store_true", help="ask for each token's logprob (shown with --json)")
+    p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="list the server's models")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bridge", help="run the HTTP bridge (SSE, OpenAI API, web page)")
+    p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
+    p.add_argument("--http-host", default=os.environ.get("TOKENWIRE_HTTP_HOST", "127.0.0.1"))
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("TOKENWIRE_HTTP_PORT", "8000")))
+    p.set_defaults(func=cmd_bridge)
+
+    p = sub.add_parser("up", help="run the server and the bridge together")
+    _add_server_flags(p)
+    p.add_argument("--http-host", default=os.environ.get("TOKENWIRE_HTTP_HOST", "127.0.0.1"))
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("TOKENWIRE_HTTP_PORT", "8000")))
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.command in ("serve", "bridge", "up") or args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""tokenwire: serve a local LLM token by token."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The tokenwire server: engine, model store, scheduler and gRPC services."""

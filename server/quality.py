@@ -1,0 +1,79 @@
+"""How far a quantized model strays from its fp32 original, teacher-forced over a fixed text.
+
+Both models see the same tokens (the fixed text, >= 2,000 tokens); at every position we
+compare their next-token distributions: how often the top-1 token agrees, the mean KL
+divergence KL(fp32 || quantized), and each model's perplexity on the text.
+
+Run: python -m tokenwire.server.quality REFERENCE_DIR CANDIDATE_DIR [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .decoder import OnnxDecoder
+from .store import read_manifest, write_manifest
+from .tokenizer import TokenizerBundle
+
+MIN_TOKENS = 2000
+DEFAULT_MAX_TOKENS = 2048
+
+
+def eval_text() -> str:
+    return resources.files("tokenwire.server").joinpath("data/eval_text.txt").read_text()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, float]:
+    tokens = TokenizerBundle(reference).encode(eval_text())[:max_tokens]
+    if len(tokens) < MIN_TOKENS and max_tokens >= MIN_TOKENS:
+        raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than {MIN_TOKENS}")
+    ref_logits = OnnxDecoder(reference / "model.onnx").full_logits(tokens)
+    cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
+    targets = np.asarray(tokens[1:])
+    same = kl_sum = ref_nll = cand_nll = 0.0
+    positions = len(tokens) - 1
+    for start in range(0, positions, 256):
+        stop = min(start + 256, positions)
+        lp_ref = _log_softmax(ref_logits[start:stop])
+        lp_cand = _log_softmax(cand_logits[start:stop])
+        same += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
+        kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
+        rows = np.arange(stop - start)
+        ref_nll -= float(lp_ref[rows, targets[start:stop]].sum())
+        cand_nll -= float(lp_cand[rows, targets[start:stop]].sum())
+    return {
+        "tokens": positions + 1,
+        "top1_agreement": same / positions,
+        "mean_kl": kl_sum / positions,
+        "perplexity_reference": float(np.exp(ref_nll / positions)),
+        "perplexity": float(np.exp(cand_nll / positions)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reference", type=Path, help="fp32 model folder")
+    parser.add_argument("candidate", type=Path, help="quantized model folder")
+    parser.add_argument("--write", action="store_true", help="record the figures in the candidate's manifest")
+    args = parser.parse_args()
+    result = compare(args.reference, args.candidate)
+    print(json.dumps(result, indent=2))
+    if args.write:
+        manifest = read_manifest(args.candidate)
+        manifest["quality"] = {**result, "reference": read_manifest(args.reference).get("id", str(args.reference))}
+        write_manifest(args.candidate, manifest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Choosing the next token: a pure function of the logits, the parameters and the history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first parameter out of range."""
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (0.0 <= self.min_p < 1.0):
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (self.repetition_penalty > 0) or not np.isfinite(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (-2.0 <= value <= 2.0):
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+
+
+class TokenHistory:
+    """Counts of the tokens seen so far, for the penalties (kept incrementally, no per-step scans)."""
+
+    def __init__(self, prompt_ids: list[int]) -> None:
+        self.prompt = set(prompt_ids)
+        self.output_counts: dict[int, int] = {}
+
+    def add(self, token_id: int) -> None:
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+
+def apply_penalties(logits: np.ndarray, config: SamplingConfig, history: TokenHistory) -> np.ndarray:
+    """Returns logits with the penalties applied (a copy only when some penalty is on)."""
+    rep = config.repetition_penalty != 1.0
+    additive = config.presence_penalty != 0.0 or config.frequency_penalty != 0.0
+    if not (rep and (history.prompt or history.output_counts)) and not (additive and history.output_counts):
+        return logits
+    logits = logits.astype(np.float32, copy=True)
+    if rep:
+        seen = np.fromiter(history.prompt | history.output_counts.keys(), dtype=np.int64)
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / config.repetition_penalty, values * config.repetition_penalty)
+    if additive and history.output_counts:
+        ids = np.fromiter(history.output_counts.keys(), dtype=np.int64)
+        counts = np.fromiter(history.output_counts.values(), dtype=np.float32)
+        logits[ids] -= config.presence_penalty + config.frequency_penalty * counts
+    return logits
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def sample(
+    logits: np.ndarray,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+    history: TokenHistory | None = None,
+) -> tuple[int, float]:
+    """Picks the next token from `logits` [vocab]; returns (token id, its log-probability).
+
+    The log-probability is that of the distribution the token was drawn from, after penalties
+    and temperature but before truncation (top-k/top-p/min-p), as OpenAI reports it.
+    """
+    if history is not None:
+        logits = apply_penalties(logits, config, history)
+    if config.greedy:
+        token = int(np.argmax(logits))
+        top = float(logits[token])
+        logprob = -float(np.log(np.exp((logits - top).astype(np.float64)).sum()))
+        return token, logprob
+
+    scaled = logits.astype(np.float64) / config.temperature
+    full_logprobs = _log_softmax(scaled)
+    if config.top_k == 0 and config.top_p >= 1.0 and config.min_p == 0.0:
+        # No truncation: draw from the whole distribution (inverse CDF, no sort).
+        cdf = np.cumsum(np.exp(full_logprobs))
+        token = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), cdf.shape[0] - 1))
+        return token, float(full_logprobs[token])
+    # Candidates: the top-k (or every token), sorted by descending logit.
+    if 0 < config.top_k < scaled.shape[0]:
+        cand = np.argpartition(scaled, -config.top_k)[-config.top_k :]
+    else:
+        cand = np.arange(scaled.shape[0])
+    cand_lp = full_logprobs[cand]
+    order = np.argsort(-cand_lp, kind="stable")
+    cand, cand_lp = cand[order], cand_lp[order]
+    probs = np.exp(cand_lp - cand_lp[0])  # relative to the top token
+    keep = probs.shape[0]
+    if config.top_p < 1.0:
+        cum = np.cumsum(probs) / probs.sum()
+        keep = min(keep, int(np.searchsorted(cum, config.top_p, side="left")) + 1)
+    if config.min_p > 0.0:
+        # probs is sorted descending and probs[0] == 1: keep those >= min_p of the top token.
+        keep = min(keep, int(np.searchsorted(-probs, -config.min_p, side="right")))
+    keep = max(keep, 1)
+    p = probs[:keep] / probs[:keep].sum()
+    choice = int(rng.choice(keep, p=p))
+    token = int(cand[choice])
+    return token, float(full_logprobs[token])
