@@ -1,0 +1,160 @@
+"""Shared fixtures: one real server (and one bridge) per test session, on 127.0.0.1.
+
+The default model must already be in the store: `make test` runs `tokenwire pull smollm2-135m`
+first (instant when it is there). Tests never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tokenwire.server.store import ModelStore, default_store_path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEFAULT_FP32 = "smollm2-135m:fp32"
+DEFAULT_INT4 = "smollm2-135m:int4"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen
+    log_path: Path
+    target: str = ""  # host:port for gRPC
+    url: str = ""  # http://host:port for HTTP
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tokenwire.clients.cli", *args]
+
+
+def wait_grpc_ready(target: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60) -> None:
+    channel = grpc.insecure_channel(target)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+        raise RuntimeError(f"server did not come up on {target}:\n{log_path.read_text()}")
+    finally:
+        channel.close()
+
+
+def start_server(tmp: Path, models_dir: Path, *extra: str, env: dict | None = None) -> Proc:
+    port = free_port()
+    log_path = tmp / f"server-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        cli("serve", "--port", str(port), "--models-dir", str(models_dir), *extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    target = f"127.0.0.1:{port}"
+    wait_grpc_ready(target, proc, log_path)
+    return Proc(proc, log_path, target=target)
+
+
+def start_bridge(tmp: Path, server_target: str, *extra: str) -> Proc:
+    import urllib.request
+
+    port = free_port()
+    log_path = tmp / f"bridge-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        cli("bridge", "--server", server_target, "--http-port", str(port), *extra),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bridge exited early:\n{log_path.read_text()}")
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1).read()
+            return Proc(proc, log_path, url=url)
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"bridge did not come up on {url}:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    root = default_store_path()
+    ids = {e.id for e in ModelStore(root).scan()}
+    missing = {DEFAULT_FP32, DEFAULT_INT4} - ids
+    if missing:
+        pytest.fail(f"{sorted(missing)} not in {root}: run `make test` (it pulls the default model) "
+                    "or `tokenwire pull smollm2-135m`")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(models_dir: Path, tmp_path_factory) -> Proc:
+    proc = start_server(tmp_path_factory.mktemp("server"), models_dir, "--max-running", "4")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def bridge(server: Proc, tmp_path_factory) -> Proc:
+    proc = start_bridge(tmp_path_factory.mktemp("bridge"), server.target)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(server: Proc):
+    ch = grpc.insecure_channel(server.target)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+def stub(channel):
+    from tokenwire.v1 import inference_pb2_grpc
+
+    return inference_pb2_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def fp32_dir(models_dir: Path) -> Path:
+    return ModelStore(models_dir).get(DEFAULT_FP32).path
+
+
+@pytest.fixture(scope="session")
+def int4_dir(models_dir: Path) -> Path:
+    return ModelStore(models_dir).get(DEFAULT_INT4).path
