@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -41,7 +39,7 @@ class ChatMessage(_message.Message):
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
-    def __init__(self, role: str | None = ..., content: str | None = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed")
@@ -61,7 +59,7 @@ class SamplingParams(_message.Message):
     presence_penalty: float
     frequency_penalty: float
     seed: int
-    def __init__(self, temperature: float | None = ..., top_p: float | None = ..., top_k: int | None = ..., min_p: float | None = ..., repetition_penalty: float | None = ..., presence_penalty: float | None = ..., frequency_penalty: float | None = ..., seed: int | None = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "messages", "sampling", "max_tokens", "stop", "include_logprobs", "request_id")
@@ -81,7 +79,7 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     include_logprobs: bool
     request_id: str
-    def __init__(self, model: str | None = ..., prompt: str | None = ..., messages: _Iterable[ChatMessage | _Mapping] | None = ..., sampling: SamplingParams | _Mapping | None = ..., max_tokens: int | None = ..., stop: _Iterable[str] | None = ..., include_logprobs: bool | None = ..., request_id: str | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_logprobs: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "finished", "queued")
@@ -91,7 +89,7 @@ class GenerateResponse(_message.Message):
     token: TokenDelta
     finished: Finished
     queued: QueueStatus
-    def __init__(self, token: TokenDelta | _Mapping | None = ..., finished: Finished | _Mapping | None = ..., queued: QueueStatus | _Mapping | None = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("text", "token_id", "logprob", "index")
@@ -103,13 +101,13 @@ class TokenDelta(_message.Message):
     token_id: int
     logprob: float
     index: int
-    def __init__(self, text: str | None = ..., token_id: int | None = ..., logprob: float | None = ..., index: int | None = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class QueueStatus(_message.Message):
     __slots__ = ("position",)
     POSITION_FIELD_NUMBER: _ClassVar[int]
     position: int
-    def __init__(self, position: int | None = ...) -> None: ...
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "decode_tokens_per_second", "total_time_ms", "queue_time_ms")
@@ -125,7 +123,7 @@ class Usage(_message.Message):
     decode_tokens_per_second: float
     total_time_ms: float
     queue_time_ms: float
-    def __init__(self, prompt_tokens: int | None = ..., completion_tokens: int | None = ..., time_to_first_token_ms: float | None = ..., decode_tokens_per_second: float | None = ..., total_time_ms: float | None = ..., queue_time_ms: float | None = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason", "usage", "error_message", "model", "matched_stop")
@@ -139,7 +137,7 @@ class Finished(_message.Message):
     error_message: str
     model: str
     matched_stop: str
-    def __init__(self, reason: FinishReason | str | None = ..., usage: Usage | _Mapping | None = ..., error_message: str | None = ..., model: str | None = ..., matched_stop: str | None = ...) -> None: ...
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., matched_stop: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -169,10 +167,10 @@ class ModelInfo(_message.Message):
     error_message: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     is_default: bool
-    def __init__(self, id: str | None = ..., architecture: str | None = ..., parameter_count: int | None = ..., precision: str | None = ..., context_length: int | None = ..., loaded: bool | None = ..., state: ModelState | str | None = ..., size_bytes: int | None = ..., error_message: str | None = ..., aliases: _Iterable[str] | None = ..., is_default: bool | None = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., precision: _Optional[str] = ..., context_length: _Optional[int] = ..., loaded: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., error_message: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Iterable[ModelInfo | _Mapping] | None = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
