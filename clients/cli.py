@@ -123,6 +123,7 @@ def _build_generate_request(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
+
     from tokenwire.v1 import inference_pb2 as pb
     from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
@@ -180,6 +181,7 @@ def _human_bytes(n: int) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
+
     from tokenwire.v1 import inference_pb2 as pb
     from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 

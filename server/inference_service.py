@@ -7,6 +7,7 @@ import time
 import uuid
 
 import grpc
+
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
