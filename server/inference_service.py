@@ -111,16 +111,22 @@ class InferenceService(pb_grpc.InferenceServicer):
             gen_request = build_request(params, model, self.config.default_max_tokens, received)
             return Generation(model.decoder, model.tokenizer, gen_request, cancelled)
 
-        finished: FinishedEvent | None = None
+        def log_finished(event: FinishedEvent) -> None:
+            log.info(
+                "request %s model=%s prompt_tokens=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s%s",
+                request_id, entry.id, event.prompt_tokens, event.completion_tokens,
+                event.time_to_first_token_ms, event.decode_tokens_per_second, event.reason.value,
+                f" error={event.error_message!r}" if event.error_message else "",
+            )
+
         try:
-            async for event in self.runner.run(ticket, make_generation):
+            async for event in self.runner.run(ticket, make_generation, log_finished):
                 if isinstance(event, TokenEvent):
                     delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
                     if event.logprob is not None:
                         delta.logprob = event.logprob
                     await context.write(pb.GenerateResponse(token=delta))
                 elif isinstance(event, FinishedEvent):
-                    finished = event
                     await context.write(finished_to_proto(event, entry.id))
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -130,15 +136,6 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ModelLoadError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        finally:
-            if finished is not None:
-                log.info(
-                    "request %s model=%s prompt_tokens=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s",
-                    request_id, entry.id, finished.prompt_tokens, finished.completion_tokens,
-                    finished.time_to_first_token_ms, finished.decode_tokens_per_second, finished.reason.value,
-                )
-            else:
-                log.info("request %s model=%s ended before finishing (client gone or refused)", request_id, entry.id)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         store = self.models.store

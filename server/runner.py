@@ -98,9 +98,16 @@ class GenerationRunner:
             raise
 
     async def run(
-        self, ticket: _Ticket, make_generation: Callable[[threading.Event], Generation]
+        self,
+        ticket: _Ticket,
+        make_generation: Callable[[threading.Event], Generation],
+        on_finished: Callable[[FinishedEvent], None] | None = None,
     ) -> AsyncIterator[Event]:
-        """Runs the generation (the ticket must be ready); cancelling the consumer stops it within a step."""
+        """Runs the generation (the ticket must be ready); cancelling the consumer stops it within a step.
+
+        `on_finished` is called on the worker thread with the final event, even when the
+        consumer has gone away (a cancelled call), so the ending is always recorded.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
         cancelled = threading.Event()
@@ -109,6 +116,8 @@ class GenerationRunner:
         def work() -> None:
             try:
                 for event in make_generation(cancelled):
+                    if isinstance(event, FinishedEvent) and on_finished is not None:
+                        on_finished(event)
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except BaseException as exc:  # loading or validation failed on the worker
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
