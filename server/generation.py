@@ -34,6 +34,7 @@ class GenerationRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: list[str] = field(default_factory=list)
     include_logprobs: bool = False
+    ignore_eos: bool = False
     received_at: float = field(default_factory=time.perf_counter)
 
 
@@ -119,7 +120,7 @@ class Generation:
                     reason = FinishReason.CANCELLED
                     break
                 token, logprob = sample(logits, req.sampling, rng, history)
-                if token in eos:
+                if token in eos and not req.ignore_eos:
                     reason = FinishReason.STOP
                     break
                 history.add(token)

@@ -60,6 +60,7 @@ def params_from_proto(request: pb.GenerateRequest) -> GenerateParams:
         max_tokens=int(request.max_tokens),
         stop=list(request.stop),
         include_logprobs=request.include_logprobs,
+        ignore_eos=request.ignore_eos,
     )
 
 

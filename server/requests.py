@@ -29,6 +29,7 @@ class GenerateParams:
     max_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     include_logprobs: bool = False
+    ignore_eos: bool = False
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int) -> None:
@@ -93,5 +94,6 @@ def build_request(
         sampling=params.sampling,
         stop=list(params.stop),
         include_logprobs=params.include_logprobs,
+        ignore_eos=params.ignore_eos,
         received_at=received_at,
     )

@@ -1,0 +1,81 @@
+"""Single-stream speed of each default variant over gRPC: decode tok/s and time to first token.
+
+Runs its own server, then per variant (interleaved, after a warm-up): 5 generations of 128
+greedy tokens from a short prompt (decode tok/s, from the server's usage) and 5 prefills of a
+533-token prompt (time to first token as the client sees it). Prints medians, writes JSON.
+
+    .venv/bin/python bench/bench_single.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, SHORT_PROMPT, long_prompt, median, running_server, table, write_json  # noqa: E402
+
+from tokenwire.server.store import ModelStore  # noqa: E402
+from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+VARIANTS = ["smollm2-135m:int4", "smollm2-135m:fp32"]
+
+
+def generate(stub, model: str, prompt: str, max_tokens: int) -> tuple[float, pb.Usage]:
+    request = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=max_tokens,
+                                 sampling=pb.SamplingParams(temperature=0.0), ignore_eos=True)
+    started = time.perf_counter()
+    ttft = None
+    usage = None
+    for response in stub.Generate(request, timeout=600):
+        kind = response.WhichOneof("event")
+        if kind == "token" and ttft is None:
+            ttft = (time.perf_counter() - started) * 1000
+        elif kind == "finished":
+            usage = response.finished.usage
+    return ttft or 0.0, usage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = ModelStore()
+    tokenizer = TokenizerBundle(store.get(VARIANTS[0]).path)
+    prompt_533 = long_prompt(tokenizer, 533)
+    n_long = len(tokenizer.encode(prompt_533))
+    results: dict[str, dict[str, list[float]]] = {v: {"decode_tps": [], "ttft_short_ms": [], "ttft_533_ms": []}
+                                                   for v in VARIANTS}
+    with running_server() as target, grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for v in VARIANTS:  # load + warm up
+            generate(stub, v, SHORT_PROMPT, 16)
+            generate(stub, v, prompt_533, 1)
+        for _ in range(args.runs):
+            for v in VARIANTS:
+                ttft, usage = generate(stub, v, SHORT_PROMPT, 128)
+                results[v]["decode_tps"].append(usage.decode_tokens_per_second)
+                results[v]["ttft_short_ms"].append(ttft)
+                ttft, _ = generate(stub, v, prompt_533, 1)
+                results[v]["ttft_533_ms"].append(ttft)
+    rows = []
+    summary = {}
+    for v in VARIANTS:
+        r = results[v]
+        summary[v] = {k: median(vals) for k, vals in r.items()}
+        rows.append([v, median(r["decode_tps"]), median(r["ttft_short_ms"]), median(r["ttft_533_ms"])])
+    print(f"single stream over gRPC, greedy, 128 new tokens, median of {args.runs} (prompt of {n_long} tokens for TTFT)")
+    print(table(["model", "decode tok/s", "TTFT short prompt (ms)", f"TTFT {n_long}-token prompt (ms)"], rows))
+    path = write_json("single.json", {"runs": args.runs, "long_prompt_tokens": n_long, "median": summary, "raw": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

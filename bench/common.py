@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmarks: a server of their own, fixed prompts, medians, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+SHORT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# A fixed long prompt: repeated paragraphs of the evaluation text, cut to a token count.
+
+
+def long_prompt(tokenizer, n_tokens: int) -> str:
+    from tokenwire.server.quality import eval_text
+
+    ids = tokenizer.encode(eval_text())
+    return tokenizer.decode(ids[:n_tokens])
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": __import__("onnxruntime").__version__}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(*extra: str):
+    """Starts `tokenwire serve` on a free port; yields its target."""
+    port = free_port()
+    log = open(RESULTS / f"server-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tokenwire.clients.cli", "serve", "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def write_json(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    data = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
