@@ -30,8 +30,16 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=d.models_dir, help="model store (env TOKENWIRE_MODELS)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="execution provider (env TOKENWIRE_DEVICE)")
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads, 0 = all cores")
-    p.add_argument("--max-running", type=int, default=d.max_running, help="generations at once (env TOKENWIRE_MAX_RUNNING)")
-    p.add_argument("--queue-size", type=int, default=d.queue_size, help="requests that may wait (env TOKENWIRE_QUEUE_SIZE)")
+    p.add_argument("--max-batch", "--max-running", dest="max_batch", type=int, default=d.max_batch,
+                   help="sequences decoded together per model (env TOKENWIRE_MAX_BATCH)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help="requests that may wait per model; more get RESOURCE_EXHAUSTED (env TOKENWIRE_QUEUE_SIZE)")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt tokens prefilled per step (env TOKENWIRE_PREFILL_CHUNK)")
+    p.add_argument("--max-streams-per-user", type=int, default=d.max_streams_per_user,
+                   help="concurrent streams per user, 0 = no limit (env TOKENWIRE_MAX_STREAMS_PER_USER)")
+    p.add_argument("--prefix-cache-bytes", type=int, default=d.prefix_cache_bytes,
+                   help="memory for reusable KV of finished turns, 0 = off (env TOKENWIRE_PREFIX_CACHE_BYTES)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max tokens when a request sets none")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest prompt accepted, in bytes")
 
@@ -45,8 +53,11 @@ def _server_config(args: argparse.Namespace):
         models_dir=args.models_dir,
         device=args.device,
         threads=args.threads,
-        max_running=args.max_running,
+        max_batch=args.max_batch,
         queue_size=args.queue_size,
+        prefill_chunk=args.prefill_chunk,
+        max_streams_per_user=args.max_streams_per_user,
+        prefix_cache_bytes=args.prefix_cache_bytes,
         default_max_tokens=args.default_max_tokens,
         max_request_bytes=args.max_request_bytes,
     )
@@ -216,7 +227,11 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         from tokenwire.bridge.app import run_bridge
     except ImportError as exc:
         return _fail(f"the bridge is not available: {exc}")
-    run_bridge(host=args.http_host, port=args.http_port, grpc_target=server_target(args.server))
+    try:
+        run_bridge(host=args.http_host, port=args.http_port, grpc_target=server_target(args.server),
+                   heartbeat_s=args.heartbeat_s, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after_s)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
     return 0
 
 
@@ -227,8 +242,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     exe = [sys.executable, "-m", "tokenwire.clients.cli"]
     server_args = ["serve", "--host", args.host, "--port", str(args.port), "--models-dir", str(args.models_dir),
-                   "--device", args.device, "--threads", str(args.threads), "--max-running", str(args.max_running),
-                   "--queue-size", str(args.queue_size)]
+                   "--device", args.device, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                   "--queue-size", str(args.queue_size), "--prefill-chunk", str(args.prefill_chunk),
+                   "--max-streams-per-user", str(args.max_streams_per_user),
+                   "--prefix-cache-bytes", str(args.prefix_cache_bytes)]
     server = subprocess.Popen(exe + server_args)
     target = f"{args.host}:{args.port}"
     if not _wait_for_server(target, 60):
@@ -311,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
     p.add_argument("--http-host", default=os.environ.get("TOKENWIRE_HTTP_HOST", "127.0.0.1"))
     p.add_argument("--http-port", type=int, default=int(os.environ.get("TOKENWIRE_HTTP_PORT", "8000")))
+    p.add_argument("--heartbeat-s", type=float, default=None,
+                   help="SSE keep-alive comment interval while waiting, seconds (env TOKENWIRE_HEARTBEAT_S, 2)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body, bytes (env TOKENWIRE_MAX_BODY_BYTES, 1 MiB)")
+    p.add_argument("--retry-after-s", type=int, default=None,
+                   help="Retry-After sent with 429 when the server gives none (env TOKENWIRE_RETRY_AFTER_S, 1)")
     p.set_defaults(func=cmd_bridge)
 
     p = sub.add_parser("up", help="run the server and the bridge together")

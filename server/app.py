@@ -16,7 +16,6 @@ from .config import ServerConfig
 from .decoder import providers_for
 from .inference_service import InferenceService
 from .model_manager import ModelManager
-from .runner import GenerationRunner
 from .store import ModelStore
 
 log = logging.getLogger("tokenwire.server")
@@ -24,15 +23,17 @@ log = logging.getLogger("tokenwire.server")
 
 async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
-    manager = ModelManager(ModelStore(config.models_dir), device=config.device, threads=config.threads)
-    runner = GenerationRunner(max_running=config.max_running, queue_size=config.queue_size)
+    manager = ModelManager(
+        ModelStore(config.models_dir), device=config.device, threads=config.threads,
+        scheduler_config=config.scheduler_config(),
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager, runner), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (

@@ -1,7 +1,11 @@
-"""One generation, start to finish: prefill, then one token per step, as plain events.
+"""One sequence's generation as a small state machine, and the simplest loop that drives it.
 
-This is the domain loop the services drive; it knows nothing of gRPC or HTTP. It runs on a
-worker thread (onnxruntime releases the GIL) and checks a cancellation flag between steps.
+`Sequence` holds everything per request that is not the KV cache: sampling state, the text
+stream with its stop strings, counts and timings. Whoever owns the model calls
+`sequence.step(logits)` with the next-token logits and gets back the events to send and
+the token to feed next (None when the sequence is done). The batching scheduler drives
+many Sequences at once; `Generation` below drives one alone (prefill, then one token per
+step) and is the reference the scheduler is tested against. None of this knows gRPC.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     include_logprobs: bool = False
     ignore_eos: bool = False
+    user: str = ""
     received_at: float = field(default_factory=time.perf_counter)
 
 
@@ -58,13 +63,104 @@ class FinishedEvent:
     error_message: str = ""
     matched_stop: str = ""
     text: str = ""
+    cached_prompt_tokens: int = 0
+
+
+@dataclass
+class QueuedEvent:
+    position: int
 
 
 Event = TokenEvent | FinishedEvent
 
 
+class Sequence:
+    """Per-request generation state; feed it logits, it answers with events and the next token."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: TokenizerBundle,
+                 cancelled: threading.Event | None = None) -> None:
+        self.request = request
+        self.cancelled = cancelled or threading.Event()
+        self._rng = np.random.default_rng(request.sampling.seed)
+        self._history = TokenHistory(request.prompt_ids)
+        self._stream = TextStream(tokenizer.tokenizer, request.stop)
+        self._eos = tokenizer.eos_token_ids
+        self.started_at = 0.0
+        self.first_at = 0.0
+        self.last_at = 0.0
+        self.count = 0
+        self.pieces: list[str] = []
+        self.output_ids: list[int] = []
+        self.cached_prompt_tokens = 0
+        self.finished: FinishedEvent | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    def start(self) -> None:
+        self.started_at = time.perf_counter()
+
+    def step(self, logits: np.ndarray) -> tuple[list[Event], int | None]:
+        """Samples from `logits` [vocab]; returns (events, token to feed next or None when done)."""
+        req = self.request
+        if self.cancelled.is_set():
+            return self.finish(FinishReason.CANCELLED), None
+        token, logprob = sample(logits, req.sampling, self._rng, self._history)
+        if token in self._eos and not req.ignore_eos:
+            return self.finish(FinishReason.STOP), None
+        self._history.add(token)
+        self.output_ids.append(token)
+        self.count += 1
+        self.last_at = time.perf_counter()
+        if self.count == 1:
+            self.first_at = self.last_at
+        text = self._stream.push(token)
+        lp = logprob if req.include_logprobs else None
+        if self._stream.matched_stop is not None:
+            events: list[Event] = [TokenEvent(text, token, self.count - 1, lp)] if text else []
+            self.pieces.append(text)
+            return events + self.finish(FinishReason.STOP), None
+        at_limit = self.count >= req.max_tokens
+        if at_limit:
+            text += self._stream.flush()
+        self.pieces.append(text)
+        events = [TokenEvent(text, token, self.count - 1, lp)]
+        if at_limit:
+            return events + self.finish(FinishReason.LENGTH), None
+        return events, token
+
+    def finish(self, reason: FinishReason, error: str = "") -> list[Event]:
+        """Ends the sequence (idempotent); returns the closing events."""
+        if self.finished is not None:
+            return []
+        events: list[Event] = []
+        tail = "" if self._stream.matched_stop is not None else self._stream.flush()
+        if tail:
+            # Text held back for a stop string that never completed: it is output after all.
+            self.pieces.append(tail)
+            events.append(TokenEvent(tail, self.output_ids[-1] if self.output_ids else 0, self.count, None))
+        req = self.request
+        end = self.last_at or time.perf_counter()
+        decode_s = self.last_at - self.first_at if self.count > 1 else 0.0
+        self.finished = FinishedEvent(
+            reason=reason,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=self.count,
+            time_to_first_token_ms=(self.first_at - req.received_at) * 1000 if self.count else 0.0,
+            decode_tokens_per_second=(self.count - 1) / decode_s if decode_s > 0 else 0.0,
+            total_time_ms=(end - req.received_at) * 1000,
+            queue_time_ms=((self.started_at or end) - req.received_at) * 1000,
+            error_message=error,
+            matched_stop=self._stream.matched_stop or "",
+            text="".join(self.pieces),
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
+        return events + [self.finished]
+
+
 class Generation:
-    """Iterating yields TokenEvents and ends with one FinishedEvent."""
+    """Drives one Sequence alone: prefill, then one token per step. Iterating yields its events."""
 
     def __init__(
         self,
@@ -74,82 +170,18 @@ class Generation:
         cancelled: threading.Event | None = None,
     ) -> None:
         self.decoder = decoder
-        self.tokenizer = tokenizer
-        self.request = request
-        self.cancelled = cancelled or threading.Event()
+        self.sequence = Sequence(request, tokenizer, cancelled)
 
     def __iter__(self) -> Iterator[Event]:
-        req = self.request
-        started = time.perf_counter()
-        queue_ms = (started - req.received_at) * 1000
-        rng = np.random.default_rng(req.sampling.seed)
-        history = TokenHistory(req.prompt_ids)
-        stream = TextStream(self.tokenizer.tokenizer, req.stop)
-        eos = self.tokenizer.eos_token_ids
-        first_at = last_at = 0.0
-        count = 0
-        token = 0
-        pieces: list[str] = []
-        reason = FinishReason.LENGTH
-        error = ""
-
-        def finished() -> FinishedEvent:
-            end = last_at or time.perf_counter()
-            decode_s = last_at - first_at if count > 1 else 0.0
-            return FinishedEvent(
-                reason=reason,
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=count,
-                time_to_first_token_ms=(first_at - req.received_at) * 1000 if count else 0.0,
-                decode_tokens_per_second=(count - 1) / decode_s if decode_s > 0 else 0.0,
-                total_time_ms=(end - req.received_at) * 1000,
-                queue_time_ms=queue_ms,
-                error_message=error,
-                matched_stop=stream.matched_stop or "",
-                text="".join(pieces),
-            )
-
+        seq = self.sequence
+        seq.start()
         try:
-            if self.cancelled.is_set():
-                reason = FinishReason.CANCELLED
-                yield finished()
-                return
-            logits, cache = self.decoder.prefill(req.prompt_ids)
+            logits, cache = self.decoder.prefill(seq.request.prompt_ids)
             while True:
-                if self.cancelled.is_set():
-                    reason = FinishReason.CANCELLED
-                    break
-                token, logprob = sample(logits, req.sampling, rng, history)
-                if token in eos and not req.ignore_eos:
-                    reason = FinishReason.STOP
-                    break
-                history.add(token)
-                count += 1
-                last_at = time.perf_counter()
-                if count == 1:
-                    first_at = last_at
-                text = stream.push(token)
-                if stream.matched_stop is not None:
-                    reason = FinishReason.STOP
-                    if text:
-                        pieces.append(text)
-                        yield TokenEvent(text, token, count - 1, logprob if req.include_logprobs else None)
-                    break
-                if count >= req.max_tokens:
-                    text += stream.flush()
-                pieces.append(text)
-                yield TokenEvent(text, token, count - 1, logprob if req.include_logprobs else None)
-                if count >= req.max_tokens:
-                    reason = FinishReason.LENGTH
-                    break
+                events, token = seq.step(logits)
+                yield from events
+                if token is None:
+                    return
                 logits, cache = self.decoder.decode_one_token(token, cache)
         except Exception as exc:  # the stream must end with a reason, whatever failed
-            reason = FinishReason.ERROR
-            error = f"{type(exc).__name__}: {exc}"
-        tail = "" if stream.matched_stop is not None else stream.flush()
-        if tail:
-            # Text held back for a stop string that never completed: it is output after all.
-            pieces.append(tail)
-            end_token = next(iter(eos), 0) if reason == FinishReason.STOP else (token if count else 0)
-            yield TokenEvent(tail, end_token, count, None)
-        yield finished()
+            yield from seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -13,11 +14,11 @@ from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from .config import ServerConfig
 from .decoder import DeviceUnavailable
-from .generation import FinishedEvent, FinishReason, Generation, TokenEvent
+from .generation import FinishedEvent, FinishReason, QueuedEvent, Sequence, TokenEvent
 from .model_manager import ModelLoadError, ModelManager, ModelNotFound
 from .requests import GenerateParams, InvalidRequest, build_request, check_shape
-from .runner import GenerationRunner, QueueFull
 from .sampling import SamplingConfig
+from .scheduler import QueueFull, SequenceHandle
 
 log = logging.getLogger("tokenwire.server")
 
@@ -84,59 +85,64 @@ def finished_to_proto(event: FinishedEvent, model_id: str) -> pb.GenerateRespons
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, config: ServerConfig, models: ModelManager, runner: GenerationRunner) -> None:
+    def __init__(self, config: ServerConfig, models: ModelManager) -> None:
         self.config = config
         self.models = models
-        self.runner = runner
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         received = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex[:12]
         params = params_from_proto(request)
+        loop = asyncio.get_running_loop()
         try:
             check_shape(params, self.config.max_request_bytes)
             entry = self.models.resolve(params.model)
-            ticket = self.runner.admit()
+            model = await loop.run_in_executor(None, self.models.get, entry.id)
+            gen_request = await loop.run_in_executor(
+                None, build_request, params, model, self.config.default_max_tokens, received
+            )
+            gen_request.user = self.user_of(request, context)
+
+            def log_finished(event: FinishedEvent) -> None:
+                log.info(
+                    "request %s model=%s prompt_tokens=%d cached=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s%s",
+                    request_id, entry.id, event.prompt_tokens, event.cached_prompt_tokens, event.completion_tokens,
+                    event.time_to_first_token_ms, event.decode_tokens_per_second, event.reason.value,
+                    f" error={event.error_message!r}" if event.error_message else "",
+                )
+
+            handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, log_finished)
+            model.scheduler.submit(handle)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except QueueFull as exc:
+            await context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-
-        async for queued in self.runner.wait_turn(ticket):
-            await context.write(pb.GenerateResponse(queued=pb.QueueStatus(position=queued.position)))
-
-        def make_generation(cancelled) -> Generation:
-            model = self.models.get(entry.id)
-            gen_request = build_request(params, model, self.config.default_max_tokens, received)
-            return Generation(model.decoder, model.tokenizer, gen_request, cancelled)
-
-        def log_finished(event: FinishedEvent) -> None:
-            log.info(
-                "request %s model=%s prompt_tokens=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s%s",
-                request_id, entry.id, event.prompt_tokens, event.completion_tokens,
-                event.time_to_first_token_ms, event.decode_tokens_per_second, event.reason.value,
-                f" error={event.error_message!r}" if event.error_message else "",
-            )
+        except DeviceUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ModelLoadError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
         try:
-            async for event in self.runner.run(ticket, make_generation, log_finished):
+            async for event in handle.events():
                 if isinstance(event, TokenEvent):
                     delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
                     if event.logprob is not None:
                         delta.logprob = event.logprob
                     await context.write(pb.GenerateResponse(token=delta))
+                elif isinstance(event, QueuedEvent):
+                    await context.write(pb.GenerateResponse(queued=pb.QueueStatus(position=event.position)))
                 elif isinstance(event, FinishedEvent):
                     await context.write(finished_to_proto(event, entry.id))
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ModelNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except DeviceUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except ModelLoadError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        finally:
+            handle.cancel()  # no-op when finished; stops the sequence when the client went away
+
+    @staticmethod
+    def user_of(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
+        """Who is asking, for fair turns: the request's `user` ("" is one shared anonymous user)."""
+        return request.user
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         store = self.models.store

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decoder import DeviceUnavailable, OnnxDecoder
+from .scheduler import Scheduler, SchedulerConfig
 from .store import ModelEntry, ModelStore
 from .tokenizer import TokenizerBundle
 
@@ -33,6 +34,7 @@ class LoadedModel:
     entry: ModelEntry
     decoder: OnnxDecoder
     tokenizer: TokenizerBundle
+    scheduler: Scheduler
     load_seconds: float
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
@@ -47,8 +49,15 @@ class LoadedModel:
 
 
 class ModelManager:
-    def __init__(self, store: ModelStore, device: str = "cpu", threads: int = 0) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        device: str = "cpu",
+        threads: int = 0,
+        scheduler_config: SchedulerConfig | None = None,
+    ) -> None:
         self.store = store
+        self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = device
         self.threads = threads
         self._lock = threading.Lock()
@@ -120,8 +129,9 @@ class ModelManager:
         path = Path(entry.path)
         decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
         tokenizer = TokenizerBundle(path)
+        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id)
         self.load_count[entry.id] = self.load_count.get(entry.id, 0) + 1
-        return LoadedModel(entry, decoder, tokenizer, time.perf_counter() - started)
+        return LoadedModel(entry, decoder, tokenizer, scheduler, time.perf_counter() - started)
 
     def loaded_ids(self) -> list[str]:
         with self._lock:

@@ -1,0 +1,322 @@
+"""Continuous batching for one loaded model: admission, prefill, one batched decode per step.
+
+One thread per model runs the loop below; onnxruntime releases the GIL while it computes.
+
+* Admission: a bounded queue. `submit` refuses at once (QueueFull) when `queue_size`
+  requests already wait. Waiting requests are admitted round-robin across users (so one
+  user's flood cannot starve the others), each user limited to `max_streams_per_user`
+  running streams, and each waiting request is told its place whenever it changes.
+* Prefill: an admitted sequence first reuses the longest cached prefix of its prompt
+  (PrefixCache), then prefills the rest alone in chunks of `prefill_chunk` tokens, one chunk
+  between decode steps so running streams keep flowing.
+* Decode: every running sequence advances one token per batched forward pass (KVBatch).
+  Finished, stopped and cancelled sequences leave at once; their KV goes to the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoder import KVCache, OnnxDecoder
+from .generation import Event, FinishedEvent, FinishReason, QueuedEvent, Sequence
+from .kv_batch import KVBatch
+from .prefix_cache import PrefixCache
+
+log = logging.getLogger("tokenwire.scheduler")
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(
+            f"the server is busy: {queue_size} requests are already waiting for this model; retry shortly"
+        )
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 16
+    queue_size: int = 32
+    prefill_chunk: int = 512
+    max_streams_per_user: int = 0  # 0: no per-user limit
+    prefix_cache_bytes: int = 512 << 20
+
+
+class SequenceHandle:
+    """A Sequence plus the way back to its asyncio consumer (events cross via call_soon_threadsafe)."""
+
+    def __init__(self, sequence: Sequence, loop: asyncio.AbstractEventLoop, on_finished=None) -> None:
+        self.sequence = sequence
+        self.user = sequence.request.user
+        self._loop = loop
+        self._queue: asyncio.Queue[Event | QueuedEvent] = asyncio.Queue()
+        self._on_finished = on_finished
+        self.position = 0
+        # Prefill progress (scheduler thread only).
+        self.cache: KVCache | None = None
+        self.prefilled = 0
+        self.next_token: int | None = None
+
+    def emit(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, FinishedEvent) and self._on_finished is not None:
+                try:
+                    self._on_finished(event)
+                except Exception:  # a logging hook must never break the loop
+                    log.exception("on_finished hook failed")
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+    def cancel(self) -> None:
+        self.sequence.cancelled.set()
+
+    async def events(self):
+        """Yields QueuedEvents, TokenEvents and finally the FinishedEvent."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, FinishedEvent):
+                return
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_chunks: int = 0
+    tokens_generated: int = 0
+    batch_size_sum: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, decoder: OnnxDecoder, config: SchedulerConfig, name: str = "") -> None:
+        self.decoder = decoder
+        self.config = config
+        self.name = name
+        seq_axis = decoder.kv[0].seq_axis
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=seq_axis)
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[SequenceHandle]] = OrderedDict()
+        self._n_waiting = 0
+        self._running_per_user: dict[str, int] = {}
+        self._prefilling: deque[SequenceHandle] = deque()
+        self._rows: list[SequenceHandle] = []
+        self._batch = KVBatch(decoder)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop ------------------------------------------------------------
+
+    def submit(self, handle: SequenceHandle) -> None:
+        """Queues a sequence, or raises QueueFull at once."""
+        with self._cond:
+            if self._stop:
+                raise RuntimeError(f"model {self.name} is unloading")
+            if self._n_waiting >= self.config.queue_size and not self._has_free_slot(handle.user):
+                raise QueueFull(self.config.queue_size)
+            self._waiting.setdefault(handle.user, deque()).append(handle)
+            self._n_waiting += 1
+            self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def running(self) -> int:
+        return len(self._rows) + len(self._prefilling)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._n_waiting or self._rows or self._prefilling)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ---- admission (under self._cond) ----------------------------------------------------------
+
+    def _has_free_slot(self, user: str) -> bool:
+        if self.running >= self.config.max_batch:
+            return False
+        limit = self.config.max_streams_per_user
+        return not limit or self._running_per_user.get(user, 0) < limit
+
+    def _admission_order(self) -> list[SequenceHandle]:
+        """Waiting sequences in the order they would be admitted: round-robin across users."""
+        queues = [list(q) for q in self._waiting.values()]
+        order: list[SequenceHandle] = []
+        depth = 0
+        while len(order) < self._n_waiting:
+            for q in queues:
+                if depth < len(q):
+                    order.append(q[depth])
+            depth += 1
+        return order
+
+    def _admit(self) -> None:
+        admitted = False
+        while self._n_waiting and self.running < self.config.max_batch:
+            picked = None
+            for user in list(self._waiting):
+                if self._has_free_slot(user):
+                    picked = user
+                    break
+            if picked is None:
+                break
+            queue = self._waiting.pop(picked)
+            handle = queue.popleft()
+            if queue:
+                self._waiting[picked] = queue  # back of the rotation
+            self._n_waiting -= 1
+            self._running_per_user[picked] = self._running_per_user.get(picked, 0) + 1
+            handle.sequence.start()
+            self._prefilling.append(handle)
+            admitted = True
+        if admitted or any(h.position == 0 for q in self._waiting.values() for h in q):
+            self._notify_positions()
+
+    def _notify_positions(self) -> None:
+        for position, handle in enumerate(self._admission_order(), start=1):
+            if handle.position != position:
+                handle.position = position
+                handle.emit([QueuedEvent(position)])
+
+    def _drop_cancelled_waiting(self) -> None:
+        changed = False
+        for user in list(self._waiting):
+            queue = self._waiting[user]
+            for handle in [h for h in queue if h.sequence.cancelled.is_set()]:
+                queue.remove(handle)
+                self._n_waiting -= 1
+                handle.emit(handle.sequence.finish(FinishReason.CANCELLED))
+                changed = True
+            if not queue:
+                del self._waiting[user]
+        if changed:
+            self._notify_positions()
+
+    def _release_user(self, handle: SequenceHandle) -> None:
+        with self._cond:
+            n = self._running_per_user.get(handle.user, 1) - 1
+            if n:
+                self._running_per_user[handle.user] = n
+            else:
+                self._running_per_user.pop(handle.user, None)
+
+    # ---- the loop (scheduler thread) -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not (self._n_waiting or self._prefilling or self._rows):
+                    self._cond.wait()
+                if self._stop and not (self._prefilling or self._rows):
+                    for queue in self._waiting.values():
+                        for handle in queue:
+                            handle.emit(handle.sequence.finish(FinishReason.CANCELLED, "model unloaded"))
+                    self._waiting.clear()
+                    self._n_waiting = 0
+                    return
+                self._drop_cancelled_waiting()
+                if not self._stop:
+                    self._admit()
+            try:
+                if self._prefilling:
+                    self._prefill_chunk()
+                if self._rows:
+                    self._decode_step()
+            except Exception as exc:  # a failed step fails its sequences, never the server
+                log.exception("scheduler step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _finish(self, handle: SequenceHandle, events: list) -> None:
+        handle.emit(events)
+        finished = handle.sequence.finished
+        if finished is not None:
+            key = finished.reason.value
+            self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+        self._release_user(handle)
+
+    def _prefill_chunk(self) -> None:
+        handle = self._prefilling[0]
+        seq = handle.sequence
+        prompt = seq.request.prompt_ids
+        if seq.cancelled.is_set():
+            self._prefilling.popleft()
+            self._finish(handle, seq.finish(FinishReason.CANCELLED))
+            return
+        if handle.cache is None:
+            reused, cached = self.prefix_cache.lookup(prompt)
+            handle.cache = cached if cached is not None else self.decoder.empty_cache()
+            handle.prefilled = reused
+            seq.cached_prompt_tokens = reused
+        chunk = prompt[handle.prefilled : handle.prefilled + self.config.prefill_chunk]
+        logits, handle.cache = self.decoder.forward(np.asarray([chunk], dtype=np.int64), handle.cache)
+        handle.prefilled += len(chunk)
+        self.stats.prefill_chunks += 1
+        if handle.prefilled < len(prompt):
+            return
+        self._prefilling.popleft()
+        events, token = seq.step(logits[0, -1])
+        if token is None:
+            self.prefix_cache.store(prompt, handle.cache)
+            handle.cache = None
+            self._finish(handle, events)
+            return
+        handle.emit(events)
+        self.stats.tokens_generated += 1
+        self._batch.add(handle.cache, len(prompt))
+        handle.cache = None
+        handle.next_token = token
+        self._rows.append(handle)
+
+    def _decode_step(self) -> None:
+        tokens = [h.next_token for h in self._rows]
+        logits = self._batch.step(tokens)
+        self.stats.steps += 1
+        self.stats.batch_size_sum += len(self._rows)
+        leaving: list[int] = []
+        for row, handle in enumerate(self._rows):
+            seq = handle.sequence
+            events, token = seq.step(logits[row])
+            if token is None:
+                length = self._batch.lengths[row]
+                self.prefix_cache.store((seq.request.prompt_ids + seq.output_ids)[:length], self._batch.row_cache(row))
+                self._finish(handle, events)
+                leaving.append(row)
+            else:
+                self.stats.tokens_generated += 1
+                handle.emit(events)
+                handle.next_token = token
+        if leaving:
+            self._batch.remove(leaving)
+            self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
+
+    def _fail_all(self, message: str) -> None:
+        for handle in list(self._rows) + list(self._prefilling):
+            handle.cache = None
+            self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
+        self._rows = []
+        self._prefilling.clear()
+        self._batch = KVBatch(self.decoder)
+
+
+def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not scheduler.busy
