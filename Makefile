@@ -26,9 +26,15 @@ setup: $(VENV)/.installed
 model: setup
 	$(BIN)/tokenwire pull smollm2-135m
 
-# The Node.js client's packages (from npm).
-node:
-	cd clients/node && npm install --no-audit --no-fund --silent
+# The Node.js client's packages, exactly as clients/node/package-lock.json pins them (node and
+# npm from Debian if missing); reinstalled only when the lockfile changes.
+node: clients/node/node_modules/.package-lock.json
+
+clients/node/node_modules/.package-lock.json: clients/node/package.json clients/node/package-lock.json
+	@command -v npm >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; fi; }
+	cd clients/node && npm ci --no-audit --no-fund --silent
 
 # Debian's chromium for the browser tests (Playwright drives it; no browser download).
 browser:
@@ -42,7 +48,7 @@ run: model
 serve: model
 	$(BIN)/tokenwire serve --host $(HOST) --port $(GRPC_PORT)
 
-test: model
+test: model node browser
 	$(BIN)/python -m pytest -q
 
 proto: setup
