@@ -118,7 +118,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except QueueFull as exc:
-            await context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DeviceUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

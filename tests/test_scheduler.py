@@ -1,0 +1,233 @@
+"""Continuous batching, admission, fairness, cancellation and prefix reuse, on the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import start_server
+
+from tokenwire.server.decoder import OnnxDecoder
+from tokenwire.server.generation import (
+    FinishedEvent,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    QueuedEvent,
+    Sequence,
+    TokenEvent,
+)
+from tokenwire.server.sampling import SamplingConfig
+from tokenwire.server.scheduler import QueueFull, Scheduler, SchedulerConfig, SequenceHandle
+from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.v1 import inference_pb2 as pb
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a poem about autumn leaves falling in a quiet park at dusk.",
+    "def quicksort(arr):",
+    "List three fruits:",
+    "Once upon a time there was a dragon who",
+    "The theory of relativity says that",
+    "Q: What is 2 + 2?\nA:",
+    "In the beginning",
+]
+
+
+@pytest.fixture(scope="module")
+def model(int4_dir: Path):
+    return OnnxDecoder(int4_dir / "model.onnx"), TokenizerBundle(int4_dir)
+
+
+def greedy_request(tok: TokenizerBundle, prompt: str, max_tokens: int = 24, user: str = "",
+                   ignore_eos: bool = False) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=tok.encode(prompt), max_tokens=max_tokens,
+                             sampling=SamplingConfig(temperature=0.0), user=user, ignore_eos=ignore_eos)
+
+
+def alone(decoder, tok, prompt: str, max_tokens: int = 24) -> list[int]:
+    events = list(Generation(decoder, tok, greedy_request(tok, prompt, max_tokens)))
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+async def consume(handle: SequenceHandle, log: list | None = None) -> tuple[list[int], FinishedEvent, list]:
+    tokens, queued = [], []
+    async for event in handle.events():
+        if log is not None:
+            log.append((handle, event, time.perf_counter()))
+        if isinstance(event, TokenEvent):
+            tokens.append(event.token_id)
+        elif isinstance(event, QueuedEvent):
+            queued.append(event.position)
+        elif isinstance(event, FinishedEvent):
+            return tokens, event, queued
+    raise AssertionError("stream ended without a finished event")
+
+
+def submit(scheduler: Scheduler, tok, request: GenerationRequest) -> SequenceHandle:
+    handle = SequenceHandle(Sequence(request, tok), asyncio.get_running_loop())
+    scheduler.submit(handle)
+    return handle
+
+
+async def test_greedy_output_does_not_depend_on_the_batch(model) -> None:
+    decoder, tok = model
+    reference = alone(decoder, tok, PROMPTS[0])
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=8, prefix_cache_bytes=0, prefill_chunk=16))
+    try:
+        # Stagger arrivals so sequences join a running batch at different lengths.
+        handles = []
+        for i, prompt in enumerate(PROMPTS):
+            handles.append(submit(scheduler, tok, greedy_request(tok, prompt, 24 + 3 * i)))
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(*(consume(h) for h in handles))
+        assert results[0][0] == reference, "the same prompt gave other tokens when batched with 7 others"
+        for prompt, (tokens, finished, _) in zip(PROMPTS[1:4], results[1:4], strict=True):
+            assert tokens == alone(decoder, tok, prompt, len(tokens)), prompt
+        assert scheduler.stats.batch_size_sum / scheduler.stats.steps > 2, "sequences should have shared steps"
+    finally:
+        scheduler.stop()
+
+
+async def test_bounded_queue_refuses_at_once_and_reports_positions(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=1, queue_size=3, prefix_cache_bytes=0))
+    try:
+        running = submit(scheduler, tok, greedy_request(tok, "Count to fifty:", 40, ignore_eos=True))
+        await asyncio.sleep(0.2)
+        waiting = [submit(scheduler, tok, greedy_request(tok, p, 2, ignore_eos=True)) for p in PROMPTS[:3]]
+        started = time.perf_counter()
+        with pytest.raises(QueueFull, match="busy"):
+            submit(scheduler, tok, greedy_request(tok, "one too many", 2))
+        assert time.perf_counter() - started < 0.1
+        results = await asyncio.gather(consume(running), *(consume(h) for h in waiting))
+        assert [r[2][0] for r in results[1:]] == [1, 2, 3], "each waiting request is told its place"
+        assert results[3][2] == [3, 2, 1], "and told again as it moves up"
+        assert all(r[1].reason == FinishReason.LENGTH for r in results)
+    finally:
+        scheduler.stop()
+
+
+async def test_fair_turns_across_users(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=2, queue_size=32, prefix_cache_bytes=0))
+    try:
+        flood = [submit(scheduler, tok, greedy_request(tok, f"Story number {i}:", 6, user="A", ignore_eos=True)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        single = submit(scheduler, tok, greedy_request(tok, "Hello, I am B and", 6, user="B", ignore_eos=True))
+        log: list = []
+        await asyncio.gather(*(consume(h, log) for h in flood + [single]))
+        first_token_at = {}
+        for handle, event, at in log:
+            if isinstance(event, TokenEvent):
+                first_token_at.setdefault(handle, at)
+        order = sorted(first_token_at, key=first_token_at.get)
+        assert order.index(single) < order.index(flood[9]), "B's one request must not wait behind all of A's"
+        assert order.index(single) <= 3
+    finally:
+        scheduler.stop()
+
+
+async def test_per_user_stream_limit(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=4, max_streams_per_user=1, prefix_cache_bytes=0))
+    try:
+        handles = [submit(scheduler, tok, greedy_request(tok, f"Item {i}:", 8, user="A", ignore_eos=True)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        assert scheduler.running <= 1
+        results = await asyncio.gather(*(consume(h) for h in handles))
+        assert all(r[1].completion_tokens == 8 for r in results)
+        assert scheduler.stats.batch_size_sum == scheduler.stats.steps, "user A never had two streams at once"
+    finally:
+        scheduler.stop()
+
+
+async def test_cancelled_sequence_frees_its_slot_within_a_step(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=1, queue_size=4, prefix_cache_bytes=0))
+    try:
+        long = submit(scheduler, tok, greedy_request(tok, "Write a very long story:", 2000, ignore_eos=True))
+        waiting = submit(scheduler, tok, greedy_request(tok, "Hi", 3, ignore_eos=True))
+        got = 0
+        async for event in long.events():
+            if isinstance(event, TokenEvent):
+                got += 1
+                if got == 3:
+                    steps_at_cancel = scheduler.stats.steps
+                    long.cancel()
+            if isinstance(event, FinishedEvent):
+                assert event.reason == FinishReason.CANCELLED
+                break
+        tokens, finished, _ = await consume(waiting)
+        assert finished.reason == FinishReason.LENGTH
+        assert finished.completion_tokens == 3
+        # The waiting request started within a step or two of the cancel, not after 2000 tokens.
+        assert scheduler.stats.steps - steps_at_cancel <= 2 + 3
+    finally:
+        scheduler.stop()
+
+
+async def test_prefix_reuse_gives_the_cold_tokens(model) -> None:
+    decoder, tok = model
+    history = tok.render_chat([{"role": "user", "content": "My name is Ada. Remember it."}])
+    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=4, prefix_cache_bytes=64 << 20))
+    try:
+        first, finished, _ = await consume(submit(scheduler, tok, GenerationRequest(
+            prompt_ids=tok.encode(history), max_tokens=20, sampling=SamplingConfig(temperature=0.0))))
+        turn2 = tok.render_chat([
+            {"role": "user", "content": "My name is Ada. Remember it."},
+            {"role": "assistant", "content": tok.decode(first)},
+            {"role": "user", "content": "What is my name?"},
+        ])
+        request = GenerationRequest(prompt_ids=tok.encode(turn2), max_tokens=16, sampling=SamplingConfig(temperature=0.0))
+        warm, warm_finished, _ = await consume(submit(scheduler, tok, request))
+        assert warm_finished.cached_prompt_tokens > len(tok.encode(history)) - 1
+        assert scheduler.prefix_cache.stats.hits >= 1
+        cold = alone(decoder, tok, turn2, 16)
+        assert warm == cold[: len(warm)] and len(warm) == len(cold)
+    finally:
+        scheduler.stop()
+
+
+def test_queue_full_over_grpc_is_resource_exhausted_at_once(models_dir, tmp_path) -> None:
+    server = start_server(tmp_path, models_dir, "--max-batch", "1", "--queue-size", "1")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            list(stub.Generate(pb.GenerateRequest(prompt="warm", max_tokens=1), timeout=60))
+            long = stub.Generate(pb.GenerateRequest(prompt="A long story:", max_tokens=500, ignore_eos=True), timeout=120)
+            next(long)
+            queued = stub.Generate(pb.GenerateRequest(prompt="Wait", max_tokens=2, ignore_eos=True), timeout=120)
+            first = next(queued)
+            assert first.WhichOneof("event") == "queued" and first.queued.position == 1
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(pb.GenerateRequest(prompt="Refused", max_tokens=2), timeout=60))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.perf_counter() - started < 1.0
+            assert ("retry-after", "1") in (info.value.trailing_metadata() or ())
+            long.cancel()
+            events = [r.WhichOneof("event") for r in queued]
+            assert events[-1] == "finished" and events.count("token") == 2
+    finally:
+        server.stop()
+
+
+def test_deadline_ends_generation(stub, server) -> None:
+    list(stub.Generate(pb.GenerateRequest(prompt="warm up", max_tokens=1), timeout=60))  # load the model first
+    call = stub.Generate(pb.GenerateRequest(prompt="Tell me everything.", max_tokens=3000, ignore_eos=True), timeout=1.5)
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    done = threading.Event()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not done.is_set():
+        if any("finish=cancelled" in ln and "generated=" in ln for ln in server.log().splitlines()):
+            done.set()
+        time.sleep(0.1)
+    assert done.is_set(), "the server should end a generation whose deadline passed"
