@@ -87,7 +87,7 @@ async def test_greedy_output_does_not_depend_on_the_batch(model) -> None:
             await asyncio.sleep(0.02)
         results = await asyncio.gather(*(consume(h) for h in handles))
         assert results[0][0] == reference, "the same prompt gave other tokens when batched with 7 others"
-        for prompt, (tokens, finished, _) in zip(PROMPTS[1:4], results[1:4], strict=True):
+        for prompt, (tokens, _, _) in zip(PROMPTS[1:4], results[1:4], strict=True):
             assert tokens == alone(decoder, tok, prompt, len(tokens)), prompt
         assert scheduler.stats.batch_size_sum / scheduler.stats.steps > 2, "sequences should have shared steps"
     finally:
