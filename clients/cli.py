@@ -42,6 +42,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="memory for reusable KV of finished turns, 0 = off (env TOKENWIRE_PREFIX_CACHE_BYTES)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max tokens when a request sets none")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest prompt accepted, in bytes")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                   help="Prometheus /metrics port, 0 = off (env TOKENWIRE_METRICS_PORT)")
 
 
 def _server_config(args: argparse.Namespace):
@@ -60,6 +62,7 @@ def _server_config(args: argparse.Namespace):
         prefix_cache_bytes=args.prefix_cache_bytes,
         default_max_tokens=args.default_max_tokens,
         max_request_bytes=args.max_request_bytes,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -245,7 +248,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                    "--device", args.device, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
                    "--queue-size", str(args.queue_size), "--prefill-chunk", str(args.prefill_chunk),
                    "--max-streams-per-user", str(args.max_streams_per_user),
-                   "--prefix-cache-bytes", str(args.prefix_cache_bytes)]
+                   "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port)]
     server = subprocess.Popen(exe + server_args)
     target = f"{args.host}:{args.port}"
     if not _wait_for_server(target, 60):

@@ -15,6 +15,7 @@ from tokenwire.v1 import inference_pb2, inference_pb2_grpc
 from .config import ServerConfig
 from .decoder import providers_for
 from .inference_service import InferenceService
+from .metrics import PrometheusMetrics
 from .model_manager import ModelManager
 from .store import ModelStore
 
@@ -23,9 +24,12 @@ log = logging.getLogger("tokenwire.server")
 
 async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
+    metrics = PrometheusMetrics()
+    if config.metrics_port:
+        metrics.serve_http(config.host, config.metrics_port)
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads,
-        scheduler_config=config.scheduler_config(),
+        scheduler_config=config.scheduler_config(), metrics=metrics,
     )
     server = grpc.aio.server(
         options=[

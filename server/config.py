@@ -33,6 +33,8 @@ class ServerConfig:
     default_max_tokens: int = field(default_factory=lambda: int(_env("DEFAULT_MAX_TOKENS", "1024")))
     # The largest prompt accepted (bytes of text); bigger ones get INVALID_ARGUMENT.
     max_request_bytes: int = field(default_factory=lambda: int(_env("MAX_REQUEST_BYTES", str(1 << 20))))
+    # Prometheus /metrics on this port (same host); 0 turns it off.
+    metrics_port: int = field(default_factory=lambda: int(_env("METRICS_PORT", "9464")))
     # Transport limit: gRPC refuses larger messages itself (RESOURCE_EXHAUSTED).
     max_message_bytes: int = field(default_factory=lambda: int(_env("MAX_MESSAGE_BYTES", str(4 << 20))))
 

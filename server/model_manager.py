@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .decoder import DeviceUnavailable, OnnxDecoder
+from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerConfig
 from .store import ModelEntry, ModelStore
 from .tokenizer import TokenizerBundle
@@ -55,8 +56,10 @@ class ModelManager:
         device: str = "cpu",
         threads: int = 0,
         scheduler_config: SchedulerConfig | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = device
         self.threads = threads
@@ -129,9 +132,11 @@ class ModelManager:
         path = Path(entry.path)
         decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id)
+        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id, metrics=self.metrics)
         self.load_count[entry.id] = self.load_count.get(entry.id, 0) + 1
-        return LoadedModel(entry, decoder, tokenizer, scheduler, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.model_loaded(entry.id, seconds)
+        return LoadedModel(entry, decoder, tokenizer, scheduler, seconds)
 
     def loaded_ids(self) -> list[str]:
         with self._lock:

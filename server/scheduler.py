@@ -27,6 +27,7 @@ import numpy as np
 from .decoder import KVCache, OnnxDecoder
 from .generation import Event, FinishedEvent, FinishReason, QueuedEvent, Sequence
 from .kv_batch import KVBatch
+from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger("tokenwire.scheduler")
@@ -98,8 +99,11 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, decoder: OnnxDecoder, config: SchedulerConfig, name: str = "") -> None:
+    def __init__(
+        self, decoder: OnnxDecoder, config: SchedulerConfig, name: str = "", metrics: Metrics | None = None
+    ) -> None:
         self.decoder = decoder
+        self.metrics = metrics or Metrics()
         self.config = config
         self.name = name
         seq_axis = decoder.kv[0].seq_axis
@@ -127,6 +131,7 @@ class Scheduler:
                 raise QueueFull(self.config.queue_size)
             self._waiting.setdefault(handle.user, deque()).append(handle)
             self._n_waiting += 1
+            self.metrics.queue_length(self.name, self._n_waiting)
             self._cond.notify()
 
     @property
@@ -188,6 +193,7 @@ class Scheduler:
             admitted = True
         if admitted or any(h.position == 0 for q in self._waiting.values() for h in q):
             self._notify_positions()
+        self.metrics.queue_length(self.name, self._n_waiting)
 
     def _notify_positions(self) -> None:
         for position, handle in enumerate(self._admission_order(), start=1):
@@ -208,6 +214,7 @@ class Scheduler:
                 del self._waiting[user]
         if changed:
             self._notify_positions()
+            self.metrics.queue_length(self.name, self._n_waiting)
 
     def _release_user(self, handle: SequenceHandle) -> None:
         with self._cond:
@@ -249,6 +256,7 @@ class Scheduler:
         if finished is not None:
             key = finished.reason.value
             self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+            self.metrics.request_finished(self.name, key)
         self._release_user(handle)
 
     def _prefill_chunk(self) -> None:
@@ -261,6 +269,8 @@ class Scheduler:
             return
         if handle.cache is None:
             reused, cached = self.prefix_cache.lookup(prompt)
+            if self.prefix_cache.enabled:
+                self.metrics.prefix_cache(self.name, cached is not None, reused)
             handle.cache = cached if cached is not None else self.decoder.empty_cache()
             handle.prefilled = reused
             seq.cached_prompt_tokens = reused
@@ -272,8 +282,11 @@ class Scheduler:
             return
         self._prefilling.popleft()
         events, token = seq.step(logits[0, -1])
+        if seq.count:
+            self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
+            self.metrics.tokens_generated(self.name, 1)
         if token is None:
-            self.prefix_cache.store(prompt, handle.cache)
+            self._store_prefix(prompt, handle.cache)
             handle.cache = None
             self._finish(handle, events)
             return
@@ -286,25 +299,39 @@ class Scheduler:
 
     def _decode_step(self) -> None:
         tokens = [h.next_token for h in self._rows]
+        previous = [h.sequence.last_at for h in self._rows]
         logits = self._batch.step(tokens)
         self.stats.steps += 1
         self.stats.batch_size_sum += len(self._rows)
         leaving: list[int] = []
+        produced = 0
         for row, handle in enumerate(self._rows):
             seq = handle.sequence
+            count = seq.count
             events, token = seq.step(logits[row])
+            if seq.count > count:
+                produced += 1
+                self.metrics.inter_token_latency(self.name, seq.last_at - previous[row])
             if token is None:
                 length = self._batch.lengths[row]
-                self.prefix_cache.store((seq.request.prompt_ids + seq.output_ids)[:length], self._batch.row_cache(row))
+                if self.prefix_cache.enabled:
+                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self._batch.row_cache(row))
                 self._finish(handle, events)
                 leaving.append(row)
             else:
                 self.stats.tokens_generated += 1
                 handle.emit(events)
                 handle.next_token = token
+        self.metrics.tokens_generated(self.name, produced)
         if leaving:
             self._batch.remove(leaving)
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
+        self.metrics.batch_size(self.name, len(self._rows))
+
+    def _store_prefix(self, tokens: list[int], kv: KVCache) -> None:
+        self.prefix_cache.store(tokens, kv)
+        st = self.prefix_cache.stats
+        self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
 
     def _fail_all(self, message: str) -> None:
         for handle in list(self._rows) + list(self._prefilling):

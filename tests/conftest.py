@@ -37,6 +37,7 @@ class Proc:
     log_path: Path
     target: str = ""  # host:port for gRPC
     url: str = ""  # http://host:port for HTTP
+    metrics_url: str = ""  # the server's Prometheus endpoint
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -74,17 +75,19 @@ def wait_grpc_ready(target: str, proc: subprocess.Popen, log_path: Path, timeout
 
 def start_server(tmp: Path, models_dir: Path, *extra: str, env: dict | None = None) -> Proc:
     port = free_port()
+    metrics_port = free_port()
+    metrics_flag = () if "--metrics-port" in extra else ("--metrics-port", str(metrics_port))
     log_path = tmp / f"server-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        cli("serve", "--port", str(port), "--models-dir", str(models_dir), *extra),
+        cli("serve", "--port", str(port), "--models-dir", str(models_dir), *metrics_flag, *extra),
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
     target = f"127.0.0.1:{port}"
     wait_grpc_ready(target, proc, log_path)
-    return Proc(proc, log_path, target=target)
+    return Proc(proc, log_path, target=target, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 def start_bridge(tmp: Path, server_target: str, *extra: str) -> Proc:

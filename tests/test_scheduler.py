@@ -231,3 +231,18 @@ def test_deadline_ends_generation(stub, server) -> None:
             done.set()
         time.sleep(0.1)
     assert done.is_set(), "the server should end a generation whose deadline passed"
+
+
+def test_server_metrics_in_prometheus_format(stub, server) -> None:
+    import urllib.request
+
+    list(stub.Generate(pb.GenerateRequest(prompt="Metrics please", max_tokens=5, ignore_eos=True), timeout=60))
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    for name in ("tokenwire_queue_length", "tokenwire_batch_size", "tokenwire_time_to_first_token_seconds_bucket",
+                 "tokenwire_inter_token_latency_seconds_bucket", "tokenwire_tokens_generated_total",
+                 "tokenwire_requests_total", "tokenwire_prefix_cache_lookups_total", "tokenwire_model_load_seconds_count"):
+        assert name in text, name
+    generated = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("tokenwire_tokens_generated_total{"))
+    assert generated >= 5
+    assert 'finish_reason="length"' in text

@@ -1,0 +1,97 @@
+"""Prometheus metrics of the server: queues, batches, latencies, tokens, prefix reuse, loads.
+
+The scheduler and the model manager report through a `Metrics` object (a no-op by default),
+so the domain code does not depend on how the figures are exported.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tokenwire.metrics")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+
+
+class Metrics:
+    """No-op base: every hook the domain calls."""
+
+    def queue_length(self, model: str, n: int) -> None: ...
+    def batch_size(self, model: str, n: int) -> None: ...
+    def time_to_first_token(self, model: str, seconds: float) -> None: ...
+    def inter_token_latency(self, model: str, seconds: float) -> None: ...
+    def tokens_generated(self, model: str, n: int) -> None: ...
+    def request_finished(self, model: str, reason: str) -> None: ...
+    def prefix_cache(self, model: str, hit: bool, reused_tokens: int) -> None: ...
+    def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None: ...
+    def model_loaded(self, model: str, seconds: float) -> None: ...
+
+
+class PrometheusMetrics(Metrics):
+    def __init__(self, registry=None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._queue = Gauge("tokenwire_queue_length", "Requests waiting for a slot", ["model"], registry=r)
+        self._batch = Gauge("tokenwire_batch_size", "Sequences in the running batch", ["model"], registry=r)
+        self._ttft = Histogram("tokenwire_time_to_first_token_seconds", "From request received to first token",
+                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._itl = Histogram("tokenwire_inter_token_latency_seconds", "Between two tokens of one stream",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._tokens = Counter("tokenwire_tokens_generated", "Tokens generated", ["model"], registry=r)
+        self._requests = Counter("tokenwire_requests", "Finished requests by finish reason",
+                                 ["model", "finish_reason"], registry=r)
+        self._prefix = Counter("tokenwire_prefix_cache_lookups", "Prefix-cache lookups by result",
+                               ["model", "result"], registry=r)
+        self._reused = Counter("tokenwire_prefix_cache_reused_tokens", "Prompt tokens not recomputed",
+                               ["model"], registry=r)
+        self._prefix_entries = Gauge("tokenwire_prefix_cache_entries", "Cached prefixes", ["model"], registry=r)
+        self._prefix_bytes = Gauge("tokenwire_prefix_cache_bytes", "Memory held by cached prefixes", ["model"],
+                                   registry=r)
+        self._evictions = Gauge("tokenwire_prefix_cache_evictions", "Prefixes evicted so far", ["model"], registry=r)
+        self._load = Histogram("tokenwire_model_load_seconds", "Time to load a model", ["model"],
+                               buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+
+    def queue_length(self, model: str, n: int) -> None:
+        self._queue.labels(model).set(n)
+
+    def batch_size(self, model: str, n: int) -> None:
+        self._batch.labels(model).set(n)
+
+    def time_to_first_token(self, model: str, seconds: float) -> None:
+        self._ttft.labels(model).observe(seconds)
+
+    def inter_token_latency(self, model: str, seconds: float) -> None:
+        self._itl.labels(model).observe(seconds)
+
+    def tokens_generated(self, model: str, n: int) -> None:
+        self._tokens.labels(model).inc(n)
+
+    def request_finished(self, model: str, reason: str) -> None:
+        self._requests.labels(model, reason).inc()
+
+    def prefix_cache(self, model: str, hit: bool, reused_tokens: int) -> None:
+        self._prefix.labels(model, "hit" if hit else "miss").inc()
+        if reused_tokens:
+            self._reused.labels(model).inc(reused_tokens)
+
+    def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None:
+        self._prefix_entries.labels(model).set(entries)
+        self._prefix_bytes.labels(model).set(nbytes)
+        self._evictions.labels(model).set(evictions)
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self._load.labels(model).observe(seconds)
+
+    def serve_http(self, host: str, port: int) -> bool:
+        """Serves /metrics on host:port; a port in use is logged, not fatal."""
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            log.warning("metrics endpoint not started on %s:%d: %s", host, port, exc)
+            return False
+        log.info("metrics on http://%s:%d/metrics", host, port)
+        return True
