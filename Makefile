@@ -48,6 +48,9 @@ run: model
 serve: model
 	$(BIN)/tokenwire serve --host $(HOST) --port $(GRPC_PORT)
 
+bridge: setup
+	$(BIN)/tokenwire bridge --server $(HOST):$(GRPC_PORT) --http-host $(HOST) --http-port $(HTTP_PORT)
+
 test: model node browser
 	$(BIN)/python -m pytest -q
 
@@ -56,6 +59,7 @@ proto: setup
 
 bench: model
 	$(BIN)/python bench/bench_single.py
+	$(BIN)/python bench/bench_bridge.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,0 +1,69 @@
+"""Wires the bridge together: settings, the gRPC channel, routes, and the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from . import native_api, openai_api, openapi, static_files
+from .config import BridgeSettings
+from .middleware import errors_and_log
+from .upstream import UPSTREAM, Upstream
+
+log = logging.getLogger("tokenwire.bridge")
+
+SETTINGS = web.AppKey("settings", BridgeSettings)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The bridge is up; says nothing about the gRPC server (see /api/models for that)."""
+    return web.json_response({"status": "ok"})
+
+
+def create_app(grpc_target: str | None = None, settings: BridgeSettings | None = None) -> web.Application:
+    """The aiohttp application. Run it with `handler_cancellation=True` (as run_bridge does) so that a
+    client that disconnects cancels its gRPC call even while nothing is being written to it."""
+    settings = settings or BridgeSettings()
+    if grpc_target:
+        settings.grpc_target = grpc_target
+    settings.validate()
+    app = web.Application(middlewares=[errors_and_log], client_max_size=settings.max_body_bytes)
+    upstream = Upstream(settings)
+    app[SETTINGS] = settings
+    app[UPSTREAM] = upstream
+
+    async def channel(app: web.Application) -> AsyncIterator[None]:
+        await upstream.open()
+        yield
+        await upstream.close()
+
+    app.cleanup_ctx.append(channel)
+    app.router.add_get("/healthz", healthz)
+    native_api.add_routes(app)
+    openai_api.add_routes(app)
+    openapi.add_routes(app)
+    static_files.add_routes(app, settings.static_dir)
+    return app
+
+
+def run_bridge(
+    host: str | None = None, port: int | None = None, grpc_target: str | None = None, **overrides: Any
+) -> None:
+    """Serves until interrupted. `overrides` are BridgeSettings fields (None = keep the default)."""
+    settings = BridgeSettings()
+    for name, value in {"http_host": host, "http_port": port, "grpc_target": grpc_target, **overrides}.items():
+        if value is not None:
+            setattr(settings, name, value)
+    app = create_app(settings=settings)
+
+    async def announce(app: web.Application) -> None:
+        log.info("tokenwire bridge on http://%s:%d (gRPC server %s; heartbeat %.1fs; max body %d bytes)",
+                 settings.http_host, settings.http_port, settings.grpc_target, settings.heartbeat_s,
+                 settings.max_body_bytes)
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=settings.http_host, port=settings.http_port, access_log=None,
+                handler_cancellation=True, print=None)

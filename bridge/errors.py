@@ -1,0 +1,131 @@
+"""HTTP errors in OpenAI's shape, and the mapping from gRPC status codes to HTTP statuses.
+
+Every error the bridge answers, on /v1/* and /api/* alike, has the body
+`{"error": {"message", "type", "param", "code"}}`.
+
+FAILED_PRECONDITION (the server has the model but cannot load it) maps to 503: the request
+was well formed and the cause is on the server, which retries a failed load on the next
+request, so "unavailable, try later" describes it better than 409 ("your request conflicts
+with the resource's state").
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+# gRPC code -> (HTTP status, OpenAI error type, OpenAI error code)
+_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error", None),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
+    grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error", "model_unavailable"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "server_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "server_error", None),
+    grpc.StatusCode.CANCELLED: (499, "server_error", "cancelled"),
+}
+_UPSTREAM_FAILURE = (502, "server_error", "upstream_error")  # UNKNOWN, INTERNAL, DATA_LOSS, ...
+
+# Parameter names the server's messages start with ("temperature must be >= 0, got -1").
+_PARAMS = {
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "max_tokens", "stop", "messages", "prompt", "model",
+}
+_PARAM_AT_START = re.compile(r"^([a-z_]+)(\[\d+\](?:\.[a-z_]+)?)?\b")
+
+# How grpc describes a server it cannot connect to (as opposed to a status the server sent).
+_CONNECT_FAILURE = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
+                    "connection reset", "no route to host", "unreachable")
+
+
+class ApiError(Exception):
+    """An error answer; raise it anywhere in a handler and the error middleware renders it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",  # OpenAI calls the field "type"
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def invalid_param(param: str, message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -> ApiError:
+    """The HTTP error for a failed gRPC call."""
+    code = exc.code()
+    details = exc.details() or code.name
+    status, err_type, err_code = _STATUS.get(code, _UPSTREAM_FAILURE)
+    param = None
+    headers: dict[str, str] = {}
+    message = details
+    if code == grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _CONNECT_FAILURE):
+        message = f"the model server is unreachable at {target}: is `tokenwire serve` running? ({details})"
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        message = f"the model server at {target} is unavailable: {details}"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        headers["Retry-After"] = str(_retry_after(exc) or retry_after_s)
+    elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        match = _PARAM_AT_START.match(details)
+        if match and match.group(1) in _PARAMS:
+            param = match.group(0)
+        if "context window" in details:
+            err_code = "context_length_exceeded"
+    elif code == grpc.StatusCode.NOT_FOUND:
+        param = "model"
+    elif status == 502:
+        message = f"the model server failed: {code.name}: {details}"
+    return ApiError(status, message, type=err_type, param=param, code=err_code, headers=headers)
+
+
+def _retry_after(exc: grpc.aio.AioRpcError) -> int | None:
+    """A `retry-after` trailer (seconds), if the server sent one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key.lower() == "retry-after":
+            try:
+                return max(0, int(float(value)))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def from_http_exception(exc: web.HTTPException) -> ApiError:
+    """aiohttp's own errors (unknown route, wrong method, body too large) in the OpenAI shape."""
+    status = exc.status
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    if status == 404:
+        return ApiError(404, "no such endpoint; see /openapi.json", code="not_found")
+    if status == 405:
+        return ApiError(405, f"method not allowed; allowed: {headers.get('Allow', '')}",
+                        code="method_not_allowed", headers=headers)
+    if status == 413:
+        return ApiError(413, exc.text or "request body too large", code="request_too_large")
+    err_type = "server_error" if status >= 500 else "invalid_request_error"
+    return ApiError(status, exc.reason or exc.text or str(status), type=err_type, headers=headers)

@@ -1,0 +1,282 @@
+"""The OpenAPI 3.1 description of the bridge's endpoints, served at /openapi.json.
+
+Hand-written to match the handlers; a test checks that its paths and methods are exactly the
+app's routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
+
+
+_NUM = {"type": "number"}
+_INT = {"type": "integer", "minimum": 0}
+_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}],
+         "description": "Generation stops before any of these strings; they never appear in the output."}
+_SAMPLING = {
+    "temperature": {**_NUM, "minimum": 0, "description": "0 = greedy. Default 1.0."},
+    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {**_INT, "description": "0 = off."},
+    "min_p": {**_NUM, "minimum": 0, "exclusiveMaximum": 1},
+    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "description": "1.0 = off."},
+    "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2},
+    "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
+    "seed": {"type": "integer", "description": "Taken modulo 2^64."},
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"], "description": "developer = system."},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"},
+                              {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                                          "properties": {"type": {"const": "text"},
+                                                                         "text": {"type": "string"}}}}]},
+        "name": {"type": "string", "description": "Accepted and ignored."},
+    },
+}
+_OPENAI_COMMON = {
+    "model": {"type": "string", "description": "Model id or alias; empty or absent = the server's default."},
+    "stream": {"type": "boolean", "default": False},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "temperature": {**_NUM, "minimum": 0, "maximum": 2, "default": 1},
+    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1},
+    "stop": {**_STOP},
+    "seed": _SAMPLING["seed"],
+    "n": {"const": 1, "description": "Only 1 is supported."},
+    "presence_penalty": _SAMPLING["presence_penalty"],
+    "frequency_penalty": _SAMPLING["frequency_penalty"],
+    "logit_bias": {"type": "object", "maxProperties": 0, "description": "Only an empty object is supported."},
+    "user": {"type": "string", "description": "Passed to the server: requests are admitted round-robin "
+                                              "across users."},
+    "top_k": {**_SAMPLING["top_k"], "description": "tokenwire extra. 0 = off."},
+    "min_p": {**_SAMPLING["min_p"], "description": "tokenwire extra."},
+    "repetition_penalty": {**_SAMPLING["repetition_penalty"], "description": "tokenwire extra."},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "ignore_eos": {"type": "boolean", "description": "tokenwire extra: generate past end-of-sequence until "
+                                                     "max_tokens (benchmarks)."},
+}
+_CHAT_ONLY = {
+    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+    "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "Preferred over max_tokens."},
+    "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
+    "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
+    "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+    "tools": {"type": "array", "maxItems": 0, "description": "No tool calling: only [] is accepted."},
+    "tool_choice": {"const": "none"},
+    "parallel_tool_calls": {"type": "boolean", "description": "Accepted and ignored."},
+    "functions": {"type": "array", "maxItems": 0},
+    "function_call": {"const": "none"},
+    "store": {"const": False},
+    "metadata": {"type": "object", "description": "Accepted and ignored."},
+    "service_tier": {"type": "string", "description": "Accepted and ignored."},
+    "modalities": {"type": "array", "items": {"const": "text"}},
+}
+_COMPLETION_ONLY = {
+    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                                "maxItems": 1}]},
+    "max_tokens": {"type": "integer", "minimum": 1, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
+    "logprobs": {"const": 0, "description": "0: the chosen tokens' logprobs (top_logprobs is null)."},
+    "suffix": {"const": ""},
+    "echo": {"const": False},
+    "best_of": {"const": 1},
+}
+_CHAT_PROPS = {**_OPENAI_COMMON, **_CHAT_ONLY}
+_COMPLETION_PROPS = {**_OPENAI_COMMON, **_COMPLETION_ONLY}
+
+_OPENAI_USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
+                                                  ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_FINISH = {"enum": ["stop", "length"]}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"},
+            "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    },
+    "ModelInfo": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"}, "architecture": {"type": "string"}, "parameter_count": {"type": "integer"},
+            "precision": {"type": "string"}, "context_length": {"type": "integer"},
+            "state": {"enum": ["available", "loading", "loaded", "failed"]}, "loaded": {"type": "boolean"},
+            "size_bytes": {"type": "integer"}, "is_default": {"type": "boolean"},
+            "aliases": {"type": "array", "items": {"type": "string"}}, "error_message": {"type": "string"},
+        },
+    },
+    "GenerateRequest": {
+        "type": "object",
+        "description": "Exactly one of prompt (raw text) and messages (rendered with the model's chat template).",
+        "additionalProperties": False,
+        "properties": {
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+            "model": _OPENAI_COMMON["model"],
+            "max_tokens": {"type": "integer", "minimum": 1, "description": "Absent: the server's default."},
+            "stop": _STOP,
+            "logprobs": {"type": "boolean", "description": "Token events carry `logprob`."},
+            "ignore_eos": _OPENAI_COMMON["ignore_eos"],
+            "user": _OPENAI_COMMON["user"],
+            **_SAMPLING,
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "properties": {
+            "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+            "time_to_first_token_ms": _NUM, "decode_tokens_per_second": _NUM,
+            "total_time_ms": _NUM, "queue_time_ms": _NUM,
+        },
+    },
+    "QueuedEvent": {"type": "object", "properties": {"position": {"type": "integer", "minimum": 1}}},
+    "TokenEvent": {"type": "object", "required": ["text", "token_id", "index"], "properties": {
+        "text": {"type": "string", "description": "May be empty (a character split over tokens, held-back stop text)."},
+        "token_id": {"type": "integer"}, "index": {"type": "integer"}, "logprob": _NUM}},
+    "DoneEvent": {"type": "object", "required": ["finish_reason", "usage", "model"], "properties": {
+        "finish_reason": {"enum": ["stop", "length", "cancelled", "error"]},
+        "usage": _ref("Usage"), "model": {"type": "string"},
+        "matched_stop": {"type": "string", "description": "Present when a stop string ended the generation."},
+        "error_message": {"type": "string", "description": "Present when finish_reason is error."}}},
+    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "additionalProperties": False,
+                              "properties": _CHAT_PROPS},
+    "CompletionRequest": {"type": "object", "required": ["prompt"], "additionalProperties": False,
+                          "properties": _COMPLETION_PROPS},
+    "ChatCompletion": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^chatcmpl-"}, "object": {"const": "chat.completion"},
+        "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "finish_reason": _FINISH, "logprobs": {"type": ["object", "null"]},
+            "message": {"type": "object", "properties": {"role": {"const": "assistant"},
+                                                         "content": {"type": "string"}}}}}},
+        "usage": _OPENAI_USAGE}},
+    "ChatCompletionChunk": {"type": "object", "properties": {
+        "id": {"type": "string"}, "object": {"const": "chat.completion.chunk"}, "created": {"type": "integer"},
+        "model": {"type": "string"}, "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "delta": {"type": "object"}, "logprobs": {"type": ["object", "null"]},
+            "finish_reason": {"type": ["string", "null"]}}}},
+        "usage": {"oneOf": [_OPENAI_USAGE, {"type": "null"}]}}},
+    "Completion": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^cmpl-"}, "object": {"const": "text_completion"},
+        "created": {"type": "integer"}, "model": {"type": "string"},
+        "choices": {"type": "array", "items": {"type": "object", "properties": {
+            "index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": _FINISH,
+            "logprobs": {"type": ["object", "null"]}}}},
+        "usage": _OPENAI_USAGE}},
+    "OpenAIModel": {"type": "object", "properties": {
+        "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+        "owned_by": {"type": "string"}}},
+}
+
+_ERROR_RESPONSES = {
+    "E400": "Malformed JSON, an unknown or unsupported parameter, or a value out of range.",
+    "E404": "Unknown model (code model_not_found) or unknown route.",
+    "E413": "Request body larger than the bridge's limit (--max-body-bytes).",
+    "E415": "Content-Type is not application/json.",
+    "E429": "The server's queue is full; retry after Retry-After seconds.",
+    "E503": "The model server is unreachable, or cannot load the model (gRPC FAILED_PRECONDITION).",
+}
+
+
+def _responses() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, description in _ERROR_RESPONSES.items():
+        out[name] = _json(_ref("Error"), description)
+    out["E429"]["headers"] = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds."}}
+    return out
+
+
+_SSE_NATIVE = (
+    "text/event-stream. Events: `queued` (QueuedEvent) while waiting for a slot; `token` (TokenEvent) "
+    "per generated token, sent the moment the server produces it; `done` (DoneEvent) last; `error` "
+    "(Error) if the stream fails after it started. A `: keep-alive` comment is sent after every "
+    "--heartbeat-s seconds without a message. The response starts with the first server message or "
+    "the first heartbeat; a failure before that is a plain JSON error with an HTTP status."
+)
+_SSE_OPENAI = (
+    "With stream=true: text/event-stream of `data: {chunk}` lines, then `data: [DONE]`; with "
+    "stream_options.include_usage a last chunk has empty choices and the usage. Waiting shows as "
+    "SSE comments. A failure after the stream started is a `data: {\"error\": ...}` chunk."
+)
+
+_GENERATE_ERRORS = _errors(400, 404, 413, 415, 429, 503)
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "tokenwire bridge", "version": "1",
+             "description": "HTTP front of the tokenwire gRPC server: SSE streaming, an OpenAI-compatible "
+                            "API and the web page. Errors everywhere have OpenAI's shape (Error)."},
+    "paths": {
+        "/healthz": {"get": {"summary": "Liveness of the bridge itself (does not contact the gRPC server).",
+                             "responses": {"200": _json({"type": "object", "properties": {
+                                 "status": {"const": "ok"}}})}}},
+        "/api/models": {"get": {"summary": "The server's models (ListModels).",
+                                "responses": {"200": _json({"type": "object", "properties": {
+                                    "models": {"type": "array", "items": _ref("ModelInfo")}}}),
+                                    **_errors(503)}}},
+        "/api/generate": {"post": {
+            "summary": "Stream a generation as server-sent events.",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
+            "responses": {"200": {"description": _SSE_NATIVE, "headers": {
+                "X-Request-Id": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_GENERATE_ERRORS}}},
+        "/v1/models": {"get": {"summary": "OpenAI: list models.", "responses": {"200": _json({
+            "type": "object", "properties": {"object": {"const": "list"},
+                                             "data": {"type": "array", "items": _ref("OpenAIModel")}}}),
+            **_errors(503)}}},
+        "/v1/models/{model_id}": {"get": {
+            "summary": "OpenAI: one model, by id or alias.",
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("OpenAIModel")), **_errors(404, 503)}}},
+        "/v1/chat/completions": {"post": {
+            "summary": "OpenAI: chat completion (streaming or not).",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": _ref("ChatCompletionRequest")}}},
+            "responses": {"200": {"description": "A ChatCompletion, or a stream of ChatCompletionChunk. " + _SSE_OPENAI,
+                                  "content": {"application/json": {"schema": _ref("ChatCompletion")},
+                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_GENERATE_ERRORS, **_errors(500)}}},
+        "/v1/completions": {"post": {
+            "summary": "OpenAI: legacy text completion (streaming or not).",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CompletionRequest")}}},
+            "responses": {"200": {"description": "A Completion, or a stream of them. " + _SSE_OPENAI,
+                                  "content": {"application/json": {"schema": _ref("Completion")},
+                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          **_GENERATE_ERRORS, **_errors(500)}}},
+        "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json({"type": "object"})}}},
+        "/": {"get": {"summary": "The web page (bridge/static/index.html).", "responses": {
+            "200": {"description": "HTML", "content": {"text/html": {}}}, **_errors(404)}}},
+        "/static/{path}": {"get": {
+            "summary": "Files of the web page.",
+            "parameters": [{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The file."}, **_errors(404)}}},
+    },
+    "components": {"schemas": _SCHEMAS, "responses": _responses()},
+}
+DOCUMENT["components"]["responses"]["E500"] = _json(
+    _ref("Error"), "The generation failed on the server (code generation_error).")
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(DOCUMENT)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/openapi.json", openapi_json)

@@ -1,0 +1,109 @@
+"""Builds GenerateRequest messages from already-typed values, plus the pieces both APIs share."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from tokenwire.v1 import inference_pb2 as pb
+
+from .errors import ApiError, invalid_param
+from .params import json_type
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# OpenAI's "developer" role is its newer name for "system".
+_ROLE_ALIASES = {"developer": "system"}
+_UNSUPPORTED_ROLES = {"tool": "tool messages need tool calling, which tokenwire does not support",
+                      "function": "function messages need function calling, which tokenwire does not support"}
+MAX_UINT32 = (1 << 32) - 1
+
+
+def request_id_for(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is a sane token, else a fresh one; the server logs it."""
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+
+
+def chat_messages(value: Any, param: str = "messages") -> list[pb.ChatMessage]:
+    """Messages as OpenAI sends them: content is a string, null, or a list of text parts."""
+    if not isinstance(value, list) or not value:
+        raise invalid_param(param, f"{param} must be a non-empty array of {{role, content}} objects")
+    out = []
+    for i, message in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(message, dict):
+            raise invalid_param(where, f"{where} must be an object, got {json_type(message)}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise invalid_param(f"{where}.role", f"{where}.role must be a string")
+        if role in _UNSUPPORTED_ROLES:
+            raise invalid_param(f"{where}.role", f"{where}.role {role!r}: {_UNSUPPORTED_ROLES[role]}")
+        for key in ("tool_calls", "function_call"):
+            if message.get(key):
+                raise invalid_param(f"{where}.{key}", f"{where}.{key}: tool calling is not supported")
+        out.append(pb.ChatMessage(role=_ROLE_ALIASES.get(role, role),
+                                  content=_content_text(message.get("content"), f"{where}.content")))
+    return out
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else json_type(part)
+                raise invalid_param(f"{where}[{j}]", f"{where}[{j}]: only text parts are supported, got {kind!r}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise invalid_param(where, f"{where} must be a string or an array of text parts, got {json_type(content)}")
+
+
+def generate_request(
+    *,
+    request_id: str,
+    model: str | None,
+    prompt: str | None = None,
+    messages: list[pb.ChatMessage] | None = None,
+    max_tokens: int | None = None,
+    stop: list[str] | None = None,
+    logprobs: bool = False,
+    ignore_eos: bool = False,
+    user: str | None = None,
+    sampling: dict[str, float | int | None] | None = None,
+) -> pb.GenerateRequest:
+    """Unset (None) sampling values stay unset, so the server's defaults apply."""
+    if (prompt is None) == (messages is None):
+        raise ApiError(400, "set exactly one of prompt and messages", param="prompt")
+    params = pb.SamplingParams()
+    for name, value in (sampling or {}).items():
+        if value is not None:
+            setattr(params, name, value)
+    request = pb.GenerateRequest(
+        model=model or "",
+        sampling=params,
+        max_tokens=max_tokens or 0,
+        stop=stop or [],
+        include_logprobs=logprobs,
+        ignore_eos=ignore_eos,
+        user=user or "",
+        request_id=request_id,
+    )
+    if messages is not None:
+        request.messages.extend(messages)
+    else:
+        request.prompt = prompt or ""
+    return request
+
+
+def finish_reason_name(reason: int) -> str:
+    """"stop", "length", "cancelled", "error" (or "unspecified")."""
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()

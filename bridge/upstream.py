@@ -1,0 +1,151 @@
+"""The bridge's side of the gRPC connection: one channel, the stub, and reads with a heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Final
+
+import grpc
+from aiohttp import web
+
+from tokenwire.v1 import inference_pb2 as pb
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+from .config import BridgeSettings
+from .errors import ApiError, from_rpc_error
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 << 20),
+    # A local server that restarts should be found again in seconds, not grpc's default 2 minutes.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+_NAMES_TTL_S = 10.0
+
+
+class Heartbeat:
+    """Yielded by GenerateCall when no message came within the heartbeat interval."""
+
+    def __repr__(self) -> str:
+        return "HEARTBEAT"
+
+
+HEARTBEAT: Final = Heartbeat()
+
+
+class GenerateCall:
+    """Iterates one Generate stream: yields each message the moment it arrives, or HEARTBEAT
+    after `heartbeat_s` of silence (the pending read goes on). A failed call raises ApiError."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, heartbeat_s: float, upstream: Upstream) -> None:
+        self._call = call
+        self._heartbeat_s = heartbeat_s
+        self._upstream = upstream
+        self._pending: asyncio.Future | None = None
+        self._ended = False
+
+    def __aiter__(self) -> GenerateCall:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse | Heartbeat:
+        if self._ended:
+            raise StopAsyncIteration
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._call.read())
+        done, _ = await asyncio.wait({self._pending}, timeout=self._heartbeat_s)
+        if not done:
+            return HEARTBEAT
+        task, self._pending = self._pending, None
+        try:
+            message = task.result()
+        except grpc.aio.AioRpcError as exc:
+            self._ended = True
+            raise self._upstream.error(exc) from exc
+        if message is grpc.aio.EOF:
+            self._ended = True
+            raise StopAsyncIteration
+        return message
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Reads to the end after the `finished` message, so the call ends with its status, not a cancel."""
+        with contextlib.suppress(asyncio.TimeoutError, ApiError):
+            async with asyncio.timeout(timeout_s):
+                async for _ in self:
+                    pass
+
+    async def close(self) -> None:
+        """Cancels the call if it is still running: the server stops generating within one step."""
+        if not self._call.done():
+            self._call.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pending
+            self._pending = None
+        self._ended = True
+
+
+class Upstream:
+    """Owns the grpc.aio channel (opened on app start-up, inside the event loop)."""
+
+    def __init__(self, settings: BridgeSettings) -> None:
+        self.settings = settings
+        self.target = settings.grpc_target
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.InferenceStub | None = None
+        self._names: dict[str, str] = {}
+        self._names_at = -1e9
+
+    async def open(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.InferenceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None
+
+    @property
+    def stub(self) -> pb_grpc.InferenceStub:
+        if self._stub is None:
+            raise RuntimeError("Upstream.open() was not called (is the app running?)")
+        return self._stub
+
+    def error(self, exc: grpc.aio.AioRpcError) -> ApiError:
+        return from_rpc_error(exc, self.target, self.settings.retry_after_s)
+
+    def generate(self, request: pb.GenerateRequest) -> GenerateCall:
+        return GenerateCall(self.stub.Generate(request), self.settings.heartbeat_s, self)
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        try:
+            reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            raise self.error(exc) from exc
+        self._remember_names(reply)
+        return reply
+
+    async def resolve_model(self, name: str) -> str:
+        """The model id a name (alias, "" for the default) refers to, from a short-lived cache of
+        ListModels; the name itself when the server cannot tell (Generate will report why)."""
+        age = time.monotonic() - self._names_at
+        if age > _NAMES_TTL_S or (name not in self._names and age > 1.0):
+            with contextlib.suppress(ApiError):
+                await self.list_models()
+        return self._names.get(name, name)
+
+    def _remember_names(self, reply: pb.ListModelsResponse) -> None:
+        names: dict[str, str] = {}
+        for m in reply.models:
+            names[m.id] = m.id
+            for alias in m.aliases:
+                names[alias] = m.id
+            if m.is_default:
+                names[""] = names["default"] = m.id
+        self._names = names
+        self._names_at = time.monotonic()
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
