@@ -53,7 +53,7 @@ def main() -> None:
     n_long = len(tokenizer.encode(prompt_533))
     results: dict[str, dict[str, list[float]]] = {v: {"decode_tps": [], "ttft_short_ms": [], "ttft_533_ms": []}
                                                    for v in VARIANTS}
-    with running_server() as target, grpc.insecure_channel(target) as channel:
+    with running_server("--prefix-cache-bytes", "0") as target, grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         for v in VARIANTS:  # load + warm up
             generate(stub, v, SHORT_PROMPT, 16)

@@ -70,9 +70,8 @@ def apply_penalties(logits: np.ndarray, config: SamplingConfig, history: TokenHi
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
     x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+    return x - np.float32(np.log(np.exp(x).sum(dtype=np.float64)))
 
 
 def sample(
@@ -91,21 +90,24 @@ def sample(
     if config.greedy:
         token = int(np.argmax(logits))
         top = float(logits[token])
-        logprob = -float(np.log(np.exp((logits - top).astype(np.float64)).sum()))
+        logprob = -float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
         return token, logprob
 
-    scaled = logits.astype(np.float64) / config.temperature
-    full_logprobs = _log_softmax(scaled)
+    scaled = logits.astype(np.float32, copy=False) * np.float32(1.0 / config.temperature)
     if config.top_k == 0 and config.top_p >= 1.0 and config.min_p == 0.0:
-        # No truncation: draw from the whole distribution (inverse CDF, no sort).
-        cdf = np.cumsum(np.exp(full_logprobs))
+        # No truncation: draw from the whole distribution (inverse CDF, no sort, float32 throughout).
+        weights = np.exp(scaled - scaled.max())
+        cdf = np.cumsum(weights, dtype=np.float64)
         token = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), cdf.shape[0] - 1))
-        return token, float(full_logprobs[token])
+        return token, float(np.log(weights[token] / cdf[-1]))
+    full_logprobs = _log_softmax(scaled)
     # Candidates: the top-k (or every token), sorted by descending logit.
     if 0 < config.top_k < scaled.shape[0]:
         cand = np.argpartition(scaled, -config.top_k)[-config.top_k :]
     else:
-        cand = np.arange(scaled.shape[0])
+        # Tokens more than e^30 less likely than the best hold < 1e-8 of the mass together:
+        # leaving them out of the sort changes no top-p/min-p choice that matters.
+        cand = np.flatnonzero(scaled >= scaled.max() - 30.0)
     cand_lp = full_logprobs[cand]
     order = np.argsort(-cand_lp, kind="stable")
     cand, cand_lp = cand[order], cand_lp[order]
