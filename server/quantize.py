@@ -18,6 +18,7 @@ See DESIGN.md ("int4 without loss") for the measurements behind this choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,11 +147,61 @@ def quantize_weight(weight_kn: np.ndarray, bits: int, *, lm_head: bool) -> Quant
     return quantize_asym(weight_kn, bits)
 
 
+class NBitsEmitter:
+    """Emits `y = x @ W` as MatMulNBits nodes (plus the Q4_1 minimum correction when needed).
+
+    Block sums of an input are computed once and shared by every linear reading it.
+    """
+
+    def __init__(self) -> None:
+        self.nodes: list = []
+        self.inits: list = []
+        self.routes: dict[str, int] = {}
+        self._block_sums: dict[str, str] = {}
+        self._init_names: set[str] = set()
+
+    def _init(self, array: np.ndarray, name: str) -> None:
+        from onnx import numpy_helper
+
+        if name not in self._init_names:
+            self._init_names.add(name)
+            self.inits.append(numpy_helper.from_array(array, name))
+
+    def linear(self, x: str, w: np.ndarray, out: str, base: str, bits: int, level: int, lm_head: bool = False) -> str:
+        from onnx import helper
+
+        k, n = w.shape
+        q = quantize_weight(w, bits, lm_head=lm_head)
+        self.routes[q.route] = self.routes.get(q.route, 0) + 1
+        kb = k // BLOCK
+        self._init(q.codes.reshape(n, kb, -1), base + "_q")
+        self._init(q.scales, base + "_scales")
+        self._init(q.zero_points, base + "_zp")
+        main_out = out if q.mins is None else out + "_nbits"
+        self.nodes.append(helper.make_node(
+            "MatMulNBits", [x, base + "_q", base + "_scales", base + "_zp"], [main_out], name=base + "_nbits",
+            domain="com.microsoft", K=k, N=n, bits=q.bits, block_size=BLOCK, accuracy_level=level,
+        ))
+        if q.mins is not None:
+            if x not in self._block_sums:
+                ind_name = f"block_indicator_{k}"
+                self._init(np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32)), ind_name)
+                sums = x.replace("/", "_") + "_blocksums"
+                self.nodes.append(helper.make_node("MatMul", [x, ind_name], [sums], name=sums + "_mm"))
+                self._block_sums[x] = sums
+            self._init(q.mins, base + "_mins")
+            corr = base + "_mincorr"
+            self.nodes.append(helper.make_node("MatMul", [self._block_sums[x], base + "_mins"], [corr], name=corr))
+            self.nodes.append(helper.make_node("Add", [main_out, corr], [out], name=base + "_addmin"))
+        return out
+
+
 def quantize_graph(
     model,  # onnx.ModelProto, loaded with its external data
     bits: int = 4,
     accuracy_level: int = 0,
     lm_head_accuracy_level: int = 4,
+    level_for: Callable[[str], int | None] | None = None,
 ) -> dict[str, int]:
     """Rewrites every MatMul by a 2-D float initializer into MatMulNBits, in place.
 
@@ -177,9 +228,7 @@ def quantize_graph(
             transposed[node.output[0]] = node.input[0]
 
     new_nodes = []
-    new_inits = []
-    routes: dict[str, int] = {}
-    block_sums: dict[str, str] = {}  # input tensor -> its [.., K/32] block sums
+    emitter = NBitsEmitter()
     removed: set[str] = set()
 
     for node in graph.node:
@@ -191,55 +240,23 @@ def quantize_graph(
         w = numpy_helper.to_array(init)
         if weight_name in transposed:
             w = w.T
-        k, n = w.shape
-        if k % BLOCK:
+        if w.shape[0] % BLOCK:
             new_nodes.append(node)
             continue
         is_head = any(out in output_names for out in node.output)
-        q = quantize_weight(w, bits, lm_head=is_head)
-        routes[q.route] = routes.get(q.route, 0) + 1
-        base = weight_name.replace("/", "_").replace(":", "_")
-        kb = k // BLOCK
-        new_inits += [
-            numpy_helper.from_array(q.codes.reshape(n, kb, -1), base + "_q"),
-            numpy_helper.from_array(q.scales, base + "_scales"),
-            numpy_helper.from_array(q.zero_points, base + "_zp"),
-        ]
         level = lm_head_accuracy_level if is_head else accuracy_level
-        a = node.input[0]
-        main_out = node.output[0] if q.mins is None else node.output[0] + "_nbits"
-        new_nodes.append(
-            helper.make_node(
-                "MatMulNBits",
-                [a, base + "_q", base + "_scales", base + "_zp"],
-                [main_out],
-                name=(node.name or base) + "_nbits",
-                domain="com.microsoft",
-                K=k,
-                N=n,
-                bits=q.bits,
-                block_size=BLOCK,
-                accuracy_level=level,
-            )
-        )
-        if q.mins is not None:
-            if a not in block_sums:
-                indicator = np.kron(np.eye(kb, dtype=np.float32), np.ones((BLOCK, 1), dtype=np.float32))
-                ind_name = f"block_indicator_{k}"
-                if ind_name not in {i.name for i in new_inits}:
-                    new_inits.append(numpy_helper.from_array(indicator, ind_name))
-                sums = a.replace("/", "_") + "_blocksums"
-                new_nodes.append(helper.make_node("MatMul", [a, ind_name], [sums], name=sums + "_mm"))
-                block_sums[a] = sums
-            new_inits.append(numpy_helper.from_array(q.mins, base + "_mins"))
-            corr = base + "_mincorr"
-            new_nodes.append(helper.make_node("MatMul", [block_sums[a], base + "_mins"], [corr], name=corr))
-            new_nodes.append(
-                helper.make_node("Add", [main_out, corr], [node.output[0]], name=base + "_addmin")
-            )
+        if level_for is not None and not is_head:
+            override = level_for(node.name)
+            level = accuracy_level if override is None else override
+        start = len(emitter.nodes)
+        base = weight_name.replace("/", "_").replace(":", "_")
+        emitter.linear(node.input[0], w, node.output[0], base, bits, level, lm_head=is_head)
+        new_nodes.extend(emitter.nodes[start:])
         consumers[weight_name] -= 1
         if consumers[weight_name] == 0:
             removed.add(weight_name)
+    new_inits = emitter.inits
+    routes = emitter.routes
 
     still_used = {name for node in new_nodes for name in node.input}
     new_nodes = [
