@@ -24,7 +24,7 @@ from .sse import SSEWriter
 from .upstream import UPSTREAM
 
 GENERATE_FIELDS = ("prompt", "messages", "model", "max_tokens", "stop", "logprobs", "ignore_eos", "user",
-                   *SAMPLING_FIELDS)
+                   "keep_alive", *SAMPLING_FIELDS)
 
 
 def model_info(m: pb.ModelInfo) -> dict[str, Any]:
@@ -40,6 +40,13 @@ def model_info(m: pb.ModelInfo) -> dict[str, Any]:
         "is_default": m.is_default,
         "aliases": list(m.aliases),
         "error_message": m.error_message,
+        "memory_bytes": m.memory_bytes,
+        "kv_cache_bytes": m.kv_cache_bytes,
+        "last_used_unix_ms": m.last_used_unix_ms,
+        "load_time_ms": round(m.load_time_ms, 3),
+        "load_count": m.load_count,
+        "expires_unix_ms": m.expires_unix_ms,
+        "active_requests": m.active_requests,
     }
 
 
@@ -65,7 +72,8 @@ def parse_generate(body: dict[str, Any], request_id: str) -> pb.GenerateRequest:
     if p.given("prompt") == p.given("messages"):
         raise ApiError(400, "set exactly one of prompt (raw text) and messages (a chat)", param="prompt")
     prompt = p.string("prompt")
-    return generate_request(
+    keep_alive = p.number("keep_alive")
+    request = generate_request(
         request_id=request_id,
         model=p.string("model"),
         prompt=prompt,
@@ -86,6 +94,9 @@ def parse_generate(body: dict[str, Any], request_id: str) -> pb.GenerateRequest:
             "seed": p.seed(),
         },
     )
+    if keep_alive is not None:
+        request.keep_alive_s = keep_alive
+    return request
 
 
 class NativeEvents:

@@ -120,6 +120,12 @@ _SCHEMAS: dict[str, Any] = {
             "state": {"enum": ["available", "loading", "loaded", "failed"]}, "loaded": {"type": "boolean"},
             "size_bytes": {"type": "integer"}, "is_default": {"type": "boolean"},
             "aliases": {"type": "array", "items": {"type": "string"}}, "error_message": {"type": "string"},
+            "memory_bytes": {"type": "integer", "description": "Held while loaded: resident growth measured at "
+                             "load plus the KV cache held now; 0 when not loaded."},
+            "kv_cache_bytes": {"type": "integer"}, "last_used_unix_ms": {"type": "integer"},
+            "load_time_ms": _NUM, "load_count": {"type": "integer"},
+            "expires_unix_ms": {"type": "integer", "description": "When keep-alive unloads it; 0: not set."},
+            "active_requests": {"type": "integer"},
         },
     },
     "GenerateRequest": {
@@ -135,6 +141,8 @@ _SCHEMAS: dict[str, Any] = {
             "logprobs": {"type": "boolean", "description": "Token events carry `logprob`."},
             "ignore_eos": _OPENAI_COMMON["ignore_eos"],
             "user": _OPENAI_COMMON["user"],
+            "keep_alive": {"type": "number", "description": "Seconds the model stays loaded after this request: "
+                           "0 unloads it at once, negative keeps it; absent: the server's --keep-alive."},
             **_SAMPLING,
         },
     },

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from .connection import describe_rpc_error, open_channel, server_target
+from .model_commands import add_model_commands
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -44,6 +45,33 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest prompt accepted, in bytes")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port,
                    help="Prometheus /metrics port, 0 = off (env TOKENWIRE_METRICS_PORT)")
+    p.add_argument("--max-loaded-models", type=int, default=d.max_loaded_models,
+                   help="models loaded at once, 0 = no limit; one more unloads the least recently used idle "
+                        "one (env TOKENWIRE_MAX_LOADED_MODELS)")
+    p.add_argument("--memory-budget-bytes", type=_byte_size, default=d.memory_budget_bytes,
+                   help="memory for loaded models (bytes, or 512M, 8G), 0 = no budget; evicts like "
+                        "--max-loaded-models (env TOKENWIRE_MEMORY_BUDGET_BYTES)")
+    p.add_argument("--keep-alive", type=_duration, default=d.keep_alive_s,
+                   help="how long an idle model stays loaded: seconds, or 5m, 1h; negative = until unloaded "
+                        "(env TOKENWIRE_KEEP_ALIVE, default 300)")
+
+
+def _duration(text: str) -> float:
+    from tokenwire.server.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _byte_size(text: str) -> int:
+    from tokenwire.server.config import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _server_config(args: argparse.Namespace):
@@ -63,6 +91,9 @@ def _server_config(args: argparse.Namespace):
         default_max_tokens=args.default_max_tokens,
         max_request_bytes=args.max_request_bytes,
         metrics_port=args.metrics_port,
+        max_loaded_models=args.max_loaded_models,
+        memory_budget_bytes=args.memory_budget_bytes,
+        keep_alive_s=args.keep_alive,
     )
 
 
@@ -126,6 +157,8 @@ def _build_generate_request(args: argparse.Namespace):
         stop=args.stop or [],
         include_logprobs=args.logprobs,
     )
+    if args.keep_alive is not None:
+        request.keep_alive_s = args.keep_alive
     if args.chat or args.system:
         if args.system:
             request.messages.append(pb.ChatMessage(role="system", content=args.system))
@@ -248,7 +281,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                    "--device", args.device, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
                    "--queue-size", str(args.queue_size), "--prefill-chunk", str(args.prefill_chunk),
                    "--max-streams-per-user", str(args.max_streams_per_user),
-                   "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port)]
+                   "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port),
+                   "--max-loaded-models", str(args.max_loaded_models),
+                   "--memory-budget-bytes", str(args.memory_budget_bytes), "--keep-alive", str(args.keep_alive)]
     server = subprocess.Popen(exe + server_args)
     target = f"{args.host}:{args.port}"
     if not _wait_for_server(target, 60):
@@ -319,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat template")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     p.add_argument("--logprobs", action="store_true", help="ask for each token's logprob (shown with --json)")
+    p.add_argument("--keep-alive", type=_duration, default=None,
+                   help="how long the model stays loaded after this request: seconds, or 5m; 0 = unload "
+                        "at once, negative = until unloaded (default: the server's --keep-alive)")
     p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
     p.set_defaults(func=cmd_generate)
 
@@ -326,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
     p.set_defaults(func=cmd_models)
+
+    add_model_commands(sub)
 
     p = sub.add_parser("bridge", help="run the HTTP bridge (SSE, OpenAI API, web page)")
     p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")

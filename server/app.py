@@ -29,7 +29,7 @@ async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelMana
         metrics.serve_http(config.host, config.metrics_port)
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads,
-        scheduler_config=config.scheduler_config(), metrics=metrics,
+        scheduler_config=config.scheduler_config(), metrics=metrics, limits=config.model_limits(),
     )
     server = grpc.aio.server(
         options=[
@@ -57,7 +57,7 @@ async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelMana
 
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
-    server, _ = await start_server(config)
+    server, manager = await start_server(config)
     log.info("tokenwire server listening on %s (models: %s)", config.address, config.models_dir)
     if on_ready is not None:
         on_ready(config)
@@ -71,3 +71,4 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
     waiter = asyncio.ensure_future(server.wait_for_termination())
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     await server.stop(grace=2)
+    manager.close()

@@ -12,10 +12,11 @@ import grpc
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
+from . import model_service
 from .config import ServerConfig
 from .decoder import DeviceUnavailable
 from .generation import FinishedEvent, FinishReason, QueuedEvent, Sequence, TokenEvent
-from .model_manager import ModelLoadError, ModelManager, ModelNotFound
+from .model_manager import ModelBusy, ModelLoadError, ModelManager, ModelNotFound
 from .requests import GenerateParams, InvalidRequest, build_request, check_shape
 from .sampling import SamplingConfig
 from .scheduler import QueueFull, SequenceHandle
@@ -27,12 +28,6 @@ _REASONS = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
     FinishReason.ERROR: pb.FINISH_REASON_ERROR,
-}
-_STATES = {
-    "available": pb.MODEL_STATE_AVAILABLE,
-    "loading": pb.MODEL_STATE_LOADING,
-    "loaded": pb.MODEL_STATE_LOADED,
-    "failed": pb.MODEL_STATE_FAILED,
 }
 
 
@@ -94,10 +89,12 @@ class InferenceService(pb_grpc.InferenceServicer):
         request_id = request.request_id or uuid.uuid4().hex[:12]
         params = params_from_proto(request)
         loop = asyncio.get_running_loop()
+        model, keep_alive, streaming = None, None, False
         try:
             check_shape(params, self.config.max_request_bytes)
+            keep_alive = model_service.keep_alive_of(request)
             entry = self.models.resolve(params.model)
-            model = await loop.run_in_executor(None, self.models.get, entry.id)
+            model = await model_service.acquire(self.models, entry.id)  # a lease, released below
             gen_request = await loop.run_in_executor(
                 None, build_request, params, model, self.config.default_max_tokens, received
             )
@@ -113,6 +110,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
             handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, log_finished)
             model.scheduler.submit(handle)
+            streaming = True
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ModelNotFound as exc:
@@ -124,6 +122,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ModelLoadError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ModelBusy as exc:
+            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            if model is not None and not streaming:
+                self.models.release(model, keep_alive)
 
         try:
             async for event in handle.events():
@@ -138,6 +142,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     await context.write(finished_to_proto(event, entry.id))
         finally:
             handle.cancel()  # no-op when finished; stops the sequence when the client went away
+            self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 
     @staticmethod
     def user_of(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
@@ -145,34 +150,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         return request.user
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        store = self.models.store
-        aliases = store.aliases()
-        default_id = store.default_id()
-        infos = []
-        for entry in store.scan():
-            state, error = ("failed", entry.error) if entry.error else self.models.state(entry.id)
-            infos.append(
-                pb.ModelInfo(
-                    id=entry.id,
-                    architecture=entry.architecture,
-                    parameter_count=entry.parameter_count,
-                    precision=entry.precision,
-                    context_length=entry.context_length,
-                    loaded=state == "loaded",
-                    state=_STATES[state],
-                    size_bytes=_size(entry.path),
-                    error_message=error,
-                    aliases=sorted(a for a in aliases if store.resolve(a) == entry.id and a != "default"),
-                    is_default=entry.id == default_id,
-                )
-            )
-        return pb.ListModelsResponse(models=infos)
+        return model_service.list_models(self.models)
 
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        async for event in model_service.load_model(self.models, request, context):
+            yield event
 
-def _size(path) -> int:
-    from .store import folder_size
-
-    try:
-        return folder_size(path)
-    except OSError:
-        return 0
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        return await model_service.unload_model(self.models, request, context)

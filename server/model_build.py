@@ -21,7 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .store import DEFAULT_ALIAS_KEY, MANIFEST, ModelStore, folder_name, sha256_file, write_manifest
+from .store import (
+    DEFAULT_ALIAS_KEY,
+    MANIFEST,
+    ModelStore,
+    folder_name,
+    sha256_file,
+    weight_files,
+    write_manifest,
+)
 
 MODEL_FILES = (
     "config.json",
@@ -166,6 +174,7 @@ def write_model_manifest(
         "parameter_count": parameter_count,
         "graph": "optimum",
         "graph_sha256": sha256_file(folder / "model.onnx"),
+        "weight_files": weight_files(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,57 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weight_files(folder: Path) -> dict[str, int]:
+    """The graph and its external data (model.onnx, model.onnx_data, ...): name -> bytes."""
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("model.onnx*")) if p.is_file()}
+
+
+REQUIRED_FILES = ("model.onnx", "config.json", "tokenizer.json")
+
+
+def _check_files(folder: Path, manifest: dict[str, Any]) -> str:
+    """Why the folder cannot serve ("" when it looks whole): missing files, or weights whose size
+    differs from what the manifest recorded (a truncated copy, an interrupted download)."""
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        return "missing " + ", ".join(missing)
+    recorded = manifest.get("weight_files")
+    if isinstance(recorded, dict):
+        for name, size in recorded.items():
+            path = folder / name
+            if not path.is_file():
+                return f"missing {name}"
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{name} is {actual} bytes but the manifest says {size}: truncated or replaced"
+    return ""
+
+
+def _dropped_in(folder: Path) -> ModelEntry:
+    """A folder without a manifest: an optimum export copied in as it is serves under the
+    folder's name; anything else is listed as failed with what it lacks."""
+    if not (folder / "model.onnx").is_file():
+        return ModelEntry(id=folder.name, path=folder,
+                          error=f"not a model folder: no {MANIFEST} and no model.onnx "
+                                "(add models with `tokenwire pull` or `tokenwire import`)")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    manifest = {"id": folder.name, "architecture": str(config.get("model_type", "")),
+                "context_length": _context_length(config), "source": {"dropped_in": str(folder)}}
+    entry = ModelEntry(id=folder.name, path=folder, manifest=manifest)
+    entry.error = _check_files(folder, manifest)
+    return entry
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 0
 
 
 @dataclass
@@ -91,22 +143,40 @@ class ModelStore:
         if not self.root.is_dir():
             return []
         entries: list[ModelEntry] = []
+        seen: dict[str, Path] = {}
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            entries.append(self._entry(folder))
+            entry = self._entry(folder)
+            if entry.id in seen:  # a copied folder whose manifest still names the original
+                entry = ModelEntry(id=folder.name, path=folder, manifest=entry.manifest,
+                                   error=f"duplicate id {entry.id!r} (also in {seen[entry.id].name}): "
+                                         f"change \"id\" in {folder / MANIFEST}")
+            seen.setdefault(entry.id, folder)
+            entries.append(entry)
         return entries
 
     def _entry(self, folder: Path) -> ModelEntry:
         try:
             manifest = read_manifest(folder)
         except FileNotFoundError:
-            return ModelEntry(id=folder.name, path=folder, error=f"no {MANIFEST} in {folder}")
+            return _dropped_in(folder)
         except (OSError, json.JSONDecodeError) as exc:
             return ModelEntry(id=folder.name, path=folder, error=f"unreadable {MANIFEST}: {exc}")
         entry = ModelEntry(id=str(manifest.get("id") or folder.name), path=folder, manifest=manifest)
-        missing = [name for name in ("model.onnx", "config.json", "tokenizer.json") if not (folder / name).is_file()]
-        if missing:
-            entry.error = "missing " + ", ".join(missing)
+        entry.error = _check_files(folder, manifest)
         return entry
+
+    def remove(self, model_id: str) -> Path:
+        """Deletes a model's folder and the aliases that lead to it; returns the folder removed."""
+        entry = self.get(model_id)
+        if entry is None:
+            raise KeyError(model_id)
+        stale = [name for name in self.aliases() if self.resolve(name) == entry.id]
+        trash = entry.path.with_name(f".removing-{entry.path.name}")
+        entry.path.replace(trash)  # atomic: a listing never sees half a folder
+        shutil.rmtree(trash, ignore_errors=True)
+        data = {k: v for k, v in self.aliases().items() if k not in stale}
+        self._write_aliases(data)
+        return entry.path
 
     def aliases(self) -> dict[str, str]:
         try:
@@ -119,6 +189,9 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         data = self.aliases()
         data[name] = target
+        self._write_aliases(data)
+
+    def _write_aliases(self, data: dict[str, str]) -> None:
         tmp = self.root / (ALIASES + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         tmp.replace(self.root / ALIASES)

@@ -161,3 +161,13 @@ def fp32_dir(models_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def int4_dir(models_dir: Path) -> Path:
     return ModelStore(models_dir).get(DEFAULT_INT4).path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, fp32_dir: Path) -> dict[str, Path]:
+    """Tiny random-init llama, qwen2 and gpt2 exports (tests/tiny_models.py), built once per session
+    into a folder of their own; tests copy them into stores of their own."""
+    from tiny_models import ARCHS, make_tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: make_tiny(arch, root, fp32_dir) for arch in ARCHS}

@@ -92,14 +92,6 @@ def test_fp32_greedy_equals_transformers_reference(fp32) -> None:
         assert reason == expected
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, fp32_dir: Path) -> dict[str, Path]:
-    from tiny_models import ARCHS, make_tiny
-
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {arch: make_tiny(arch, root, fp32_dir) for arch in ARCHS}
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_tiny_architectures_decode_identically_with_and_without_cache(tiny_models, arch: str) -> None:
     folder = tiny_models[arch]

@@ -37,17 +37,12 @@ def _config(arch: str, vocab: int):
     )
 
 
-def make_tiny(arch: str, out_root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Builds `tiny-<arch>` into out_root (skipped when it is already there)."""
+def make_tiny_checkpoint(arch: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> int:
+    """Saves a tiny random-init transformers checkpoint (with the tokenizer) into out_dir;
+    returns its parameter count."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tokenwire.server.model_build import export_onnx, write_model_manifest
-
-    model_id = f"tiny-{arch}:fp32"
-    folder = out_root / f"tiny-{arch}_fp32"
-    if (folder / "tokenwire.json").is_file():
-        return folder
     torch.manual_seed(seed)
     vocab = _tokenizer_vocab(tokenizer_dir)
     model = AutoModelForCausalLM.from_config(_config(arch, vocab))
@@ -55,15 +50,26 @@ def make_tiny(arch: str, out_root: Path, tokenizer_dir: Path, seed: int = 0) -> 
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(4.0 if p.dim() > 1 else 1.0)
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out_dir / name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_tiny(arch: str, out_root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """Builds `tiny-<arch>` into out_root (skipped when it is already there)."""
+    from tokenwire.server.model_build import export_onnx, write_model_manifest
+
+    model_id = f"tiny-{arch}:fp32"
+    folder = out_root / f"tiny-{arch}_fp32"
+    if (folder / "tokenwire.json").is_file():
+        return folder
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "checkpoint"
-        model.save_pretrained(checkpoint)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, checkpoint / name)
+        params = make_tiny_checkpoint(arch, checkpoint, tokenizer_dir, seed)
         staging = Path(tmp) / "onnx"
         export_onnx(checkpoint, staging)
-        params = sum(p.numel() for p in model.parameters())
         write_model_manifest(staging, model_id, {"random_init": arch, "seed": seed}, "fp32", params)
         out_root.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, folder)

@@ -22,6 +22,14 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_LOADING: _ClassVar[ModelState]
     MODEL_STATE_LOADED: _ClassVar[ModelState]
     MODEL_STATE_FAILED: _ClassVar[ModelState]
+
+class LoadStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOAD_STAGE_UNSPECIFIED: _ClassVar[LoadStage]
+    LOAD_STAGE_WAITING: _ClassVar[LoadStage]
+    LOAD_STAGE_UNLOADING: _ClassVar[LoadStage]
+    LOAD_STAGE_LOADING: _ClassVar[LoadStage]
+    LOAD_STAGE_READY: _ClassVar[LoadStage]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -32,6 +40,11 @@ MODEL_STATE_AVAILABLE: ModelState
 MODEL_STATE_LOADING: ModelState
 MODEL_STATE_LOADED: ModelState
 MODEL_STATE_FAILED: ModelState
+LOAD_STAGE_UNSPECIFIED: LoadStage
+LOAD_STAGE_WAITING: LoadStage
+LOAD_STAGE_UNLOADING: LoadStage
+LOAD_STAGE_LOADING: LoadStage
+LOAD_STAGE_READY: LoadStage
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -62,7 +75,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "messages", "sampling", "max_tokens", "stop", "include_logprobs", "request_id", "ignore_eos", "user")
+    __slots__ = ("model", "prompt", "messages", "sampling", "max_tokens", "stop", "include_logprobs", "request_id", "ignore_eos", "user", "keep_alive_s", "chat_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +86,8 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -83,17 +98,33 @@ class GenerateRequest(_message.Message):
     request_id: str
     ignore_eos: bool
     user: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_logprobs: _Optional[bool] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., user: _Optional[str] = ...) -> None: ...
+    keep_alive_s: float
+    chat_id: str
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_logprobs: _Optional[bool] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., user: _Optional[str] = ..., keep_alive_s: _Optional[float] = ..., chat_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "finished", "queued")
+    __slots__ = ("token", "finished", "queued", "chat")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     token: TokenDelta
     finished: Finished
     queued: QueueStatus
-    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ...) -> None: ...
+    chat: ChatTurn
+    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., chat: _Optional[_Union[ChatTurn, _Mapping]] = ...) -> None: ...
+
+class ChatTurn(_message.Message):
+    __slots__ = ("chat_id", "user_message_id", "reply_message_id", "dropped_messages")
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLY_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    user_message_id: int
+    reply_message_id: int
+    dropped_messages: int
+    def __init__(self, chat_id: _Optional[str] = ..., user_message_id: _Optional[int] = ..., reply_message_id: _Optional[int] = ..., dropped_messages: _Optional[int] = ...) -> None: ...
 
 class TokenDelta(_message.Message):
     __slots__ = ("text", "token_id", "logprob", "index")
@@ -148,7 +179,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "parameter_count", "precision", "context_length", "loaded", "state", "size_bytes", "error_message", "aliases", "is_default")
+    __slots__ = ("id", "architecture", "parameter_count", "precision", "context_length", "loaded", "state", "size_bytes", "error_message", "aliases", "is_default", "memory_bytes", "kv_cache_bytes", "last_used_unix_ms", "load_time_ms", "load_count", "expires_unix_ms", "active_requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +191,13 @@ class ModelInfo(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     parameter_count: int
@@ -171,10 +209,59 @@ class ModelInfo(_message.Message):
     error_message: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     is_default: bool
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., precision: _Optional[str] = ..., context_length: _Optional[int] = ..., loaded: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., error_message: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    memory_bytes: int
+    kv_cache_bytes: int
+    last_used_unix_ms: int
+    load_time_ms: float
+    load_count: int
+    expires_unix_ms: int
+    active_requests: int
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., precision: _Optional[str] = ..., context_length: _Optional[int] = ..., loaded: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., error_message: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., load_count: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "memory_budget_bytes", "max_loaded_models", "memory_in_use_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOADED_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_IN_USE_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    memory_budget_bytes: int
+    max_loaded_models: int
+    memory_in_use_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., max_loaded_models: _Optional[int] = ..., memory_in_use_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "keep_alive_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    keep_alive_s: float
+    def __init__(self, model: _Optional[str] = ..., keep_alive_s: _Optional[float] = ...) -> None: ...
+
+class LoadModelEvent(_message.Message):
+    __slots__ = ("stage", "message", "elapsed_ms", "model")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    stage: LoadStage
+    message: str
+    elapsed_ms: float
+    model: ModelInfo
+    def __init__(self, stage: _Optional[_Union[LoadStage, str]] = ..., message: _Optional[str] = ..., elapsed_ms: _Optional[float] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model", "was_loaded", "drain_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WAS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    was_loaded: bool
+    drain_ms: float
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., was_loaded: _Optional[bool] = ..., drain_ms: _Optional[float] = ...) -> None: ...

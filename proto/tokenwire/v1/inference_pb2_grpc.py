@@ -45,6 +45,16 @@ class InferenceStub:
                 request_serializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_stream(
+                '/tokenwire.v1.Inference/LoadModel',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.LoadModelEvent.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/tokenwire.v1.Inference/UnloadModel',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -66,7 +76,30 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Lists every model in the server's model store.
+        """Lists every model in the server's model store (rescanned on every call, so
+        a folder dropped in or removed shows at once), with its load state and the
+        memory it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Loads a model ahead of use and streams its progress until it is ready
+        (the last event has stage LOAD_STAGE_READY). Loading the model that is
+        already loaded answers READY at once; two clients loading one model share
+        one load. To make room, the least recently used idle models are unloaded
+        first. Errors: NOT_FOUND (unknown model), FAILED_PRECONDITION (the model
+        cannot be loaded, or it alone is larger than the memory budget),
+        RESOURCE_EXHAUSTED (no room: the loaded models are all busy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unloads a model. Requests already streaming from it finish first; requests
+        that arrive meanwhile wait and load it again. Answers when it is unloaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +117,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.LoadModelEvent.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +184,60 @@ class Inference:
             '/tokenwire.v1.Inference/ListModels',
             tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.Inference/LoadModel',
+            tokenwire_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.LoadModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.Inference/UnloadModel',
+            tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
