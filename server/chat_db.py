@@ -1,0 +1,176 @@
+"""The chat database: peewee models for users, API keys, chats and messages, and opening it.
+
+SQLite (the default) runs in WAL mode with a busy timeout, so readers never block the writer
+and a second process (`tokenwire keys create` while the server runs) waits instead of failing;
+its write transactions start IMMEDIATE so two writers never deadlock upgrading a read lock.
+Any other `playhouse.db_url` URL (postgresql://...) works too; keyword search then falls
+back from FTS5 to LIKE.
+
+Schema changes are migrations: `MIGRATIONS[n]` takes the database from version n to n + 1,
+and `open_database` applies the missing ones in order (the version lives in `schema_version`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import peewee as pw
+from playhouse.db_url import connect
+
+BUSY_TIMEOUT_S = 30.0
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "normal",  # with WAL: durable at checkpoints, never corrupt
+    "foreign_keys": 1,
+    "busy_timeout": int(BUSY_TIMEOUT_S * 1000),
+}
+
+database_proxy = pw.DatabaseProxy()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def default_database_path() -> Path:
+    """`~/.local/share/tokenwire/tokenwire.db` (beside the model store; XDG_DATA_HOME honoured)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "tokenwire" / "tokenwire.db"
+
+
+def default_database() -> str:
+    """$TOKENWIRE_DATABASE (a path or a playhouse.db_url URL), else the default path."""
+    return os.environ.get("TOKENWIRE_DATABASE") or str(default_database_path())
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    name = pw.CharField(max_length=64, unique=True)
+    created_ms = pw.BigIntegerField(default=now_ms)
+
+
+class ApiKey(BaseModel):
+    user = pw.ForeignKeyField(User, backref="keys", on_delete="CASCADE")
+    key_hash = pw.CharField(max_length=64, unique=True)  # sha256 hex of the whole key
+    prefix = pw.CharField(max_length=16)  # the key's first characters, to tell keys apart
+    created_ms = pw.BigIntegerField(default=now_ms)
+    revoked_ms = pw.BigIntegerField(null=True)
+
+
+class Chat(BaseModel):
+    public_id = pw.CharField(max_length=32, unique=True)
+    owner = pw.ForeignKeyField(User, backref="chats", on_delete="CASCADE")
+    title = pw.TextField(default="")
+    model = pw.CharField(max_length=200, default="")
+    created_ms = pw.BigIntegerField(default=now_ms)
+    updated_ms = pw.BigIntegerField(default=now_ms)
+
+    class Meta:
+        indexes = ((("owner", "updated_ms"), False),)
+
+
+class Message(BaseModel):
+    chat = pw.ForeignKeyField(Chat, backref="messages", on_delete="CASCADE")
+    seq = pw.IntegerField()  # position in its chat, from 1
+    role = pw.CharField(max_length=16)
+    content = pw.TextField(default="")
+    status = pw.CharField(max_length=16, default="complete")
+    error_message = pw.TextField(default="")
+    model = pw.CharField(max_length=200, default="")
+    params = pw.TextField(default="")  # JSON: sampling parameters, max_tokens, stop
+    prompt_tokens = pw.IntegerField(default=0)
+    completion_tokens = pw.IntegerField(default=0)
+    dropped_messages = pw.IntegerField(default=0)
+    time_to_first_token_ms = pw.FloatField(default=0.0)
+    decode_tokens_per_second = pw.FloatField(default=0.0)
+    total_time_ms = pw.FloatField(default=0.0)
+    queue_time_ms = pw.FloatField(default=0.0)
+    created_ms = pw.BigIntegerField(default=now_ms)
+
+    class Meta:
+        indexes = ((("chat", "seq"), True),)
+
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+
+
+MODELS = [User, ApiKey, Chat, Message, SchemaVersion]
+
+# An external-content FTS5 index over message.content, kept in step by triggers.
+_FTS_SQL = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS message_fts USING fts5("
+    "content, content='message', content_rowid='id', tokenize='unicode61 remove_diacritics 2')",
+    "CREATE TRIGGER IF NOT EXISTS message_fts_insert AFTER INSERT ON message BEGIN "
+    "INSERT INTO message_fts(rowid, content) VALUES (new.id, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS message_fts_delete AFTER DELETE ON message BEGIN "
+    "INSERT INTO message_fts(message_fts, rowid, content) VALUES ('delete', old.id, old.content); END",
+    "CREATE TRIGGER IF NOT EXISTS message_fts_update AFTER UPDATE OF content ON message BEGIN "
+    "INSERT INTO message_fts(message_fts, rowid, content) VALUES ('delete', old.id, old.content); "
+    "INSERT INTO message_fts(rowid, content) VALUES (new.id, new.content); END",
+]
+
+
+def is_sqlite(db: pw.Database) -> bool:
+    return isinstance(db, pw.SqliteDatabase)
+
+
+def _initial_schema(db: pw.Database) -> None:
+    db.create_tables([User, ApiKey, Chat, Message])
+    if is_sqlite(db):
+        for sql in _FTS_SQL:
+            db.execute_sql(sql)
+
+
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def write_transaction(db: pw.Database):
+    """A transaction that takes the write lock at once (SQLite: BEGIN IMMEDIATE)."""
+    return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
+
+
+def _connect(target: str) -> pw.Database:
+    if "://" in target:
+        url = target
+        db = connect(url, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S) if url.startswith("sqlite") else connect(url)
+        return db
+    path = Path(target).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
+
+
+def open_database(target: str | None = None) -> pw.Database:
+    """Opens (creating and migrating as needed) the chat database at a path or URL and binds the
+    models to it. One chat database per process: opening another rebinds the models."""
+    db = _connect(target or default_database())
+    database_proxy.initialize(db)
+    db.connect(reuse_if_open=True)
+    with write_transaction(db):
+        db.create_tables([SchemaVersion])
+        row = SchemaVersion.select().first()
+        version = row.version if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"the chat database {describe(db)} has schema version {version}; this tokenwire "
+                               f"knows up to {SCHEMA_VERSION}: upgrade tokenwire")
+        for step in MIGRATIONS[version:]:
+            step(db)
+        if row is None:
+            SchemaVersion.create(version=SCHEMA_VERSION)
+        elif version != SCHEMA_VERSION:
+            SchemaVersion.update(version=SCHEMA_VERSION).execute()
+    return db
+
+
+def describe(db: pw.Database) -> str:
+    """Where the database is, for logs."""
+    return db.database if is_sqlite(db) else f"{type(db).__name__}({db.database})"
