@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from .chat_commands import add_chat_commands
 from .connection import describe_rpc_error, open_channel, server_target
 from .model_commands import add_model_commands
 
@@ -54,6 +55,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-alive", type=_duration, default=d.keep_alive_s,
                    help="how long an idle model stays loaded: seconds, or 5m, 1h; negative = until unloaded "
                         "(env TOKENWIRE_KEEP_ALIVE, default 300)")
+    p.add_argument("--database", default=d.database,
+                   help="chat database: a path (SQLite) or a URL such as postgresql://... (env TOKENWIRE_DATABASE, "
+                        "default ~/.local/share/tokenwire/tokenwire.db)")
 
 
 def _duration(text: str) -> float:
@@ -94,6 +98,7 @@ def _server_config(args: argparse.Namespace):
         max_loaded_models=args.max_loaded_models,
         memory_budget_bytes=args.memory_budget_bytes,
         keep_alive_s=args.keep_alive,
+        database=args.database,
     )
 
 
@@ -284,6 +289,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                    "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port),
                    "--max-loaded-models", str(args.max_loaded_models),
                    "--memory-budget-bytes", str(args.memory_budget_bytes), "--keep-alive", str(args.keep_alive)]
+    server_args += ["--database", args.database]
     server = subprocess.Popen(exe + server_args)
     target = f"{args.host}:{args.port}"
     if not _wait_for_server(target, 60):
@@ -327,6 +333,7 @@ def _wait_for_server(target: str, timeout_s: float) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire", description="Serve a local LLM token by token.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more output (timings, logs)")
+    parser.add_argument("--api-key", default=None, help="API key sent to the server (env TOKENWIRE_API_KEY)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gRPC server")
@@ -366,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     add_model_commands(sub)
+    add_chat_commands(sub)
 
     p = sub.add_parser("bridge", help="run the HTTP bridge (SSE, OpenAI API, web page)")
     p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
@@ -390,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "api_key", None):
+        os.environ["TOKENWIRE_API_KEY"] = args.api_key  # open_channel sends it with every call
     logging.basicConfig(
         level=logging.INFO if args.command in ("serve", "bridge", "up") or args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

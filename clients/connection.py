@@ -13,11 +13,50 @@ def server_target(explicit: str | None = None) -> str:
     return explicit or os.environ.get("TOKENWIRE_SERVER", DEFAULT_TARGET)
 
 
+def api_key() -> str:
+    """The API key to send: `tokenwire --api-key` or $TOKENWIRE_API_KEY ("" = none)."""
+    return os.environ.get("TOKENWIRE_API_KEY", "").strip()
+
+
+def auth_metadata() -> tuple[tuple[str, str], ...]:
+    key = api_key()
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+class _Authorization(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details):
+        metadata = tuple(details.metadata or ()) + self.metadata
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
 def open_channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
+    channel = grpc.insecure_channel(
         target,
         options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.enable_retries", 0)],
     )
+    metadata = auth_metadata()
+    return grpc.intercept_channel(channel, _Authorization(metadata)) if metadata else channel
 
 
 def describe_rpc_error(exc: grpc.RpcError, target: str) -> str:
@@ -25,5 +64,7 @@ def describe_rpc_error(exc: grpc.RpcError, target: str) -> str:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach the tokenwire server at {target}: is `tokenwire serve` running? ({details})"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{details} (pass --api-key or set TOKENWIRE_API_KEY)"
     name = code.name if code is not None else "ERROR"
     return f"{name}: {details}"

@@ -1,4 +1,4 @@
-"""Builds and runs the gRPC server: Inference, health and reflection on one grpc.aio server."""
+"""Builds and runs the gRPC server: Inference, History, health and reflection on one grpc.aio server."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tokenwire.v1 import inference_pb2, inference_pb2_grpc
+from tokenwire.v1 import history_pb2, history_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from .async_chat_store import AsyncChatStore
+from .auth import Authenticator, AuthInterceptor
 from .config import ServerConfig
 from .decoder import providers_for
+from .history_service import HistoryService
 from .inference_service import InferenceService
 from .metrics import PrometheusMetrics
 from .model_manager import ModelManager
@@ -22,7 +25,17 @@ from .store import ModelStore
 log = logging.getLogger("tokenwire.server")
 
 
-async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelManager]:
+def open_chat_store(config: ServerConfig) -> AsyncChatStore:
+    chats = AsyncChatStore.open(config.database)
+    interrupted = chats.store.interrupted_at_start
+    log.info("chat database %s%s", chats.store.describe(),
+             f" ({interrupted} unfinished replies marked interrupted)" if interrupted else "")
+    return chats
+
+
+async def start_server(
+    config: ServerConfig, chats: AsyncChatStore | None = None
+) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
     metrics = PrometheusMetrics()
     if config.metrics_port:
@@ -31,17 +44,22 @@ async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelMana
         ModelStore(config.models_dir), device=config.device, threads=config.threads,
         scheduler_config=config.scheduler_config(), metrics=metrics, limits=config.model_limits(),
     )
+    chats = chats or open_chat_store(config)
+    auth = Authenticator(chats)
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager, chats, auth), server)
+    history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(chats, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
         inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+        history_pb2.DESCRIPTOR.services_by_name["History"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
@@ -57,7 +75,8 @@ async def start_server(config: ServerConfig) -> tuple[grpc.aio.Server, ModelMana
 
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
-    server, manager = await start_server(config)
+    chats = open_chat_store(config)
+    server, manager = await start_server(config, chats)
     log.info("tokenwire server listening on %s (models: %s)", config.address, config.models_dir)
     if on_ready is not None:
         on_ready(config)
@@ -72,3 +91,4 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     await server.stop(grace=2)
     manager.close()
+    chats.close()  # after the last replies are stored

@@ -134,6 +134,7 @@ class ChatStore:
     def __init__(self, target: str | None = None) -> None:
         self.db = open_database(target)
         self.fts = is_sqlite(self.db)
+        self.interrupted_at_start = 0  # set by whoever runs mark_interrupted at start-up
 
     def describe(self) -> str:
         return describe(self.db)

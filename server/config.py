@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat_db import default_database
 from .store import default_store_path
 
 
@@ -80,6 +81,8 @@ class ServerConfig:
     # How long an idle model stays loaded, seconds ("5m", "1h" too; negative = until unloaded);
     # a request's keep_alive_s overrides it.
     keep_alive_s: float = field(default_factory=lambda: parse_duration(_env("KEEP_ALIVE", "300")))
+    # The chat database: a path (SQLite) or a playhouse.db_url URL (env TOKENWIRE_DATABASE).
+    database: str = field(default_factory=default_database)
 
     def scheduler_config(self):
         from .scheduler import SchedulerConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 
@@ -13,6 +14,11 @@ from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from . import model_service
+from .async_chat_store import AsyncChatStore
+from .auth import Authenticator
+from .chat_context import build_chat_request
+from .chat_store import ChatNotFound, ChatRequestError
+from .chat_turns import begin_turn
 from .config import ServerConfig
 from .decoder import DeviceUnavailable
 from .generation import FinishedEvent, FinishReason, QueuedEvent, Sequence, TokenEvent
@@ -80,25 +86,39 @@ def finished_to_proto(event: FinishedEvent, model_id: str) -> pb.GenerateRespons
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, config: ServerConfig, models: ModelManager) -> None:
+    def __init__(self, config: ServerConfig, models: ModelManager, chats: AsyncChatStore | None = None,
+                 auth: Authenticator | None = None) -> None:
         self.config = config
         self.models = models
+        self.chats = chats  # the chat store, for requests with chat_id
+        self.auth = auth  # who is calling (None: nobody is told apart)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         received = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex[:12]
         params = params_from_proto(request)
         loop = asyncio.get_running_loop()
-        model, keep_alive, streaming = None, None, False
+        model, keep_alive, streaming, turn = None, None, False, None
+        identity = await self.auth.identity(context) if self.auth is not None else None
         try:
-            check_shape(params, self.config.max_request_bytes)
             keep_alive = model_service.keep_alive_of(request)
-            entry = self.models.resolve(params.model)
+            if request.chat_id and self.chats is not None and identity is not None:
+                # A stored chat: its messages are the prompt; the new ones are committed first.
+                turn, entry = await begin_turn(self.chats, identity, request, params, self.models,
+                                               self.config.max_request_bytes)
+            else:
+                check_shape(params, self.config.max_request_bytes)
+                entry = self.models.resolve(params.model)
             model = await model_service.acquire(self.models, entry.id)  # a lease, released below
-            gen_request = await loop.run_in_executor(
-                None, build_request, params, model, self.config.default_max_tokens, received
-            )
-            gen_request.user = self.user_of(request, context)
+            if turn is not None:
+                gen_request, turn.dropped_messages = await loop.run_in_executor(
+                    None, build_chat_request, params, model, self.config.default_max_tokens, received
+                )
+            else:
+                gen_request = await loop.run_in_executor(
+                    None, build_request, params, model, self.config.default_max_tokens, received
+                )
+            gen_request.user = identity.name if identity and identity.by_key else self.user_of(request, context)
 
             def log_finished(event: FinishedEvent) -> None:
                 log.info(
@@ -107,6 +127,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     event.time_to_first_token_ms, event.decode_tokens_per_second, event.reason.value,
                     f" error={event.error_message!r}" if event.error_message else "",
                 )
+                if turn is not None:
+                    turn.finish(event)  # stores the reply, however it ended
 
             handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, log_finished)
             model.scheduler.submit(handle)
@@ -125,11 +147,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         except ModelBusy as exc:
             context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ChatNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ChatRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             if model is not None and not streaming:
                 self.models.release(model, keep_alive)
+            if turn is not None and not streaming:
+                turn.fail(sys.exc_info()[1])  # the user's message stays; the reply says why it is empty
 
         try:
+            if turn is not None:
+                await context.write(turn.event())
             async for event in handle.events():
                 if isinstance(event, TokenEvent):
                     delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
@@ -139,8 +169,13 @@ class InferenceService(pb_grpc.InferenceServicer):
                 elif isinstance(event, QueuedEvent):
                     await context.write(pb.GenerateResponse(queued=pb.QueueStatus(position=event.position)))
                 elif isinstance(event, FinishedEvent):
+                    if turn is not None:
+                        await turn.wait_committed()  # the reply is in the chat before the stream ends
                     await context.write(finished_to_proto(event, entry.id))
         finally:
+            if turn is not None and not handle.sequence.done:
+                remaining = context.time_remaining()
+                turn.cancelled_as = "cancelled" if remaining is not None and remaining <= 0.05 else "stopped"
             handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 

@@ -77,10 +77,13 @@ def start_server(tmp: Path, models_dir: Path, *extra: str, env: dict | None = No
     port = free_port()
     metrics_port = free_port()
     metrics_flag = () if "--metrics-port" in extra else ("--metrics-port", str(metrics_port))
+    # A chat database of its own in the test's tmp folder, unless the test names one.
+    database_flag = () if "--database" in extra or "TOKENWIRE_DATABASE" in (env or {}) else (
+        "--database", str(tmp / f"chats-{port}.db"))
     log_path = tmp / f"server-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        cli("serve", "--port", str(port), "--models-dir", str(models_dir), *metrics_flag, *extra),
+        cli("serve", "--port", str(port), "--models-dir", str(models_dir), *metrics_flag, *database_flag, *extra),
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

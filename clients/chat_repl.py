@@ -1,0 +1,171 @@
+"""`tokenwire chat`: an interactive chat whose turns the server stores (History + Generate with chat_id).
+
+Replies stream as they are generated. Ctrl-C stops the reply being written (the gRPC call is
+cancelled; the server keeps what was written, marked stopped) and the chat goes on; Ctrl-D or
+/exit leaves. The chat is created on the server with the first message, so /new costs nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import grpc
+
+from tokenwire.v1 import history_pb2 as hpb
+from tokenwire.v1 import history_pb2_grpc as hpb_grpc
+from tokenwire.v1 import inference_pb2 as pb
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+HELP = """commands:
+  /model [NAME]   show the model, or use NAME from the next message on
+  /new            start a new chat
+  /history        your recent chats (continue one with: tokenwire chat --chat ID)
+  /help           this list
+  /exit           leave (or Ctrl-D); Ctrl-C stops a reply without leaving"""
+
+_STATUS_NOTES = {
+    pb.FINISH_REASON_LENGTH: "max tokens reached",
+    pb.FINISH_REASON_CANCELLED: "stopped",
+    pb.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass
+class ChatOptions:
+    model: str = ""
+    system: str = ""
+    max_tokens: int = 0
+    sampling: pb.SamplingParams = field(default_factory=pb.SamplingParams)
+
+
+class ChatRepl:
+    def __init__(self, channel: grpc.Channel, options: ChatOptions, out: TextIO = sys.stdout) -> None:
+        self.history = hpb_grpc.HistoryStub(channel)
+        self.inference = pb_grpc.InferenceStub(channel)
+        self.options = options
+        self.out = out
+        self.chat: hpb.Chat | None = None
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def open_chat(self, chat_id: str) -> None:
+        """Continues a stored chat: shows where it stands."""
+        reply = self.history.GetChat(hpb.GetChatRequest(chat_id=chat_id), timeout=30)
+        self.chat = reply.chat
+        if not self.options.model:
+            self.options.model = reply.chat.model
+        self.say(f"continuing chat {reply.chat.id}: {reply.chat.title or '(untitled)'} "
+                 f"({len(reply.messages)} messages)")
+        for message in [m for m in reply.messages if m.role != "system"][-2:]:
+            who = "you" if message.role == "user" else "model"
+            text = message.content if len(message.content) <= 300 else message.content[:300] + "…"
+            self.say(f"  {who}: {text}")
+
+    def open_last_chat(self) -> bool:
+        chats = self.history.ListChats(hpb.ListChatsRequest(page_size=1), timeout=30).chats
+        if not chats:
+            return False
+        self.open_chat(chats[0].id)
+        return True
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self, read_line=input) -> int:
+        model = self.options.model or "the server's default model"
+        self.say(f"tokenwire chat with {model}. /help for commands, Ctrl-D or /exit to leave.")
+        while True:
+            try:
+                line = read_line(">>> ")
+            except EOFError:
+                self.say()
+                return 0
+            except KeyboardInterrupt:
+                self.say("\n(Ctrl-D or /exit to leave)")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if self.command(text) == "exit":
+                    return 0
+                continue
+            self.turn(line)
+
+    def command(self, text: str) -> str:
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/new":
+            self.chat = None
+            self.say("new chat (it is saved with its first message)")
+        elif name == "/model":
+            self.model_command(arg)
+        elif name == "/history":
+            self.list_chats()
+        else:
+            self.say(f"unknown command {name}; /help lists them")
+        return ""
+
+    def model_command(self, name: str) -> None:
+        if not name:
+            self.say(f"model: {self.options.model or '(the server default)'}")
+            return
+        models = self.inference.ListModels(pb.ListModelsRequest(), timeout=30).models
+        known = {m.id: m.id for m in models} | {a: m.id for m in models for a in m.aliases}
+        if name not in known:
+            self.say(f"no model {name!r}; models: {', '.join(m.id for m in models)}")
+            return
+        self.options.model = known[name]
+        self.say(f"model: {self.options.model}")
+
+    def list_chats(self) -> None:
+        chats = self.history.ListChats(hpb.ListChatsRequest(page_size=10), timeout=30).chats
+        if not chats:
+            self.say("no chats yet")
+        for chat in chats:
+            mark = "*" if self.chat is not None and chat.id == self.chat.id else " "
+            self.say(f"{mark} {chat.id}  {chat.message_count:>3} msgs  {chat.title or '(untitled)'}")
+
+    def turn(self, text: str) -> None:
+        """Sends one message and streams the reply; Ctrl-C stops the reply."""
+        if self.chat is None:
+            self.chat = self.history.CreateChat(
+                hpb.CreateChatRequest(model=self.options.model, system_prompt=self.options.system), timeout=30)
+        request = pb.GenerateRequest(
+            chat_id=self.chat.id, model=self.options.model, max_tokens=self.options.max_tokens,
+            sampling=self.options.sampling, messages=[pb.ChatMessage(role="user", content=text)],
+        )
+        call = self.inference.Generate(request)
+        finished = None
+        try:
+            for response in call:
+                kind = response.WhichOneof("event")
+                if kind == "token":
+                    self.out.write(response.token.text)
+                    self.out.flush()
+                elif kind == "chat" and response.chat.dropped_messages:
+                    self.say(f"[the {response.chat.dropped_messages} oldest messages no longer fit the "
+                             "context window and were left out]")
+                elif kind == "finished":
+                    finished = response.finished
+        except KeyboardInterrupt:
+            call.cancel()
+            self.say("\n[stopped]")
+            return
+        except grpc.RpcError as exc:
+            self.say(f"\n[error: {exc.code().name}: {exc.details()}]")
+            return
+        self.say()
+        if finished is not None and finished.reason in _STATUS_NOTES:
+            note = _STATUS_NOTES[finished.reason]
+            if finished.error_message:
+                note += f": {finished.error_message}"
+            self.say(f"[{note}]")
