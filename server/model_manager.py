@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import process_memory
+from .batch_engine import BatchEngine, FastEngine, OptimumEngine, is_fast_graph
 from .decoder import DeviceUnavailable, OnnxDecoder
 from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerConfig
@@ -84,7 +85,7 @@ class ModelLimits:
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    decoder: OnnxDecoder
+    decoder: OnnxDecoder | None  # None for fast graphs (the engine owns their session)
     tokenizer: TokenizerBundle
     scheduler: Scheduler
     load_seconds: float
@@ -345,12 +346,21 @@ class ModelManager:
         path = Path(entry.path)
         weights = sum(weight_files(path).values())
         started = time.perf_counter()
+        process_memory.release_free_memory()  # so the growth below is what stays, not freed transients
         before = self.rss()
         say("loading", f"reading {entry.id}'s graph ({weights / 1e6:.1f} MB) into onnxruntime")
-        decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
+        engine: BatchEngine
+        if is_fast_graph(path):
+            decoder = None
+            engine = FastEngine(path, device=self.device, threads=self.threads,
+                                context_length=entry.context_length or 2048)
+        else:
+            decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
+            engine = OptimumEngine(decoder)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id, metrics=self.metrics)
+        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics)
+        process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started
         self.metrics.model_loaded(entry.id, seconds)
