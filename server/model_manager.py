@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import process_memory
-from .batch_engine import BatchEngine, FastEngine, OptimumEngine, is_fast_graph
 from .decoder import DeviceUnavailable, OnnxDecoder
 from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerConfig
@@ -85,7 +84,7 @@ class ModelLimits:
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    decoder: OnnxDecoder | None  # None for fast graphs (the engine owns their session)
+    decoder: OnnxDecoder
     tokenizer: TokenizerBundle
     scheduler: Scheduler
     load_seconds: float
@@ -349,17 +348,10 @@ class ModelManager:
         process_memory.release_free_memory()  # so the growth below is what stays, not freed transients
         before = self.rss()
         say("loading", f"reading {entry.id}'s graph ({weights / 1e6:.1f} MB) into onnxruntime")
-        engine: BatchEngine
-        if is_fast_graph(path):
-            decoder = None
-            engine = FastEngine(path, device=self.device, threads=self.threads,
-                                context_length=entry.context_length or 2048)
-        else:
-            decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
-            engine = OptimumEngine(decoder)
+        decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics)
+        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id, metrics=self.metrics)
         process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started
