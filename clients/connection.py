@@ -65,6 +65,6 @@ def describe_rpc_error(exc: grpc.RpcError, target: str) -> str:
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach the tokenwire server at {target}: is `tokenwire serve` running? ({details})"
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return f"{details} (pass --api-key or set TOKENWIRE_API_KEY)"
+        return f"UNAUTHENTICATED: {details} (pass --api-key or set TOKENWIRE_API_KEY)"
     name = code.name if code is not None else "ERROR"
     return f"{name}: {details}"

@@ -122,7 +122,18 @@ async def begin_turn(
         if params.model or not name:
             raise
         entry = models.resolve("")  # the chat's model is gone: continue with the default
-    start = await store.call(store.store.begin_turn, identity.user_id, request.chat_id, params.messages,
-                             entry.id, stored_params(request))
+    committing = store.submit(store.store.begin_turn, identity.user_id, request.chat_id, params.messages,
+                              entry.id, stored_params(request))
+    try:
+        start = await asyncio.shield(asyncio.wrap_future(committing))
+    except asyncio.CancelledError:
+        # The client left while the turn was being committed: once it is, its reply is stopped.
+        committing.add_done_callback(lambda done: _stop_unanswered(store, done))
+        raise
     params.messages = start.context
     return ChatTurn(store, start), entry
+
+
+def _stop_unanswered(store: AsyncChatStore, done: concurrent.futures.Future) -> None:
+    if not done.cancelled() and done.exception() is None:
+        store.submit(store.store.finish_reply, done.result().reply_message_id, ReplyOutcome("", "stopped"))
