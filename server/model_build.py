@@ -40,6 +40,8 @@ MODEL_FILES = (
     "chat_template.jinja",
 )
 MIN_TOP1_FOR_INT4 = 0.95
+# Bumped when pull's output changes, so `pull` rebuilds stores made by older versions.
+BUILD_VERSION = 3
 
 Progress = Callable[[str], None]
 
@@ -173,6 +175,7 @@ def write_model_manifest(
         "context_length": context_length_of(config),
         "parameter_count": parameter_count,
         "graph": "optimum",
+        "build": BUILD_VERSION,
         "graph_sha256": sha256_file(folder / "model.onnx"),
         "weight_files": weight_files(folder),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -198,6 +201,29 @@ def build_quantized(fp32_dir: Path, out_dir: Path, bits: int = 4) -> dict[str, i
     return routes
 
 
+def build_int4(fp32_dir: Path, out_dir: Path) -> dict:
+    """The int4 variant: the fast GQA graph where the architecture allows it, else MatMulNBits
+    in optimum's own graph. Returns the manifest fields that describe what was built."""
+    from .fast_graph import FastGraphUnsupported, build_fast_graph
+
+    try:
+        routes = build_fast_graph(fp32_dir, out_dir, bits=4)
+        return {"graph": "gqa", "quantization": {
+            "routes": routes, "accuracy_levels": "linears 0, lm_head 8-bit at 4"}}
+    except FastGraphUnsupported:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        routes = build_quantized(fp32_dir, out_dir, bits=4)
+        return {"graph": "optimum", "quantization": {"routes": routes, "accuracy_levels": "0, lm_head 8-bit at 4"}}
+
+
+def _current(folder: Path) -> bool:
+    """A built model folder whose manifest is of the current build format."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("build", 0) >= BUILD_VERSION
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def _install(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
@@ -212,7 +238,7 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
     fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
     fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)
     aliases = store.aliases()
-    if not force and (fp32_dir / MANIFEST).is_file() and (int4_dir / MANIFEST).is_file() and name in aliases:
+    if not force and _current(fp32_dir) and _current(int4_dir) and name in aliases:
         progress(f"{name}: already in {store.root} ({name} -> {aliases[name]})")
         return aliases[name]
 
@@ -238,10 +264,10 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
         fp32_tmp = work / "fp32"
         export_onnx(checkpoint, fp32_tmp)
         write_model_manifest(fp32_tmp, fp32_id, source, "fp32", params)
-        step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into MatMulNBits")
+        step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into MatMulNBits, fast decoding graph")
         int4_tmp = work / "int4"
-        routes = build_quantized(fp32_tmp, int4_tmp, bits=4)
-        write_model_manifest(int4_tmp, int4_id, source, "int4", params, {"quantization": {"routes": routes}})
+        int4_extra = build_int4(fp32_tmp, int4_tmp)
+        write_model_manifest(int4_tmp, int4_id, source, "int4", params, int4_extra)
         step(6, "measuring int4 against fp32 (teacher-forced, fixed text)")
         from .quality import compare
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import process_memory
+from .batch_engine import BatchEngine, FastEngine, OptimumEngine, is_fast_graph
 from .decoder import DeviceUnavailable, OnnxDecoder
 from .metrics import Metrics
 from .scheduler import Scheduler, SchedulerConfig
@@ -84,7 +85,7 @@ class ModelLimits:
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    decoder: OnnxDecoder
+    decoder: OnnxDecoder | None  # None for fast graphs (the engine owns their session)
     tokenizer: TokenizerBundle
     scheduler: Scheduler
     load_seconds: float
@@ -117,9 +118,7 @@ class LoadedModel:
 
 def kv_bytes_of(scheduler: Scheduler) -> int:
     """KV held by a scheduler: its running batch and its prefix cache."""
-    batch = getattr(scheduler, "_batch", None)
-    running = batch.nbytes if batch is not None else 0
-    return int(running + scheduler.prefix_cache.stats.bytes)
+    return int(scheduler.engine.kv_bytes + scheduler.prefix_cache.stats.bytes)
 
 
 @dataclass
@@ -348,10 +347,17 @@ class ModelManager:
         process_memory.release_free_memory()  # so the growth below is what stays, not freed transients
         before = self.rss()
         say("loading", f"reading {entry.id}'s graph ({weights / 1e6:.1f} MB) into onnxruntime")
-        decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
+        engine: BatchEngine
+        if is_fast_graph(path):
+            decoder = None
+            engine = FastEngine(path, device=self.device, threads=self.threads,
+                                context_length=entry.context_length or 2048)
+        else:
+            decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
+            engine = OptimumEngine(decoder)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(decoder, self.scheduler_config, name=entry.id, metrics=self.metrics)
+        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics)
         process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started

@@ -34,12 +34,41 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int]) -> np.ndarray:
+    """Every position's logits of a fast graph (which computes only the last position).
+
+    Its evaluation twin is rebuilt from the same fp32 weights with every position kept; the
+    twin must reproduce the candidate's own last-position logits on a probe before we trust it.
+    """
+    import tempfile
+
+    from .batch_engine import FastEngine
+    from .fast_graph import build_fast_graph, full_logits
+
+    with tempfile.TemporaryDirectory() as tmp:
+        twin = Path(tmp)
+        build_fast_graph(reference, twin, last_only=False)
+        logits = full_logits(twin, tokens)
+    engine = FastEngine(candidate, context_length=len(tokens) + 1)
+    probe = 64
+    own = engine.prefill(engine.new_prefill(), tokens[:probe])
+    diff = float(np.abs(own - logits[probe - 1]).max())
+    if diff > 1e-3:
+        raise ValueError(f"the evaluation twin differs from {candidate} by {diff}: rebuild the model")
+    return logits
+
+
 def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, float]:
     tokens = TokenizerBundle(reference).encode(eval_text())[:max_tokens]
     if len(tokens) < MIN_TOKENS and max_tokens >= MIN_TOKENS:
         raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than {MIN_TOKENS}")
+    from .batch_engine import is_fast_graph
+
     ref_logits = OnnxDecoder(reference / "model.onnx").full_logits(tokens)
-    cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
+    if is_fast_graph(candidate):
+        cand_logits = _fast_graph_logits(reference, candidate, tokens)
+    else:
+        cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
     targets = np.asarray(tokens[1:])
     same = kl_sum = ref_nll = cand_nll = 0.0
     positions = len(tokens) - 1

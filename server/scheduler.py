@@ -22,11 +22,9 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from .batch_engine import BatchEngine, OptimumEngine, PrefillState
 from .decoder import KVCache, OnnxDecoder
 from .generation import Event, FinishedEvent, FinishReason, QueuedEvent, Sequence
-from .kv_batch import KVBatch
 from .metrics import Metrics
 from .prefix_cache import PrefixCache
 
@@ -61,7 +59,7 @@ class SequenceHandle:
         self._on_finished = on_finished
         self.position = 0
         # Prefill progress (scheduler thread only).
-        self.cache: KVCache | None = None
+        self.prefill: PrefillState | None = None
         self.prefilled = 0
         self.next_token: int | None = None
 
@@ -100,14 +98,17 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(
-        self, decoder: OnnxDecoder, config: SchedulerConfig, name: str = "", metrics: Metrics | None = None
+        self,
+        engine: BatchEngine | OnnxDecoder,
+        config: SchedulerConfig,
+        name: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
-        self.decoder = decoder
+        self.engine = OptimumEngine(engine) if isinstance(engine, OnnxDecoder) else engine
         self.metrics = metrics or Metrics()
         self.config = config
         self.name = name
-        seq_axis = decoder.kv[0].seq_axis
-        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=seq_axis)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=self.engine.seq_axis)
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[SequenceHandle]] = OrderedDict()
@@ -115,7 +116,6 @@ class Scheduler:
         self._running_per_user: dict[str, int] = {}
         self._prefilling: deque[SequenceHandle] = deque()
         self._rows: list[SequenceHandle] = []
-        self._batch = KVBatch(decoder)
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
@@ -265,42 +265,42 @@ class Scheduler:
         prompt = seq.request.prompt_ids
         if seq.cancelled.is_set():
             self._prefilling.popleft()
+            handle.prefill = None
             self._finish(handle, seq.finish(FinishReason.CANCELLED))
             return
-        if handle.cache is None:
+        if handle.prefill is None:
             reused, cached = self.prefix_cache.lookup(prompt)
             if self.prefix_cache.enabled:
                 self.metrics.prefix_cache(self.name, cached is not None, reused)
-            handle.cache = cached if cached is not None else self.decoder.empty_cache()
+            handle.prefill = self.engine.new_prefill(cached, reused)
             handle.prefilled = reused
             seq.cached_prompt_tokens = reused
         chunk = prompt[handle.prefilled : handle.prefilled + self.config.prefill_chunk]
-        logits, handle.cache = self.decoder.forward(np.asarray([chunk], dtype=np.int64), handle.cache)
+        logits = self.engine.prefill(handle.prefill, chunk)
         handle.prefilled += len(chunk)
         self.stats.prefill_chunks += 1
         if handle.prefilled < len(prompt):
             return
         self._prefilling.popleft()
-        events, token = seq.step(logits[0, -1])
+        events, token = seq.step(logits)
         if seq.count:
             self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
             self.metrics.tokens_generated(self.name, 1)
         if token is None:
-            self._store_prefix(prompt, handle.cache)
-            handle.cache = None
+            handle.prefill = None
             self._finish(handle, events)
             return
         handle.emit(events)
         self.stats.tokens_generated += 1
-        self._batch.add(handle.cache, len(prompt))
-        handle.cache = None
+        self.engine.join(handle.prefill)
+        handle.prefill = None
         handle.next_token = token
         self._rows.append(handle)
 
     def _decode_step(self) -> None:
         tokens = [h.next_token for h in self._rows]
         previous = [h.sequence.last_at for h in self._rows]
-        logits = self._batch.step(tokens)
+        logits = self.engine.step(tokens)
         self.stats.steps += 1
         self.stats.batch_size_sum += len(self._rows)
         leaving: list[int] = []
@@ -313,9 +313,9 @@ class Scheduler:
                 produced += 1
                 self.metrics.inter_token_latency(self.name, seq.last_at - previous[row])
             if token is None:
-                length = self._batch.lengths[row]
+                length = self.engine.lengths[row]
                 if self.prefix_cache.enabled:
-                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self._batch.row_cache(row))
+                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row))
                 self._finish(handle, events)
                 leaving.append(row)
             else:
@@ -324,7 +324,7 @@ class Scheduler:
                 handle.next_token = token
         self.metrics.tokens_generated(self.name, produced)
         if leaving:
-            self._batch.remove(leaving)
+            self.engine.remove(leaving)
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
         self.metrics.batch_size(self.name, len(self._rows))
 
@@ -335,11 +335,11 @@ class Scheduler:
 
     def _fail_all(self, message: str) -> None:
         for handle in list(self._rows) + list(self._prefilling):
-            handle.cache = None
+            handle.prefill = None
             self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
         self._rows = []
         self._prefilling.clear()
-        self._batch = KVBatch(self.decoder)
+        self.engine.reset()
 
 
 def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:

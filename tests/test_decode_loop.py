@@ -61,13 +61,26 @@ def test_kv_cache_matches_full_recompute_fp32(fp32, prompt: str) -> None:
         assert np.abs(a - b).max() < 1e-3, f"step {step}: logits differ by {np.abs(a - b).max()}"
 
 
-def test_kv_cache_matches_full_recompute_int4(int4_dir: Path) -> None:
-    decoder, tok = OnnxDecoder(int4_dir / "model.onnx"), TokenizerBundle(int4_dir)
+def test_fast_graph_kv_cache_matches_full_recompute(int4_dir: Path) -> None:
+    """The default int4 model's fast graph: in-place KV decoding vs recomputing the whole sequence."""
+    from tokenwire.server.batch_engine import FastEngine, is_fast_graph
+
+    assert is_fast_graph(int4_dir), "the default int4 variant is built as the fast graph"
+    tok = TokenizerBundle(int4_dir)
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "Name three colours."}]))
-    cached, cached_logits = greedy_with_cache(decoder, ids, 16)
-    full, full_logits = greedy_recompute(decoder, ids, 16)
-    assert cached == full
-    assert max(np.abs(a - b).max() for a, b in zip(cached_logits, full_logits, strict=True)) < 5e-2
+    cached_engine, full_engine = FastEngine(int4_dir, context_length=512), FastEngine(int4_dir, context_length=512)
+    state = cached_engine.new_prefill()
+    logits = cached_engine.prefill(state, ids)
+    cached_engine.join(state)
+    seq = list(ids)
+    for step in range(16):
+        recomputed = full_engine.prefill(full_engine.new_prefill(), seq)
+        assert int(np.argmax(logits)) == int(np.argmax(recomputed)), f"step {step}"
+        assert np.abs(logits - recomputed).max() < 5e-2
+        token = int(np.argmax(logits))
+        seq.append(token)
+        logits = cached_engine.step([token])[0]
+    assert cached_engine.lengths == [len(seq)]
 
 
 def run_greedy(decoder: OnnxDecoder, tok: TokenizerBundle, ids: list[int], max_tokens: int) -> tuple[list[int], str]:

@@ -11,11 +11,11 @@ import grpc
 import pytest
 from conftest import start_server
 
+from tokenwire.server.batch_engine import FastEngine, OptimumEngine, is_fast_graph
 from tokenwire.server.decoder import OnnxDecoder
 from tokenwire.server.generation import (
     FinishedEvent,
     FinishReason,
-    Generation,
     GenerationRequest,
     QueuedEvent,
     Sequence,
@@ -39,9 +39,21 @@ PROMPTS = [
 ]
 
 
+class EngineFactory:
+    """A fresh engine of the default model for each scheduler (each owns its KV buffers)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.fast = is_fast_graph(folder)
+        self._decoder = None if self.fast else OnnxDecoder(folder / "model.onnx")
+
+    def __call__(self):
+        return FastEngine(self.folder, context_length=4096) if self.fast else OptimumEngine(self._decoder)
+
+
 @pytest.fixture(scope="module")
 def model(int4_dir: Path):
-    return OnnxDecoder(int4_dir / "model.onnx"), TokenizerBundle(int4_dir)
+    return EngineFactory(int4_dir), TokenizerBundle(int4_dir)
 
 
 def greedy_request(tok: TokenizerBundle, prompt: str, max_tokens: int = 24, user: str = "",
@@ -50,9 +62,13 @@ def greedy_request(tok: TokenizerBundle, prompt: str, max_tokens: int = 24, user
                              sampling=SamplingConfig(temperature=0.0), user=user, ignore_eos=ignore_eos)
 
 
-def alone(decoder, tok, prompt: str, max_tokens: int = 24) -> list[int]:
-    events = list(Generation(decoder, tok, greedy_request(tok, prompt, max_tokens)))
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+async def alone(engines, tok, prompt: str, max_tokens: int = 24) -> list[int]:
+    """Greedy tokens of a prompt run on its own (a batch of one)."""
+    scheduler = Scheduler(engines(), SchedulerConfig(max_batch=1, prefix_cache_bytes=0, prefill_chunk=16))
+    try:
+        return (await consume(submit(scheduler, tok, greedy_request(tok, prompt, max_tokens))))[0]
+    finally:
+        scheduler.stop()
 
 
 async def consume(handle: SequenceHandle, log: list | None = None) -> tuple[list[int], FinishedEvent, list]:
@@ -77,8 +93,8 @@ def submit(scheduler: Scheduler, tok, request: GenerationRequest) -> SequenceHan
 
 async def test_greedy_output_does_not_depend_on_the_batch(model) -> None:
     decoder, tok = model
-    reference = alone(decoder, tok, PROMPTS[0])
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=8, prefix_cache_bytes=0, prefill_chunk=16))
+    reference = await alone(decoder, tok, PROMPTS[0])
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=8, prefix_cache_bytes=0, prefill_chunk=16))
     try:
         # Stagger arrivals so sequences join a running batch at different lengths.
         handles = []
@@ -88,7 +104,7 @@ async def test_greedy_output_does_not_depend_on_the_batch(model) -> None:
         results = await asyncio.gather(*(consume(h) for h in handles))
         assert results[0][0] == reference, "the same prompt gave other tokens when batched with 7 others"
         for prompt, (tokens, _, _) in zip(PROMPTS[1:4], results[1:4], strict=True):
-            assert tokens == alone(decoder, tok, prompt, len(tokens)), prompt
+            assert tokens == await alone(decoder, tok, prompt, len(tokens)), prompt
         assert scheduler.stats.batch_size_sum / scheduler.stats.steps > 2, "sequences should have shared steps"
     finally:
         scheduler.stop()
@@ -96,7 +112,7 @@ async def test_greedy_output_does_not_depend_on_the_batch(model) -> None:
 
 async def test_bounded_queue_refuses_at_once_and_reports_positions(model) -> None:
     decoder, tok = model
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=1, queue_size=3, prefix_cache_bytes=0))
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=1, queue_size=3, prefix_cache_bytes=0))
     try:
         running = submit(scheduler, tok, greedy_request(tok, "Count to fifty:", 40, ignore_eos=True))
         await asyncio.sleep(0.2)
@@ -115,7 +131,7 @@ async def test_bounded_queue_refuses_at_once_and_reports_positions(model) -> Non
 
 async def test_fair_turns_across_users(model) -> None:
     decoder, tok = model
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=2, queue_size=32, prefix_cache_bytes=0))
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=2, queue_size=32, prefix_cache_bytes=0))
     try:
         flood = [submit(scheduler, tok, greedy_request(tok, f"Story number {i}:", 6, user="A", ignore_eos=True)) for i in range(10)]
         await asyncio.sleep(0.05)
@@ -135,7 +151,7 @@ async def test_fair_turns_across_users(model) -> None:
 
 async def test_per_user_stream_limit(model) -> None:
     decoder, tok = model
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=4, max_streams_per_user=1, prefix_cache_bytes=0))
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=4, max_streams_per_user=1, prefix_cache_bytes=0))
     try:
         handles = [submit(scheduler, tok, greedy_request(tok, f"Item {i}:", 8, user="A", ignore_eos=True)) for i in range(3)]
         await asyncio.sleep(0.05)
@@ -149,7 +165,7 @@ async def test_per_user_stream_limit(model) -> None:
 
 async def test_cancelled_sequence_frees_its_slot_within_a_step(model) -> None:
     decoder, tok = model
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=1, queue_size=4, prefix_cache_bytes=0))
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=1, queue_size=4, prefix_cache_bytes=0))
     try:
         long = submit(scheduler, tok, greedy_request(tok, "Write a very long story:", 2000, ignore_eos=True))
         waiting = submit(scheduler, tok, greedy_request(tok, "Hi", 3, ignore_eos=True))
@@ -175,7 +191,7 @@ async def test_cancelled_sequence_frees_its_slot_within_a_step(model) -> None:
 async def test_prefix_reuse_gives_the_cold_tokens(model) -> None:
     decoder, tok = model
     history = tok.render_chat([{"role": "user", "content": "My name is Ada. Remember it."}])
-    scheduler = Scheduler(decoder, SchedulerConfig(max_batch=4, prefix_cache_bytes=64 << 20))
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=4, prefix_cache_bytes=64 << 20))
     try:
         first, finished, _ = await consume(submit(scheduler, tok, GenerationRequest(
             prompt_ids=tok.encode(history), max_tokens=20, sampling=SamplingConfig(temperature=0.0))))
@@ -188,7 +204,7 @@ async def test_prefix_reuse_gives_the_cold_tokens(model) -> None:
         warm, warm_finished, _ = await consume(submit(scheduler, tok, request))
         assert warm_finished.cached_prompt_tokens > len(tok.encode(history)) - 1
         assert scheduler.prefix_cache.stats.hits >= 1
-        cold = alone(decoder, tok, turn2, 16)
+        cold = await alone(decoder, tok, turn2, 16)
         assert warm == cold[: len(warm)] and len(warm) == len(cold)
     finally:
         scheduler.stop()

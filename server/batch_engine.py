@@ -1,0 +1,253 @@
+"""Batched execution behind the scheduler: one interface, two graph layouts.
+
+The scheduler prefills one sequence at a time (in chunks) and decodes every joined
+sequence together. `BatchEngine` is what it needs:
+
+* `OptimumEngine` — the compatible path, for any optimum export: past and present are
+  separate tensors (the graph concatenates), the batch is left-padded (KVBatch).
+* `FastEngine` — for graphs from fast_graph.py: one KV buffer per layer, shared by past
+  and present through IO binding, written in place by GroupQueryAttention. Rows are kept
+  dense ([0, B) of a buffer with spare rows), right-padded, and grow by doubling: no
+  allocation and no KV copy per step, only when sequences join or leave.
+
+Prefix-cache entries use one format for both: per layer [1, kv_heads, length, head_dim].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .decoder import KVCache, OnnxDecoder, make_session
+from .kv_batch import KVBatch
+
+
+class PrefillState:
+    """A sequence being prefilled, before it joins the batch."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.cache: KVCache | None = None  # optimum layout only
+
+
+class BatchEngine:
+    seq_axis = 2
+
+    @property
+    def kv_bytes(self) -> int:
+        """Memory held by KV buffers (allocated, for engines that preallocate)."""
+        raise NotImplementedError
+
+    @property
+    def lengths(self) -> list[int]:
+        raise NotImplementedError
+
+    def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
+        raise NotImplementedError
+
+    def prefill(self, state: PrefillState, tokens: list[int]) -> np.ndarray:
+        """Runs `tokens` after what the state holds; returns the last position's logits [vocab]."""
+        raise NotImplementedError
+
+    def join(self, state: PrefillState) -> None:
+        """Moves a prefilled sequence into the batch as its last row."""
+        raise NotImplementedError
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        """One token per row; returns next-token logits [rows, vocab]."""
+        raise NotImplementedError
+
+    def row_cache(self, row: int) -> KVCache:
+        raise NotImplementedError
+
+    def remove(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+
+class OptimumEngine(BatchEngine):
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self.decoder = decoder
+        self.seq_axis = decoder.kv[0].seq_axis
+        self._batch = KVBatch(decoder)
+
+    @property
+    def lengths(self) -> list[int]:
+        return self._batch.lengths
+
+    @property
+    def kv_bytes(self) -> int:
+        return self._batch.nbytes
+
+    def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
+        state = PrefillState()
+        state.cache = prefix if prefix is not None else self.decoder.empty_cache()
+        state.length = prefix_length
+        return state
+
+    def prefill(self, state: PrefillState, tokens: list[int]) -> np.ndarray:
+        logits, state.cache = self.decoder.forward(np.asarray([tokens], dtype=np.int64), state.cache)
+        state.length += len(tokens)
+        return logits[0, -1]
+
+    def join(self, state: PrefillState) -> None:
+        self._batch.add(state.cache, state.length)
+        state.cache = None
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        return self._batch.step(tokens)
+
+    def row_cache(self, row: int) -> KVCache:
+        return self._batch.row_cache(row)
+
+    def remove(self, rows: list[int]) -> None:
+        self._batch.remove(rows)
+
+    def reset(self) -> None:
+        self._batch = KVBatch(self.decoder)
+
+
+class FastEngine(BatchEngine):
+    """Drives a fast_graph.py graph with IO binding over preallocated, in-place KV buffers."""
+
+    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 2048) -> None:
+        self.session = make_session(model_dir / "model.onnx", device, threads)
+        config = json.loads((model_dir / "config.json").read_text())
+        self.layers = int(config["num_hidden_layers"])
+        n_heads = int(config["num_attention_heads"])
+        self.kv_heads = int(config.get("num_key_value_heads") or n_heads)
+        self.head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+        self.vocab = int(config["vocab_size"])
+        self.context_length = context_length
+        self.names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        self._lengths: list[int] = []
+        self._rows = 0  # allocated rows
+        self._cap = 0  # allocated positions per row
+        self._kv: list[np.ndarray] = []
+        self._logits = np.zeros((0, 1, self.vocab), dtype=np.float32)
+        self._scratch: list[np.ndarray] = []
+        self._scratch_cap = 0
+        self._ensure(rows=1, cap=256)
+
+    # ---- buffers ---------------------------------------------------------------------------
+
+    def _alloc(self, rows: int, cap: int) -> list[np.ndarray]:
+        return [np.zeros((rows, self.kv_heads, cap, self.head_dim), dtype=np.float32) for _ in self.names]
+
+    def _grow_cap(self, needed: int) -> int:
+        cap = max(self._cap, self._scratch_cap, 256)
+        while cap < needed:
+            cap *= 2
+        return min(cap, max(self.context_length, needed))
+
+    def _ensure(self, rows: int, cap: int) -> None:
+        if rows <= self._rows and cap <= self._cap:
+            return
+        new_rows = max(rows, self._rows * 2 if rows > self._rows else self._rows, 1)
+        new_cap = self._grow_cap(cap) if cap > self._cap else self._cap
+        fresh = self._alloc(new_rows, new_cap)
+        n = len(self._lengths)
+        for old, new in zip(self._kv, fresh, strict=False):
+            new[:n, :, : self._cap] = old[:n]
+        self._kv, self._rows, self._cap = fresh, new_rows, new_cap
+        self._logits = np.zeros((new_rows, 1, self.vocab), dtype=np.float32)
+
+    def _ensure_scratch(self, cap: int) -> None:
+        if cap <= self._scratch_cap:
+            return
+        new_cap = self._grow_cap(cap)
+        fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=np.float32) for _ in self.names]
+        for old, new in zip(self._scratch, fresh, strict=False):
+            new[:, :, : self._scratch_cap] = old
+        self._scratch, self._scratch_cap = fresh, new_cap
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray], logits: np.ndarray) -> np.ndarray:
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        for name, buf in zip(self.names, buffers, strict=True):
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(io)
+        return logits
+
+    # ---- BatchEngine -------------------------------------------------------------------------
+
+    @property
+    def lengths(self) -> list[int]:
+        return self._lengths
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(b.nbytes for b in self._kv) + sum(b.nbytes for b in self._scratch)
+
+    def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
+        state = PrefillState()
+        if prefix is not None:
+            self._ensure_scratch(prefix_length + 1)
+            for buf, kv in zip(self._scratch, prefix, strict=True):
+                buf[:, :, :prefix_length] = kv
+            state.length = prefix_length
+        return state
+
+    def prefill(self, state: PrefillState, tokens: list[int]) -> np.ndarray:
+        total = state.length + len(tokens)
+        self._ensure_scratch(total)
+        ids = np.asarray([tokens], dtype=np.int64)
+        mask = np.ones((1, total), dtype=np.int64)
+        out = np.empty((1, 1, self.vocab), dtype=np.float32)
+        self._run(ids, mask, self._scratch, out)
+        state.length = total
+        return out[0, -1]
+
+    def join(self, state: PrefillState) -> None:
+        row = len(self._lengths)
+        self._ensure(rows=row + 1, cap=state.length + 1)
+        for buf, scratch in zip(self._kv, self._scratch, strict=True):
+            buf[row, :, : state.length] = scratch[0, :, : state.length]
+        self._lengths.append(state.length)
+
+    def step(self, tokens: list[int]) -> np.ndarray:
+        rows = len(self._lengths)
+        longest = max(self._lengths) + 1
+        self._ensure(rows=rows, cap=longest)
+        mask = np.zeros((rows, longest), dtype=np.int64)
+        for b, length in enumerate(self._lengths):
+            mask[b, : length + 1] = 1
+        ids = np.asarray(tokens, dtype=np.int64).reshape(rows, 1)
+        logits = self._run(ids, mask, [buf[:rows] for buf in self._kv], self._logits[:rows])
+        self._lengths = [n + 1 for n in self._lengths]
+        return logits[:, 0, :]
+
+    def row_cache(self, row: int) -> KVCache:
+        length = self._lengths[row]
+        return [buf[row : row + 1, :, :length].copy() for buf in self._kv]
+
+    def remove(self, rows: list[int]) -> None:
+        """Drops rows, moving later rows up so [0, B) stays dense."""
+        gone = set(rows)
+        keep = [i for i in range(len(self._lengths)) if i not in gone]
+        for dst, src in enumerate(keep):
+            if dst != src:
+                length = self._lengths[src]
+                for buf in self._kv:
+                    buf[dst, :, :length] = buf[src, :, :length]
+        self._lengths = [self._lengths[i] for i in keep]
+
+    def reset(self) -> None:
+        self._lengths = []
+
+
+def is_fast_graph(model_dir: Path) -> bool:
+    try:
+        manifest = json.loads((model_dir / "tokenwire.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("graph") == "gqa"

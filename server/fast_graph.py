@@ -1,0 +1,242 @@
+"""A decoder graph built for decoding: in-place KV, fused attention, int4/int8 weights.
+
+From the weights of an optimum fp32 export of a llama-family model (llama, mistral, and
+SmolLM2), emits the layout onnxruntime-genai's builder uses, in plain onnxruntime ops:
+
+* `GroupQueryAttention` (com.microsoft) with rotary embedding inside it and the KV cache
+  as one buffer per layer, [batch, kv_heads, capacity, head_dim], bound as both the past
+  input and the present output, so each step writes only its new position in place
+  (no concatenation, no copy of the cache, no repeat of KV heads);
+* q/k/v fused into one MatMulNBits (packed QKV into GQA), gate/up fused into one;
+* `SkipSimplifiedLayerNormalization` for residual add + RMSNorm;
+* the lm_head (tied Q8_0) as 8-bit MatMulNBits, applied to the last position only.
+
+Inputs: input_ids [B, S] int64, attention_mask [B, T] int64 (row b: ones for its tokens,
+right-padded), past_key_values.N.key/value [B, kvh, capacity, hd]. Outputs: logits
+[B, 1, V] (last position), present.N.key/value (the same buffers).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .quantize import NBitsEmitter
+
+SUPPORTED = ("llama", "mistral")
+
+
+class FastGraphUnsupported(ValueError):
+    pass
+
+
+def _level_policy(name: str) -> int:
+    # Every linear at accuracy level 0 (fp32 compute on the dequantized int4 blocks).
+    # Level 4 (int8 activations) on gate/up is 15-30% faster, but its rounding turns the
+    # ~1e-6 differences between onnxruntime's one-row and many-row kernels into different
+    # tokens, so a sequence's output would depend on the batch it decodes in. Measured and
+    # rejected; see the README's benchmark notes.
+    return 0
+
+
+def build_fast_graph(
+    fp32_dir: Path, out_dir: Path, bits: int = 4, level_for=_level_policy, last_only: bool = True
+) -> dict[str, int]:
+    """Writes the fast graph; `last_only=False` keeps logits of every position (for evaluation)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    config = json.loads((fp32_dir / "config.json").read_text())
+    if config.get("model_type") not in SUPPORTED:
+        raise FastGraphUnsupported(f"no fast graph for model_type {config.get('model_type')!r}")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise FastGraphUnsupported("biases in attention/MLP are not supported by the fast graph")
+    if config.get("rope_scaling"):
+        raise FastGraphUnsupported("rope scaling is not supported by the fast graph")
+    hidden = int(config["hidden_size"])
+    n_heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or hidden // n_heads)
+    layers = int(config["num_hidden_layers"])
+    eps = float(config.get("rms_norm_eps", 1e-6))
+    theta = float(config.get("rope_theta", 10000.0))
+    max_pos = int(config.get("max_position_embeddings", 2048))
+
+    src = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=True)
+    inits = {i.name: i for i in src.graph.initializer}
+    produced_by = {out: node for node in src.graph.node for out in node.output}
+
+    def weight_of(matmul_name: str) -> np.ndarray:
+        node = next((n for n in src.graph.node if n.name == matmul_name), None)
+        if node is None:
+            raise FastGraphUnsupported(f"expected node {matmul_name} in the optimum graph")
+        name = node.input[1]
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        parent = produced_by.get(name)
+        if parent is not None and parent.op_type == "Transpose" and parent.input[0] in inits:
+            return numpy_helper.to_array(inits[parent.input[0]]).T
+        raise FastGraphUnsupported(f"weight of {matmul_name} is not an initializer")
+
+    def tensor(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    em = NBitsEmitter()
+    nodes = em.nodes
+    extra_inits = []
+
+    def init(array: np.ndarray, name: str) -> str:
+        extra_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+
+    padding: dict[int, tuple[str, str]] = {}
+
+    def linear(x: str, w: np.ndarray, out: str, base: str, level: int, lm_head: bool = False) -> None:
+        """x @ w; int8-activation linears (level 4) always see >= 2 rows.
+
+        onnxruntime computes a single row (M = 1) at level 4 along another path than
+        M >= 2 (logits differ by up to ~1.5), which would make a sequence's tokens depend
+        on whether it decodes alone or in a batch. One zero row appended to the input keeps
+        every call on the M >= 2 path; its output row is dropped.
+        """
+        if level != 4:
+            em.linear(x, w, out, base, bits, level, lm_head=lm_head)
+            return
+        k = w.shape[0]
+        if k not in padding:
+            padding[k] = (init(np.zeros((1, k), dtype=np.float32), f"zero_row_{k}"),
+                          init(np.asarray([-1, k], dtype=np.int64), f"rows_shape_{k}"))
+        zero, rows_shape = padding[k]
+        node("Shape", [x], [f"{base}_xshape"])
+        node("Reshape", [x, rows_shape], [f"{base}_x2d"])
+        node("Concat", [f"{base}_x2d", zero], [f"{base}_xpad"], axis=0)
+        em.linear(f"{base}_xpad", w, f"{base}_ypad", base, bits, level, lm_head=lm_head)
+        node("Shape", [f"{base}_x2d"], [f"{base}_rows"], start=0, end=1)
+        node("Slice", [f"{base}_ypad", "zero_i64", f"{base}_rows", "zero_i64"], [f"{base}_y2d"])
+        node("Slice", [f"{base}_xshape", "zero_i64", "minus_one"], [f"{base}_lead"])
+        node("Concat", [f"{base}_lead", init(np.asarray([w.shape[1]], dtype=np.int64), f"{base}_n")],
+             [f"{base}_yshape"], axis=0)
+        node("Reshape", [f"{base}_y2d", f"{base}_yshape"], [out])
+
+    # Shared attention inputs: per-row lengths and the mask width.
+    init(np.asarray([1], dtype=np.int64), "one")
+    init(np.asarray([0], dtype=np.int64), "zero_i64")
+    init(np.asarray([-1], dtype=np.int64), "minus_one")
+    node("ReduceSum", ["attention_mask", "one"], ["mask_rows"], keepdims=0)
+    node("Sub", ["mask_rows", "one"], ["seqlens_k_i64"])
+    node("Cast", ["seqlens_k_i64"], ["seqlens_k"], to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", "one"], ["total_len_i64"], axis=0)
+    node("Cast", ["total_len_i64"], ["total_len"], to=TensorProto.INT32)
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
+    init(np.cos(freqs).astype(np.float32), "cos_cache")
+    init(np.sin(freqs).astype(np.float32), "sin_cache")
+
+    embed = tensor("model.embed_tokens.weight")
+    init(embed, "embed_tokens")
+    node("Gather", ["embed_tokens", "input_ids"], ["h0"], axis=0)
+
+    residual = "h0"
+    norm_in = None
+    for i in range(layers):
+        p = f"/model/layers.{i}"
+        ln1 = init(tensor(f"model.layers.{i}.input_layernorm.weight"), f"ln1_{i}")
+        ln2 = init(tensor(f"model.layers.{i}.post_attention_layernorm.weight"), f"ln2_{i}")
+        if norm_in is None:
+            node("SimplifiedLayerNormalization", [residual, ln1], [f"x_{i}"], axis=-1, epsilon=eps)
+        else:
+            node("SkipSimplifiedLayerNormalization", [norm_in, residual, ln1],
+                 [f"x_{i}", "", "", f"res_{i}"], domain="com.microsoft", epsilon=eps)
+            residual = f"res_{i}"
+        wq, wk, wv = (weight_of(f"{p}/self_attn/{n}_proj/MatMul") for n in ("q", "k", "v"))
+        qkv = np.concatenate([wq, wk, wv], axis=1)
+        linear(f"x_{i}", qkv, f"qkv_{i}", f"l{i}_qkv", level_for(f"l{i}_qkv"))
+        node("GroupQueryAttention",
+             [f"qkv_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+              "seqlens_k", "total_len", "cos_cache", "sin_cache"],
+             [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"],
+             domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, do_rotary=1,
+             rotary_interleaved=0, scale=float(head_dim ** -0.5))
+        linear(f"attn_{i}", weight_of(f"{p}/self_attn/o_proj/MatMul"), f"o_{i}", f"l{i}_o", level_for(f"l{i}_o"))
+        node("SkipSimplifiedLayerNormalization", [f"o_{i}", residual, ln2],
+             [f"y_{i}", "", "", f"res2_{i}"], domain="com.microsoft", epsilon=eps)
+        residual = f"res2_{i}"
+        gate, up = weight_of(f"{p}/mlp/gate_proj/MatMul"), weight_of(f"{p}/mlp/up_proj/MatMul")
+        inter = gate.shape[1]
+        linear(f"y_{i}", np.concatenate([gate, up], axis=1), f"gu_{i}", f"l{i}_gate_up", level_for(f"l{i}_gate_up"))
+        node("Split", [f"gu_{i}", init(np.asarray([inter, inter], dtype=np.int64), f"split_{i}")],
+             [f"g_{i}", f"u_{i}"], axis=-1)
+        node("Sigmoid", [f"g_{i}"], [f"gs_{i}"])
+        node("Mul", [f"g_{i}", f"gs_{i}"], [f"silu_{i}"])
+        node("Mul", [f"silu_{i}", f"u_{i}"], [f"act_{i}"])
+        linear(f"act_{i}", weight_of(f"{p}/mlp/down_proj/MatMul"), f"down_{i}", f"l{i}_down",
+               level_for(f"l{i}_down"))
+        norm_in = f"down_{i}"
+
+    # Last position only: [B, S, H] -> [B, 1, H].
+    init(np.asarray([np.iinfo(np.int64).max], dtype=np.int64), "int_max")
+    if last_only:
+        node("Slice", [norm_in, "minus_one", "int_max", "one"], ["down_last"])
+        node("Slice", [residual, "minus_one", "int_max", "one"], ["res_last"])
+    else:
+        node("Identity", [norm_in], ["down_last"])
+        node("Identity", [residual], ["res_last"])
+    final = init(tensor("model.norm.weight"), "final_norm")
+    node("SkipSimplifiedLayerNormalization", ["down_last", "res_last", final],
+         ["hidden_last"], domain="com.microsoft", epsilon=eps)
+    head = weight_of(next(n.name for n in src.graph.node if "logits" in n.output))
+    linear("hidden_last", head, "logits", "lm_head", 4, lm_head=True)
+
+    kv_shape = ["batch_size", kv_heads, "capacity", head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
+    logits_len = 1 if last_only else "sequence_length"
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, head.shape[1]])]
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+    graph = helper.make_graph(nodes, "tokenwire_fast_decoder", inputs, outputs, initializer=em.inits + extra_inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja"):
+        if (fp32_dir / name).is_file():
+            shutil.copy2(fp32_dir / name, out_dir / name)
+    return em.routes
+
+
+def full_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+    """Logits [len, vocab] of every position of a `last_only=False` fast graph, one pass."""
+    import onnxruntime as ort
+
+    from .decoder import make_session
+
+    session = make_session(model_dir / "model.onnx")
+    config = json.loads((model_dir / "config.json").read_text())
+    n_heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
+    io = session.io_binding()
+    io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
+    io.bind_cpu_input("attention_mask", np.ones((1, len(tokens)), dtype=np.int64))
+    for i in range(int(config["num_hidden_layers"])):
+        for kind in ("key", "value"):
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv_heads, len(tokens), head_dim), np.float32))
+            io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+            io.bind_ortvalue_output(f"present.{i}.{kind}", value)
+    io.bind_output("logits")
+    session.run_with_iobinding(io)
+    return io.get_outputs()[-1].numpy()[0]  # logits was bound last
