@@ -8,8 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import native_api, openai_api, openapi, static_files
+from . import chats_api, native_api, openai_api, openapi, static_files
 from .config import BridgeSettings
+from .credentials import forward_credentials
 from .middleware import errors_and_log
 from .upstream import UPSTREAM, Upstream
 
@@ -30,7 +31,7 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
     if grpc_target:
         settings.grpc_target = grpc_target
     settings.validate()
-    app = web.Application(middlewares=[errors_and_log], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[errors_and_log, forward_credentials], client_max_size=settings.max_body_bytes)
     upstream = Upstream(settings)
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream
@@ -43,6 +44,7 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
     app.cleanup_ctx.append(channel)
     app.router.add_get("/healthz", healthz)
     native_api.add_routes(app)
+    chats_api.add_routes(app)
     openai_api.add_routes(app)
     openapi.add_routes(app)
     static_files.add_routes(app, settings.static_dir)

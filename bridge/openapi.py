@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .chats_openapi import add_chat_docs
 from .openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
 
 
@@ -280,6 +281,7 @@ DOCUMENT: dict[str, Any] = {
 }
 DOCUMENT["components"]["responses"]["E500"] = _json(
     _ref("Error"), "The generation failed on the server (code generation_error).")
+add_chat_docs(DOCUMENT)  # /api/chats and API keys
 
 
 async def openapi_json(request: web.Request) -> web.Response:

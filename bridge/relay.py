@@ -55,6 +55,8 @@ async def relay_stream(
                 await translator.queued(sse, item.queued.position)
             elif kind == "token":
                 await translator.token(sse, item.token)
+            elif kind == "chat" and hasattr(translator, "chat"):  # streams of a stored chat start so
+                await translator.chat(sse, item.chat)
             elif kind == "finished":
                 await translator.finished(sse, item.finished)
                 await call.drain()

@@ -10,10 +10,12 @@ from typing import Final
 import grpc
 from aiohttp import web
 
+from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from .config import BridgeSettings
+from .credentials import grpc_metadata
 from .errors import ApiError, from_rpc_error
 
 _CHANNEL_OPTIONS = [
@@ -95,12 +97,14 @@ class Upstream:
         self.target = settings.grpc_target
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceStub | None = None
+        self._history: hpb_grpc.HistoryStub | None = None
         self._names: dict[str, str] = {}
         self._names_at = -1e9
 
     async def open(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        self._history = hpb_grpc.HistoryStub(self._channel)
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -113,15 +117,21 @@ class Upstream:
             raise RuntimeError("Upstream.open() was not called (is the app running?)")
         return self._stub
 
+    @property
+    def history(self) -> hpb_grpc.HistoryStub:
+        if self._history is None:
+            raise RuntimeError("Upstream.open() was not called (is the app running?)")
+        return self._history
+
     def error(self, exc: grpc.aio.AioRpcError) -> ApiError:
         return from_rpc_error(exc, self.target, self.settings.retry_after_s)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateCall:
-        return GenerateCall(self.stub.Generate(request), self.settings.heartbeat_s, self)
+        return GenerateCall(self.stub.Generate(request, metadata=grpc_metadata()), self.settings.heartbeat_s, self)
 
     async def list_models(self) -> pb.ListModelsResponse:
         try:
-            reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+            reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=grpc_metadata())
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from exc
         self._remember_names(reply)
