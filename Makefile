@@ -57,9 +57,12 @@ test: model node browser
 proto: setup
 	$(BIN)/python proto/generate.py
 
+# Speed is measured here, never asserted in tests: tables on stdout, JSON in bench/results/.
 bench: model
 	$(BIN)/python bench/bench_single.py
+	$(BIN)/python bench/bench_concurrency.py
 	$(BIN)/python bench/bench_bridge.py
+	$(BIN)/python bench/bench_models.py
 
 lint: setup
 	$(BIN)/ruff check .
