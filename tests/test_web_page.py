@@ -156,7 +156,7 @@ def test_reply_streams_and_stop_cancels_it(open_page, bridge, server, tmp_path):
     set_generation(page, max_tokens=200, temperature=0)
     request_ids: list[str] = []
     page.on("response", lambda r: request_ids.append(r.headers.get("x-request-id", ""))
-            if r.url.endswith("/api/generate") else None)
+            if r.url.endswith("/messages") else None)
 
     send(page, "Tell me a long story about a dragon who learns to bake bread.")
     page.wait_for_selector("body[data-state=streaming]")
@@ -206,11 +206,11 @@ def test_reply_streams_and_stop_cancels_it(open_page, bridge, server, tmp_path):
     shot(page, tmp_path, "desktop-stopped")
 
 
-def test_follow_up_sends_the_conversation(open_page, tmp_path):
+def test_follow_up_sends_the_conversation(open_page, bridge, tmp_path):
     page = open_page()
     set_generation(page, max_tokens=12, temperature=0, system="You are a terse assistant.")
     bodies: list[dict] = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/api/generate") else None)
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/messages") else None)
 
     send(page, "What is the capital of France?")
     wait_idle(page)
@@ -227,12 +227,18 @@ def test_follow_up_sends_the_conversation(open_page, tmp_path):
     assert page.locator(".message.assistant").count() == 2
     assert len(bodies) == 2
     assert bodies[0]["model"] == MODEL and bodies[0]["max_tokens"] == 12 and bodies[0]["temperature"] == 0
-    assert bodies[1]["messages"] == [
-        {"role": "system", "content": "You are a terse assistant."},
-        {"role": "user", "content": "What is the capital of France?"},
-        {"role": "assistant", "content": first_text},
-        {"role": "user", "content": "And of Italy?"},
+    # The page sends only the new message; the server holds the conversation and adds the reply.
+    assert bodies[1]["content"] == "And of Italy?" and "messages" not in bodies[1]
+    chat_id = page.evaluate("window.tokenwire.chatId()")
+    with urllib.request.urlopen(f"{bridge.url}/api/chats/{chat_id}", timeout=30) as reply:
+        stored = json.load(reply)["messages"]
+    assert [(m["role"], m["content"]) for m in stored[:4]] == [
+        ("system", "You are a terse assistant."),
+        ("user", "What is the capital of France?"),
+        ("assistant", first_text),
+        ("user", "And of Italy?"),
     ]
+    assert [m["role"] for m in stored] == ["system", "user", "assistant", "user", "assistant"]
     # Shift+Enter makes a new line instead of sending.
     page.fill("#prompt", "line one")
     page.press("#prompt", "Shift+Enter")
@@ -287,10 +293,10 @@ def test_html_in_messages_and_replies_is_inert(open_page, tmp_path):
         assert "javascript:" not in " ".join(a for a in report["attrs"] if a.startswith("href"))
 
     # A model reply made of hostile tokens (split across events, as a tokenizer would), served by
-    # a stubbed /api/generate; the user's own message carries the same payload.
+    # a stubbed /api/chats/{id}/messages; the user's own message carries the same payload.
     hostile = ["<im", 'g src=x onerror="window.__pwned=1">', " <scr", "ipt>window.__pwned=2</script> ",
                "[x](javascript:window.__pwned=4) **bold**"]
-    page.route("**/api/generate", lambda route: route.fulfill(
+    page.route("**/api/chats/*/messages", lambda route: route.fulfill(
         status=200, headers={"Content-Type": "text/event-stream"}, body=fake_stream(*hostile)))
     send(page, payload)
     wait_idle(page)
@@ -306,7 +312,7 @@ def test_html_in_messages_and_replies_is_inert(open_page, tmp_path):
     assert page.get_attribute("#stats", "data-finish") == "stop"
 
     # A non-2xx answer's JSON error message is shown, and the prompt comes back for a retry.
-    page.unroute("**/api/generate")
+    page.unroute("**/api/chats/*/messages")
     page.eval_on_selector("#model-select", "s => { s.add(new Option('no-such-model', 'no-such-model')); "
                           "s.value = 'no-such-model'; }")
     send(page, "hello?")

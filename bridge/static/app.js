@@ -1,9 +1,11 @@
 // tokenwire web chat: plain JavaScript, no build step, no third-party code.
 //
-// Talks to the bridge: GET /api/models, POST /api/generate (a text/event-stream body read with a
-// ReadableStream reader, since EventSource cannot POST). The conversation lives in this tab and is
-// sent whole as `messages`, so follow-ups have context. Model output is rendered with the small
-// Markdown renderer below, which escapes all HTML before it adds any tag of its own.
+// Talks to the bridge: GET /api/models, /api/chats (the server keeps every chat), and
+// POST /api/chats/{id}/messages (a text/event-stream body read with a ReadableStream reader, since
+// EventSource cannot POST). A chat is created on the server with its first message; after that the
+// page sends only the new message and the server supplies the context. The sidebar lists past
+// chats (open, continue, rename, delete, search). Model output is rendered with the small Markdown
+// renderer below, which escapes all HTML before it adds any tag of its own.
 'use strict';
 
 // ---- Markdown (safe subset) --------------------------------------------------------------------
@@ -273,14 +275,25 @@ async function readEventStream(body, onEvent) {
     scrim: $('#scrim'),
     newChat: $('#new-chat'),
     template: $('#message-template'),
+    history: $('#history'),
+    historyToggle: $('#history-toggle'),
+    historyClose: $('#history-close'),
+    chatSearch: $('#chat-search'),
+    chatList: $('#chat-list'),
+    chatListStatus: $('#chat-list-status'),
+    chatItemTemplate: $('#chat-item-template'),
   };
 
   const SETTINGS_KEY = 'tokenwire.settings.v1';
   const wide = window.matchMedia('(min-width: 1100px)');
   const state = {
     models: [],
-    conversation: [], // [{role, content}] sent as `messages`
+    conversation: [], // [{role, content}] of the open chat, as the server keeps it
     controller: null,
+    chatId: null, // the open chat on the server; null: a new chat, created with its first message
+    chats: [], // the sidebar's list
+    searchTimer: 0,
+    searchSeq: 0,
   };
 
   // -- small helpers
@@ -544,12 +557,9 @@ async function readEventStream(body, onEvent) {
     const meta = node.querySelector('.meta');
     setStatus(node, 'Waiting for the model…');
 
-    const messages = [];
-    const system = els.system.value.trim();
-    if (system) messages.push({ role: 'system', content: system });
-    messages.push(...conversation);
+    // Only the new message goes out: the server has the rest of the chat.
     const maxTokens = parseInt(els.maxTokens.value, 10);
-    const body = { model, messages, temperature: Number(els.temperature.value) };
+    const body = { content: text, model, temperature: Number(els.temperature.value) };
     if (maxTokens > 0) body.max_tokens = maxTokens;
 
     const controller = new AbortController();
@@ -570,7 +580,8 @@ async function readEventStream(body, onEvent) {
     };
 
     try {
-      const response = await fetch('/api/generate', {
+      const chatId = await ensureChat(model, controller.signal);
+      const response = await fetch(`/api/chats/${encodeURIComponent(chatId)}/messages`, {
         method: 'POST',
         headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
         body: JSON.stringify(body),
@@ -585,7 +596,12 @@ async function readEventStream(body, onEvent) {
         } catch {
           return true; // not JSON: ignore the event
         }
-        if (type === 'queued') {
+        if (type === 'chat') {
+          gen.chat = data; // the message is committed; the reply will be too, however it ends
+          if (data.dropped_messages) {
+            setStatus(node, `The ${data.dropped_messages} oldest messages no longer fit the model's context and were left out`);
+          }
+        } else if (type === 'queued') {
           setStatus(node, `Waiting, position ${data.position} in the queue`);
           els.stats.textContent = `waiting · position ${data.position} in the queue`;
         } else if (type === 'token') {
@@ -631,8 +647,13 @@ async function readEventStream(body, onEvent) {
       node.querySelector('.bubble').insertBefore(element('div', 'error-box', gen.error), meta);
     }
     if (state.conversation !== conversation) return; // "New chat" was pressed meanwhile
+    loadChats(); // a new chat, a new title, a new order
     if (gen.text) {
       conversation.push({ role: 'assistant', content: gen.text });
+    } else if (gen.chat) {
+      // The server kept the message (and an empty reply): it stays in the chat as it is.
+      userNode.classList.add('unanswered');
+      if (gen.finish === 'stopped') content.replaceChildren(element('p', 'muted', 'Stopped before the first token.'));
     } else {
       // Nothing came back: the turn is not part of the conversation. Offer the text again.
       conversation.splice(conversation.indexOf(userTurn), 1);
@@ -656,14 +677,220 @@ async function readEventStream(body, onEvent) {
     generate(text);
   }
 
-  function newChat() {
+  function clearMessages() {
     if (state.controller) state.controller.abort();
     state.conversation = [];
-    for (const node of els.messages.querySelectorAll('.message')) node.remove();
-    els.empty.hidden = false;
+    for (const node of els.messages.querySelectorAll('.message, .system-note')) node.remove();
     els.stats.textContent = '';
     els.stats.dataset.finish = '';
+  }
+
+  function newChat() {
+    clearMessages();
+    setOpenChat(null);
+    els.empty.hidden = false;
     els.prompt.focus();
+  }
+
+  // -- chats kept by the server (the sidebar)
+
+  async function api(path, options = {}) {
+    const response = await fetch(path, {
+      ...options,
+      headers: { Accept: 'application/json', ...(options.body ? { 'Content-Type': 'application/json' } : {}) },
+    });
+    const body = await readJson(response);
+    if (!response.ok) {
+      const error = new Error(errorMessage(body, response));
+      error.status = response.status;
+      throw error;
+    }
+    return body;
+  }
+
+  // The open chat's id, or a new one made on the server with the chat's first message.
+  async function ensureChat(model, signal) {
+    if (state.chatId) return state.chatId;
+    const system = els.system.value.trim();
+    const chat = await api('/api/chats', { method: 'POST', body: JSON.stringify({ model, system }), signal });
+    setOpenChat(chat.id);
+    return chat.id;
+  }
+
+  function setOpenChat(id) {
+    state.chatId = id;
+    const url = id ? `#chat=${id}` : `${location.pathname}${location.search}`;
+    history.replaceState(null, '', url);
+    for (const item of els.chatList.querySelectorAll('.chat-item')) {
+      if (item.dataset.chatId === id) item.setAttribute('aria-current', 'true');
+      else item.removeAttribute('aria-current');
+    }
+  }
+
+  const STORED_FINISH = { complete: 'stop', length: 'length', stopped: 'stopped', cancelled: 'cancelled', error: 'error', interrupted: 'error', pending: 'pending' };
+  const STORED_LABELS = { length: 'max tokens reached', stopped: 'stopped', cancelled: 'cancelled', error: 'error', interrupted: 'interrupted', pending: 'being written' };
+
+  function showStoredMessage(m) {
+    if (m.role === 'system') {
+      const note = element('div', 'system-note', `System: ${m.content}`);
+      note.dataset.testid = 'system-note';
+      els.messages.append(note);
+      return;
+    }
+    const node = addMessage(m.role === 'user' ? 'user' : 'assistant', m.content);
+    node.dataset.messageId = String(m.id);
+    if (m.role !== 'assistant') return;
+    node.dataset.finish = STORED_FINISH[m.status] || m.status;
+    const parts = [];
+    if (m.model) parts.push(m.model);
+    if (STORED_LABELS[m.status]) parts.push(STORED_LABELS[m.status]);
+    if (m.usage && m.usage.completion_tokens) parts.push(`${m.usage.completion_tokens} tokens`);
+    node.querySelector('.meta').replaceChildren(element('span', '', parts.join(' · ')));
+    if (m.error_message) {
+      node.classList.add('failed');
+      node.querySelector('.bubble').insertBefore(element('div', 'error-box', m.error_message), node.querySelector('.meta'));
+    }
+  }
+
+  async function openChat(id) {
+    let chat;
+    try {
+      chat = await api(`/api/chats/${encodeURIComponent(id)}`);
+    } catch (err) {
+      els.chatListStatus.textContent = err.status === 404 ? 'That chat no longer exists.' : `Could not open the chat: ${err.message}`;
+      if (state.chatId === id) newChat();
+      return;
+    }
+    clearMessages();
+    els.empty.hidden = true;
+    for (const m of chat.messages) {
+      showStoredMessage(m);
+      if (m.role !== 'system' && m.content) state.conversation.push({ role: m.role, content: m.content });
+    }
+    if (!chat.messages.some((m) => m.role !== 'system')) els.empty.hidden = false;
+    const model = chat.chat.model;
+    if (model && state.models.some((m) => m.id === model && modelState(m) !== 'failed')) {
+      els.model.value = model;
+      renderModelInfo();
+    }
+    setOpenChat(chat.chat.id);
+    els.chatListStatus.textContent = '';
+    if (!wide.matches) toggleHistory(false);
+    scrollToBottom(true);
+  }
+
+  function whenText(ms) {
+    const date = new Date(ms);
+    const now = new Date();
+    if (date.toDateString() === now.toDateString()) return date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    return date.toLocaleDateString([], { year: date.getFullYear() === now.getFullYear() ? undefined : 'numeric', month: 'short', day: 'numeric' });
+  }
+
+  function snippetNode(snippet) {
+    const line = element('span', 'chat-snippet');
+    line.append(`${snippet.role === 'user' ? 'You' : snippet.role === 'assistant' ? 'AI' : 'System'}: `);
+    for (const span of snippet.spans) line.append(span.highlighted ? element('mark', '', span.text) : span.text);
+    return line;
+  }
+
+  function renderChatList(entries) {
+    const items = entries.map((entry) => {
+      const chat = entry.chat || entry;
+      const item = els.chatItemTemplate.content.firstElementChild.cloneNode(true);
+      item.dataset.chatId = chat.id;
+      item.querySelector('.chat-title').textContent = chat.title || 'Untitled chat';
+      item.querySelector('.chat-when').textContent = whenText(chat.updated_ms);
+      if (entry.snippets) item.querySelector('.chat-snippets').append(...entry.snippets.map(snippetNode));
+      if (chat.id === state.chatId) item.setAttribute('aria-current', 'true');
+      return item;
+    });
+    els.chatList.replaceChildren(...items);
+  }
+
+  async function loadChats() {
+    const query = els.chatSearch.value.trim();
+    const seq = ++state.searchSeq;
+    try {
+      const body = query
+        ? await api(`/api/chats/search?q=${encodeURIComponent(query)}`)
+        : await api('/api/chats?limit=100');
+      if (seq !== state.searchSeq) return; // a newer search answered first
+      const entries = query ? body.results : body.chats;
+      renderChatList(entries);
+      els.chatListStatus.textContent = entries.length ? '' : query ? 'No chats match.' : 'No chats yet.';
+      els.history.dataset.loaded = query ? 'search' : 'list';
+    } catch (err) {
+      if (seq !== state.searchSeq) return;
+      els.chatListStatus.textContent = `Could not load chats: ${err.message}`;
+      els.history.dataset.loaded = 'error';
+    }
+  }
+
+  function startRename(item) {
+    if (item.querySelector('.chat-title-input')) return;
+    const open = item.querySelector('.chat-open');
+    const input = element('input', 'chat-title-input');
+    input.value = item.querySelector('.chat-title').textContent;
+    input.maxLength = 200;
+    input.setAttribute('aria-label', 'Chat title');
+    input.dataset.testid = 'chat-title-input';
+    open.hidden = true;
+    item.insertBefore(input, open);
+    input.focus();
+    input.select();
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      const title = input.value.trim();
+      if (save && title) {
+        try {
+          await api(`/api/chats/${encodeURIComponent(item.dataset.chatId)}`, { method: 'PATCH', body: JSON.stringify({ title }) });
+        } catch (err) {
+          els.chatListStatus.textContent = `Could not rename: ${err.message}`;
+        }
+      }
+      input.remove();
+      open.hidden = false;
+      loadChats();
+    };
+    input.addEventListener('keydown', (event) => {
+      if (event.key === 'Enter') {
+        event.preventDefault();
+        finish(true);
+      } else if (event.key === 'Escape') {
+        event.preventDefault();
+        finish(false);
+      }
+    });
+    input.addEventListener('blur', () => finish(true));
+  }
+
+  async function deleteChat(id) {
+    try {
+      await api(`/api/chats/${encodeURIComponent(id)}`, { method: 'DELETE' });
+    } catch (err) {
+      if (err.status !== 404) {
+        els.chatListStatus.textContent = `Could not delete: ${err.message}`;
+        return;
+      }
+    }
+    if (state.chatId === id) newChat();
+    loadChats();
+  }
+
+  function toggleHistory(open) {
+    if (wide.matches) {
+      const collapsed = open === undefined ? !els.body.classList.contains('history-collapsed') : !open;
+      els.body.classList.toggle('history-collapsed', collapsed);
+      els.historyToggle.setAttribute('aria-expanded', String(!collapsed));
+    } else {
+      const isOpen = open === undefined ? !els.body.classList.contains('history-open') : open;
+      els.body.classList.toggle('history-open', isOpen);
+      els.scrim.hidden = !isOpen && !els.body.classList.contains('settings-open');
+      els.historyToggle.setAttribute('aria-expanded', String(isOpen));
+      if (isOpen) els.chatSearch.focus();
+    }
   }
 
   function autosize() {
@@ -688,6 +915,23 @@ async function readEventStream(body, onEvent) {
     if (state.controller) state.controller.abort();
   });
   els.newChat.addEventListener('click', newChat);
+  els.historyToggle.addEventListener('click', () => toggleHistory());
+  els.historyClose.addEventListener('click', () => toggleHistory(false));
+  els.chatSearch.addEventListener('input', () => {
+    clearTimeout(state.searchTimer);
+    state.searchTimer = setTimeout(loadChats, 200);
+  });
+  els.chatList.addEventListener('click', (event) => {
+    const item = event.target.closest('.chat-item');
+    if (!item) return;
+    const id = item.dataset.chatId;
+    const confirmBox = item.querySelector('.chat-confirm');
+    if (event.target.closest('.chat-open')) openChat(id);
+    else if (event.target.closest('.chat-rename')) startRename(item);
+    else if (event.target.closest('.chat-delete')) confirmBox.hidden = false;
+    else if (event.target.closest('.chat-confirm-cancel')) confirmBox.hidden = true;
+    else if (event.target.closest('.chat-confirm-delete')) deleteChat(id);
+  });
   els.model.addEventListener('change', () => {
     renderModelInfo();
     saveSettings();
@@ -700,12 +944,16 @@ async function readEventStream(body, onEvent) {
   els.system.addEventListener('change', saveSettings);
   els.settingsToggle.addEventListener('click', () => toggleSettings());
   els.settingsClose.addEventListener('click', () => toggleSettings(false));
-  els.scrim.addEventListener('click', () => toggleSettings(false));
+  els.scrim.addEventListener('click', () => {
+    toggleSettings(false);
+    if (!wide.matches) toggleHistory(false);
+  });
   document.addEventListener('keydown', (event) => {
     if (event.key === 'Escape' && els.body.classList.contains('settings-open')) toggleSettings(false);
+    if (event.key === 'Escape' && els.body.classList.contains('history-open')) toggleHistory(false);
   });
   wide.addEventListener('change', () => {
-    els.body.classList.remove('settings-open');
+    els.body.classList.remove('settings-open', 'history-open');
     els.scrim.hidden = true;
   });
   for (const button of document.querySelectorAll('.suggestion')) {
@@ -728,10 +976,18 @@ async function readEventStream(body, onEvent) {
   });
 
   loadSettings();
-  loadModels();
+  loadModels().then(() => {
+    const linked = location.hash.match(/^#chat=([0-9a-f]+)$/);
+    if (linked) openChat(linked[1]);
+  });
+  loadChats();
   // Focus the prompt where there is a keyboard; on touch screens that would pop one up.
   if (window.matchMedia('(pointer: fine)').matches) els.prompt.focus();
 
   // For tests and the curious: the renderer, and the conversation as it will be sent.
-  window.tokenwire = { renderMarkdown: Markdown.render, conversation: () => state.conversation.slice() };
+  window.tokenwire = {
+    renderMarkdown: Markdown.render,
+    conversation: () => state.conversation.slice(),
+    chatId: () => state.chatId,
+  };
 })();
