@@ -69,7 +69,7 @@ async def start_server(
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     config.port = bound
     await server.start()
-    for name in ("", service_names[0]):
+    for name in ("", *service_names[:2]):  # the server, Inference, History
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, manager
 

@@ -312,8 +312,10 @@ def test_users_never_reach_each_others_chats(models_dir, tmp_path) -> None:
                 with pytest.raises(grpc.RpcError) as err:
                     call(who)
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        health = health_pb2_grpc.HealthStub(nobody.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "tokenwire.v1.Inference", "tokenwire.v1.History"):
+            health = health_pb2_grpc.HealthStub(nobody.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, service
 
         chat = alice.new_chat()
         assert chat.owner == "alice"
