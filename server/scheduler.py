@@ -161,11 +161,12 @@ class Scheduler:
         return not limit or self._running_per_user.get(user, 0) < limit
 
     def _admission_order(self) -> list[SequenceHandle]:
-        """Waiting sequences in the order they would be admitted: round-robin across users."""
+        """Everyone not yet generating, in the order they will start: admitted sequences waiting
+        for their prefill (behind the one being prefilled), then the queue, round-robin across users."""
         queues = [list(q) for q in self._waiting.values()]
-        order: list[SequenceHandle] = []
+        order: list[SequenceHandle] = list(self._prefilling)[1:]
         depth = 0
-        while len(order) < self._n_waiting:
+        while len(order) < self._n_waiting + max(len(self._prefilling) - 1, 0):
             for q in queues:
                 if depth < len(q):
                     order.append(q[depth])
@@ -200,6 +201,11 @@ class Scheduler:
             if handle.position != position:
                 handle.position = position
                 handle.emit([QueuedEvent(position)])
+
+    def _positions_moved(self) -> None:
+        if len(self._prefilling) > 1 or self._n_waiting:
+            with self._cond:
+                self._notify_positions()
 
     def _drop_cancelled_waiting(self) -> None:
         changed = False
@@ -265,6 +271,7 @@ class Scheduler:
         prompt = seq.request.prompt_ids
         if seq.cancelled.is_set():
             self._prefilling.popleft()
+            self._positions_moved()
             handle.prefill = None
             self._finish(handle, seq.finish(FinishReason.CANCELLED))
             return
@@ -282,6 +289,7 @@ class Scheduler:
         if handle.prefilled < len(prompt):
             return
         self._prefilling.popleft()
+        self._positions_moved()
         events, token = seq.step(logits)
         if seq.count:
             self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
