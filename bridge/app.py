@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import chats_api, native_api, openai_api, openapi, static_files
+from . import chats_api, metrics, native_api, openai_api, openapi, static_files
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log
@@ -32,6 +32,7 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
         settings.grpc_target = grpc_target
     settings.validate()
     app = web.Application(middlewares=[errors_and_log, forward_credentials], client_max_size=settings.max_body_bytes)
+    metrics.install(app, settings)
     upstream = Upstream(settings)
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream

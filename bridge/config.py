@@ -27,6 +27,9 @@ class BridgeSettings:
     max_body_bytes: int = field(default_factory=lambda: int(_env("MAX_BODY_BYTES", str(1 << 20))))
     # Retry-After (seconds) sent with 429 when the server gives no hint of its own.
     retry_after_s: int = field(default_factory=lambda: int(_env("RETRY_AFTER_S", "1")))
+    # The model server's Prometheus endpoint, appended to the bridge's /metrics ("" = bridge only).
+    server_metrics_url: str = field(
+        default_factory=lambda: _env("SERVER_METRICS_URL", "http://127.0.0.1:9464/metrics"))
     static_dir: Path = STATIC_DIR
 
     def validate(self) -> None:

@@ -236,6 +236,9 @@ DOCUMENT: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness of the bridge itself (does not contact the gRPC server).",
                              "responses": {"200": _json({"type": "object", "properties": {
                                  "status": {"const": "ok"}}})}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics: the bridge's own, then the model server's.",
+                             "responses": {"200": {"description": "Prometheus text exposition format.",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/api/models": {"get": {"summary": "The server's models (ListModels).",
                                 "responses": {"200": _json({"type": "object", "properties": {
                                     "models": {"type": "array", "items": _ref("ModelInfo")}}}),

@@ -270,7 +270,8 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         return _fail(f"the bridge is not available: {exc}")
     try:
         run_bridge(host=args.http_host, port=args.http_port, grpc_target=server_target(args.server),
-                   heartbeat_s=args.heartbeat_s, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after_s)
+                   heartbeat_s=args.heartbeat_s, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after_s,
+                   server_metrics_url=args.server_metrics_url)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
     return 0
@@ -295,8 +296,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not _wait_for_server(target, 60):
         server.terminate()
         return _fail(f"the server did not start on {target}")
+    metrics_url = f"http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port else ""
     bridge = subprocess.Popen(exe + ["bridge", "--server", target, "--http-host", args.http_host,
-                                     "--http-port", str(args.http_port)])
+                                     "--http-port", str(args.http_port), "--server-metrics-url", metrics_url])
     url = f"http://{args.http_host}:{args.http_port}/"
     print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
           f"    gRPC                   {target}\n    try: tokenwire generate --chat 'Hello!'\n", flush=True)
@@ -385,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest request body, bytes (env TOKENWIRE_MAX_BODY_BYTES, 1 MiB)")
     p.add_argument("--retry-after-s", type=int, default=None,
                    help="Retry-After sent with 429 when the server gives none (env TOKENWIRE_RETRY_AFTER_S, 1)")
+    p.add_argument("--server-metrics-url", default=None,
+                   help="the server's Prometheus endpoint, appended to the bridge's /metrics; '' = bridge only "
+                        "(env TOKENWIRE_SERVER_METRICS_URL, http://127.0.0.1:9464/metrics)")
     p.set_defaults(func=cmd_bridge)
 
     p = sub.add_parser("up", help="run the server and the bridge together")

@@ -137,7 +137,7 @@ def server(models_dir: Path, tmp_path_factory) -> Proc:
 
 @pytest.fixture(scope="session")
 def bridge(server: Proc, tmp_path_factory) -> Proc:
-    proc = start_bridge(tmp_path_factory.mktemp("bridge"), server.target)
+    proc = start_bridge(tmp_path_factory.mktemp("bridge"), server.target, "--server-metrics-url", server.metrics_url)
     yield proc
     proc.stop()
 
