@@ -64,13 +64,17 @@ class ChatTurn:
             queue_time_ms=event.queue_time_ms,
         ))
 
+    def note_cancel(self, context: grpc.aio.ServicerContext) -> None:
+        """Before the call ends early: records who ended it."""
+        self.cancelled_as = ended_by(context)
+
     def fail(self, exc: BaseException | None) -> None:
         """Stores the reply as failed before generation started (the model did not load, the
-        queue was full, the client left while it waited)."""
+        queue was full, the client left or its deadline passed while it waited)."""
         while isinstance(exc, grpc.aio.AbortError) and exc.__context__ is not None:
             exc = exc.__context__  # the domain error that the servicer turned into a status
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-            outcome = ReplyOutcome("", "stopped")
+            outcome = ReplyOutcome("", self.cancelled_as)
         else:
             outcome = ReplyOutcome("", "error", error_message=str(exc) if exc else "the reply was not generated")
         self._store(outcome)
@@ -87,6 +91,13 @@ class ChatTurn:
                 await asyncio.wrap_future(self.committed)
             except Exception:  # logged by _log_failure; the stream still ends properly
                 pass
+
+
+def ended_by(context: grpc.aio.ServicerContext) -> str:
+    """How a call that ends early left its reply: a passed deadline is the server's
+    cancellation ("cancelled"); anything else (the client cancelled or went away) is "stopped"."""
+    remaining = context.time_remaining()
+    return "cancelled" if remaining is not None and remaining <= 0.05 else "stopped"
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
@@ -106,7 +117,7 @@ def stored_params(request: pb.GenerateRequest) -> dict:
 
 async def begin_turn(
     store: AsyncChatStore, identity: Identity, request: pb.GenerateRequest, params: GenerateParams,
-    models: ModelManager, max_request_bytes: int,
+    models: ModelManager, max_request_bytes: int, context: grpc.aio.ServicerContext | None = None,
 ):
     """Checks the request, resolves the chat's model and commits the new messages.
     Returns (turn, model entry). Raises ChatNotFound, ChatRequestError, InvalidRequest, ModelNotFound."""
@@ -127,13 +138,14 @@ async def begin_turn(
     try:
         start = await asyncio.shield(asyncio.wrap_future(committing))
     except asyncio.CancelledError:
-        # The client left while the turn was being committed: once it is, its reply is stopped.
-        committing.add_done_callback(lambda done: _stop_unanswered(store, done))
+        # The call ended while the turn was being committed: once it is, its reply says so.
+        status = ended_by(context) if context is not None else "stopped"
+        committing.add_done_callback(lambda done: _end_unanswered(store, done, status))
         raise
     params.messages = start.context
     return ChatTurn(store, start), entry
 
 
-def _stop_unanswered(store: AsyncChatStore, done: concurrent.futures.Future) -> None:
+def _end_unanswered(store: AsyncChatStore, done: concurrent.futures.Future, status: str) -> None:
     if not done.cancelled() and done.exception() is None:
-        store.submit(store.store.finish_reply, done.result().reply_message_id, ReplyOutcome("", "stopped"))
+        store.submit(store.store.finish_reply, done.result().reply_message_id, ReplyOutcome("", status))

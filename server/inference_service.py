@@ -105,7 +105,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             if request.chat_id and self.chats is not None and identity is not None:
                 # A stored chat: its messages are the prompt; the new ones are committed first.
                 turn, entry = await begin_turn(self.chats, identity, request, params, self.models,
-                                               self.config.max_request_bytes)
+                                               self.config.max_request_bytes, context)
             else:
                 check_shape(params, self.config.max_request_bytes)
                 entry = self.models.resolve(params.model)
@@ -155,6 +155,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             if model is not None and not streaming:
                 self.models.release(model, keep_alive)
             if turn is not None and not streaming:
+                turn.note_cancel(context)
                 turn.fail(sys.exc_info()[1])  # the user's message stays; the reply says why it is empty
 
         try:
@@ -174,8 +175,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                     await context.write(finished_to_proto(event, entry.id))
         finally:
             if turn is not None and not handle.sequence.done:
-                remaining = context.time_remaining()
-                turn.cancelled_as = "cancelled" if remaining is not None and remaining <= 0.05 else "stopped"
+                turn.note_cancel(context)  # before the cancel: the reply's status says who ended it
             handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 
