@@ -190,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for response in call:
             kind = response.WhichOneof("event")
             if args.json:
-                print(json.dumps({kind: MessageToDict(getattr(response, kind), preserving_proto_field_name=True)}), flush=True)
+                print(json.dumps({kind: MessageToDict(getattr(response, kind), preserving_proto_field_name=True,
+                                                     always_print_fields_with_no_presence=True)}), flush=True)
             elif kind == "token":
                 sys.stdout.write(response.token.text)
                 sys.stdout.flush()
