@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, percentile, running_server, table, write_json  # noqa: E402
+from common import SERVER_PIDS, median, percentile, rss_mb, running_server, table, write_json  # noqa: E402
 
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
@@ -147,7 +147,10 @@ async def run(args) -> dict:
             await stream(stub, pb.GenerateRequest(prompt="warm up", max_tokens=4))
             out["levels"] = [await level(stub, n, args.max_tokens) for n in args.levels]
             out["chat_reuse_on_ttft_ms"] = await chat_turns(stub, args.reply_tokens)
+            before = rss_mb(SERVER_PIDS[target])
             out["overload"] = await overload(stub, 200, 16)
+            out["overload"]["rss_mb_before"] = before
+            out["overload"]["rss_mb_after"] = rss_mb(SERVER_PIDS[target])
     with running_server("--prefix-cache-bytes", "0") as target:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.InferenceStub(channel)
@@ -178,7 +181,8 @@ def main() -> None:
     ov = out["overload"]
     print(f"\noverload: {ov['clients']} clients, queue 32: {ov['streamed']} streamed, {ov['refused']} refused "
           f"(slowest refusal {ov['refusal_ms_max']:.0f} ms), {ov['other']} other, "
-          f"{ov['waited_without_queue_event']} waited without a queue event")
+          f"{ov['waited_without_queue_event']} waited without a queue event; "
+          f"server RSS {ov['rss_mb_before']:.0f} MB before, {ov['rss_mb_after']:.0f} MB after")
     path = write_json("concurrency.json", {"args": vars(args), **out})
     print(f"wrote {path}")
 

@@ -49,6 +49,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVER_PIDS: dict[str, int] = {}  # target -> pid of the servers running_server started
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, MB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 @contextmanager
 def running_server(*extra: str):
     """Starts `tokenwire serve` on a free port; yields its target."""
@@ -57,11 +68,13 @@ def running_server(*extra: str):
     proc = subprocess.Popen([sys.executable, "-m", "tokenwire.clients.cli", "serve", "--port", str(port), *extra],
                             stdout=log, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
+    SERVER_PIDS[target] = proc.pid
     try:
         with grpc.insecure_channel(target) as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
         yield target
     finally:
+        SERVER_PIDS.pop(target, None)
         proc.terminate()
         proc.wait(20)
 
