@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test proto bench lint browser node clean
+.PHONY: setup model run serve bridge test proto bench bench-peers lint browser node clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -63,6 +63,13 @@ bench: model
 	$(BIN)/python bench/bench_concurrency.py
 	$(BIN)/python bench/bench_bridge.py
 	$(BIN)/python bench/bench_models.py
+
+# tokenwire against llama.cpp (llama-cpp-python, llama-server) and onnxruntime-genai on the same
+# weights. Builds the peers first, in a venv of their own (.venv-peers), caching the slow parts
+# (a llama-cpp-python wheel and llama-server: ~25 min on 2 cores, once) in ~/.cache/tokenwire/peers.
+bench-peers: model
+	bash bench/peers/setup.sh
+	$(BIN)/python bench/bench_peers.py
 
 lint: setup
 	$(BIN)/ruff check .
