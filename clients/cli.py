@@ -301,8 +301,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     bridge = subprocess.Popen(exe + ["bridge", "--server", target, "--http-host", args.http_host,
                                      "--http-port", str(args.http_port), "--server-metrics-url", metrics_url])
     url = f"http://{args.http_host}:{args.http_port}/"
+    exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
+    server_flag = "" if target == "127.0.0.1:50051" else f" --server {target}"
     print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
-          f"    gRPC                   {target}\n    try: tokenwire generate --chat 'Hello!'\n", flush=True)
+          f"    gRPC                   {target}\n    try: {exe_name} generate{server_flag} --chat 'Hello!'\n"
+          f"    Ctrl-C stops both.\n", flush=True)
     try:
         while server.poll() is None and bridge.poll() is None:
             time.sleep(0.5)
