@@ -51,8 +51,10 @@ def main() -> None:
     tokenizer = TokenizerBundle(store.get(VARIANTS[0]).path)
     prompt_533 = long_prompt(tokenizer, 533)
     n_long = len(tokenizer.encode(prompt_533))
-    results: dict[str, dict[str, list[float]]] = {v: {"decode_tps": [], "ttft_short_ms": [], "ttft_533_ms": []}
-                                                   for v in VARIANTS}
+    prompt_100, prompt_2000 = long_prompt(tokenizer, 100), long_prompt(tokenizer, 2000)
+    results: dict[str, dict[str, list[float]]] = {
+        v: {"decode_tps": [], "ttft_short_ms": [], "ttft_533_ms": [], "decode_tps_ctx100": [], "decode_tps_ctx2000": []}
+        for v in VARIANTS}
     with running_server("--prefix-cache-bytes", "0") as target, grpc.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
         for v in VARIANTS:  # load + warm up
@@ -65,14 +67,19 @@ def main() -> None:
                 results[v]["ttft_short_ms"].append(ttft)
                 ttft, _ = generate(stub, v, prompt_533, 1)
                 results[v]["ttft_533_ms"].append(ttft)
+                for key, prompt in (("decode_tps_ctx100", prompt_100), ("decode_tps_ctx2000", prompt_2000)):
+                    results[v][key].append(generate(stub, v, prompt, 128)[1].decode_tokens_per_second)
     rows = []
     summary = {}
     for v in VARIANTS:
         r = results[v]
         summary[v] = {k: median(vals) for k, vals in r.items()}
-        rows.append([v, median(r["decode_tps"]), median(r["ttft_short_ms"]), median(r["ttft_533_ms"])])
+        rows.append([v, median(r["decode_tps"]), median(r["ttft_short_ms"]), median(r["ttft_533_ms"]),
+                     median(r["decode_tps_ctx100"]), median(r["decode_tps_ctx2000"]),
+                     median(r["decode_tps_ctx2000"]) / median(r["decode_tps_ctx100"])])
     print(f"single stream over gRPC, greedy, 128 new tokens, median of {args.runs} (prompt of {n_long} tokens for TTFT)")
-    print(table(["model", "decode tok/s", "TTFT short prompt (ms)", f"TTFT {n_long}-token prompt (ms)"], rows))
+    print(table(["model", "decode tok/s", "TTFT short prompt (ms)", f"TTFT {n_long}-token prompt (ms)",
+                 "decode tok/s @100 ctx", "decode tok/s @2000 ctx", "2000/100"], rows))
     path = write_json("single.json", {"runs": args.runs, "long_prompt_tokens": n_long, "median": summary, "raw": results})
     print(f"wrote {path}")
 
