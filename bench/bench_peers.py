@@ -1,0 +1,483 @@
+"""tokenwire against the engines people would pick instead, on the same weights, in one run.
+
+Peers: llama.cpp (llama-cpp-python, the Q4_1 GGUF that tokenwire's default model is built from;
+and llama.cpp's own `llama-server` with 8 slots for concurrent streams) and onnxruntime-genai
+(its Python API on the int4 model its own builder makes from the same GGUF). `make bench-peers`
+builds them first (bench/peers/setup.sh); each peer runs in its own process from the peers venv
+(.venv-peers), never in ours. A peer that could not be built or started is skipped with its reason.
+
+Measured, interleaved round by round (order rotating), medians of --runs:
+  single stream, greedy, 128 new tokens, ignore EOS, same token ids for every engine:
+    decode tok/s after an 18-token prompt; time to first token of a 533-token prompt (a full
+    prefill: our server runs with --prefix-cache-bytes 0, llama.cpp is reset, genai starts a fresh
+    generator); decode tok/s of that same generation (context 533 to 661, about 600).
+    tokenwire is measured as a client of `tokenwire serve` over gRPC; the peers in-process by
+    their drivers (bench/peers/drive_*.py); both from the client's side: TTFT from the call to the
+    first token, decode tok/s = (tokens - 1) / (last token - first token).
+  8 concurrent streams over the OpenAI API (openai SDK, chat completions, 128 tokens each, temperature
+    0.8, ignore EOS, distinct prompts, no prompt cache) against `tokenwire bridge` and
+    `llama-server -np 8 -t 2 -c 8192`: one stream alone (tokens / wall), 8 at once (all tokens /
+    wall), median time to first token of the 8.
+Also: tokenwire's achieved memory bandwidth (bytes of weights per token x decode tok/s) beside
+the machine's copy bandwidth. Prints tables, writes bench/results/peers.json.
+
+    .venv/bin/python bench/bench_peers.py [--runs 5] [--max-tokens 128] [--streams 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_bridge import running_bridge  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    SHORT_PROMPT,
+    free_port,
+    long_prompt,
+    median,
+    running_server,
+    table,
+    write_json,
+)
+
+from tokenwire.server.store import ModelStore  # noqa: E402
+from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
+from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
+
+MODEL = "smollm2-135m:int4"
+PEERS_DIR = ROOT / "bench" / "peers"
+PEERS_PY = ROOT / os.environ.get("PEERS_VENV", ".venv-peers") / "bin" / "python"
+CACHE = Path(os.environ.get("TOKENWIRE_PEERS_CACHE", Path.home() / ".cache" / "tokenwire" / "peers"))
+LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+GENAI_VERSION = os.environ.get("GENAI_VERSION", "0.18.0")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_18 = SHORT_PROMPT + " Once upon"  # 18 tokens with SmolLM2's tokenizer
+LONG_TOKENS = 533
+STREAM_TOPICS = ["a lighthouse keeper", "a city under the sea", "the first clock", "a lost glove",
+                 "a robot gardener", "the last train home", "a map with no roads", "a talking crow"]
+
+
+class Skipped(Exception):
+    """A peer that cannot be measured here; the message says why."""
+
+
+def build_failure(step: str) -> str:
+    path = CACHE / f"{step}.failed"
+    return f" (setup: {path.read_text().strip()})" if path.exists() else " (run: make bench-peers)"
+
+
+# ---- the machine ----------------------------------------------------------------------------
+
+def copy_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of `repeats` numpy copies of a `gib` GiB array: (bytes read + bytes written) / s."""
+    src = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def weight_bytes(model_dir: Path) -> dict[str, int]:
+    """The int4 model's weights file, and the part of it that a decode step does not read in full
+    (initializers only ever gathered from: the embedding table, one row per token)."""
+    import onnx
+
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    sizes = {}
+    for t in graph.initializer:
+        ext = {kv.key: kv.value for kv in t.external_data}
+        sizes[t.name] = int(ext.get("length", len(t.raw_data)))
+    users: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name in sizes:
+                users.setdefault(name, set()).add(node.op_type)
+    gathered = sum(sizes[name] for name, ops in users.items() if ops == {"Gather"})
+    return {"file": (model_dir / "model.onnx.data").stat().st_size, "gathered_only": gathered}
+
+
+# ---- tokenwire over gRPC ----------------------------------------------------------------------
+
+def tokenwire_generate(stub, prompt: str, max_new: int) -> dict:
+    request = pb.GenerateRequest(model=MODEL, prompt=prompt, max_tokens=max_new, ignore_eos=True,
+                                 sampling=pb.SamplingParams(temperature=0.0))
+    started = time.perf_counter()
+    arrivals, tokens, server_tps = [], [], 0.0
+    for response in stub.Generate(request, timeout=600):
+        kind = response.WhichOneof("event")
+        if kind == "token":
+            arrivals.append(time.perf_counter())
+            tokens.append(response.token.token_id)
+        elif kind == "finished":
+            server_tps = response.finished.usage.decode_tokens_per_second
+    decode_s = arrivals[-1] - arrivals[0]
+    return {"ttft_s": arrivals[0] - started, "decode_tps": (len(tokens) - 1) / decode_s if decode_s else 0.0,
+            "tokens": tokens, "server_decode_tps": server_tps}
+
+
+# ---- peers in their own processes ------------------------------------------------------------
+
+class PeerProcess:
+    """A driver from bench/peers/ in the peers venv, spoken to in JSON lines (protocol.py)."""
+
+    def __init__(self, name: str, argv: list[str], ready_timeout: float = 300) -> None:
+        self.name = name
+        self.log = open(RESULTS / f"peer-{name}.log", "w")
+        self.proc = subprocess.Popen([str(PEERS_PY), *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, cwd=PEERS_DIR,
+                                     env={**os.environ, "PYTHONPATH": str(PEERS_DIR)})
+        self.info = self._read(ready_timeout)
+
+    def _read(self, timeout: float) -> dict:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            tail = Path(self.log.name).read_text().strip().splitlines()[-5:]
+            raise Skipped(f"{self.name} driver gave no answer (log {self.log.name}): " + " | ".join(tail))
+        return json.loads(line)
+
+    def generate(self, ids: list[int], max_new: int) -> dict:
+        self.proc.stdin.write(json.dumps({"op": "generate", "ids": ids, "max_new": max_new}) + "\n")
+        self.proc.stdin.flush()
+        return self._read(600)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.close()
+                self.proc.wait(20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def start_llama(gguf: Path) -> PeerProcess:
+    if not PEERS_PY.exists():
+        raise Skipped("llama.cpp: no peers venv" + build_failure("venv"))
+    return PeerProcess("llama.cpp", [str(PEERS_DIR / "drive_llama.py"), str(gguf), "--threads", "2",
+                                     "--ctx", "2048"])
+
+
+def start_genai() -> PeerProcess:
+    model_dir = CACHE / "genai" / f"smollm2-135m-int4-{GENAI_VERSION}"
+    if not PEERS_PY.exists():
+        raise Skipped("onnxruntime-genai: no peers venv" + build_failure("venv"))
+    if not (model_dir / "genai_config.json").exists():
+        raise Skipped(f"onnxruntime-genai: no model at {model_dir}" + build_failure("genai"))
+    return PeerProcess("onnxruntime-genai", [str(PEERS_DIR / "drive_genai.py"), str(model_dir)])
+
+
+@contextmanager
+def running_llama_server(gguf: Path, slots: int):
+    """`llama-server -np SLOTS -t 2 -c 8192` on a free port; yields its base URL."""
+    binary = CACHE / "bin" / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}"
+    if not binary.exists():
+        raise Skipped(f"llama-server: no binary at {binary}" + build_failure("server"))
+    port = free_port()
+    log = open(RESULTS / f"llama-server-{port}.log", "w")
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                             "-np", str(slots), "-t", "2", "-c", "8192"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise Skipped(f"llama-server did not start; see {log.name}") from None
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+# ---- concurrent streams over the OpenAI API --------------------------------------------------
+
+async def one_stream(client, model: str, content: str, max_tokens: int, seed: int, extra: dict) -> dict:
+    started = time.perf_counter()
+    first = None
+    chunks = 0
+    usage_tokens = None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0.8,
+        seed=seed, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **extra})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            chunks += 1
+        if chunk.usage is not None:
+            usage_tokens = chunk.usage.completion_tokens
+    ended = time.perf_counter()
+    return {"ttft_s": (first or ended) - started, "tokens": usage_tokens if usage_tokens is not None else chunks,
+            "started": started, "ended": ended}
+
+
+async def streams(url: str, model: str, n: int, max_tokens: int, round_no: int, extra: dict) -> dict:
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(
+            one_stream(client, model, f"Story {round_no}.{i}: tell me a story about {STREAM_TOPICS[i % len(STREAM_TOPICS)]}.",
+                       max_tokens, 1000 * round_no + i, extra)
+            for i in range(n)))
+    wall = max(r["ended"] for r in results) - started
+    tokens = sum(r["tokens"] for r in results)
+    return {"n": n, "tokens": tokens, "wall_s": wall, "tps": tokens / wall,
+            "ttft_median_s": median([r["ttft_s"] for r in results])}
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def run_single(args, stub, peers: dict[str, PeerProcess], prompts: dict[str, tuple[str, list[int]]]) -> dict:
+    engines = ["tokenwire", *peers]
+    raw: dict[str, dict[str, list]] = {e: {"decode_tps": [], "ttft_533_s": [], "decode_tps_600": [],
+                                           "server_decode_tps": []} for e in engines}
+    greedy: dict[str, dict[str, list[int]]] = {e: {} for e in engines}
+
+    def call(engine: str, which: str, max_new: int) -> dict:
+        text, ids = prompts[which]
+        if engine == "tokenwire":
+            return tokenwire_generate(stub, text, max_new)
+        return peers[engine].generate(ids, max_new)
+
+    for engine in engines:  # warm up: load, first runs
+        call(engine, "short", 16)
+        call(engine, "long", 2)
+    for r in range(args.runs):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        for engine in order:
+            short = call(engine, "short", args.max_tokens)
+            long = call(engine, "long", args.max_tokens)
+            raw[engine]["decode_tps"].append(short["decode_tps"])
+            raw[engine]["ttft_533_s"].append(long["ttft_s"])
+            raw[engine]["decode_tps_600"].append(long["decode_tps"])
+            if "server_decode_tps" in short:
+                raw[engine]["server_decode_tps"].append(short["server_decode_tps"])
+            greedy[engine] = {"short": short["tokens"], "long": long["tokens"]}
+        print(f"  single-stream round {r + 1}/{args.runs}: " + ", ".join(
+            f"{e} {raw[e]['decode_tps'][-1]:.0f} tok/s, TTFT {raw[e]['ttft_533_s'][-1] * 1000:.0f} ms" for e in engines),
+            flush=True)
+    agreement = {e: {k: same_prefix(greedy["tokenwire"][k], greedy[e][k]) for k in ("short", "long")}
+                 for e in peers}
+    return {"raw": raw, "median": {e: {k: median(v) for k, v in raw[e].items()} for e in engines},
+            "greedy_same_prefix_as_tokenwire": agreement}
+
+
+def run_streams(args, servers: dict[str, tuple[str, str, dict]]) -> dict:
+    raw: dict[str, dict[str, list]] = {s: {"one_tps": [], "agg_tps": [], "ttft_median_s": []} for s in servers}
+    names = list(servers)
+    for name in names:  # warm up
+        url, model, extra = servers[name]
+        asyncio.run(streams(url, model, 2, 8, -1, extra))
+    for r in range(args.runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            url, model, extra = servers[name]
+            one = asyncio.run(streams(url, model, 1, args.max_tokens, r, extra))
+            many = asyncio.run(streams(url, model, args.streams, args.max_tokens, r, extra))
+            raw[name]["one_tps"].append(one["tps"])
+            raw[name]["agg_tps"].append(many["tps"])
+            raw[name]["ttft_median_s"].append(many["ttft_median_s"])
+        print(f"  {args.streams}-stream round {r + 1}/{args.runs}: " + ", ".join(
+            f"{s} 1× {raw[s]['one_tps'][-1]:.0f} tok/s, {args.streams}× {raw[s]['agg_tps'][-1]:.0f} tok/s"
+            for s in names), flush=True)
+    return {"raw": raw, "median": {s: {k: median(v) for k, v in raw[s].items()} for s in names}}
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    if ours is None or theirs is None or not theirs:
+        return "-"
+    return f"{ours / theirs:.2f}×"
+
+
+def verdict(value: float | None, ok: bool) -> str:
+    return "-" if value is None else ("met" if ok else "NOT met")
+
+
+def cell(values: list[float], scale: float) -> str:
+    """Median, and the range over the rounds: these machines are noisy."""
+    if not values:
+        return "-"
+    lo, hi = min(values) * scale, max(values) * scale
+    digits = 0 if hi >= 100 else 1
+    return f"{median(values) * scale:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def report(args, out: dict) -> None:
+    single = out.get("single", {}).get("median", {})
+    single_raw = out.get("single", {}).get("raw", {})
+    tw = single.get("tokenwire", {})
+    peer_names = [p for p in ("llama.cpp", "onnxruntime-genai") if p in single]
+
+    def get(engine: str, key: str) -> float | None:
+        return single.get(engine, {}).get(key)
+
+    headers = ["single stream, median (range)", "tokenwire"] + peer_names + [f"tokenwire / {p}" for p in peer_names]
+    rows = []
+    for label, key, scale in [("decode tok/s, 18-token prompt", "decode_tps", 1),
+                              (f"TTFT ms, {out['prompt_tokens']['long']}-token prompt (prefill)", "ttft_533_s", 1000),
+                              ("decode tok/s at ~600 tokens of context", "decode_tps_600", 1)]:
+        row = [label] + [cell(single_raw[e][key], scale) for e in ["tokenwire", *peer_names]]
+        row += [ratio(tw[key], get(p, key)) for p in peer_names]
+        rows.append(row)
+    print(f"\nsingle stream, greedy, {args.max_tokens} new tokens, median of {args.runs} interleaved runs "
+          "(TTFT ratio: below 1 = tokenwire faster)")
+    print(table(headers, rows))
+    info = out.get("peer_info", {})
+    if "llama.cpp" in info:
+        i = info["llama.cpp"]
+        print(f"  llama.cpp: llama-cpp-python {i['llama_cpp_python']}, Q4_1 GGUF, n_threads {i['n_threads']} "
+              f"(batch {i['n_threads_batch']}), n_ctx {i['n_ctx']}, n_batch {i['n_batch']}")
+    if "onnxruntime-genai" in info:
+        print(f"  onnxruntime-genai {info['onnxruntime-genai']['onnxruntime_genai']}: its builder's int4 model "
+              "(defaults) from the same GGUF, max_length = prompt + new tokens")
+
+    streams_out = out.get("streams", {}).get("median", {})
+    streams_raw = out.get("streams", {}).get("raw", {})
+    if streams_out:
+        names = list(streams_out)
+        headers = [f"OpenAI API, {args.streams} streams, median (range)"] + names
+        if len(names) == 2:
+            headers.append(f"{names[0]} / {names[1]}")
+        rows = []
+        for label, key, scale in [("one stream alone, tok/s", "one_tps", 1),
+                                  (f"{args.streams} streams, aggregate tok/s", "agg_tps", 1),
+                                  (f"{args.streams} streams, TTFT median ms", "ttft_median_s", 1000)]:
+            row = [label] + [cell(streams_raw[n][key], scale) for n in names]
+            if len(names) == 2:
+                row.append(ratio(streams_out[names[0]][key], streams_out[names[1]][key]))
+            rows.append(row)
+        print(f"\nconcurrent streams over the OpenAI API, chat completions, {args.max_tokens} tokens each, "
+              f"temperature 0.8; tokenwire = tokenwire bridge, llama-server -np {args.streams} -t 2 -c 8192")
+        print(table(headers, rows))
+
+    bw = out["bandwidth"]
+    print(f"\nachieved memory bandwidth, tokenwire decode: {bw['weights_file_bytes'] / 1e6:.1f} MB of weights "
+          f"(model.onnx.data) × {tw['decode_tps']:.1f} tok/s = {bw['achieved_gbs']:.1f} GB/s "
+          f"({bw['achieved_gbs_without_gathered']:.1f} GB/s leaving out the {bw['gathered_only_bytes'] / 1e6:.0f} MB "
+          f"embedding table, of which a step reads one row); machine copy bandwidth "
+          f"{bw['copy_gbs']:.1f} GB/s (numpy copy of 1 GiB, read + write, best of 5)")
+
+    llama, genai = get("llama.cpp", "decode_tps"), get("onnxruntime-genai", "decode_tps")
+    ttfts = [get(p, "ttft_533_s") for p in peer_names if get(p, "ttft_533_s")]
+    llama600 = get("llama.cpp", "decode_tps_600")
+    agg = streams_out.get("tokenwire", {}).get("agg_tps")
+    server_agg = streams_out.get("llama-server", {}).get("agg_tps")
+    print("\ntargets (issue 7):")
+    for label, value, ok in [
+        ("single-stream decode >= 1.2x onnxruntime-genai", genai, genai and tw["decode_tps"] >= 1.2 * genai),
+        ("single-stream decode >= 1.0x llama.cpp", llama, llama and tw["decode_tps"] >= llama),
+        ("decode at ~600 context >= 1.0x llama.cpp", llama600, llama600 and tw["decode_tps_600"] >= llama600),
+        ("TTFT of 533 tokens <= 0.6x the faster peer", min(ttfts) if ttfts else None,
+         ttfts and tw["ttft_533_s"] <= 0.6 * min(ttfts)),
+        (f"{args.streams}-stream aggregate >= llama-server's", server_agg, server_agg and agg and agg >= server_agg),
+    ]:
+        print(f"  {verdict(value, bool(ok)):8} {label}")
+    for name, reason in out["skipped"].items():
+        print(f"  skipped {name}: {reason}")
+    agreement = out.get("single", {}).get("greedy_same_prefix_as_tokenwire", {})
+    for peer, same in agreement.items():
+        print(f"  greedy tokens identical to tokenwire's: {peer} first {same['short']} (18-token prompt), "
+              f"first {same['long']} (533-token prompt) of {args.max_tokens}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=8)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = ModelStore()
+    model = store.get(MODEL)
+    gguf = store.root / ".cache" / GGUF_NAME
+    if not gguf.exists():
+        raise SystemExit(f"no GGUF at {gguf}: run `tokenwire pull smollm2-135m` (make model)")
+    tokenizer = TokenizerBundle(model.path)
+    long_text = long_prompt(tokenizer, LONG_TOKENS)
+    prompts = {"short": (PROMPT_18, tokenizer.encode(PROMPT_18)), "long": (long_text, tokenizer.encode(long_text))}
+    out: dict = {"args": vars(args), "model": MODEL, "gguf": str(gguf), "skipped": {},
+                 "prompt_tokens": {k: len(ids) for k, (_, ids) in prompts.items()}}
+
+    print("measuring copy bandwidth ...", flush=True)
+    copy_gbs = copy_bandwidth_gbs()
+    with ExitStack() as stack:
+        target = stack.enter_context(running_server("--prefix-cache-bytes", "0"))
+        channel = stack.enter_context(grpc.insecure_channel(target))
+        stub = pb_grpc.InferenceStub(channel)
+        peers: dict[str, PeerProcess] = {}
+        for name, start in [("llama.cpp", lambda: start_llama(gguf)), ("onnxruntime-genai", start_genai)]:
+            try:
+                peers[name] = start()
+                stack.callback(peers[name].close)
+                out.setdefault("peer_info", {})[name] = peers[name].info
+            except Skipped as exc:
+                out["skipped"][name] = str(exc)
+                print(f"skipping {name}: {exc}", flush=True)
+        print(f"single stream: tokenwire + {', '.join(peers) or 'no peers'}, {args.runs} rounds", flush=True)
+        out["single"] = run_single(args, stub, peers, prompts)
+
+        servers: dict[str, tuple[str, str, dict]] = {
+            "tokenwire": (stack.enter_context(running_bridge(target)), MODEL, {})}
+        try:
+            # Same prompt-cache footing as our server (--prefix-cache-bytes 0): no slot reuse.
+            servers["llama-server"] = (stack.enter_context(running_llama_server(gguf, args.streams)), "smollm2",
+                                       {"cache_prompt": False})
+        except Skipped as exc:
+            out["skipped"]["llama-server"] = str(exc)
+            print(f"skipping llama-server: {exc}", flush=True)
+        print(f"{args.streams} streams: {', '.join(servers)}, {args.runs} rounds", flush=True)
+        out["streams"] = run_streams(args, servers)
+
+    sizes = weight_bytes(model.path)
+    tps = out["single"]["median"]["tokenwire"]["decode_tps"]
+    out["bandwidth"] = {"weights_file_bytes": sizes["file"], "gathered_only_bytes": sizes["gathered_only"],
+                        "achieved_gbs": sizes["file"] * tps / 1e9,
+                        "achieved_gbs_without_gathered": (sizes["file"] - sizes["gathered_only"]) * tps / 1e9,
+                        "copy_gbs": copy_gbs}
+    report(args, out)
+    path = write_json("peers.json", out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
