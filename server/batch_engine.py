@@ -56,6 +56,9 @@ class BatchEngine:
         """Moves a prefilled sequence into the batch as its last row."""
         raise NotImplementedError
 
+    def end_prefill(self, state: PrefillState) -> None:
+        """The sequence being prefilled leaves without joining (finished at once, cancelled, failed)."""
+
     def step(self, tokens: list[int]) -> np.ndarray:
         """One token per row; returns next-token logits [rows, vocab]."""
         raise NotImplementedError
@@ -132,6 +135,7 @@ class FastEngine(BatchEngine):
         self._logits = np.zeros((0, 1, self.vocab), dtype=np.float32)
         self._scratch: list[np.ndarray] = []
         self._scratch_cap = 0
+        self._prefill_active = False  # the scratch holds a sequence being prefilled
         self._ensure(rows=1, cap=256)
 
     # ---- buffers ---------------------------------------------------------------------------
@@ -139,28 +143,42 @@ class FastEngine(BatchEngine):
     def _alloc(self, rows: int, cap: int) -> list[np.ndarray]:
         return [np.zeros((rows, self.kv_heads, cap, self.head_dim), dtype=np.float32) for _ in self.names]
 
-    def _grow_cap(self, needed: int) -> int:
-        cap = max(self._cap, self._scratch_cap, 256)
+    def _grow_cap(self, needed: int, current: int) -> int:
+        """Positions to allocate: doubling from the current size (min 256), capped by the context."""
+        cap = max(current, 256)
         while cap < needed:
             cap *= 2
         return min(cap, max(self.context_length, needed))
+
+    def _realloc(self, rows: int, cap: int) -> None:
+        """New row buffers of rows x cap, keeping the live rows' positions."""
+        fresh = self._alloc(rows, cap)
+        n = min(len(self._lengths), rows)
+        keep = min(cap, self._cap)
+        for old, new in zip(self._kv, fresh, strict=False):
+            new[:n, :, :keep] = old[:n, :, :keep]
+        self._kv, self._rows, self._cap = fresh, rows, cap
+        self._logits = np.zeros((rows, 1, self.vocab), dtype=np.float32)
 
     def _ensure(self, rows: int, cap: int) -> None:
         if rows <= self._rows and cap <= self._cap:
             return
         new_rows = max(rows, self._rows * 2 if rows > self._rows else self._rows, 1)
-        new_cap = self._grow_cap(cap) if cap > self._cap else self._cap
-        fresh = self._alloc(new_rows, new_cap)
+        new_cap = self._grow_cap(cap, self._cap) if cap > self._cap else self._cap
+        self._realloc(new_rows, new_cap)
+
+    def _shrink_if_sparse(self) -> None:
+        """Gives memory back once the batch uses a quarter or less of its rows or positions."""
         n = len(self._lengths)
-        for old, new in zip(self._kv, fresh, strict=False):
-            new[:n, :, : self._cap] = old[:n]
-        self._kv, self._rows, self._cap = fresh, new_rows, new_cap
-        self._logits = np.zeros((new_rows, 1, self.vocab), dtype=np.float32)
+        need = max(self._lengths, default=0) + 1
+        if (self._rows > 1 and n <= self._rows // 4) or (self._cap > 256 and need <= self._cap // 4):
+            self._realloc(max(1, n), self._grow_cap(need, 256))
+        self._release_scratch_if_large()
 
     def _ensure_scratch(self, cap: int) -> None:
         if cap <= self._scratch_cap:
             return
-        new_cap = self._grow_cap(cap)
+        new_cap = self._grow_cap(cap, self._scratch_cap)
         fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=np.float32) for _ in self.names]
         for old, new in zip(self._scratch, fresh, strict=False):
             new[:, :, : self._scratch_cap] = old
@@ -190,6 +208,7 @@ class FastEngine(BatchEngine):
 
     def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
         state = PrefillState()
+        self._prefill_active = True
         if prefix is not None:
             self._ensure_scratch(prefix_length + 1)
             for buf, kv in zip(self._scratch, prefix, strict=True):
@@ -213,6 +232,17 @@ class FastEngine(BatchEngine):
         for buf, scratch in zip(self._kv, self._scratch, strict=True):
             buf[row, :, : state.length] = scratch[0, :, : state.length]
         self._lengths.append(state.length)
+        self.end_prefill(state)
+
+    def end_prefill(self, state: PrefillState) -> None:
+        self._prefill_active = False
+        self._release_scratch_if_large()
+
+    def _release_scratch_if_large(self) -> None:
+        """A long prompt grew the prefill scratch; once no prefill uses it, let it go."""
+        need = max(self._lengths, default=0) + 1
+        if not self._prefill_active and self._scratch_cap > max(1024, 4 * need):
+            self._scratch, self._scratch_cap = [], 0
 
     def step(self, tokens: list[int]) -> np.ndarray:
         rows = len(self._lengths)
@@ -240,9 +270,13 @@ class FastEngine(BatchEngine):
                 for buf in self._kv:
                     buf[dst, :, :length] = buf[src, :, :length]
         self._lengths = [self._lengths[i] for i in keep]
+        self._shrink_if_sparse()
 
     def reset(self) -> None:
         self._lengths = []
+        self._prefill_active = False
+        self._scratch, self._scratch_cap = [], 0
+        self._realloc(1, 256)
 
 
 def is_fast_graph(model_dir: Path) -> bool:

@@ -25,7 +25,7 @@ from .generation import FinishedEvent, FinishReason, QueuedEvent, Sequence, Toke
 from .model_manager import ModelBusy, ModelLoadError, ModelManager, ModelNotFound
 from .requests import GenerateParams, InvalidRequest, build_request, check_shape
 from .sampling import SamplingConfig
-from .scheduler import QueueFull, SequenceHandle
+from .scheduler import QueueFull, SchedulerUnavailable, SequenceHandle
 
 log = logging.getLogger("tokenwire.server")
 
@@ -140,7 +140,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         except QueueFull as exc:
             context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except DeviceUnavailable as exc:
+        except (DeviceUnavailable, SchedulerUnavailable) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ModelLoadError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

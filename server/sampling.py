@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -20,7 +22,9 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5 the scaled logits overflow float32 (inf - inf = NaN); such a temperature
+        # means "the likeliest token" anyway.
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         """Raises ValueError naming the first parameter out of range."""
@@ -121,6 +125,9 @@ def sample(
         keep = min(keep, int(np.searchsorted(-probs, -config.min_p, side="right")))
     keep = max(keep, 1)
     p = probs[:keep] / probs[:keep].sum()
+    if not np.isfinite(p).all():  # degenerate logits (inf/NaN from the model): fall back to argmax
+        token = int(np.argmax(logits))
+        return token, float(full_logprobs[token])
     choice = int(rng.choice(keep, p=p))
     token = int(cand[choice])
     return token, float(full_logprobs[token])

@@ -31,6 +31,10 @@ from .prefix_cache import PrefixCache
 log = logging.getLogger("tokenwire.scheduler")
 
 
+class SchedulerUnavailable(RuntimeError):
+    """The model's scheduler is unloading or stopped after an internal error."""
+
+
 class QueueFull(RuntimeError):
     def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
         super().__init__(
@@ -117,6 +121,7 @@ class Scheduler:
         self._prefilling: deque[SequenceHandle] = deque()
         self._rows: list[SequenceHandle] = []
         self._stop = False
+        self._dead = ""  # why the loop stopped after an unexpected error ("" while healthy)
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -125,9 +130,13 @@ class Scheduler:
     def submit(self, handle: SequenceHandle) -> None:
         """Queues a sequence, or raises QueueFull at once."""
         with self._cond:
+            if self._dead:
+                raise SchedulerUnavailable(f"model {self.name} stopped after an internal error: {self._dead}")
             if self._stop:
-                raise RuntimeError(f"model {self.name} is unloading")
-            if self._n_waiting >= self.config.queue_size and not self._has_free_slot(handle.user):
+                raise SchedulerUnavailable(f"model {self.name} is unloading; retry")
+            # The next step admits up to `free` waiting requests; the rest count against the queue.
+            free = max(0, self.config.max_batch - self.running)
+            if self._n_waiting >= self.config.queue_size + free:
                 raise QueueFull(self.config.queue_size)
             self._waiting.setdefault(handle.user, deque()).append(handle)
             self._n_waiting += 1
@@ -222,59 +231,108 @@ class Scheduler:
             self._notify_positions()
             self.metrics.queue_length(self.name, self._n_waiting)
 
-    def _release_user(self, handle: SequenceHandle) -> None:
-        with self._cond:
-            n = self._running_per_user.get(handle.user, 1) - 1
-            if n:
-                self._running_per_user[handle.user] = n
-            else:
-                self._running_per_user.pop(handle.user, None)
+    def _release_user(self, handle: SequenceHandle, locked: bool = False) -> None:
+        if not locked:
+            with self._cond:
+                self._release_user(handle, locked=True)
+            return
+        n = self._running_per_user.get(handle.user, 1) - 1
+        if n:
+            self._running_per_user[handle.user] = n
+        else:
+            self._running_per_user.pop(handle.user, None)
 
     # ---- the loop (scheduler thread) -----------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        try:
+            while self._iterate():
+                pass
+        except Exception as exc:  # a bug in the loop itself: fail everyone, refuse new work
+            log.exception("scheduler of %s stopped", self.name)
             with self._cond:
-                while not self._stop and not (self._n_waiting or self._prefilling or self._rows):
-                    self._cond.wait()
-                if self._stop and not (self._prefilling or self._rows):
-                    for queue in self._waiting.values():
-                        for handle in queue:
-                            handle.emit(handle.sequence.finish(FinishReason.CANCELLED, "model unloaded"))
-                    self._waiting.clear()
-                    self._n_waiting = 0
-                    return
-                self._drop_cancelled_waiting()
-                if not self._stop:
-                    self._admit()
-            try:
-                if self._prefilling:
-                    self._prefill_chunk()
-                if self._rows:
-                    self._decode_step()
-            except Exception as exc:  # a failed step fails its sequences, never the server
-                log.exception("scheduler step failed")
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+                self._dead = f"{type(exc).__name__}: {exc}"
+                waiting = [h for q in self._waiting.values() for h in q]
+                self._waiting.clear()
+                self._n_waiting = 0
+            for handle in waiting + list(self._prefilling) + list(self._rows):
+                if not handle.sequence.done:
+                    handle.emit(handle.sequence.finish(FinishReason.ERROR, f"internal error: {self._dead}"))
+            self._prefilling.clear()
+            self._rows = []
 
-    def _finish(self, handle: SequenceHandle, events: list) -> None:
+    def _iterate(self) -> bool:
+        """One round: admit, one prefill chunk, one decode step. False when the scheduler stops."""
+        with self._cond:
+            while not self._stop and not (self._n_waiting or self._prefilling or self._rows):
+                self._cond.wait()
+            if self._stop and not (self._prefilling or self._rows):
+                for queue in self._waiting.values():
+                    for handle in queue:
+                        handle.emit(handle.sequence.finish(FinishReason.CANCELLED, "model unloaded"))
+                self._waiting.clear()
+                self._n_waiting = 0
+                return False
+            self._drop_cancelled_waiting()
+            self._drop_cancelled_prefilling()
+            if not self._stop:
+                self._admit()
+        if self._prefilling:
+            self._prefill_chunk()
+        if self._rows:
+            try:
+                self._decode_step()
+            except Exception as exc:  # the batched step failed: its rows cannot go on
+                log.exception("decode step of %s failed", self.name)
+                self._fail_rows(f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _drop_cancelled_prefilling(self) -> None:
+        """Admitted sequences cancelled while waiting for their prefill free their slot now."""
+        gone = [h for i, h in enumerate(self._prefilling) if i > 0 and h.sequence.cancelled.is_set()]
+        for handle in gone:
+            self._prefilling.remove(handle)
+            handle.prefill = None
+            self._finish(handle, handle.sequence.finish(FinishReason.CANCELLED), locked=True)
+        if gone:
+            self._notify_positions()
+
+    def _finish(self, handle: SequenceHandle, events: list, locked: bool = False) -> None:
         handle.emit(events)
         finished = handle.sequence.finished
         if finished is not None:
             key = finished.reason.value
             self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
             self.metrics.request_finished(self.name, key)
-        self._release_user(handle)
+        self._release_user(handle, locked)
 
     def _prefill_chunk(self) -> None:
         handle = self._prefilling[0]
         seq = handle.sequence
-        prompt = seq.request.prompt_ids
         if seq.cancelled.is_set():
-            self._prefilling.popleft()
-            self._positions_moved()
-            handle.prefill = None
-            self._finish(handle, seq.finish(FinishReason.CANCELLED))
+            self._leave_prefill(handle, seq.finish(FinishReason.CANCELLED))
             return
+        try:
+            self._prefill_step(handle)
+        except Exception as exc:  # this sequence's failure is its own: the batch goes on
+            log.exception("prefill of a sequence on %s failed", self.name)
+            if handle.sequence.done:  # it finished before the failure (e.g. in join)
+                self._leave_prefill(handle, [])
+            else:
+                self._leave_prefill(handle, seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
+
+    def _leave_prefill(self, handle: SequenceHandle, events: list) -> None:
+        if self._prefilling and self._prefilling[0] is handle:
+            self._prefilling.popleft()
+        if handle.prefill is not None:
+            self.engine.end_prefill(handle.prefill)
+        handle.prefill = None
+        self._positions_moved()
+        self._finish(handle, events)
+
+    def _prefill_step(self, handle: SequenceHandle) -> None:
+        seq = handle.sequence
+        prompt = seq.request.prompt_ids
         if handle.prefill is None:
             reused, cached = self.prefix_cache.lookup(prompt)
             if self.prefix_cache.enabled:
@@ -288,22 +346,22 @@ class Scheduler:
         self.stats.prefill_chunks += 1
         if handle.prefilled < len(prompt):
             return
-        self._prefilling.popleft()
-        self._positions_moved()
         events, token = seq.step(logits)
         if seq.count:
             self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
             self.metrics.tokens_generated(self.name, 1)
         if token is None:
-            handle.prefill = None
-            self._finish(handle, events)
+            self._leave_prefill(handle, events)
             return
-        handle.emit(events)
-        self.stats.tokens_generated += 1
         self.engine.join(handle.prefill)
+        # In the batch before it leaves the prefill queue, so `busy` never reads False in between.
+        self._rows.append(handle)
+        self._prefilling.popleft()
         handle.prefill = None
         handle.next_token = token
-        self._rows.append(handle)
+        self.stats.tokens_generated += 1
+        self._positions_moved()
+        handle.emit(events)
 
     def _decode_step(self) -> None:
         tokens = [h.next_token for h in self._rows]
@@ -316,13 +374,17 @@ class Scheduler:
         for row, handle in enumerate(self._rows):
             seq = handle.sequence
             count = seq.count
-            events, token = seq.step(logits[row])
+            try:
+                events, token = seq.step(logits[row])
+            except Exception as exc:  # one row's failure (e.g. its sampling) ends that row only
+                log.exception("sampling a sequence on %s failed", self.name)
+                events, token = seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"), None
             if seq.count > count:
                 produced += 1
                 self.metrics.inter_token_latency(self.name, seq.last_at - previous[row])
             if token is None:
                 length = self.engine.lengths[row]
-                if self.prefix_cache.enabled:
+                if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
                     self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row))
                 self._finish(handle, events)
                 leaving.append(row)
@@ -341,14 +403,13 @@ class Scheduler:
         st = self.prefix_cache.stats
         self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
 
-    def _fail_all(self, message: str) -> None:
-        for handle in list(self._rows) + list(self._prefilling):
-            handle.prefill = None
-            self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
+    def _fail_rows(self, message: str) -> None:
+        """The batch's state is lost: end every running row (not yet finished) with ERROR."""
+        for handle in self._rows:
+            if not handle.sequence.done:
+                self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
         self._rows = []
-        self._prefilling.clear()
         self.engine.reset()
-
 
 def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout

@@ -98,3 +98,11 @@ def test_presence_and_frequency_penalties_follow_openai() -> None:
 def test_out_of_range_parameters_are_named(config: SamplingConfig, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         config.validate()
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-20, 1e-6])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_tiny_temperatures_are_greedy_not_nan(temperature: float, top_p: float) -> None:
+    logits = np.random.default_rng(3).normal(size=1000).astype(np.float32) * 5
+    token, logprob = sample(logits, SamplingConfig(temperature=temperature, top_p=top_p), np.random.default_rng(0))
+    assert token == int(np.argmax(logits)) and np.isfinite(logprob)

@@ -262,3 +262,65 @@ def test_server_metrics_in_prometheus_format(stub, server) -> None:
                     if line.startswith("tokenwire_tokens_generated_total{"))
     assert generated >= 5
     assert 'finish_reason="length"' in text
+
+
+async def test_queue_bound_holds_while_the_batch_is_not_full(model) -> None:
+    """Admission happens between steps; a long prefill must not let the queue grow without bound."""
+    decoder, tok = model
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=4, queue_size=2, prefix_cache_bytes=0, prefill_chunk=64))
+    try:
+        long_prompt = " ".join(["word"] * 1500)
+        accepted, refused = [submit(scheduler, tok, greedy_request(tok, long_prompt, 2))], 0
+        for i in range(20):
+            try:
+                accepted.append(submit(scheduler, tok, greedy_request(tok, f"Short {i}", 2)))
+            except QueueFull:
+                refused += 1
+        assert len(accepted) <= 4 + 2 + 1 and refused >= 13
+        results = await asyncio.gather(*(consume(h) for h in accepted))
+        assert all(r[1].reason in (FinishReason.LENGTH, FinishReason.STOP) for r in results)
+    finally:
+        scheduler.stop()
+
+
+async def test_one_sequence_failing_ends_only_that_sequence(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=4, prefix_cache_bytes=0))
+    try:
+        healthy = submit(scheduler, tok, greedy_request(tok, "Count: one, two,", 24, ignore_eos=True))
+        broken_request = greedy_request(tok, "This one breaks", 24, ignore_eos=True)
+        broken_sequence = Sequence(broken_request, tok)
+        real_step, calls = broken_sequence.step, []
+
+        def failing_step(logits):  # fault injection: this sequence's sampling fails at its third token
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure")
+            return real_step(logits)
+
+        broken_sequence.step = failing_step
+        broken = SequenceHandle(broken_sequence, asyncio.get_running_loop())
+        scheduler.submit(broken)
+        (ok_tokens, ok_finished, _), (bad_tokens, bad_finished, _) = await asyncio.gather(consume(healthy),
+                                                                                          consume(broken))
+        assert bad_finished.reason == FinishReason.ERROR and "injected failure" in bad_finished.error_message
+        assert len(bad_tokens) == 2
+        assert ok_finished.reason == FinishReason.LENGTH and len(ok_tokens) == 24
+        # The scheduler goes on serving.
+        tokens, finished, _ = await consume(submit(scheduler, tok, greedy_request(tok, "Still alive?", 3, ignore_eos=True)))
+        assert finished.reason == FinishReason.LENGTH and len(tokens) == 3
+    finally:
+        scheduler.stop()
+
+
+def test_fast_engine_gives_memory_back(int4_dir: Path) -> None:
+    engine = FastEngine(int4_dir, context_length=8192)
+    small = engine.kv_bytes
+    state = engine.new_prefill()
+    engine.prefill(state, [5] * 3000)
+    engine.join(state)
+    engine.step([5])
+    grown = engine.kv_bytes
+    assert grown > 4 * small
+    engine.remove([0])
+    assert engine.kv_bytes < grown / 4, "buffers sized for a 3,000-token sequence must be released"
