@@ -414,6 +414,13 @@ def report(args, out: dict) -> None:
         print(f"  {verdict(value, bool(ok)):8} {label}")
     for name, reason in out["skipped"].items():
         print(f"  skipped {name}: {reason}")
+    noisy = [f"{engine} {key}" for section in (single_raw, streams_raw) for engine, metrics in section.items()
+             for key, values in metrics.items()
+             if key in ("decode_tps", "ttft_533_s", "decode_tps_600", "one_tps", "agg_tps")
+             and values and min(values) > 0 and max(values) / min(values) > 1.5]
+    if noisy:
+        print(f"  noisy (max/min over the rounds > 1.5, other load on the machine?): {', '.join(noisy)}; "
+              "the medians resist a bad round or two, a quieter rerun is better")
     agreement = out.get("single", {}).get("greedy_same_prefix_as_tokenwire", {})
     for peer, same in agreement.items():
         print(f"  greedy tokens identical to tokenwire's: {peer} first {same['short']} (18-token prompt), "
