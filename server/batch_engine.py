@@ -16,6 +16,7 @@ Prefix-cache entries use one format for both: per layer [1, kv_heads, length, he
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -33,44 +34,49 @@ class PrefillState:
         self.cache: KVCache | None = None  # optimum layout only
 
 
-class BatchEngine:
+class BatchEngine(ABC):
     seq_axis = 2
 
     @property
+    @abstractmethod
     def kv_bytes(self) -> int:
         """Memory held by KV buffers (allocated, for engines that preallocate)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def lengths(self) -> list[int]:
-        raise NotImplementedError
+        """Cached positions of each row of the batch."""
 
+    @abstractmethod
     def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
-        raise NotImplementedError
+        """Starts a sequence, from a cached prefix when given."""
 
+    @abstractmethod
     def prefill(self, state: PrefillState, tokens: list[int]) -> np.ndarray:
         """Runs `tokens` after what the state holds; returns the last position's logits [vocab]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def join(self, state: PrefillState) -> None:
         """Moves a prefilled sequence into the batch as its last row."""
-        raise NotImplementedError
 
-    def end_prefill(self, state: PrefillState) -> None:
+    def end_prefill(self, state: PrefillState) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """The sequence being prefilled leaves without joining (finished at once, cancelled, failed)."""
 
+    @abstractmethod
     def step(self, tokens: list[int]) -> np.ndarray:
         """One token per row; returns next-token logits [rows, vocab]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def row_cache(self, row: int) -> KVCache:
-        raise NotImplementedError
+        """A copy of one row's cache (batch 1, its own length), for the prefix cache."""
 
+    @abstractmethod
     def remove(self, rows: list[int]) -> None:
-        raise NotImplementedError
+        """Drops finished rows."""
 
+    @abstractmethod
     def reset(self) -> None:
-        raise NotImplementedError
+        """Forgets every row (after a failed step)."""
 
 
 class OptimumEngine(BatchEngine):

@@ -10,6 +10,7 @@ import pytest
 
 from tokenwire.server.decoder import OnnxDecoder
 from tokenwire.server.generation import FinishReason, Generation, GenerationRequest, TokenEvent
+from tokenwire.server.model_check import greedy_recompute, greedy_with_cache
 from tokenwire.server.sampling import SamplingConfig
 from tokenwire.server.tokenizer import TokenizerBundle
 
@@ -20,29 +21,6 @@ PROMPTS = [
     "Once upon a time, in a small village by the sea,",
     "Q: What is 12 times 7?\nA:",
 ]
-
-
-def greedy_with_cache(decoder: OnnxDecoder, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    logits, cache = decoder.prefill(ids)
-    tokens, all_logits = [], []
-    for _ in range(steps):
-        all_logits.append(logits)
-        token = int(np.argmax(logits))
-        tokens.append(token)
-        logits, cache = decoder.decode_one_token(token, cache)
-    return tokens, all_logits
-
-
-def greedy_recompute(decoder: OnnxDecoder, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
-    seq = list(ids)
-    tokens, all_logits = [], []
-    for _ in range(steps):
-        logits = decoder.full_logits(seq)[-1]
-        all_logits.append(logits)
-        token = int(np.argmax(logits))
-        tokens.append(token)
-        seq.append(token)
-    return tokens, all_logits
 
 
 @pytest.fixture(scope="module")
