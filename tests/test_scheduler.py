@@ -324,3 +324,23 @@ def test_fast_engine_gives_memory_back(int4_dir: Path) -> None:
     assert grown > 4 * small
     engine.remove([0])
     assert engine.kv_bytes < grown / 4, "buffers sized for a 3,000-token sequence must be released"
+
+
+async def test_cancel_while_waiting_for_prefill_frees_the_slot_at_once(model) -> None:
+    decoder, tok = model
+    scheduler = Scheduler(decoder(), SchedulerConfig(max_batch=2, queue_size=4, prefix_cache_bytes=0, prefill_chunk=32))
+    try:
+        long = submit(scheduler, tok, greedy_request(tok, " ".join(["word"] * 1500), 2, ignore_eos=True))
+        behind = submit(scheduler, tok, greedy_request(tok, "Behind the long one", 2, ignore_eos=True))
+        log: list = []
+        long_task = asyncio.ensure_future(consume(long, log))
+        await asyncio.sleep(0.3)
+        behind.cancel()
+        _, finished, _ = await consume(behind, log)
+        assert finished.reason == FinishReason.CANCELLED
+        first_long_token = [at for h, e, at in log if h is long and isinstance(e, TokenEvent)]
+        assert not first_long_token, "the cancelled request waited for the long prefill to end"
+        assert scheduler.running <= 1
+        await long_task
+    finally:
+        scheduler.stop()
