@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import aiohttp
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, SHORT_PROMPT, free_port, median, running_server, table, write_json  # noqa: E402
+from common import RESULTS, SHORT_PROMPT, free_port, median, running_server, table, wait_http, write_json  # noqa: E402
 
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
@@ -42,15 +41,8 @@ def running_bridge(target: str):
                              "--http-port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"bridge did not start; see {log.name}") from None
-                time.sleep(0.2)
+        if not wait_http(url + "/healthz", proc, 30):
+            raise RuntimeError(f"bridge did not start; see {log.name}")
         yield url
     finally:
         proc.terminate()

@@ -33,7 +33,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from common import (  # noqa: E402
     median,
     running_server,
     table,
+    wait_http,
     write_json,
 )
 
@@ -205,15 +205,8 @@ def running_llama_server(gguf: Path, slots: int):
                              "-np", str(slots), "-t", "2", "-c", "8192"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise Skipped(f"llama-server did not start; see {log.name}") from None
-                time.sleep(0.3)
+        if not wait_http(url + "/health", proc, 120, 0.3):
+            raise Skipped(f"llama-server did not start; see {log.name}")
         yield url
     finally:
         proc.terminate()

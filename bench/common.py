@@ -79,6 +79,21 @@ def running_server(*extra: str):
         proc.wait(20)
 
 
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Polls `url` until it answers; False when `proc` exits or `timeout_s` passes first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return True
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                return False
+            time.sleep(interval_s)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

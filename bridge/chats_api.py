@@ -17,7 +17,7 @@ from .credentials import grpc_metadata
 from .errors import ApiError, invalid_param
 from .native_api import NativeEvents, usage_dict
 from .params import Params
-from .proto_request import MAX_UINT32, SAMPLING_FIELDS, generate_request, request_id_for
+from .proto_request import MAX_UINT32, SAMPLING_FIELDS, generate_request, native_sampling, request_id_for
 from .relay import note, relay_stream
 from .request_body import read_json_object
 from .sse import SSEWriter
@@ -156,16 +156,7 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
         messages=[pb.ChatMessage(role="user", content=content)] if content is not None else [],
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
         stop=p.stop(),
-        sampling={
-            "temperature": p.number("temperature"),
-            "top_p": p.number("top_p"),
-            "top_k": p.integer("top_k", 0, MAX_UINT32),
-            "min_p": p.number("min_p"),
-            "repetition_penalty": p.number("repetition_penalty"),
-            "presence_penalty": p.number("presence_penalty"),
-            "frequency_penalty": p.number("frequency_penalty"),
-            "seed": p.seed(),
-        },
+        sampling=native_sampling(p),
     )
     request.chat_id = chat_id
     keep_alive = p.number("keep_alive")

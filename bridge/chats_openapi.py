@@ -5,19 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .chats_api import CREATE_FIELDS, MESSAGE_FIELDS, RENAME_FIELDS
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
-
+from .openapi_parts import _errors, _json, _ref
 
 _CHAT_ID = {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "A chat id (16 hex characters)."}

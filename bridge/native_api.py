@@ -16,6 +16,7 @@ from .proto_request import (
     chat_messages,
     finish_reason_name,
     generate_request,
+    native_sampling,
     request_id_for,
 )
 from .relay import note, relay_stream
@@ -83,16 +84,7 @@ def parse_generate(body: dict[str, Any], request_id: str) -> pb.GenerateRequest:
         logprobs=bool(p.boolean("logprobs")),
         ignore_eos=bool(p.boolean("ignore_eos")),
         user=p.string("user"),
-        sampling={
-            "temperature": p.number("temperature"),
-            "top_p": p.number("top_p"),
-            "top_k": p.integer("top_k", 0, MAX_UINT32),
-            "min_p": p.number("min_p"),
-            "repetition_penalty": p.number("repetition_penalty"),
-            "presence_penalty": p.number("presence_penalty"),
-            "frequency_penalty": p.number("frequency_penalty"),
-            "seed": p.seed(),
-        },
+        sampling=native_sampling(p),
     )
     if keep_alive is not None:
         request.keep_alive_s = keep_alive

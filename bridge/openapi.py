@@ -12,19 +12,7 @@ from aiohttp import web
 
 from .chats_openapi import add_chat_docs
 from .openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
-
+from .openapi_parts import _errors, _json, _ref
 
 _NUM = {"type": "number"}
 _INT = {"type": "integer", "minimum": 0}

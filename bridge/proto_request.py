@@ -11,7 +11,7 @@ from aiohttp import web
 from tokenwire.v1 import inference_pb2 as pb
 
 from .errors import ApiError, invalid_param
-from .params import json_type
+from .params import Params, json_type
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                    "presence_penalty", "frequency_penalty", "seed")
@@ -21,6 +21,21 @@ _ROLE_ALIASES = {"developer": "system"}
 _UNSUPPORTED_ROLES = {"tool": "tool messages need tool calling, which tokenwire does not support",
                       "function": "function messages need function calling, which tokenwire does not support"}
 MAX_UINT32 = (1 << 32) - 1
+
+
+def native_sampling(p: Params) -> dict[str, Any]:
+    """The sampling fields of the bridge's own endpoints (/api/generate, /api/chats/{id}/messages),
+    range-checked by the server, which knows them (the OpenAI endpoints apply OpenAI's bounds)."""
+    return {
+        "temperature": p.number("temperature"),
+        "top_p": p.number("top_p"),
+        "top_k": p.integer("top_k", 0, MAX_UINT32),
+        "min_p": p.number("min_p"),
+        "repetition_penalty": p.number("repetition_penalty"),
+        "presence_penalty": p.number("presence_penalty"),
+        "frequency_penalty": p.number("frequency_penalty"),
+        "seed": p.seed(),
+    }
 
 
 def request_id_for(request: web.Request) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from .chat_commands import add_chat_commands
-from .connection import describe_rpc_error, open_channel, server_target
+from .connection import describe_rpc_error, list_models, open_channel, server_target
 from .model_commands import add_model_commands
 
 
@@ -236,16 +236,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from tokenwire.v1 import inference_pb2 as pb
-    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
     target = server_target(args.server)
-    channel = open_channel(target)
     try:
-        reply = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+        reply = list_models(target)
     except grpc.RpcError as exc:
         return _fail(describe_rpc_error(exc, target))
-    finally:
-        channel.close()
     if args.json:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0

@@ -68,3 +68,15 @@ def describe_rpc_error(exc: grpc.RpcError, target: str) -> str:
         return f"UNAUTHENTICATED: {details} (pass --api-key or set TOKENWIRE_API_KEY)"
     name = code.name if code is not None else "ERROR"
     return f"{name}: {details}"
+
+
+def list_models(target: str):
+    """The server's ListModels reply (raises grpc.RpcError; see describe_rpc_error)."""
+    from tokenwire.v1 import inference_pb2 as pb
+    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+    channel = open_channel(target)
+    try:
+        return pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+    finally:
+        channel.close()

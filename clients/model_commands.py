@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from .connection import describe_rpc_error, open_channel, server_target
+from .connection import describe_rpc_error, list_models, open_channel, server_target
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -100,16 +100,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from tokenwire.v1 import inference_pb2 as pb
-    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
     target = server_target(args.server)
-    channel = open_channel(target)
     try:
-        reply = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+        reply = list_models(target)
     except grpc.RpcError as exc:
         return _fail(describe_rpc_error(exc, target))
-    finally:
-        channel.close()
     running = [m for m in reply.models if m.state in (pb.MODEL_STATE_LOADED, pb.MODEL_STATE_LOADING)]
     if args.json:
         print(json.dumps({"models": [MessageToDict(m, preserving_proto_field_name=True) for m in running],
