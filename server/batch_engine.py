@@ -142,6 +142,9 @@ class FastEngine(BatchEngine):
         self._scratch: list[np.ndarray] = []
         self._scratch_cap = 0
         self._prefill_active = False  # the scratch holds a sequence being prefilled
+        # The last IO binding per buffer set (batch rows / prefill scratch): rebinding 60 KV
+        # buffers costs ~250 us a step, so a binding is kept until its buffers change.
+        self._bindings: dict[str, tuple[tuple, list[np.ndarray], ort.IOBinding]] = {}
         self._ensure(rows=1, cap=256)
 
     # ---- buffers ---------------------------------------------------------------------------
@@ -163,6 +166,7 @@ class FastEngine(BatchEngine):
         keep = min(cap, self._cap)
         for old, new in zip(self._kv, fresh, strict=False):
             new[:n, :, :keep] = old[:n, :, :keep]
+        self._bindings.pop("decode", None)  # it holds the old buffers
         self._kv, self._rows, self._cap = fresh, rows, cap
         self._logits = np.zeros((rows, 1, self.vocab), dtype=np.float32)
 
@@ -188,16 +192,32 @@ class FastEngine(BatchEngine):
         fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=np.float32) for _ in self.names]
         for old, new in zip(self._scratch, fresh, strict=False):
             new[:, :, : self._scratch_cap] = old
+        self._bindings.pop("prefill", None)
         self._scratch, self._scratch_cap = fresh, new_cap
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray], logits: np.ndarray) -> np.ndarray:
+    def _binding(self, purpose: str, buffers: list[np.ndarray], rows: int) -> ort.IOBinding:
+        """An IO binding with the first `rows` rows of `buffers` bound as past and present.
+
+        Reused while the buffer objects and row count are the same; the cache holds the
+        buffers themselves, so their ids cannot be recycled while a binding refers to them.
+        """
+        key = (rows, *map(id, buffers))
+        cached = self._bindings.get(purpose)
+        if cached is not None and cached[0] == key:
+            return cached[2]
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
         for name, buf in zip(self.names, buffers, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            value = ort.OrtValue.ortvalue_from_numpy(buf[:rows])
             io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        self._bindings[purpose] = (key, buffers, io)
+        return io
+
+    def _run(self, purpose: str, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray],
+             logits: np.ndarray) -> np.ndarray:
+        io = self._binding(purpose, buffers, ids.shape[0])
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
         return logits
@@ -228,7 +248,7 @@ class FastEngine(BatchEngine):
         ids = np.asarray([tokens], dtype=np.int64)
         mask = np.ones((1, total), dtype=np.int64)
         out = np.empty((1, 1, self.vocab), dtype=np.float32)
-        self._run(ids, mask, self._scratch, out)
+        self._run("prefill", ids, mask, self._scratch, out)
         state.length = total
         return out[0, -1]
 
@@ -249,6 +269,7 @@ class FastEngine(BatchEngine):
         need = max(self._lengths, default=0) + 1
         if not self._prefill_active and self._scratch_cap > max(1024, 4 * need):
             self._scratch, self._scratch_cap = [], 0
+            self._bindings.pop("prefill", None)
 
     def step(self, tokens: list[int]) -> np.ndarray:
         rows = len(self._lengths)
@@ -258,7 +279,7 @@ class FastEngine(BatchEngine):
         for b, length in enumerate(self._lengths):
             mask[b, : length + 1] = 1
         ids = np.asarray(tokens, dtype=np.int64).reshape(rows, 1)
-        logits = self._run(ids, mask, [buf[:rows] for buf in self._kv], self._logits[:rows])
+        logits = self._run("decode", ids, mask, self._kv, self._logits[:rows])
         self._lengths = [n + 1 for n in self._lengths]
         return logits[:, 0, :]
 
@@ -282,6 +303,7 @@ class FastEngine(BatchEngine):
         self._lengths = []
         self._prefill_active = False
         self._scratch, self._scratch_cap = [], 0
+        self._bindings.pop("prefill", None)
         self._realloc(1, 256)
 
 

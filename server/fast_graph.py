@@ -9,7 +9,10 @@ SmolLM2), emits the layout onnxruntime-genai's builder uses, in plain onnxruntim
   (no concatenation, no copy of the cache, no repeat of KV heads);
 * q/k/v fused into one MatMulNBits (packed QKV into GQA), gate/up fused into one;
 * `SkipSimplifiedLayerNormalization` for residual add + RMSNorm;
-* the lm_head (tied Q8_0) as 8-bit MatMulNBits, applied to the last position only.
+* the lm_head (tied Q8_0) as 8-bit MatMulNBits, applied to the last position only;
+* hidden states kept 2-D, [batch * sequence, hidden], between layers (reshaped to 3-D only
+  around GroupQueryAttention), so each Q4_1 minimum correction and its addition is a single
+  `Gemm` — a decode step at batch 1 is ~600 small kernels, and per-kernel overhead counts.
 
 Inputs: input_ids [B, S] int64, attention_mask [B, T] int64 (row b: ones for its tokens,
 right-padded), past_key_values.N.key/value [B, kvh, capacity, hd]. Outputs: logits
@@ -84,7 +87,7 @@ def build_fast_graph(
     def tensor(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    em = NBitsEmitter()
+    em = NBitsEmitter(two_d=True)
     nodes = em.nodes
     extra_inits = []
 
@@ -141,7 +144,15 @@ def build_fast_graph(
 
     embed = tensor("model.embed_tokens.weight")
     init(embed, "embed_tokens")
-    node("Gather", ["embed_tokens", "input_ids"], ["h0"], axis=0)
+    node("Gather", ["embed_tokens", "input_ids"], ["h0_3d"], axis=0)
+    node("Reshape", ["h0_3d", init(np.asarray([-1, hidden], dtype=np.int64), "rows_hidden")], ["h0"])
+    # [B, S] + trailing width: the 3-D shapes GroupQueryAttention and the logits need.
+    node("Shape", ["input_ids"], ["ids_shape"])
+    qkv_width = (n_heads + 2 * kv_heads) * head_dim
+    node("Concat", ["ids_shape", init(np.asarray([qkv_width], dtype=np.int64), "qkv_width")], ["qkv_shape3"], axis=0)
+    node("Concat", ["ids_shape", init(np.asarray([hidden], dtype=np.int64), "hidden_width")], ["hidden_shape3"],
+         axis=0)
+    attn_rows = init(np.asarray([-1, n_heads * head_dim], dtype=np.int64), "rows_attn")
 
     residual = "h0"
     norm_in = None
@@ -158,12 +169,14 @@ def build_fast_graph(
         wq, wk, wv = (weight_of(f"{p}/self_attn/{n}_proj/MatMul") for n in ("q", "k", "v"))
         qkv = np.concatenate([wq, wk, wv], axis=1)
         linear(f"x_{i}", qkv, f"qkv_{i}", f"l{i}_qkv", level_for(f"l{i}_qkv"))
+        node("Reshape", [f"qkv_{i}", "qkv_shape3"], [f"qkv3_{i}"])
         node("GroupQueryAttention",
-             [f"qkv_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             [f"qkv3_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
               "seqlens_k", "total_len", "cos_cache", "sin_cache"],
-             [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"],
+             [f"attn3_{i}", f"present.{i}.key", f"present.{i}.value"],
              domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, do_rotary=1,
              rotary_interleaved=0, scale=float(head_dim ** -0.5))
+        node("Reshape", [f"attn3_{i}", attn_rows], [f"attn_{i}"])
         linear(f"attn_{i}", weight_of(f"{p}/self_attn/o_proj/MatMul"), f"o_{i}", f"l{i}_o", level_for(f"l{i}_o"))
         node("SkipSimplifiedLayerNormalization", [f"o_{i}", residual, ln2],
              [f"y_{i}", "", "", f"res2_{i}"], domain="com.microsoft", epsilon=eps)
@@ -180,14 +193,16 @@ def build_fast_graph(
                level_for(f"l{i}_down"))
         norm_in = f"down_{i}"
 
-    # Last position only: [B, S, H] -> [B, 1, H].
+    # Back to [B, S, H]; last position only: [B, 1, H].
     init(np.asarray([np.iinfo(np.int64).max], dtype=np.int64), "int_max")
+    node("Reshape", [norm_in, "hidden_shape3"], ["down_3d"])
+    node("Reshape", [residual, "hidden_shape3"], ["res_3d"])
     if last_only:
-        node("Slice", [norm_in, "minus_one", "int_max", "one"], ["down_last"])
-        node("Slice", [residual, "minus_one", "int_max", "one"], ["res_last"])
+        node("Slice", ["down_3d", "minus_one", "int_max", "one"], ["down_last"])
+        node("Slice", ["res_3d", "minus_one", "int_max", "one"], ["res_last"])
     else:
-        node("Identity", [norm_in], ["down_last"])
-        node("Identity", [residual], ["res_last"])
+        node("Identity", ["down_3d"], ["down_last"])
+        node("Identity", ["res_3d"], ["res_last"])
     final = init(tensor("model.norm.weight"), "final_norm")
     node("SkipSimplifiedLayerNormalization", ["down_last", "res_last", final],
          ["hidden_last"], domain="com.microsoft", epsilon=eps)

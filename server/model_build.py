@@ -41,7 +41,7 @@ MODEL_FILES = (
 )
 MIN_TOP1_FOR_INT4 = 0.95
 # Bumped when pull's output changes, so `pull` rebuilds stores made by older versions.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 
 Progress = Callable[[str], None]
 
