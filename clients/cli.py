@@ -138,7 +138,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             print(f"  {entry.name:<16} {entry.description} ({entry.license}){have}")
         return 0
     try:
-        pull(args.name, store, force=args.force)
+        pull(args.name, store, force=args.force, device=args.device)
     except BuildError as exc:
         return _fail(str(exc))
     return 0
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--models-dir", type=Path, default=None, help="model store (env TOKENWIRE_MODELS)")
     p.add_argument("--force", action="store_true", help="rebuild even if present")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="layout to build the int4 graph for (cuda: fp16 KV cache, for `serve --device cuda`)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("generate", help="stream a generation to stdout")

@@ -8,7 +8,10 @@ sequence together. `BatchEngine` is what it needs:
 * `FastEngine` — for graphs from fast_graph.py: one KV buffer per layer, shared by past
   and present through IO binding, written in place by GroupQueryAttention. Rows are kept
   dense ([0, B) of a buffer with spare rows), right-padded, and grow by doubling: no
-  allocation and no KV copy per step, only when sequences join or leave.
+  allocation and no KV copy per step, only when sequences join or leave. On a GPU
+  (`device="cuda"`) the buffers live in device memory: a step moves only the token ids and
+  mask in and the last position's logits out; the host copy is refreshed only when rows
+  join or leave (see `FastEngine._sync_to_host`).
 
 Prefix-cache entries use one format for both: per layer [1, kv_heads, length, head_dim].
 """
@@ -23,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .decoder import KVCache, OnnxDecoder, make_session
+from .fast_graph import kv_numpy_dtype
 from .kv_batch import KVBatch
 
 
@@ -122,10 +126,26 @@ class OptimumEngine(BatchEngine):
 
 
 class FastEngine(BatchEngine):
-    """Drives a fast_graph.py graph with IO binding over preallocated, in-place KV buffers."""
+    """Drives a fast_graph.py graph with IO binding over preallocated, in-place KV buffers.
 
-    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 2048) -> None:
+    The numpy arrays in `_kv` / `_scratch` are the KV buffers themselves on CPU (bound
+    zero-copy). With device buffers (the default off CPU; `device_buffers=True` forces them,
+    which is how the CPU tests cover that path) they are host staging copies: the binding
+    owns OrtValues in device memory that the graph updates in place step after step, and
+    the host copies are synced only around row bookkeeping (join, remove, grow, export).
+    """
+
+    def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 2048,
+                 device_buffers: bool | None = None) -> None:
         self.session = make_session(model_dir / "model.onnx", device, threads)
+        self.device = "cuda" if device.startswith("cuda") else "cpu"
+        self.device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+        self.device_buffers = (self.device != "cpu") if device_buffers is None else device_buffers
+        self.dtype = kv_numpy_dtype(self.session)
+        if self.device == "cuda" and self.dtype != np.float16:
+            raise ValueError(
+                f"{model_dir.name} keeps its KV cache in fp32 (the CPU layout); onnxruntime's CUDA "
+                "attention needs fp16: build the CUDA layout with `tokenwire pull NAME --device cuda`")
         config = json.loads((model_dir / "config.json").read_text())
         self.layers = int(config["num_hidden_layers"])
         n_heads = int(config["num_attention_heads"])
@@ -144,13 +164,13 @@ class FastEngine(BatchEngine):
         self._prefill_active = False  # the scratch holds a sequence being prefilled
         # The last IO binding per buffer set (batch rows / prefill scratch): rebinding 60 KV
         # buffers costs ~250 us a step, so a binding is kept until its buffers change.
-        self._bindings: dict[str, tuple[tuple, list[np.ndarray], ort.IOBinding]] = {}
+        self._bindings: dict[str, tuple[tuple, list[np.ndarray], ort.IOBinding, list[ort.OrtValue]]] = {}
         self._ensure(rows=1, cap=256)
 
     # ---- buffers ---------------------------------------------------------------------------
 
     def _alloc(self, rows: int, cap: int) -> list[np.ndarray]:
-        return [np.zeros((rows, self.kv_heads, cap, self.head_dim), dtype=np.float32) for _ in self.names]
+        return [np.zeros((rows, self.kv_heads, cap, self.head_dim), dtype=self.dtype) for _ in self.names]
 
     def _grow_cap(self, needed: int, current: int) -> int:
         """Positions to allocate: doubling from the current size (min 256), capped by the context."""
@@ -161,6 +181,7 @@ class FastEngine(BatchEngine):
 
     def _realloc(self, rows: int, cap: int) -> None:
         """New row buffers of rows x cap, keeping the live rows' positions."""
+        self._sync_to_host("decode")
         fresh = self._alloc(rows, cap)
         n = min(len(self._lengths), rows)
         keep = min(cap, self._cap)
@@ -189,7 +210,8 @@ class FastEngine(BatchEngine):
         if cap <= self._scratch_cap:
             return
         new_cap = self._grow_cap(cap, self._scratch_cap)
-        fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=np.float32) for _ in self.names]
+        self._sync_to_host("prefill")
+        fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=self.dtype) for _ in self.names]
         for old, new in zip(self._scratch, fresh, strict=False):
             new[:, :, : self._scratch_cap] = old
         self._bindings.pop("prefill", None)
@@ -205,13 +227,32 @@ class FastEngine(BatchEngine):
         cached = self._bindings.get(purpose)
         if cached is not None and cached[0] == key:
             return cached[2]
+        self._sync_to_host(purpose)
         io = self.session.io_binding()
+        values = []
         for name, buf in zip(self.names, buffers, strict=True):
-            value = ort.OrtValue.ortvalue_from_numpy(buf[:rows])
+            if self.device_buffers:  # device memory owned by onnxruntime, filled from the host copy once
+                value = ort.OrtValue.ortvalue_from_shape_and_type(buf[:rows].shape, self.dtype, self.device,
+                                                                  self.device_id)
+                value.update_inplace(np.ascontiguousarray(buf[:rows]))
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(buf[:rows])
             io.bind_ortvalue_input(name, value)
             io.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        self._bindings[purpose] = (key, buffers, io)
+            values.append(value)
+        self._bindings[purpose] = (key, buffers, io, values)
         return io
+
+    def _sync_to_host(self, purpose: str) -> None:
+        """Before the host copies are read or rearranged: bring the device buffers' contents
+        back and drop their binding (the next step binds fresh device buffers from the host).
+        A no-op on CPU, where the host arrays are the buffers."""
+        cached = self._bindings.pop(purpose, None)
+        if cached is None or not self.device_buffers:
+            return
+        rows = cached[0][0]
+        for buf, value in zip(cached[1], cached[3], strict=True):
+            buf[:rows] = value.numpy()
 
     def _run(self, purpose: str, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray],
              logits: np.ndarray) -> np.ndarray:
@@ -235,6 +276,7 @@ class FastEngine(BatchEngine):
     def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
         state = PrefillState()
         self._prefill_active = True
+        self._sync_to_host("prefill")
         if prefix is not None:
             self._ensure_scratch(prefix_length + 1)
             for buf, kv in zip(self._scratch, prefix, strict=True):
@@ -253,6 +295,8 @@ class FastEngine(BatchEngine):
         return out[0, -1]
 
     def join(self, state: PrefillState) -> None:
+        self._sync_to_host("prefill")
+        self._sync_to_host("decode")
         row = len(self._lengths)
         self._ensure(rows=row + 1, cap=state.length + 1)
         for buf, scratch in zip(self._kv, self._scratch, strict=True):
@@ -284,11 +328,13 @@ class FastEngine(BatchEngine):
         return logits[:, 0, :]
 
     def row_cache(self, row: int) -> KVCache:
+        self._sync_to_host("decode")
         length = self._lengths[row]
         return [buf[row : row + 1, :, :length].copy() for buf in self._kv]
 
     def remove(self, rows: list[int]) -> None:
         """Drops rows, moving later rows up so [0, B) stays dense."""
+        self._sync_to_host("decode")
         gone = set(rows)
         keep = [i for i in range(len(self._lengths)) if i not in gone]
         for dst, src in enumerate(keep):

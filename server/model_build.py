@@ -201,14 +201,20 @@ def build_quantized(fp32_dir: Path, out_dir: Path, bits: int = 4) -> dict[str, i
     return routes
 
 
-def build_int4(fp32_dir: Path, out_dir: Path) -> dict:
+def kv_dtype_for(device: str) -> str:
+    """The fast graph's KV layout for a device: fp16 on CUDA (its attention kernel's only
+    float type), fp32 on CPU (where fp16 attention is the slower one)."""
+    return "float16" if device.startswith("cuda") else "float32"
+
+
+def build_int4(fp32_dir: Path, out_dir: Path, kv_dtype: str = "float32") -> dict:
     """The int4 variant: the fast GQA graph where the architecture allows it, else MatMulNBits
     in optimum's own graph. Returns the manifest fields that describe what was built."""
     from .fast_graph import FastGraphUnsupported, build_fast_graph
 
     try:
-        routes = build_fast_graph(fp32_dir, out_dir, bits=4)
-        return {"graph": "gqa", "quantization": {
+        routes = build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype)
+        return {"graph": "gqa", "kv_dtype": kv_dtype, "quantization": {
             "routes": routes, "accuracy_levels": "linears 0, lm_head 8-bit at 4"}}
     except FastGraphUnsupported:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -216,12 +222,15 @@ def build_int4(fp32_dir: Path, out_dir: Path) -> dict:
         return {"graph": "optimum", "quantization": {"routes": routes, "accuracy_levels": "0, lm_head 8-bit at 4"}}
 
 
-def _current(folder: Path) -> bool:
-    """A built model folder whose manifest is of the current build format."""
+def _current(folder: Path, kv_dtype: str | None = None) -> bool:
+    """A built model folder whose manifest is of the current build format (and KV layout)."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("build", 0) >= BUILD_VERSION
+        manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if kv_dtype is not None and manifest.get("graph") == "gqa" and manifest.get("kv_dtype", "float32") != kv_dtype:
+        return False
+    return manifest.get("build", 0) >= BUILD_VERSION
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -230,15 +239,18 @@ def _install(tmp: Path, final: Path) -> None:
     tmp.replace(final)
 
 
-def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool = False) -> str:
-    """Builds catalogue model NAME into the store; returns the id its alias points to."""
+def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool = False, device: str = "cpu") -> str:
+    """Builds catalogue model NAME into the store; returns the id its alias points to.
+
+    `device="cuda"` builds the int4 graph in the CUDA layout (fp16 KV cache)."""
+    kv_dtype = kv_dtype_for(device)
     entry = CATALOGUE.get(name)
     if entry is None:
         raise BuildError(f"unknown model {name!r}; can pull: {', '.join(sorted(CATALOGUE))}")
     fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
     fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)
     aliases = store.aliases()
-    if not force and _current(fp32_dir) and _current(int4_dir) and name in aliases:
+    if not force and _current(fp32_dir) and _current(int4_dir, kv_dtype) and name in aliases:
         progress(f"{name}: already in {store.root} ({name} -> {aliases[name]})")
         return aliases[name]
 
@@ -266,7 +278,7 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
         write_model_manifest(fp32_tmp, fp32_id, source, "fp32", params)
         step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into MatMulNBits, fast decoding graph")
         int4_tmp = work / "int4"
-        int4_extra = build_int4(fp32_tmp, int4_tmp)
+        int4_extra = build_int4(fp32_tmp, int4_tmp, kv_dtype)
         write_model_manifest(int4_tmp, int4_id, source, "int4", params, int4_extra)
         step(6, "measuring int4 against fp32 (teacher-forced, fixed text)")
         from .quality import compare

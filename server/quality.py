@@ -45,11 +45,12 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int]) -> n
     from .batch_engine import FastEngine
     from .fast_graph import build_fast_graph, full_logits
 
+    engine = FastEngine(candidate, context_length=len(tokens) + 1)
+    kv_dtype = np.dtype(engine.dtype).name
     with tempfile.TemporaryDirectory() as tmp:
         twin = Path(tmp)
-        build_fast_graph(reference, twin, last_only=False)
+        build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype)
         logits = full_logits(twin, tokens)
-    engine = FastEngine(candidate, context_length=len(tokens) + 1)
     probe = 64
     own = engine.prefill(engine.new_prefill(), tokens[:probe])
     diff = float(np.abs(own - logits[probe - 1]).max())
