@@ -187,7 +187,6 @@ class FastEngine(BatchEngine):
         keep = min(cap, self._cap)
         for old, new in zip(self._kv, fresh, strict=False):
             new[:n, :, :keep] = old[:n, :, :keep]
-        self._bindings.pop("decode", None)  # it holds the old buffers
         self._kv, self._rows, self._cap = fresh, rows, cap
         self._logits = np.zeros((rows, 1, self.vocab), dtype=np.float32)
 
@@ -214,7 +213,6 @@ class FastEngine(BatchEngine):
         fresh = [np.zeros((1, self.kv_heads, new_cap, self.head_dim), dtype=self.dtype) for _ in self.names]
         for old, new in zip(self._scratch, fresh, strict=False):
             new[:, :, : self._scratch_cap] = old
-        self._bindings.pop("prefill", None)
         self._scratch, self._scratch_cap = fresh, new_cap
 
     def _binding(self, purpose: str, buffers: list[np.ndarray], rows: int) -> ort.IOBinding:
