@@ -54,6 +54,8 @@ from common import (  # noqa: E402
     write_json,
 )
 
+from tokenwire.server.batch_engine import choose_kernels  # noqa: E402
+from tokenwire.server.fast_graph import GRAPH, NATIVE_GRAPH  # noqa: E402
 from tokenwire.server.store import ModelStore  # noqa: E402
 from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
@@ -98,12 +100,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def weight_bytes(model_dir: Path) -> dict[str, int]:
-    """The int4 model's weights file, and the part of it that a decode step does not read in full
-    (initializers only ever gathered from: the embedding table, one row per token)."""
+def weight_bytes(model_dir: Path, graph_file: str) -> dict[str, int]:
+    """The served graph's weights file, and the part of it that a decode step does not read in
+    full (initializers only ever gathered from: the embedding table, one row per token)."""
     import onnx
 
-    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(model_dir / graph_file), load_external_data=False).graph
     sizes = {}
     for t in graph.initializer:
         ext = {kv.key: kv.value for kv in t.external_data}
@@ -114,7 +116,7 @@ def weight_bytes(model_dir: Path) -> dict[str, int]:
             if name in sizes:
                 users.setdefault(name, set()).add(node.op_type)
     gathered = sum(sizes[name] for name, ops in users.items() if ops == {"Gather"})
-    return {"file": (model_dir / "model.onnx.data").stat().st_size, "gathered_only": gathered}
+    return {"file": (model_dir / (graph_file + ".data")).stat().st_size, "gathered_only": gathered}
 
 
 # ---- tokenwire over gRPC ----------------------------------------------------------------------
@@ -385,7 +387,7 @@ def report(args, out: dict) -> None:
 
     bw = out["bandwidth"]
     print(f"\nachieved memory bandwidth, tokenwire decode: {bw['weights_file_bytes'] / 1e6:.1f} MB of weights "
-          f"(model.onnx.data) × {tw['decode_tps']:.1f} tok/s = {bw['achieved_gbs']:.1f} GB/s "
+          f"({out.get('kernels', 'onnxruntime')} kernels' graph) × {tw['decode_tps']:.1f} tok/s = {bw['achieved_gbs']:.1f} GB/s "
           f"({bw['achieved_gbs_without_gathered']:.1f} GB/s leaving out the {bw['gathered_only_bytes'] / 1e6:.0f} MB "
           f"embedding table, of which a step reads one row); machine copy bandwidth "
           f"{bw['copy_gbs']:.1f} GB/s (numpy copy of 1 GiB, read + write, best of 5)")
@@ -468,7 +470,9 @@ def main() -> None:
         print(f"{args.streams} streams: {', '.join(servers)}, {args.runs} rounds", flush=True)
         out["streams"] = run_streams(args, servers)
 
-    sizes = weight_bytes(model.path)
+    kernels, _ = choose_kernels(model.path)  # what the server (--kernels auto) runs
+    sizes = weight_bytes(model.path, NATIVE_GRAPH if kernels == "native" else GRAPH)
+    out["kernels"] = kernels
     tps = out["single"]["median"]["tokenwire"]["decode_tps"]
     out["bandwidth"] = {"weights_file_bytes": sizes["file"], "gathered_only_bytes": sizes["gathered_only"],
                         "achieved_gbs": sizes["file"] * tps / 1e9,

@@ -1,8 +1,10 @@
 """Single-stream speed of each default variant over gRPC: decode tok/s and time to first token.
 
-Runs its own server, then per variant (interleaved, after a warm-up): 5 generations of 128
-greedy tokens from a short prompt (decode tok/s, from the server's usage) and 5 prefills of a
-533-token prompt (time to first token as the client sees it). Prints medians, writes JSON.
+Runs two servers (default kernels, and `--kernels onnxruntime` so the int4 model's native
+kernels are compared with onnxruntime's on the same weights), then per variant (interleaved,
+after a warm-up): 5 generations of 128 greedy tokens from a short prompt (decode tok/s, from
+the server's usage), 5 prefills of a 533-token prompt (time to first token as the client sees
+it) and decodes at 100 and 2,000 tokens of context. Prints medians, writes JSON.
 
     .venv/bin/python bench/bench_single.py [--runs 5]
 """
@@ -24,7 +26,13 @@ from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
-VARIANTS = ["smollm2-135m:int4", "smollm2-135m:fp32"]
+INT4, FP32 = "smollm2-135m:int4", "smollm2-135m:fp32"
+# label -> (model, server): "default" serves with --kernels auto, "onnxruntime" with --kernels onnxruntime.
+VARIANTS = {
+    INT4: (INT4, "default"),
+    INT4 + " (onnxruntime kernels)": (INT4, "onnxruntime"),
+    FP32: (FP32, "default"),
+}
 
 
 def generate(stub, model: str, prompt: str, max_tokens: int) -> tuple[float, pb.Usage]:
@@ -48,27 +56,30 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = ModelStore()
-    tokenizer = TokenizerBundle(store.get(VARIANTS[0]).path)
+    tokenizer = TokenizerBundle(store.get(INT4).path)
     prompt_533 = long_prompt(tokenizer, 533)
     n_long = len(tokenizer.encode(prompt_533))
     prompt_100, prompt_2000 = long_prompt(tokenizer, 100), long_prompt(tokenizer, 2000)
     results: dict[str, dict[str, list[float]]] = {
         v: {"decode_tps": [], "ttft_short_ms": [], "ttft_533_ms": [], "decode_tps_ctx100": [], "decode_tps_ctx2000": []}
         for v in VARIANTS}
-    with running_server("--prefix-cache-bytes", "0") as target, grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        for v in VARIANTS:  # load + warm up
-            generate(stub, v, SHORT_PROMPT, 16)
-            generate(stub, v, prompt_533, 1)
+    with (running_server("--prefix-cache-bytes", "0") as default,
+          running_server("--prefix-cache-bytes", "0", "--kernels", "onnxruntime") as plain,
+          grpc.insecure_channel(default) as ch_default, grpc.insecure_channel(plain) as ch_plain):
+        stubs = {"default": pb_grpc.InferenceStub(ch_default), "onnxruntime": pb_grpc.InferenceStub(ch_plain)}
+        for model, server in VARIANTS.values():  # load + warm up
+            generate(stubs[server], model, SHORT_PROMPT, 16)
+            generate(stubs[server], model, prompt_533, 1)
         for _ in range(args.runs):
-            for v in VARIANTS:
-                ttft, usage = generate(stub, v, SHORT_PROMPT, 128)
+            for v, (model, server) in VARIANTS.items():
+                stub = stubs[server]
+                ttft, usage = generate(stub, model, SHORT_PROMPT, 128)
                 results[v]["decode_tps"].append(usage.decode_tokens_per_second)
                 results[v]["ttft_short_ms"].append(ttft)
-                ttft, _ = generate(stub, v, prompt_533, 1)
+                ttft, _ = generate(stub, model, prompt_533, 1)
                 results[v]["ttft_533_ms"].append(ttft)
                 for key, prompt in (("decode_tps_ctx100", prompt_100), ("decode_tps_ctx2000", prompt_2000)):
-                    results[v][key].append(generate(stub, v, prompt, 128)[1].decode_tokens_per_second)
+                    results[v][key].append(generate(stub, model, prompt, 128)[1].decode_tokens_per_second)
     rows = []
     summary = {}
     for v in VARIANTS:

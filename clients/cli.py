@@ -32,6 +32,9 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=d.models_dir, help="model store (env TOKENWIRE_MODELS)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="execution provider (env TOKENWIRE_DEVICE)")
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads, 0 = all cores")
+    p.add_argument("--kernels", choices=["auto", "native", "onnxruntime"], default=d.kernels,
+                   help="linear kernels of int4 models on CPU: tokenwire's native AVX-512 ones when available "
+                        "(auto), required (native), or onnxruntime's (env TOKENWIRE_KERNELS)")
     p.add_argument("--max-batch", "--max-running", dest="max_batch", type=int, default=d.max_batch,
                    help="sequences decoded together per model (env TOKENWIRE_MAX_BATCH)")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
@@ -87,6 +90,7 @@ def _server_config(args: argparse.Namespace):
         models_dir=args.models_dir,
         device=args.device,
         threads=args.threads,
+        kernels=args.kernels,
         max_batch=args.max_batch,
         queue_size=args.queue_size,
         prefill_chunk=args.prefill_chunk,
@@ -281,7 +285,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     exe = [sys.executable, "-m", "tokenwire.clients.cli"]
     server_args = ["serve", "--host", args.host, "--port", str(args.port), "--models-dir", str(args.models_dir),
-                   "--device", args.device, "--threads", str(args.threads), "--max-batch", str(args.max_batch),
+                   "--device", args.device, "--threads", str(args.threads), "--kernels", args.kernels, "--max-batch", str(args.max_batch),
                    "--queue-size", str(args.queue_size), "--prefill-chunk", str(args.prefill_chunk),
                    "--max-streams-per-user", str(args.max_streams_per_user),
                    "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port),

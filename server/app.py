@@ -41,7 +41,7 @@ async def start_server(
     if config.metrics_port:
         metrics.serve_http(config.host, config.metrics_port)
     manager = ModelManager(
-        ModelStore(config.models_dir), device=config.device, threads=config.threads,
+        ModelStore(config.models_dir), device=config.device, threads=config.threads, kernels=config.kernels,
         scheduler_config=config.scheduler_config(), metrics=metrics, limits=config.model_limits(),
     )
     chats = chats or open_chat_store(config)

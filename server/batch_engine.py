@@ -19,14 +19,16 @@ Prefix-cache entries use one format for both: per layer [1, kv_heads, length, he
 from __future__ import annotations
 
 import json
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import native_kernels
 from .decoder import KVCache, OnnxDecoder, make_session
-from .fast_graph import kv_numpy_dtype
+from .fast_graph import GRAPH, NATIVE_GRAPH, kv_numpy_dtype
 from .kv_batch import KVBatch
 
 
@@ -136,8 +138,12 @@ class FastEngine(BatchEngine):
     """
 
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 2048,
-                 device_buffers: bool | None = None) -> None:
-        self.session = make_session(model_dir / "model.onnx", device, threads)
+                 device_buffers: bool | None = None, kernels: str | None = None) -> None:
+        self.kernels, self.kernels_note = choose_kernels(model_dir, device, kernels)
+        if self.kernels == "native":
+            self.session = make_session(model_dir / NATIVE_GRAPH, device, threads, custom_ops=native_kernels.require())
+        else:
+            self.session = make_session(model_dir / GRAPH, device, threads)
         self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.device_id = int(device.split(":", 1)[1]) if ":" in device else 0
         self.device_buffers = (self.device != "cpu") if device_buffers is None else device_buffers
@@ -349,6 +355,31 @@ class FastEngine(BatchEngine):
         self._scratch, self._scratch_cap = [], 0
         self._bindings.pop("prefill", None)
         self._realloc(1, 256)
+
+
+def choose_kernels(model_dir: Path, device: str = "cpu", kernels: str | None = None) -> tuple[str, str]:
+    """Which graph of a fast model to run: ("native" | "onnxruntime", why, when not native).
+
+    `kernels` (else TOKENWIRE_KERNELS, else "auto"): "auto" takes the native kernels where the
+    model has them and this machine can run them; "native" insists (ValueError saying why
+    not); "onnxruntime" never uses them."""
+    choice = kernels or os.environ.get("TOKENWIRE_KERNELS") or "auto"
+    if choice not in native_kernels.CHOICES:
+        raise ValueError(f"kernels must be one of {', '.join(native_kernels.CHOICES)}, not {choice!r}")
+    if choice == "onnxruntime":
+        return "onnxruntime", "asked for onnxruntime's kernels"
+    if device != "cpu":
+        why = f"the native kernels are CPU kernels (device {device})"
+    elif not (model_dir / NATIVE_GRAPH).is_file():
+        why = f"{model_dir.name} has no {NATIVE_GRAPH} (pull it again to build one)"
+    else:
+        lib = native_kernels.library()
+        why = lib.reason if lib.path is None else ""
+    if not why:
+        return "native", ""
+    if choice == "native":
+        raise ValueError(f"native kernels unavailable: {why}")
+    return "onnxruntime", why
 
 
 def is_fast_graph(model_dir: Path) -> bool:

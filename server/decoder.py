@@ -44,8 +44,12 @@ def providers_for(device: str) -> list[str]:
     raise DeviceUnavailable(f"unknown device {device!r}: use cpu or cuda")
 
 
-def make_session(model_path: Path, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+def make_session(model_path: Path, device: str = "cpu", threads: int = 0,
+                 custom_ops: Path | None = None) -> ort.InferenceSession:
+    """`custom_ops`: a custom-op library to register (tokenwire's native kernels)."""
     opts = ort.SessionOptions()
+    if custom_ops is not None:
+        opts.register_custom_ops_library(str(custom_ops))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads

@@ -14,6 +14,11 @@ SmolLM2), emits the layout onnxruntime-genai's builder uses, in plain onnxruntim
   around GroupQueryAttention), so each Q4_1 minimum correction and its addition is a single
   `Gemm` — a decode step at batch 1 is ~600 small kernels, and per-kernel overhead counts.
 
+Two files from the same weights: `model.onnx` with onnxruntime's kernels (any device) and,
+for CPUs with AVX-512 VNNI, `model_native.onnx` where each linear is one node of tokenwire's
+own `ai.tokenwire.Linear` op (server/native): Q4_1 blocks with their float minimum computed
+exactly, activations rounded to int16 per block, no correction nodes (~300 kernels a step).
+
 Inputs: input_ids [B, S] int64, attention_mask [B, T] int64 (row b: ones for its tokens,
 right-padded), past_key_values.N.key/value [B, kvh, capacity, hd]. Outputs: logits
 [B, 1, V] (last position), present.N.key/value (the same buffers).
@@ -27,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .native_pack import DOMAIN as NATIVE_DOMAIN
+from .native_pack import NativeEmitter
 from .quantize import NBitsEmitter
 
 SUPPORTED = ("llama", "mistral")
@@ -46,13 +53,18 @@ def _level_policy(name: str) -> int:
 
 
 KV_DTYPES = ("float32", "float16")
+GRAPH = "model.onnx"  # onnxruntime's own kernels (MatMulNBits + the Q4_1 correction); any device
+NATIVE_GRAPH = "model_native.onnx"  # tokenwire's Linear op (server/native); CPU with AVX-512 VNNI
 
 
 def build_fast_graph(
     fp32_dir: Path, out_dir: Path, bits: int = 4, level_for=_level_policy, last_only: bool = True,
-    kv_dtype: str = "float32",
+    kv_dtype: str = "float32", native: bool = False,
 ) -> dict[str, int]:
     """Writes the fast graph; `last_only=False` keeps logits of every position (for evaluation).
+
+    `native=True` writes NATIVE_GRAPH instead of GRAPH: every linear is one `ai.tokenwire.Linear`
+    node (server/native_pack.py) in place of MatMulNBits and its correction; the rest is the same.
 
     `kv_dtype="float16"` is the CUDA layout: onnxruntime's CUDA GroupQueryAttention takes
     fp16 only, so attention (and the KV buffers) run in fp16 between two Casts while the rest
@@ -100,7 +112,9 @@ def build_fast_graph(
     def tensor(name: str) -> np.ndarray:
         return numpy_helper.to_array(inits[name])
 
-    em = NBitsEmitter(two_d=True)
+    if native and half:
+        raise ValueError("the native kernels are CPU kernels; the CUDA layout uses onnxruntime's")
+    em = NativeEmitter() if native else NBitsEmitter(two_d=True)
     nodes = em.nodes
     extra_inits = []
 
@@ -121,7 +135,7 @@ def build_fast_graph(
         on whether it decodes alone or in a batch. One zero row appended to the input keeps
         every call on the M >= 2 path; its output row is dropped.
         """
-        if level != 4:
+        if level != 4 or native:
             em.linear(x, w, out, base, bits, level, lm_head=lm_head)
             return
         k = w.shape[0]
@@ -240,11 +254,15 @@ def build_fast_graph(
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
     graph = helper.make_graph(nodes, "tokenwire_fast_decoder", inputs, outputs, initializer=em.inits + extra_inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    if native:
+        opsets.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(out_dir / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=1024)
+    name = NATIVE_GRAPH if native else GRAPH
+    onnx.save_model(model, str(out_dir / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=name + ".data", size_threshold=1024)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja"):
         if (fp32_dir / name).is_file():
@@ -258,13 +276,17 @@ def kv_numpy_dtype(session) -> type:
     return np.float16 if kinds == {"tensor(float16)"} else np.float32
 
 
-def full_logits(model_dir: Path, tokens: list[int]) -> np.ndarray:
+def full_logits(model_dir: Path, tokens: list[int], native: bool = False) -> np.ndarray:
     """Logits [len, vocab] of every position of a `last_only=False` fast graph, one pass."""
     import onnxruntime as ort
 
+    from . import native_kernels
     from .decoder import make_session
 
-    session = make_session(model_dir / "model.onnx")
+    if native:
+        session = make_session(model_dir / NATIVE_GRAPH, custom_ops=native_kernels.require())
+    else:
+        session = make_session(model_dir / GRAPH)
     config = json.loads((model_dir / "config.json").read_text())
     n_heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or n_heads)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fast_graph import GRAPH, NATIVE_GRAPH
 from .store import (
     DEFAULT_ALIAS_KEY,
     MANIFEST,
@@ -41,7 +42,7 @@ MODEL_FILES = (
 )
 MIN_TOP1_FOR_INT4 = 0.95
 # Bumped when pull's output changes, so `pull` rebuilds stores made by older versions.
-BUILD_VERSION = 4
+BUILD_VERSION = 5
 
 Progress = Callable[[str], None]
 
@@ -214,12 +215,24 @@ def build_int4(fp32_dir: Path, out_dir: Path, kv_dtype: str = "float32") -> dict
 
     try:
         routes = build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype)
-        return {"graph": "gqa", "kv_dtype": kv_dtype, "quantization": {
+        extra = {"graph": "gqa", "kv_dtype": kv_dtype, "quantization": {
             "routes": routes, "accuracy_levels": "linears 0, lm_head 8-bit at 4"}}
+        if native_kernels_wanted(kv_dtype):
+            build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype, native=True)
+            extra["kernels"] = {"native": {"graph": NATIVE_GRAPH, "activations": "int16 per block of 32"}}
+        return extra
     except FastGraphUnsupported:
         shutil.rmtree(out_dir, ignore_errors=True)
         routes = build_quantized(fp32_dir, out_dir, bits=4)
         return {"graph": "optimum", "quantization": {"routes": routes, "accuracy_levels": "0, lm_head 8-bit at 4"}}
+
+
+def native_kernels_wanted(kv_dtype: str) -> bool:
+    """Whether to build the native-kernel graph too: the CPU layout, on a machine that can run
+    (and so measure) it. A store built elsewhere gets it at its next pull here."""
+    from . import native_kernels
+
+    return kv_dtype == "float32" and native_kernels.library().path is not None
 
 
 def _current(folder: Path, kv_dtype: str | None = None) -> bool:
@@ -228,8 +241,11 @@ def _current(folder: Path, kv_dtype: str | None = None) -> bool:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    if kv_dtype is not None and manifest.get("graph") == "gqa" and manifest.get("kv_dtype", "float32") != kv_dtype:
-        return False
+    if kv_dtype is not None and manifest.get("graph") == "gqa":
+        if manifest.get("kv_dtype", "float32") != kv_dtype:
+            return False
+        if native_kernels_wanted(kv_dtype) and not (folder / NATIVE_GRAPH).is_file():
+            return False
     return manifest.get("build", 0) >= BUILD_VERSION
 
 
@@ -276,15 +292,23 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
         fp32_tmp = work / "fp32"
         export_onnx(checkpoint, fp32_tmp)
         write_model_manifest(fp32_tmp, fp32_id, source, "fp32", params)
-        step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into MatMulNBits, fast decoding graph")
+        step(5, "building int4: GGUF Q4_1/Q8_0 blocks carried into the fast decoding graph "
+                "(onnxruntime's MatMulNBits, and tokenwire's native kernels where this CPU has them)")
         int4_tmp = work / "int4"
         int4_extra = build_int4(fp32_tmp, int4_tmp, kv_dtype)
         write_model_manifest(int4_tmp, int4_id, source, "int4", params, int4_extra)
         step(6, "measuring int4 against fp32 (teacher-forced, fixed text)")
         from .quality import compare
 
-        quality = compare(fp32_tmp, int4_tmp)
         manifest = json.loads((int4_tmp / MANIFEST).read_text())
+        # Each graph is measured; the top-level figure is the one that serves by default.
+        quality = compare(fp32_tmp, int4_tmp, kernels="onnxruntime")
+        kinds = manifest.get("kernels", {})
+        if "native" in kinds:
+            native_quality = compare(fp32_tmp, int4_tmp, kernels="native")
+            kinds["native"]["quality"] = {**native_quality, "reference": fp32_id}
+            kinds["onnxruntime"] = {"graph": GRAPH, "quality": {**quality, "reference": fp32_id}}
+            quality = native_quality
         manifest["quality"] = {**quality, "reference": fp32_id}
         write_manifest(int4_tmp, manifest)
         _install(fp32_tmp, fp32_dir)

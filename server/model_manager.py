@@ -165,6 +165,7 @@ class ModelManager:
         device: str = "cpu",
         threads: int = 0,
         scheduler_config: SchedulerConfig | None = None,
+        kernels: str = "auto",
         limits: ModelLimits | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -173,6 +174,7 @@ class ModelManager:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = device
         self.threads = threads
+        self.kernels = kernels
         self.limits = limits or ModelLimits()
         self.rss = process_memory.rss_bytes  # replaceable in tests
         self._cond = threading.Condition()
@@ -351,7 +353,11 @@ class ModelManager:
         if is_fast_graph(path):
             decoder = None
             engine = FastEngine(path, device=self.device, threads=self.threads,
-                                context_length=entry.context_length or 2048)
+                                context_length=entry.context_length or 2048, kernels=self.kernels)
+            if engine.kernels == "native":
+                say("loading", "linears on tokenwire's native AVX-512 kernels")
+            elif self.device == "cpu":
+                say("loading", f"linears on onnxruntime's kernels: {engine.kernels_note}")
         else:
             decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
             engine = OptimumEngine(decoder)

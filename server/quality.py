@@ -34,7 +34,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int]) -> np.ndarray:
+def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int], kernels: str | None) -> np.ndarray:
     """Every position's logits of a fast graph (which computes only the last position).
 
     Its evaluation twin is rebuilt from the same fp32 weights with every position kept; the
@@ -45,12 +45,13 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int]) -> n
     from .batch_engine import FastEngine
     from .fast_graph import build_fast_graph, full_logits
 
-    engine = FastEngine(candidate, context_length=len(tokens) + 1)
+    engine = FastEngine(candidate, context_length=len(tokens) + 1, kernels=kernels)
     kv_dtype = np.dtype(engine.dtype).name
+    native = engine.kernels == "native"
     with tempfile.TemporaryDirectory() as tmp:
         twin = Path(tmp)
-        build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype)
-        logits = full_logits(twin, tokens)
+        build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype, native=native)
+        logits = full_logits(twin, tokens, native=native)
     probe = 64
     own = engine.prefill(engine.new_prefill(), tokens[:probe])
     diff = float(np.abs(own - logits[probe - 1]).max())
@@ -59,7 +60,9 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int]) -> n
     return logits
 
 
-def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, float]:
+def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKENS,
+            kernels: str | None = None) -> dict[str, float]:
+    """`kernels` picks a fast graph's linear kernels (batch_engine.choose_kernels)."""
     tokens = TokenizerBundle(reference).encode(eval_text())[:max_tokens]
     if len(tokens) < MIN_TOKENS and max_tokens >= MIN_TOKENS:
         raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than {MIN_TOKENS}")
@@ -67,7 +70,7 @@ def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKE
 
     ref_logits = OnnxDecoder(reference / "model.onnx").full_logits(tokens)
     if is_fast_graph(candidate):
-        cand_logits = _fast_graph_logits(reference, candidate, tokens)
+        cand_logits = _fast_graph_logits(reference, candidate, tokens, kernels)
     else:
         cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
     targets = np.asarray(tokens[1:])
@@ -96,8 +99,10 @@ def main() -> None:
     parser.add_argument("reference", type=Path, help="fp32 model folder")
     parser.add_argument("candidate", type=Path, help="quantized model folder")
     parser.add_argument("--write", action="store_true", help="record the figures in the candidate's manifest")
+    parser.add_argument("--kernels", choices=["auto", "native", "onnxruntime"], default=None,
+                        help="a fast graph's linear kernels (default: TOKENWIRE_KERNELS, else auto)")
     args = parser.parse_args()
-    result = compare(args.reference, args.candidate)
+    result = compare(args.reference, args.candidate, kernels=args.kernels)
     print(json.dumps(result, indent=2))
     if args.write:
         manifest = read_manifest(args.candidate)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from tokenwire.server.batch_engine import FastEngine
-from tokenwire.server.fast_graph import build_fast_graph
-from tokenwire.server.model_build import BUILD_VERSION, _current
+from tokenwire.server.fast_graph import NATIVE_GRAPH, build_fast_graph
+from tokenwire.server.model_build import BUILD_VERSION, _current, native_kernels_wanted
 from tokenwire.server.tokenizer import TokenizerBundle
 
 
@@ -60,7 +60,8 @@ def fp16_kv_dir(fp32_dir: Path, tmp_path_factory) -> Path:
 
 
 def test_cuda_layout_keeps_fp16_kv_and_decodes_like_fp32(fp16_kv_dir: Path, int4_dir: Path) -> None:
-    fp16, fp32 = FastEngine(fp16_kv_dir, context_length=256), FastEngine(int4_dir, context_length=256)
+    fp16 = FastEngine(fp16_kv_dir, context_length=256)
+    fp32 = FastEngine(int4_dir, context_length=256, kernels="onnxruntime")  # the same linears as fp16's graph
     assert fp16.dtype == np.float16 and fp32.dtype == np.float32
     tok = TokenizerBundle(int4_dir)
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
@@ -95,6 +96,10 @@ def test_cuda_layout_kv_cache_matches_full_recompute(fp16_kv_dir: Path) -> None:
 
 def test_pull_rebuilds_when_the_kv_layout_differs(tmp_path: Path) -> None:
     (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION, "graph": "gqa", "kv_dtype": "float32"}))
+    # This machine runs the native kernels, so a CPU-layout folder without their graph is stale.
+    assert native_kernels_wanted("float32") and not native_kernels_wanted("float16")
+    assert not _current(tmp_path, "float32")
+    (tmp_path / NATIVE_GRAPH).write_bytes(b"")
     assert _current(tmp_path, "float32")
     assert not _current(tmp_path, "float16")
     (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION - 1, "graph": "gqa"}))

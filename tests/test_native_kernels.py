@@ -1,0 +1,237 @@
+"""tokenwire's native Linear op (server/native): packing, the op in a real onnxruntime
+session, the decoding graph built on it, and the choice between it and onnxruntime's kernels.
+
+The op computes Q4_1 / Q8_0 weights exactly with activations rounded to int16 per block of 32,
+so against an fp64 reference its relative error is ~3e-5; every row is computed alike whatever
+the number of rows, so a sequence decodes bit for bit the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tokenwire.server import native_kernels
+from tokenwire.server.batch_engine import FastEngine, OptimumEngine, choose_kernels
+from tokenwire.server.decoder import OnnxDecoder, make_session
+from tokenwire.server.fast_graph import NATIVE_GRAPH, build_fast_graph, full_logits
+from tokenwire.server.native_pack import DOMAIN, NativeEmitter, dequantize, pack
+from tokenwire.server.quantize import BLOCK, quantize_weight
+from tokenwire.server.store import read_manifest
+from tokenwire.server.tokenizer import TokenizerBundle
+
+
+def _grid_weight(rng: np.random.Generator, k: int, n: int, bits: int) -> np.ndarray:
+    """A [K, N] weight on llama.cpp's Q4_1 (bits 4) or Q8_0 (bits 8) grid."""
+    kb = k // BLOCK
+    if bits == 4:
+        q = rng.integers(0, 16, (k, n))
+        q[0::BLOCK], q[1::BLOCK] = 0, 15  # each block spans its full range, as Q4_1 blocks do
+        d, m = rng.random((kb, 1, n)) * 0.01 + 1e-3, -rng.random((kb, 1, n)) * 0.05
+        return (q.reshape(kb, BLOCK, n) * d + m).reshape(k, n).astype(np.float32)
+    q = rng.integers(-127, 128, (k, n))
+    q[0::BLOCK] = 127
+    d = rng.random((kb, 1, n)) * 0.001 + 1e-4
+    return (q.reshape(kb, BLOCK, n) * d).reshape(k, n).astype(np.float32)
+
+
+def _nbits_dequantized(qw, k: int, n: int) -> np.ndarray:
+    """What MatMulNBits (+ the Q4_1 correction) computes with a QuantizedWeight: [K, N] fp64."""
+    kb = k // BLOCK
+    d = qw.scales.reshape(n, kb).astype(np.float64)
+    if qw.bits == 4:
+        codes = np.empty((n, kb, BLOCK), dtype=np.uint8)
+        packed = qw.codes.reshape(n, kb, BLOCK // 2)
+        codes[..., 0::2], codes[..., 1::2] = packed & 0x0F, packed >> 4
+        zp_packed = qw.zero_points.reshape(n, -1)
+        zp = np.empty((n, zp_packed.shape[1] * 2), dtype=np.uint8)
+        zp[:, 0::2], zp[:, 1::2] = zp_packed & 0x0F, zp_packed >> 4
+        w = (codes - zp[:, :kb, None].astype(np.float64)) * d[..., None]
+        if qw.mins is not None:
+            w += qw.mins.T[..., None]
+    else:
+        zp = qw.zero_points.reshape(n, kb).astype(np.float64)
+        w = (qw.codes.reshape(n, kb, BLOCK) - zp[..., None]) * d[..., None]
+    return w.reshape(n, k).T
+
+
+@pytest.mark.parametrize(("bits", "lm_head", "grid", "route"), [
+    (4, False, True, "q4_1"), (4, False, False, "asym4"), (8, True, True, "q8_0"), (8, True, False, "asym8")])
+def test_packing_keeps_every_route_exact(bits: int, lm_head: bool, grid: bool, route: str) -> None:
+    rng = np.random.default_rng(bits)
+    k, n = 96, 40  # N not a multiple of the 16-column tile: padding must not leak
+    w = _grid_weight(rng, k, n, bits) if grid else rng.standard_normal((k, n)).astype(np.float32)
+    qw = quantize_weight(w, bits, lm_head=lm_head)
+    assert qw.route == route
+    packed = pack(qw, k, n)
+    # exact up to float32 rounding of the folded minimum (m = -d·zp)
+    np.testing.assert_allclose(dequantize(packed), _nbits_dequantized(qw, k, n), rtol=1e-6, atol=1e-6)
+    if grid:
+        np.testing.assert_allclose(dequantize(packed), w, rtol=1e-5, atol=1e-6)
+
+
+def _linear_session(w: np.ndarray, bits: int, lm_head: bool) -> ort.InferenceSession:
+    em = NativeEmitter()
+    em.linear("x", w, "y", "w", bits, 0, lm_head=lm_head)
+    graph = helper.make_graph(
+        em.nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=em.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(native_kernels.require()))
+    opts.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(("bits", "lm_head", "grid", "k", "n"), [
+    (4, False, True, 576, 960), (4, False, True, 1536, 576), (4, False, False, 64, 40),
+    (8, True, True, 576, 1000), (8, True, False, 64, 24)])
+def test_linear_op_matches_fp64_and_is_row_independent(bits: int, lm_head: bool, grid: bool, k: int, n: int) -> None:
+    rng = np.random.default_rng(k + n)
+    w = _grid_weight(rng, k, n, bits) if grid else rng.standard_normal((k, n)).astype(np.float32)
+    qw = quantize_weight(w, bits, lm_head=lm_head)
+    exact = _nbits_dequantized(qw, k, n)
+    session = _linear_session(w, bits, lm_head)
+    for shape in ((1, k), (5, k), (40, k), (2, 3, k)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        x[..., :BLOCK] *= 50  # a block with an outlier: per-block scales keep the others precise
+        y = session.run(None, {"x": x})[0]
+        assert y.shape == (*shape[:-1], n)
+        ref = x.astype(np.float64) @ exact
+        assert np.abs(y - ref).max() / np.abs(ref).max() < 1e-4
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    batch = session.run(None, {"x": x})[0]
+    for row in (0, 4, 8):
+        assert np.array_equal(session.run(None, {"x": x[row:row + 1]})[0][0], batch[row])
+
+
+def test_linear_op_refuses_an_input_of_the_wrong_width() -> None:
+    rng = np.random.default_rng(3)
+    session = _linear_session(_grid_weight(rng, 64, 32, 4), 4, False)
+    with pytest.raises(Exception, match="not K"):
+        session.run(None, {"x": np.ones((1, 96), dtype=np.float32)})
+    assert session.run(None, {"x": np.ones((1, 64), dtype=np.float32)})[0].shape == (1, 32)
+
+
+def test_library_builds_from_scratch_and_reports_why_not(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TOKENWIRE_NATIVE_CACHE", str(tmp_path / "cache"))
+    built = native_kernels._find()
+    assert built.path is not None and built.path.is_relative_to(tmp_path / "cache"), built.reason
+    monkeypatch.setenv("TOKENWIRE_NATIVE_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "/bin/false")
+    failed = native_kernels._find()
+    assert failed.path is None and "compiling the native kernels failed" in failed.reason
+
+
+def test_kernel_choice(int4_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    assert (int4_dir / NATIVE_GRAPH).is_file(), "pull builds the native graph where the machine runs it"
+    assert choose_kernels(int4_dir) == ("native", "")
+    assert choose_kernels(int4_dir, kernels="onnxruntime")[0] == "onnxruntime"
+    assert choose_kernels(int4_dir, device="cuda")[0] == "onnxruntime"
+    with pytest.raises(ValueError, match="CPU kernels"):
+        choose_kernels(int4_dir, device="cuda", kernels="native")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        choose_kernels(int4_dir, kernels="fast")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    kind, why = choose_kernels(bare)
+    assert kind == "onnxruntime" and NATIVE_GRAPH in why
+    monkeypatch.setenv("TOKENWIRE_KERNELS", "onnxruntime")
+    assert choose_kernels(int4_dir)[0] == "onnxruntime"
+    assert FastEngine(int4_dir, context_length=64).kernels == "onnxruntime"
+    assert FastEngine(int4_dir, context_length=64, kernels="native").kernels == "native"
+
+
+def test_pull_measured_both_kernels(int4_dir: Path) -> None:
+    manifest = read_manifest(int4_dir)
+    kinds = manifest["kernels"]
+    assert kinds["native"]["graph"] == NATIVE_GRAPH and kinds["onnxruntime"]["graph"] == "model.onnx"
+    for kind in ("native", "onnxruntime"):
+        assert kinds[kind]["quality"]["tokens"] >= 2000
+        assert kinds[kind]["quality"]["top1_agreement"] >= 0.95
+    assert manifest["quality"]["top1_agreement"] == kinds["native"]["quality"]["top1_agreement"]
+
+
+def _greedy(engine: FastEngine, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    state = engine.new_prefill()
+    logits = engine.prefill(state, ids)
+    engine.join(state)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = engine.step([out[-1]])[0]
+    engine.remove([0])
+    return out, logits
+
+
+@pytest.fixture(scope="module")
+def native_twin(fp32_dir: Path, tmp_path_factory) -> Path:
+    """The native graph with every position's logits, for the no-cache reference."""
+    out = tmp_path_factory.mktemp("native_twin")
+    build_fast_graph(fp32_dir, out, last_only=False, native=True)
+    return out
+
+
+def test_native_kv_cache_decode_matches_full_recompute(int4_dir: Path, native_twin: Path) -> None:
+    engine = FastEngine(int4_dir, context_length=256, kernels="native")
+    tok = TokenizerBundle(int4_dir)
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Name three rivers of Europe."}]))
+    state = engine.new_prefill()
+    cached = [engine.prefill(state, ids[:-7]), engine.prefill(state, ids[-7:])]  # chunked prefill
+    engine.join(state)
+    tokens = []
+    for _ in range(16):
+        tokens.append(int(np.argmax(cached[-1])))
+        cached.append(engine.step([tokens[-1]])[0].copy())
+    full = full_logits(native_twin, ids + tokens, native=True)
+    recomputed = [full[len(ids) - 8], *full[len(ids) - 1:]]
+    for i, (a, b) in enumerate(zip(cached, recomputed, strict=True)):
+        assert np.argmax(a) == np.argmax(b), f"position {i}"
+        # One-row and many-row attention differ by ~1e-6; int16 rounding of activations can
+        # carry that to a few 1e-3 in the logits (measured 8e-3), far below a token's margin.
+        assert np.abs(a - b).max() < 0.05, f"position {i}: {np.abs(a - b).max()}"
+
+
+def test_native_rows_decode_the_same_alone_or_batched(int4_dir: Path) -> None:
+    engine = FastEngine(int4_dir, context_length=256, kernels="native")
+    tok = TokenizerBundle(int4_dir)
+    ids = tok.encode("The longest river in Africa is")
+    alone, alone_last = _greedy(engine, ids, 10)
+    for other in (tok.encode("Once upon a time"), tok.encode("def fibonacci(n):\n    ")):
+        state = engine.new_prefill()
+        engine.prefill(state, other)
+        engine.join(state)
+    state = engine.new_prefill()
+    logits = engine.prefill(state, ids)
+    engine.join(state)
+    batched = []
+    for _ in range(10):
+        batched.append(int(np.argmax(logits)))
+        logits = engine.step([5, 6, batched[-1]])[2]
+    assert batched == alone
+    assert np.array_equal(logits, alone_last)
+
+
+def test_native_kernels_decode_like_fp32(int4_dir: Path, fp32_dir: Path) -> None:
+    """Greedy text of the native int4 graph equals fp32's (onnxruntime's int4 graph, whose
+    lm_head rounds activations to int8, picks "L" over "The" at the first token of this
+    prompt, where fp32 and the native graph agree); both int4 graphs' logits stay close."""
+    tok = TokenizerBundle(int4_dir)
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    native, native_last = _greedy(FastEngine(int4_dir, context_length=256, kernels="native"), ids, 12)
+    reference, _ = _greedy(OptimumEngine(OnnxDecoder(fp32_dir / "model.onnx")), ids, 12)
+    assert native == reference, (tok.decode(native), tok.decode(reference))
+    engines = {k: FastEngine(int4_dir, context_length=256, kernels=k) for k in ("native", "onnxruntime")}
+    first = {}
+    for kind, engine in engines.items():
+        first[kind] = engine.prefill(engine.new_prefill(), ids)
+    assert np.abs(first["native"] - first["onnxruntime"]).max() < 0.5
+
+
+def test_native_session_loads_with_threads_setting(int4_dir: Path) -> None:
+    session = make_session(int4_dir / NATIVE_GRAPH, threads=1, custom_ops=native_kernels.require())
+    assert {n.name for n in session.get_inputs()} >= {"input_ids", "attention_mask"}
