@@ -13,7 +13,8 @@ sequence together. `BatchEngine` is what it needs:
   mask in and the last position's logits out; the host copy is refreshed only when rows
   join or leave (see `FastEngine._sync_to_host`).
 
-Prefix-cache entries use one format for both: per layer [1, kv_heads, length, head_dim].
+Prefix-cache entries use one format for both: per layer [1, kv_heads, length, head_dim]
+(in the KV buffers' own dtype: fp32, or fp16 in the CUDA layout and the native graph).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ SmolLM2), emits the layout onnxruntime-genai's builder uses, in plain onnxruntim
 Two files from the same weights: `model.onnx` with onnxruntime's kernels (any device) and,
 for CPUs with AVX-512 VNNI, `model_native.onnx` where each linear is one node of tokenwire's
 own `ai.tokenwire.Linear` op (server/native): Q4_1 blocks with their float minimum computed
-exactly, activations rounded to int16 per block, no correction nodes (~300 kernels a step).
+exactly, activations rounded to int16 per block, no correction nodes; attention over an fp16
+KV cache (`ai.tokenwire.Attention`).
 
 Inputs: input_ids [B, S] int64, attention_mask [B, T] int64 (row b: ones for its tokens,
 right-padded), past_key_values.N.key/value [B, kvh, capacity, hd]. Outputs: logits
@@ -64,7 +65,9 @@ def build_fast_graph(
     """Writes the fast graph; `last_only=False` keeps logits of every position (for evaluation).
 
     `native=True` writes NATIVE_GRAPH instead of GRAPH: every linear is one `ai.tokenwire.Linear`
-    node (server/native_pack.py) in place of MatMulNBits and its correction; the rest is the same.
+    node (server/native_pack.py) in place of MatMulNBits and its correction, and attention is
+    `ai.tokenwire.Attention` over an fp16 KV cache (half the bytes a long-context step reads;
+    math in fp32); the rest is the same.
 
     `kv_dtype="float16"` is the CUDA layout: onnxruntime's CUDA GroupQueryAttention takes
     fp16 only, so attention (and the KV buffers) run in fp16 between two Casts while the rest
@@ -93,6 +96,10 @@ def build_fast_graph(
     theta = float(config.get("rope_theta", 10000.0))
     max_pos = int(config.get("max_position_embeddings", 2048))
 
+    if native and (head_dim % 16 or head_dim > 128 or n_heads % kv_heads or n_heads // kv_heads > 8
+                   or hidden % 32 or int(config["intermediate_size"]) % 32):
+        raise FastGraphUnsupported("the native kernels need head_dim a multiple of 16 up to 128, at most 8 "
+                                   "query heads per KV head, and hidden/intermediate sizes multiples of 32")
     src = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=True)
     inits = {i.name: i for i in src.graph.initializer}
     produced_by = {out: node for node in src.graph.node for out in node.output}
@@ -161,9 +168,10 @@ def build_fast_graph(
     node("ReduceSum", ["attention_mask", "one"], ["mask_rows"], keepdims=0)
     node("Sub", ["mask_rows", "one"], ["seqlens_k_i64"])
     node("Cast", ["seqlens_k_i64"], ["seqlens_k"], to=TensorProto.INT32)
-    node("Shape", ["attention_mask"], ["mask_shape"])
-    node("Gather", ["mask_shape", "one"], ["total_len_i64"], axis=0)
-    node("Cast", ["total_len_i64"], ["total_len"], to=TensorProto.INT32)
+    if not native:  # GroupQueryAttention also takes the mask's width
+        node("Shape", ["attention_mask"], ["mask_shape"])
+        node("Gather", ["mask_shape", "one"], ["total_len_i64"], axis=0)
+        node("Cast", ["total_len_i64"], ["total_len"], to=TensorProto.INT32)
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     freqs = np.outer(np.arange(max_pos, dtype=np.float64), inv_freq)
     attn_np = np.float16 if half else np.float32
@@ -200,12 +208,19 @@ def build_fast_graph(
         node("Reshape", [f"qkv_{i}", "qkv_shape3"], [f"qkv3_{i}" + ("_f32" if half else "")])
         if half:
             node("Cast", [f"qkv3_{i}_f32"], [f"qkv3_{i}"], to=TensorProto.FLOAT16)
-        node("GroupQueryAttention",
-             [f"qkv3_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-              "seqlens_k", "total_len", "cos_cache", "sin_cache"],
-             [f"attn3_{i}" + ("_f16" if half else ""), f"present.{i}.key", f"present.{i}.value"],
-             domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, do_rotary=1,
-             rotary_interleaved=0, scale=float(head_dim ** -0.5))
+        if native:
+            node("Attention",
+                 [f"qkv3_{i}", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                  "cos_cache", "sin_cache"],
+                 [f"attn3_{i}", f"present.{i}.key", f"present.{i}.value"],
+                 domain=NATIVE_DOMAIN, num_heads=n_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
+        else:
+            node("GroupQueryAttention",
+                 [f"qkv3_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                  "seqlens_k", "total_len", "cos_cache", "sin_cache"],
+                 [f"attn3_{i}" + ("_f16" if half else ""), f"present.{i}.key", f"present.{i}.value"],
+                 domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, do_rotary=1,
+                 rotary_interleaved=0, scale=float(head_dim ** -0.5))
         if half:
             node("Cast", [f"attn3_{i}_f16"], [f"attn3_{i}"], to=TensorProto.FLOAT)
         node("Reshape", [f"attn3_{i}", attn_rows], [f"attn_{i}"])
@@ -250,7 +265,7 @@ def build_fast_graph(
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, head.shape[1]])]
     for i in range(layers):
         for kind in ("key", "value"):
-            kv_type = TensorProto.FLOAT16 if half else TensorProto.FLOAT
+            kv_type = TensorProto.FLOAT16 if half or native else TensorProto.FLOAT
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
     graph = helper.make_graph(nodes, "tokenwire_fast_decoder", inputs, outputs, initializer=em.inits + extra_inits)
@@ -271,7 +286,8 @@ def build_fast_graph(
 
 
 def kv_numpy_dtype(session) -> type:
-    """The KV buffers' element type, read from the graph (fp16 in the CUDA layout)."""
+    """The KV buffers' element type, read from the graph: fp32 (CPU), fp16 (the CUDA layout and
+    the native graph)."""
     kinds = {i.type for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     return np.float16 if kinds == {"tensor(float16)"} else np.float32
 

@@ -19,8 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCES = ("tw_linear.c", "tw_ops.c")
-HEADERS = ("tw_linear.h", "tw_ort_abi.h")
+SOURCES = ("tw_linear.c", "tw_attention.c", "tw_ops.c")
+HEADERS = ("tw_linear.h", "tw_attention.h", "tw_ort_abi.h")
 CHOICES = ("auto", "native", "onnxruntime")
 
 

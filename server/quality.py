@@ -46,8 +46,8 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int], kern
     from .fast_graph import build_fast_graph, full_logits
 
     engine = FastEngine(candidate, context_length=len(tokens) + 1, kernels=kernels)
-    kv_dtype = np.dtype(engine.dtype).name
     native = engine.kernels == "native"
+    kv_dtype = "float32" if native else np.dtype(engine.dtype).name  # the native graph's cache is always fp16
     with tempfile.TemporaryDirectory() as tmp:
         twin = Path(tmp)
         build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype, native=native)

@@ -94,7 +94,8 @@ def test_cuda_layout_kv_cache_matches_full_recompute(fp16_kv_dir: Path) -> None:
         logits = cached.step([seq[-1]])[0]
 
 
-def test_pull_rebuilds_when_the_kv_layout_differs(tmp_path: Path) -> None:
+def test_pull_rebuilds_when_the_kv_layout_differs(tmp_path: Path, int4_dir: Path) -> None:
+    (tmp_path / "config.json").write_text((int4_dir / "config.json").read_text())
     (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION, "graph": "gqa", "kv_dtype": "float32"}))
     # This machine runs the native kernels, so a CPU-layout folder without their graph is stale.
     assert native_kernels_wanted("float32") and not native_kernels_wanted("float16")

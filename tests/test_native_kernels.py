@@ -235,3 +235,95 @@ def test_native_kernels_decode_like_fp32(int4_dir: Path, fp32_dir: Path) -> None
 def test_native_session_loads_with_threads_setting(int4_dir: Path) -> None:
     session = make_session(int4_dir / NATIVE_GRAPH, threads=1, custom_ops=native_kernels.require())
     assert {n.name for n in session.get_inputs()} >= {"input_ids", "attention_mask"}
+
+
+# ---- Attention ------------------------------------------------------------------------------
+
+def _attention_session(heads: int, kv_heads: int, scale: float) -> ort.InferenceSession:
+    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, None),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT16, None),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT16, None),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, None),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, None),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, None)]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("present_key", TensorProto.FLOAT16, None),
+               helper.make_tensor_value_info("present_value", TensorProto.FLOAT16, None)]
+    node = helper.make_node("Attention", [i.name for i in inputs], [o.name for o in outputs], domain=DOMAIN,
+                            num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(native_kernels.require()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _attention_reference(qkv, past_k, past_v, seqlens, cos, sin, heads, kv_heads, scale):
+    """GroupQueryAttention's semantics (rotary half rotation, causal, right-padded rows) in fp64,
+    over the cache's fp16 values (new keys and values rounded the way the cache stores them)."""
+    b, s, _ = qkv.shape
+    d = past_k.shape[-1]
+    key, value = past_k.astype(np.float64), past_v.astype(np.float64)
+    out = np.zeros((b, s, heads * d))
+    for row in range(b):
+        total = seqlens[row] + 1
+        pos = np.arange(total - s, total)
+        x = qkv[row].astype(np.float64).reshape(s, heads + 2 * kv_heads, d)
+        q = _rotate(x[:, :heads], cos[pos][:, None], sin[pos][:, None])
+        k = _rotate(x[:, heads:heads + kv_heads], cos[pos][:, None], sin[pos][:, None])
+        key[row, :, pos] = k.astype(np.float16).astype(np.float64)  # [s, kv_heads, d]
+        value[row, :, pos] = x[:, heads + kv_heads:].astype(np.float16).astype(np.float64)
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            for i, p in enumerate(pos):
+                scores = key[row, g, :p + 1] @ q[i, h] * scale
+                w = np.exp(scores - scores.max())
+                out[row, i, h * d:(h + 1) * d] = (w / w.sum()) @ value[row, g, :p + 1]
+    return out, key, value
+
+
+@pytest.mark.parametrize(("batch", "seq", "lengths"), [
+    (3, 1, (9, 1, 600)), (1, 37, (50,)), (1, 5, (5,)), (2, 1, (300, 17))])
+def test_attention_op_matches_reference(batch: int, seq: int, lengths: tuple[int, ...]) -> None:
+    """Decode rows of different lengths (keys split over several tasks past 256), a prompt
+    chunk after a cached prefix, and a first chunk."""
+    heads, kv_heads, d, cap = 6, 2, 32, 640
+    rng = np.random.default_rng(batch * 100 + seq)
+    qkv = rng.standard_normal((batch, seq, (heads + 2 * kv_heads) * d)).astype(np.float32)
+    qkv[..., :heads * d] *= 3  # sharper attention than random data gives
+    past_k = rng.standard_normal((batch, kv_heads, cap, d)).astype(np.float16)
+    past_v = rng.standard_normal((batch, kv_heads, cap, d)).astype(np.float16)
+    seqlens = np.asarray([n - 1 for n in lengths], dtype=np.int32)
+    angles = np.outer(np.arange(1024), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    scale = d ** -0.5
+    feeds = {"qkv": qkv, "past_key": past_k.copy(), "past_value": past_v.copy(), "seqlens_k": seqlens,
+             "cos": cos, "sin": sin}
+    out, present_k, present_v = _attention_session(heads, kv_heads, scale).run(None, feeds)
+    ref, ref_k, ref_v = _attention_reference(qkv, past_k, past_v, seqlens, cos, sin, heads, kv_heads, scale)
+    assert np.abs(out - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    # new positions written (within fp16 rounding of the fp64 rotation), every other position kept
+    assert np.abs(present_k.astype(np.float64) - ref_k).max() < 2e-3 * np.abs(ref_k).max()
+    assert np.array_equal(present_v.astype(np.float64), ref_v)
+    written = np.zeros(present_k.shape[:3], dtype=bool)
+    for row, n in enumerate(lengths):
+        written[row, :, n - seq:n] = True
+    assert np.array_equal(present_k[~written], past_k[~written])
+    assert np.array_equal(feeds["past_key"], past_k), "present was a separate buffer: past left alone"
+
+
+def test_attention_op_refuses_rows_beyond_the_cache() -> None:
+    session = _attention_session(2, 1, 0.25)
+    feeds = {"qkv": np.zeros((1, 1, 4 * 16), np.float32), "past_key": np.zeros((1, 1, 8, 16), np.float16),
+             "past_value": np.zeros((1, 1, 8, 16), np.float16), "seqlens_k": np.asarray([8], np.int32),
+             "cos": np.ones((32, 8), np.float32), "sin": np.zeros((32, 8), np.float32)}
+    with pytest.raises(Exception, match="seqlens_k out of range"):
+        session.run(None, feeds)
+    feeds["seqlens_k"] = np.asarray([7], np.int32)
+    assert session.run(None, feeds)[0].shape == (1, 1, 32)

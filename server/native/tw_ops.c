@@ -9,6 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include <string.h>
+
+#include "tw_attention.h"
 #include "tw_linear.h"
 #include "tw_ort_abi.h"
 
@@ -34,7 +37,7 @@ static OrtStatus *fail(const OrtApi *api, const char *msg) { return TW_API(api, 
         if (st_ != NULL) return st_;     \
     } while (0)
 
-static OrtStatus *create_kernel(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+static OrtStatus *linear_create(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)op;
     LinearKernel *kernel = calloc(1, sizeof(LinearKernel));
     if (kernel == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire Linear: out of memory");
@@ -83,7 +86,7 @@ static void quantize_chunk(void *user, size_t index) {
     tw_quantize_rows(job->x + r0 * k, r1 - r0, k, job->xq + r0 * k, job->sx + r0 * kb, job->sumx + r0 * kb);
 }
 
-static OrtStatus *compute(void *opaque, OrtKernelContext *ctx) {
+static OrtStatus *linear_compute(void *opaque, OrtKernelContext *ctx) {
     const LinearKernel *kernel = opaque;
     const OrtApi *api = kernel->api;
     const OrtValue *in[4];
@@ -147,44 +150,185 @@ static void compute_v1(void *kernel, OrtKernelContext *ctx) {
     (void)ctx;
 }
 
-static void *create_v1(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) {
-    void *kernel = NULL;
-    OrtStatus *st = create_kernel(op, api, info, &kernel);
-    if (st != NULL) TW_API(api, ReleaseStatus)(st);
-    return kernel;
-}
 
-static const char *op_name(const TwCustomOp *op) { (void)op; return "Linear"; }
+/* The OrtCustomOp table of op PREFIX (PREFIX_create, PREFIX_compute, PREFIX_name, ...). At
+   version 16 onnxruntime calls the V2 entry points, which report errors as statuses; the V1
+   ones are there because older fields must not be NULL. */
+#define TW_OP(PREFIX)                                                                                     \
+    {                                                                                                     \
+        .version = 16, .CreateKernel = create_v1_##PREFIX, .GetName = PREFIX##_name,                      \
+        .GetExecutionProviderType = op_provider, .GetInputType = PREFIX##_input_type,                     \
+        .GetInputTypeCount = PREFIX##_input_count, .GetOutputType = PREFIX##_output_type,                 \
+        .GetOutputTypeCount = PREFIX##_output_count, .KernelCompute = compute_v1,                         \
+        .KernelDestroy = destroy_kernel, .GetInputCharacteristic = required,                              \
+        .GetOutputCharacteristic = required, .GetInputMemoryType = default_memory,                        \
+        .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,                              \
+        .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,                            \
+        .CreateKernelV2 = PREFIX##_create, .KernelComputeV2 = PREFIX##_compute,                           \
+    }
+
+#define TW_CREATE_V1(PREFIX)                                                                              \
+    static void *create_v1_##PREFIX(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info) { \
+        void *kernel = NULL;                                                                              \
+        OrtStatus *st = PREFIX##_create(op, api, info, &kernel);                                          \
+        if (st != NULL) TW_API(api, ReleaseStatus)(st);                                                   \
+        return kernel;                                                                                    \
+    }
+
+TW_CREATE_V1(linear)
+
+static const char *linear_name(const TwCustomOp *op) { (void)op; return "Linear"; }
 static const char *op_provider(const TwCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const TwCustomOp *op, size_t i) { (void)op; return i == 1 ? TW_TENSOR_UINT8 : TW_TENSOR_FLOAT; }
-static size_t input_count(const TwCustomOp *op) { (void)op; return 4; }
-static int output_type(const TwCustomOp *op, size_t i) { (void)op; (void)i; return TW_TENSOR_FLOAT; }
-static size_t output_count(const TwCustomOp *op) { (void)op; return 1; }
+static int linear_input_type(const TwCustomOp *op, size_t i) { (void)op; return i == 1 ? TW_TENSOR_UINT8 : TW_TENSOR_FLOAT; }
+static size_t linear_input_count(const TwCustomOp *op) { (void)op; return 4; }
+static int linear_output_type(const TwCustomOp *op, size_t i) { (void)op; (void)i; return TW_TENSOR_FLOAT; }
+static size_t linear_output_count(const TwCustomOp *op) { (void)op; return 1; }
 static int required(const TwCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int default_memory(const TwCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int one(const TwCustomOp *op) { (void)op; return 1; }
 
-static const TwCustomOp linear_op = {
-    .version = 16,
-    .CreateKernel = create_v1,
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = input_type,
-    .GetInputTypeCount = input_count,
-    .GetOutputType = output_type,
-    .GetOutputTypeCount = output_count,
-    .KernelCompute = compute_v1,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one,
-    .GetVariadicOutputHomogeneity = one,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+static const TwCustomOp linear_op = TW_OP(linear);
+
+/* ---- Attention ---------------------------------------------------------------------------
+   Inputs: qkv float [B, S, (H + 2G) D], past_key / past_value fp16 [B, G, capacity, D],
+   seqlens_k int32 [B] (valid positions after this call, minus one), cos / sin float
+   [max_pos, D/2]. Outputs: attention float [B, S, H D], present_key / present_value (the past
+   buffers when bound to the same memory, as FastEngine does; else a copy is made first).
+   Attributes: num_heads, kv_num_heads, scale. */
+
+typedef struct {
+    const OrtApi *api;
+    int64_t heads, kv_heads;
+    float scale;
+} AttentionKernel;
+
+static OrtStatus *attention_create(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    AttentionKernel *kernel = calloc(1, sizeof(AttentionKernel));
+    if (kernel == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire Attention: out of memory");
+    kernel->api = api;
+    OrtStatus *st = NULL;
+    if ((st = TW_API(api, KernelInfoGetAttribute_int64)(info, "num_heads", &kernel->heads)) ||
+        (st = TW_API(api, KernelInfoGetAttribute_int64)(info, "kv_num_heads", &kernel->kv_heads)) ||
+        (st = TW_API(api, KernelInfoGetAttribute_float)(info, "scale", &kernel->scale))) {
+        free(kernel);
+        return st;
+    }
+    if (kernel->heads <= 0 || kernel->kv_heads <= 0 || kernel->heads % kernel->kv_heads ||
+        kernel->heads / kernel->kv_heads > TW_MAX_GROUP) {
+        free(kernel);
+        return fail(api, "tokenwire Attention: num_heads must be 1 to 8 times kv_num_heads");
+    }
+    *out = kernel;
+    return NULL;
+}
+
+static void store_rows(void *user, size_t index) {
+    const TwAttention *a = user;
+    tw_attention_store(a, (int64_t)index / a->seq, (int64_t)index % a->seq);
+}
+
+static void attention_task(void *user, size_t index) { tw_attention_task(user, (int64_t)index); }
+
+static void finish_rows(void *user, size_t index) {
+    const TwAttention *a = user;
+    tw_attention_finish(a, (int64_t)index / a->seq, (int64_t)index % a->seq);
+}
+
+/* Runs fn over [0, n) on onnxruntime's threads when there is enough work, else inline. */
+static OrtStatus *parallel(const OrtApi *api, OrtKernelContext *ctx, void (*fn)(void *, size_t), int64_t n,
+                           int64_t inline_below, void *user) {
+    if (n < inline_below) {
+        for (int64_t i = 0; i < n; i++) fn(user, (size_t)i);
+        return NULL;
+    }
+    return TW_API(api, KernelContext_ParallelFor)(ctx, fn, (size_t)n, 0, user);
+}
+
+static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
+    const AttentionKernel *kernel = opaque;
+    const OrtApi *api = kernel->api;
+    const OrtValue *in[6];
+    for (size_t i = 0; i < 6; i++) TRY(TW_API(api, KernelContext_GetInput)(ctx, i, &in[i]));
+    int64_t qdims[8], kdims[8], vdims[8], ldims[8], cdims[8], sdims[8];
+    size_t qr, kr, vr, lr, cr, sr, count;
+    TRY(tensor_shape(api, in[0], qdims, &qr, &count));
+    TRY(tensor_shape(api, in[1], kdims, &kr, &count));
+    TRY(tensor_shape(api, in[2], vdims, &vr, &count));
+    TRY(tensor_shape(api, in[3], ldims, &lr, &count));
+    TRY(tensor_shape(api, in[4], cdims, &cr, &count));
+    TRY(tensor_shape(api, in[5], sdims, &sr, &count));
+    if (qr != 3 || kr != 4 || vr != 4 || lr != 1 || cr != 2 || sr != 2)
+        return fail(api, "tokenwire Attention: expected qkv [B,S,W], past [B,G,capacity,D], seqlens_k [B], "
+                         "cos/sin [P,D/2]");
+    TwAttention a = {.batch = qdims[0], .seq = qdims[1], .heads = kernel->heads, .kv_heads = kernel->kv_heads,
+                     .head_dim = kdims[3], .capacity = kdims[2], .max_pos = cdims[0], .scale = kernel->scale};
+    const int64_t d = a.head_dim;
+    if (d <= 0 || d % 16 || d > TW_MAX_HEAD_DIM)
+        return fail(api, "tokenwire Attention: head size must be a multiple of 16, at most 128");
+    if (qdims[2] != (a.heads + 2 * a.kv_heads) * d) return fail(api, "tokenwire Attention: qkv width is not (H + 2G) * D");
+    if (kdims[0] != a.batch || kdims[1] != a.kv_heads || memcmp(kdims, vdims, 4 * sizeof(int64_t)) != 0)
+        return fail(api, "tokenwire Attention: past key/value must both be [B, kv_num_heads, capacity, D]");
+    if (ldims[0] != a.batch) return fail(api, "tokenwire Attention: seqlens_k must have one entry per row");
+    if (cdims[1] != d / 2 || sdims[0] != cdims[0] || sdims[1] != cdims[1])
+        return fail(api, "tokenwire Attention: cos/sin caches must be [max_pos, D/2]");
+    void *p = NULL;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[3], &p));
+    a.seqlens = p;
+    for (int64_t b = 0; b < a.batch; b++) {
+        const int64_t total = (int64_t)a.seqlens[b] + 1;
+        if (total < a.seq || total > a.capacity || total > a.max_pos)
+            return fail(api, "tokenwire Attention: seqlens_k out of range (fewer than the new tokens, or past capacity)");
+    }
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[0], &p));
+    a.qkv = p;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[4], &p));
+    a.cos = p;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[5], &p));
+    a.sin = p;
+    int64_t odims[3] = {a.batch, a.seq, a.heads * d};
+    OrtValue *out = NULL, *present_k = NULL, *present_v = NULL;
+    TRY(TW_API(api, KernelContext_GetOutput)(ctx, 0, odims, 3, &out));
+    TRY(TW_API(api, KernelContext_GetOutput)(ctx, 1, kdims, 4, &present_k));
+    TRY(TW_API(api, KernelContext_GetOutput)(ctx, 2, vdims, 4, &present_v));
+    TRY(TW_API(api, GetTensorMutableData)(out, &p));
+    a.out = p;
+    const size_t cache_bytes = (size_t)(a.batch * a.kv_heads * a.capacity * d) * sizeof(uint16_t);
+    void *past = NULL;
+    TRY(TW_API(api, GetTensorMutableData)(present_k, &p));
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[1], &past));
+    if (p != past) memcpy(p, past, cache_bytes);
+    a.key = p;
+    TRY(TW_API(api, GetTensorMutableData)(present_v, &p));
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[2], &past));
+    if (p != past) memcpy(p, past, cache_bytes);
+    a.value = p;
+    if (a.batch * a.seq == 0) return NULL;
+
+    const int64_t partial_floats = tw_attention_plan(&a);
+    const size_t q_floats = (size_t)(a.batch * a.seq * a.heads * d);
+    float *scratch = malloc(sizeof(float) * (q_floats + (size_t)partial_floats));
+    if (scratch == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire Attention: out of memory");
+    a.q = scratch;
+    a.partial = scratch + q_floats;
+    OrtStatus *st = parallel(api, ctx, store_rows, a.batch * a.seq, 16, &a);
+    if (st == NULL) st = parallel(api, ctx, attention_task, tw_attention_tasks(&a), 2, &a);
+    if (st == NULL) st = parallel(api, ctx, finish_rows, a.batch * a.seq, 16, &a);
+    free(scratch);
+    return st;
+}
+
+static const char *attention_name(const TwCustomOp *op) { (void)op; return "Attention"; }
+static int attention_input_type(const TwCustomOp *op, size_t i) {
+    (void)op;
+    return i == 1 || i == 2 ? TW_TENSOR_FLOAT16 : i == 3 ? TW_TENSOR_INT32 : TW_TENSOR_FLOAT;
+}
+static size_t attention_input_count(const TwCustomOp *op) { (void)op; return 6; }
+static int attention_output_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_FLOAT : TW_TENSOR_FLOAT16; }
+static size_t attention_output_count(const TwCustomOp *op) { (void)op; return 3; }
+
+TW_CREATE_V1(attention)
+static const TwCustomOp attention_op = TW_OP(attention);
 
 /* Entry point onnxruntime calls from SessionOptions.register_custom_ops_library. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -195,6 +339,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     OrtCustomOpDomain *domain = NULL;
     TRY(TW_API(api, CreateCustomOpDomain)("ai.tokenwire", &domain));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &linear_op));
+    TRY(TW_API(api, CustomOpDomain_Add)(domain, &attention_op));
     return TW_API(api, AddCustomOpDomain)(options, domain);
 }
 

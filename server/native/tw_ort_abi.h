@@ -27,7 +27,7 @@ typedef struct OrtApiBase {
 #define TW_ORT_API_VERSION 17
 
 enum { TW_ORT_FAIL = 1, TW_ORT_INVALID_ARGUMENT = 2 };
-enum { TW_TENSOR_FLOAT = 1, TW_TENSOR_UINT8 = 2 };
+enum { TW_TENSOR_FLOAT = 1, TW_TENSOR_UINT8 = 2, TW_TENSOR_INT32 = 6, TW_TENSOR_FLOAT16 = 10 };
 
 /* OrtApi slots. */
 enum {
@@ -40,6 +40,7 @@ enum {
     TW_SLOT_GetDimensions = 62,
     TW_SLOT_GetTensorShapeElementCount = 64,
     TW_SLOT_GetTensorTypeAndShape = 65,
+    TW_SLOT_KernelInfoGetAttribute_float = 85,
     TW_SLOT_KernelInfoGetAttribute_int64 = 86,
     TW_SLOT_KernelContext_GetInput = 90,
     TW_SLOT_KernelContext_GetOutput = 91,
@@ -57,6 +58,7 @@ typedef OrtStatus *(*tw_GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *inf
 typedef OrtStatus *(*tw_GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
 typedef OrtStatus *(*tw_GetTensorShapeElementCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
 typedef OrtStatus *(*tw_GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*tw_KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*tw_KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out);
 typedef OrtStatus *(*tw_KernelContext_GetInput)(const OrtKernelContext *ctx, size_t index, const OrtValue **out);
 typedef OrtStatus *(*tw_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims,
