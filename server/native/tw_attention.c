@@ -8,8 +8,8 @@
    with fp32 from 99.95% to 98.4% over the 2,048-token text for a speed-up within this
    machine's noise, so fp16 it is. Scores, softmax and the weighted sum are fp32.
 
-   Work is split into tasks of (row, KV head, block of query rows, chunk of keys): every
-   query head of a group shares each converted key/value tile, 16 keys are scored at once
+   Work is split into tasks of (row, KV head, block of query rows, chunk of keys): the query
+   heads of a group read each key/value tile while it is in L1, 16 keys are scored at once
    (one horizontal reduction per 16 keys), and softmax is computed online (running max and
    sum). Decoding splits a row's keys into chunks so that a single sequence uses every
    thread; the chunks' partial states are merged in tw_attention_finish. A query at position
@@ -95,18 +95,8 @@ TW_TARGET void tw_attention_store(const TwAttention *a, int64_t b, int64_t s) {
         store_half(row + (h + g + kv) * d, d, a->value + ((b * g + kv) * a->capacity + pos) * d);
 }
 
-/* Converts rows [j0, j0 + n) of fp16 into tile[16][d] (rows past n are zero). */
-TW_TARGET static void load_tile(const uint16_t *rows, int64_t j0, int64_t n, int64_t d, float *tile) {
-    for (int64_t k = 0; k < TW_KEY_TILE; k++) {
-        float *dst = tile + k * d;
-        if (k >= n) {
-            memset(dst, 0, sizeof(float) * (size_t)d);
-            continue;
-        }
-        const uint16_t *src = rows + (j0 + k) * d;
-        for (int64_t i = 0; i < d; i += 16)
-            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
-    }
+TW_TARGET static inline __m512 load_half(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
 TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
@@ -129,11 +119,11 @@ TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
         memset(state + i * slot + 2, 0, sizeof(float) * (size_t)d);
     }
     if (j_begin >= j_end) return;
-    float ktile[TW_KEY_TILE * TW_MAX_HEAD_DIM], vtile[TW_KEY_TILE * TW_MAX_HEAD_DIM], weights[TW_KEY_TILE];
+    float weights[TW_KEY_TILE];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KEY_TILE) {
         const int64_t n = j_end - j0 < TW_KEY_TILE ? j_end - j0 : TW_KEY_TILE;
-        load_tile(keys, j0, n, d, ktile);
-        load_tile(values, j0, n, d, vtile);
+        /* Keys and values are converted from fp16 where they are used: a converted copy of the
+           tile costs more in stores than converting again for each head of the group. */
         for (int64_t s = s0; s < s1; s++) {
             const int64_t pos = first + s; /* keys 0..pos are visible */
             const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
@@ -145,9 +135,13 @@ TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
                 __m512 q[TW_MAX_HEAD_DIM / 16], dots[TW_KEY_TILE];
                 for (int64_t c = 0; c < chunks; c++) q[c] = _mm512_loadu_ps(qp + 16 * c);
                 for (int64_t k = 0; k < TW_KEY_TILE; k++) {
-                    const float *kr = ktile + k * d;
-                    __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
-                    for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kr + 16 * c), acc);
+                    if (k >= n) { /* past the chunk: masked below, and maybe past the buffer */
+                        dots[k] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    const uint16_t *kr = keys + (j0 + k) * d;
+                    __m512 acc = _mm512_mul_ps(q[0], load_half(kr));
+                    for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[c], load_half(kr + 16 * c), acc);
                     dots[k] = acc;
                 }
                 const __m512 scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), sum16(dots));
@@ -165,8 +159,8 @@ TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
                 for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), corr);
                 for (int64_t k = 0; k < visible; k++) {
                     const __m512 w = _mm512_set1_ps(weights[k]);
-                    const float *vr = vtile + k * d;
-                    for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), out[c]);
+                    const uint16_t *vr = values + (j0 + k) * d;
+                    for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_fmadd_ps(w, load_half(vr + 16 * c), out[c]);
                 }
                 for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + 16 * c, out[c]);
             }
