@@ -163,7 +163,8 @@ def build_fast_graph(
 
     # Shared attention inputs: per-row lengths and the mask width.
     init(np.asarray([1], dtype=np.int64), "one")
-    init(np.asarray([0], dtype=np.int64), "zero_i64")
+    if not native:  # only the level-4 linears' padding slices with it
+        init(np.asarray([0], dtype=np.int64), "zero_i64")
     init(np.asarray([-1], dtype=np.int64), "minus_one")
     node("ReduceSum", ["attention_mask", "one"], ["mask_rows"], keepdims=0)
     node("Sub", ["mask_rows", "one"], ["seqlens_k_i64"])
