@@ -82,7 +82,7 @@ def _find() -> NativeLibrary:
             _compile(target)
         lib = ctypes.CDLL(str(target))
         if not lib.tw_native_supported():
-            return NativeLibrary(None, "this CPU lacks AVX-512 VNNI")
+            return NativeLibrary(None, "this CPU lacks AVX-512 (F, BW, VL, DQ and VNNI are needed)")
     except (NativeUnavailable, OSError) as exc:
         return NativeLibrary(None, str(exc))
     return NativeLibrary(target, "")

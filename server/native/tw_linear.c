@@ -19,8 +19,10 @@
 
 int tw_cpu_supported(void) {
     __builtin_cpu_init();
+    /* everything the Linear and Attention kernels are compiled for */
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
 }
 
 TW_TARGET void tw_quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx) {
