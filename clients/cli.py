@@ -33,7 +33,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="execution provider (env TOKENWIRE_DEVICE)")
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads, 0 = all cores")
     p.add_argument("--kernels", choices=["auto", "native", "onnxruntime"], default=d.kernels,
-                   help="linear kernels of int4 models on CPU: tokenwire's native AVX-512 ones when available "
+                   help="linear kernels of int4 models on CPU: tokenwire's native ones (AVX2/AVX-512) when available "
                         "(auto), required (native), or onnxruntime's (env TOKENWIRE_KERNELS)")
     p.add_argument("--max-batch", "--max-running", dest="max_batch", type=int, default=d.max_batch,
                    help="sequences decoded together per model (env TOKENWIRE_MAX_BATCH)")

@@ -58,7 +58,7 @@ class ServerConfig:
     device: str = field(default_factory=lambda: _env("DEVICE", "cpu"))
     threads: int = field(default_factory=lambda: int(_env("THREADS", "0")))
     # Linear kernels of fast int4 graphs on CPU: auto (tokenwire's native ones where the CPU has
-    # AVX-512 VNNI and a C compiler is present, else onnxruntime's), native, or onnxruntime.
+    # AVX2 or AVX-512 and a C compiler is present, else onnxruntime's), native, or onnxruntime.
     kernels: str = field(default_factory=lambda: _env("KERNELS", "auto"))
     # Sequences decoded together in one batched step (per model).
     max_batch: int = field(default_factory=lambda: int(_env("MAX_BATCH", "16")))

@@ -15,7 +15,7 @@ SmolLM2), emits the layout onnxruntime-genai's builder uses, in plain onnxruntim
   `Gemm` — a decode step at batch 1 is ~600 small kernels, and per-kernel overhead counts.
 
 Two files from the same weights: `model.onnx` with onnxruntime's kernels (any device) and,
-for CPUs with AVX-512 VNNI, `model_native.onnx` where each linear is one node of tokenwire's
+for CPUs with AVX2 or AVX-512, `model_native.onnx` where each linear is one node of tokenwire's
 own `ai.tokenwire.Linear` op (server/native): Q4_1 blocks with their float minimum computed
 exactly, activations rounded to int16 per block, no correction nodes; attention over an fp16
 KV cache (`ai.tokenwire.Attention`).
@@ -55,7 +55,7 @@ def _level_policy(name: str) -> int:
 
 KV_DTYPES = ("float32", "float16")
 GRAPH = "model.onnx"  # onnxruntime's own kernels (MatMulNBits + the Q4_1 correction); any device
-NATIVE_GRAPH = "model_native.onnx"  # tokenwire's Linear op (server/native); CPU with AVX-512 VNNI
+NATIVE_GRAPH = "model_native.onnx"  # tokenwire's Linear/Attention ops (server/native); AVX2/AVX-512 CPUs
 
 
 def build_fast_graph(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import process_memory
+from . import native_kernels, process_memory
 from .batch_engine import BatchEngine, FastEngine, OptimumEngine, is_fast_graph
 from .decoder import DeviceUnavailable, OnnxDecoder
 from .metrics import Metrics
@@ -355,7 +355,7 @@ class ModelManager:
             engine = FastEngine(path, device=self.device, threads=self.threads,
                                 context_length=entry.context_length or 2048, kernels=self.kernels)
             if engine.kernels == "native":
-                say("loading", "linears on tokenwire's native AVX-512 kernels")
+                say("loading", f"linears and attention on tokenwire's native kernels ({native_kernels.library().isa})")
             elif self.device == "cpu":
                 say("loading", f"linears on onnxruntime's kernels: {engine.kernels_note}")
         else:

@@ -2,8 +2,9 @@
 
 The library is compiled on first use with the system C compiler into a cache folder keyed
 by the sources' hash, so a fresh checkout, an upgrade and a different machine each get their
-own build. Where it cannot be used (no compiler, a CPU without AVX-512 VNNI, onnxruntime
-older than 1.17) `library()` says why and callers use the onnxruntime-only graph: same
+own build. The kernels pick AVX-512 (with VNNI) or AVX2 at run time (TOKENWIRE_NATIVE_ISA=avx2
+forces the latter). Where they cannot be used (no compiler, a CPU without AVX2/FMA/F16C,
+onnxruntime older than 1.17) `library()` says why and callers use the onnxruntime-only graph: same
 weights, a slower correction path. The choice itself is batch_engine.choose_kernels.
 """
 
@@ -19,8 +20,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCES = ("tw_linear.c", "tw_attention.c", "tw_ops.c")
-HEADERS = ("tw_linear.h", "tw_attention.h", "tw_ort_abi.h")
+SOURCES = ("tw_isa.c", "tw_linear.c", "tw_linear_avx2.c", "tw_attention.c", "tw_attention_avx2.c", "tw_ops.c")
+HEADERS = ("tw_isa.h", "tw_avx2.h", "tw_linear.h", "tw_attention.h", "tw_ort_abi.h")
 CHOICES = ("auto", "native", "onnxruntime")
 
 
@@ -32,6 +33,7 @@ class NativeUnavailable(RuntimeError):
 class NativeLibrary:
     path: Path | None
     reason: str  # why it is unavailable ("" when path is set)
+    isa: str = ""  # "avx512" or "avx2" when available
 
 
 _lock = threading.Lock()
@@ -81,11 +83,13 @@ def _find() -> NativeLibrary:
         if not target.is_file():
             _compile(target)
         lib = ctypes.CDLL(str(target))
-        if not lib.tw_native_supported():
-            return NativeLibrary(None, "this CPU lacks AVX-512 (F, BW, VL, DQ and VNNI are needed)")
+        lib.tw_native_isa.restype = ctypes.c_char_p
+        isa = lib.tw_native_isa().decode()
+        if not isa:
+            return NativeLibrary(None, "this CPU lacks AVX2, FMA or F16C")
     except (NativeUnavailable, OSError) as exc:
         return NativeLibrary(None, str(exc))
-    return NativeLibrary(target, "")
+    return NativeLibrary(target, "", isa)
 
 
 def library() -> NativeLibrary:

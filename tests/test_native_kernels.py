@@ -8,6 +8,9 @@ the number of rows, so a sequence decodes bit for bit the same alone or in a bat
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +128,23 @@ def test_library_builds_from_scratch_and_reports_why_not(tmp_path: Path, monkeyp
     monkeypatch.setenv("CC", "/bin/false")
     failed = native_kernels._find()
     assert failed.path is None and "compiling the native kernels failed" in failed.reason
+
+
+def test_library_runs_the_instruction_set_asked_for() -> None:
+    """AVX-512 on this machine class, unless TOKENWIRE_NATIVE_ISA=avx2 (the child run below)."""
+    assert native_kernels.library().isa == os.environ.get("TOKENWIRE_NATIVE_ISA", "avx512")
+
+
+def test_avx2_kernels_pass_every_test_of_this_file() -> None:
+    """CPUs without AVX-512 (most laptops) run the AVX2 versions: this file again, in a child
+    process forced onto them (the choice is made once per process)."""
+    if os.environ.get("TOKENWIRE_NATIVE_ISA") == "avx2":
+        pytest.fail("already the AVX2 run: deselect this test there")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_kernels_pass"],
+        env={**os.environ, "TOKENWIRE_NATIVE_ISA": "avx2"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
 
 
 def test_kernel_choice(int4_dir: Path, tmp_path: Path, monkeypatch) -> None:

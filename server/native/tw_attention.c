@@ -14,8 +14,10 @@
    sum). Decoding splits a row's keys into chunks so that a single sequence uses every
    thread; the chunks' partial states are merged in tw_attention_finish. A query at position
    p attends to positions 0..p; each result depends only on its own row, so a sequence
-   decodes the same alone or in a batch. */
+   decodes the same alone or in a batch. This file is the AVX-512 version; tw_attention_avx2.c
+   is the same with 256-bit registers. */
 #include "tw_attention.h"
+#include "tw_isa.h"
 
 #include <immintrin.h>
 #include <math.h>
@@ -72,7 +74,8 @@ TW_TARGET static void store_half(const float *x, int64_t d, uint16_t *row) {
         _mm256_storeu_si256((__m256i *)(row + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
-TW_TARGET void tw_attention_store(const TwAttention *a, int64_t b, int64_t s) {
+void tw_attention_store_with(const TwAttention *a, int64_t b, int64_t s,
+                             void (*store_half)(const float *x, int64_t d, uint16_t *row)) {
     const int64_t d = a->head_dim, half = d / 2, h = a->heads, g = a->kv_heads;
     const int64_t pos = a->seqlens[b] + 1 - a->seq + s;
     const float *row = a->qkv + (b * a->seq + s) * (h + 2 * g) * d;
@@ -99,25 +102,14 @@ TW_TARGET static inline __m512 load_half(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
+TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
     const int64_t d = a->head_dim, chunks = d / 16, group = a->heads / a->kv_heads;
-    const int64_t kc = task % a->key_chunks, qb = task / a->key_chunks % a->query_blocks;
-    const int64_t kv = task / (a->key_chunks * a->query_blocks) % a->kv_heads;
-    const int64_t b = task / (a->key_chunks * a->query_blocks * a->kv_heads);
-    const int64_t total = (int64_t)a->seqlens[b] + 1, first = total - a->seq;
-    const int64_t s0 = qb * TW_QUERY_BLOCK, s1 = s0 + TW_QUERY_BLOCK < a->seq ? s0 + TW_QUERY_BLOCK : a->seq;
-    const int64_t j_begin = a->key_chunks > 1 ? kc * TW_KEY_CHUNK : 0;
-    int64_t j_end = a->key_chunks > 1 ? j_begin + TW_KEY_CHUNK : total;
-    if (j_end > first + s1) j_end = first + s1; /* the block's last query sees keys < first + s1 */
-    const uint16_t *keys = a->key + (b * a->kv_heads + kv) * a->capacity * d;
-    const uint16_t *values = a->value + (b * a->kv_heads + kv) * a->capacity * d;
-    float *state = a->partial + task * a->partial_stride; /* per (query, head): max, sum, acc[d] */
+    TwTask t;
+    tw_task_begin(a, task, &t);
+    const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
+    const uint16_t *keys = t.keys, *values = t.values;
+    float *state = t.state;
     const int64_t slot = d + 2;
-    for (int64_t i = 0; i < (s1 - s0) * group; i++) {
-        state[i * slot] = -INFINITY;
-        state[i * slot + 1] = 0.0f;
-        memset(state + i * slot + 2, 0, sizeof(float) * (size_t)d);
-    }
     if (j_begin >= j_end) return;
     float weights[TW_KEY_TILE];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KEY_TILE) {
@@ -166,6 +158,40 @@ TW_TARGET void tw_attention_task(const TwAttention *a, int64_t task) {
             }
         }
     }
+}
+
+void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t) {
+    const int64_t d = a->head_dim, group = a->heads / a->kv_heads;
+    const int64_t kc = task % a->key_chunks, qb = task / a->key_chunks % a->query_blocks;
+    t->kv = task / (a->key_chunks * a->query_blocks) % a->kv_heads;
+    t->b = task / (a->key_chunks * a->query_blocks * a->kv_heads);
+    const int64_t total = (int64_t)a->seqlens[t->b] + 1;
+    t->first = total - a->seq;
+    t->s0 = qb * TW_QUERY_BLOCK;
+    t->s1 = t->s0 + TW_QUERY_BLOCK < a->seq ? t->s0 + TW_QUERY_BLOCK : a->seq;
+    t->j_begin = a->key_chunks > 1 ? kc * TW_KEY_CHUNK : 0;
+    t->j_end = a->key_chunks > 1 ? t->j_begin + TW_KEY_CHUNK : total;
+    if (t->j_end > t->first + t->s1) t->j_end = t->first + t->s1; /* the block's last query sees keys < first + s1 */
+    t->keys = a->key + (t->b * a->kv_heads + t->kv) * a->capacity * d;
+    t->values = a->value + (t->b * a->kv_heads + t->kv) * a->capacity * d;
+    t->state = a->partial + task * a->partial_stride; /* per (query, head): max, sum, acc[d] */
+    const int64_t slot = d + 2;
+    for (int64_t i = 0; i < (t->s1 - t->s0) * group; i++) {
+        t->state[i * slot] = -INFINITY;
+        t->state[i * slot + 1] = 0.0f;
+        memset(t->state + i * slot + 2, 0, sizeof(float) * (size_t)d);
+    }
+}
+
+void tw_attention_store(const TwAttention *a, int64_t b, int64_t s) {
+    tw_attention_store_with(a, b, s, tw_isa() == TW_ISA_AVX512 ? store_half : tw_store_half_avx2);
+}
+
+void tw_attention_task(const TwAttention *a, int64_t task) {
+    if (tw_isa() == TW_ISA_AVX512)
+        task_avx512(a, task);
+    else
+        tw_attention_task_avx2(a, task);
 }
 
 TW_TARGET void tw_attention_finish(const TwAttention *a, int64_t b, int64_t s) {

@@ -22,6 +22,19 @@ typedef struct {
     int64_t query_blocks, key_chunks, partial_stride;
 } TwAttention;
 
+/* What one task covers: row b, KV head kv, query rows [s0, s1), keys [j_begin, j_end), and
+   its partial state (reset by tw_task_begin). */
+typedef struct {
+    int64_t b, kv, s0, s1, first, j_begin, j_end;
+    const uint16_t *keys, *values;
+    float *state;
+} TwTask;
+
+void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t);
+/* Rotates and stores with the given fp16 row writer (the ISA-specific part of storing). */
+void tw_attention_store_with(const TwAttention *a, int64_t b, int64_t s,
+                             void (*store_half)(const float *x, int64_t d, uint16_t *row));
+
 /* Plans the tasks (fills query_blocks, key_chunks, partial_stride); returns the partial floats needed. */
 int64_t tw_attention_plan(TwAttention *a);
 int64_t tw_attention_tasks(const TwAttention *a);
@@ -31,4 +44,7 @@ void tw_attention_store(const TwAttention *a, int64_t b, int64_t s);
 void tw_attention_task(const TwAttention *a, int64_t task);
 /* Merges the key chunks' partial states of (row b, query s) into the output. */
 void tw_attention_finish(const TwAttention *a, int64_t b, int64_t s);
+/* The AVX2 versions behind tw_attention_store / tw_attention_task (see tw_isa.h). */
+void tw_store_half_avx2(const float *x, int64_t d, uint16_t *row);
+void tw_attention_task_avx2(const TwAttention *a, int64_t task);
 #endif

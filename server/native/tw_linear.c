@@ -10,22 +10,16 @@
      y[r, c] = sum_b  d[c,b] * sx[r,b] * sum_i q[c,b,i] * xq[r,b,i]  +  m[c,b] * sum_i x[r,b,i]
 
    Every row is computed the same way whatever the number of rows, so a sequence decodes to
-   the same tokens alone or in a batch. */
+   the same tokens alone or in a batch. This file is the AVX-512 version; tw_linear_avx2.c
+   computes the same thing with 256-bit registers (vpmaddwd) for CPUs without AVX-512. */
 #include "tw_linear.h"
+#include "tw_isa.h"
 
 #include <immintrin.h>
 
 #define TW_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl")))
 
-int tw_cpu_supported(void) {
-    __builtin_cpu_init();
-    /* everything the Linear and Attention kernels are compiled for */
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
-}
-
-TW_TARGET void tw_quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx) {
+TW_TARGET void tw_quantize_rows_avx512(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx) {
     const int64_t kb = k / TW_BLOCK;
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t b = 0; b < kb; b++) {
@@ -95,8 +89,24 @@ TW_TARGET static void tiles(int bits, const uint8_t *w, const float *d, const fl
     }
 }
 
+void tw_linear_tiles_avx512(int bits, const uint8_t *w, const float *d, const float *mins,
+                            const int16_t *xq, const float *sx, const float *sumx,
+                            int64_t rows, int64_t k, int64_t n, float *y, int64_t t0, int64_t t1) {
+    tiles(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
+}
+
+void tw_quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx) {
+    if (tw_isa() == TW_ISA_AVX512)
+        tw_quantize_rows_avx512(x, rows, k, xq, sx, sumx);
+    else
+        tw_quantize_rows_avx2(x, rows, k, xq, sx, sumx);
+}
+
 void tw_linear_tiles(int bits, const uint8_t *w, const float *d, const float *mins,
                      const int16_t *xq, const float *sx, const float *sumx,
                      int64_t rows, int64_t k, int64_t n, float *y, int64_t t0, int64_t t1) {
-    tiles(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
+    if (tw_isa() == TW_ISA_AVX512)
+        tw_linear_tiles_avx512(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
+    else
+        tw_linear_tiles_avx2(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
 }

@@ -17,5 +17,13 @@ void tw_linear_tiles(int bits, const uint8_t *w, const float *d, const float *mi
                      const int16_t *xq, const float *sx, const float *sumx,
                      int64_t rows, int64_t k, int64_t n, float *y, int64_t t0, int64_t t1);
 
-int tw_cpu_supported(void);
+/* The per-ISA versions behind the two functions above (see tw_isa.h). */
+void tw_quantize_rows_avx512(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx);
+void tw_quantize_rows_avx2(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx);
+void tw_linear_tiles_avx512(int bits, const uint8_t *w, const float *d, const float *mins, const int16_t *xq,
+                            const float *sx, const float *sumx, int64_t rows, int64_t k, int64_t n, float *y,
+                            int64_t t0, int64_t t1);
+void tw_linear_tiles_avx2(int bits, const uint8_t *w, const float *d, const float *mins, const int16_t *xq,
+                          const float *sx, const float *sumx, int64_t rows, int64_t k, int64_t n, float *y,
+                          int64_t t0, int64_t t1);
 #endif

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "tw_attention.h"
+#include "tw_isa.h"
 #include "tw_linear.h"
 #include "tw_ort_abi.h"
 
@@ -334,8 +335,8 @@ static const TwCustomOp attention_op = TW_OP(attention);
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(TW_ORT_API_VERSION);
     if (api == NULL) return NULL; /* onnxruntime older than 1.17: nothing registered, the graph won't load */
-    if (!tw_cpu_supported())
-        return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire native kernels need AVX-512 VNNI");
+    if (tw_isa() == TW_ISA_NONE)
+        return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire native kernels need AVX2, FMA and F16C");
     OrtCustomOpDomain *domain = NULL;
     TRY(TW_API(api, CreateCustomOpDomain)("ai.tokenwire", &domain));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &linear_op));
@@ -343,5 +344,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     return TW_API(api, AddCustomOpDomain)(options, domain);
 }
 
-/* For the loader's checks: 1 when this CPU can run the kernels. */
-__attribute__((visibility("default"))) int tw_native_supported(void) { return tw_cpu_supported(); }
+/* For the loader: the instruction set the kernels run with here ("avx512", "avx2"; "" = none). */
+__attribute__((visibility("default"))) const char *tw_native_isa(void) {
+    return tw_isa() == TW_ISA_AVX512 ? "avx512" : tw_isa() == TW_ISA_AVX2 ? "avx2" : "";
+}
