@@ -355,9 +355,11 @@ class ModelManager:
             engine = FastEngine(path, device=self.device, threads=self.threads,
                                 context_length=entry.context_length or 2048, kernels=self.kernels)
             if engine.kernels == "native":
-                say("loading", f"linears and attention on tokenwire's native kernels ({native_kernels.library().isa})")
-            elif self.device == "cpu":
-                say("loading", f"linears on onnxruntime's kernels: {engine.kernels_note}")
+                kernels = f"linears and attention on tokenwire's native kernels ({native_kernels.library().isa})"
+            else:
+                kernels = f"linears and attention on onnxruntime's kernels ({engine.kernels_note})"
+            log.info("%s: %s", entry.id, kernels)
+            say("loading", kernels)
         else:
             decoder = OnnxDecoder(path / "model.onnx", device=self.device, threads=self.threads)
             engine = OptimumEngine(decoder)
