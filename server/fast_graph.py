@@ -58,6 +58,21 @@ GRAPH = "model.onnx"  # onnxruntime's own kernels (MatMulNBits + the Q4_1 correc
 NATIVE_GRAPH = "model_native.onnx"  # tokenwire's Linear/Attention ops (server/native); AVX2/AVX-512 CPUs
 
 
+def native_unfit(config: dict) -> str:
+    """Why the native kernels cannot run a model of this config.json ("" when they can)."""
+    n_heads = int(config.get("num_attention_heads") or 0)
+    if config.get("model_type") not in SUPPORTED or not n_heads:
+        return f"no fast graph for model_type {config.get('model_type')!r}"
+    hidden = int(config["hidden_size"])
+    kv_heads = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or hidden // n_heads)
+    if (head_dim % 16 or head_dim > 128 or n_heads % kv_heads or n_heads // kv_heads > 8
+            or hidden % 32 or int(config.get("intermediate_size", 0)) % 32):
+        return ("the native kernels need head_dim a multiple of 16 up to 128, at most 8 query heads per "
+                "KV head, and hidden/intermediate sizes multiples of 32")
+    return ""
+
+
 def build_fast_graph(
     fp32_dir: Path, out_dir: Path, bits: int = 4, level_for=_level_policy, last_only: bool = True,
     kv_dtype: str = "float32", native: bool = False,
@@ -96,10 +111,8 @@ def build_fast_graph(
     theta = float(config.get("rope_theta", 10000.0))
     max_pos = int(config.get("max_position_embeddings", 2048))
 
-    if native and (head_dim % 16 or head_dim > 128 or n_heads % kv_heads or n_heads // kv_heads > 8
-                   or hidden % 32 or int(config["intermediate_size"]) % 32):
-        raise FastGraphUnsupported("the native kernels need head_dim a multiple of 16 up to 128, at most 8 "
-                                   "query heads per KV head, and hidden/intermediate sizes multiples of 32")
+    if native and (why := native_unfit(config)):
+        raise FastGraphUnsupported(why)
     src = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=True)
     inits = {i.name: i for i in src.graph.initializer}
     produced_by = {out: node for node in src.graph.node for out in node.output}

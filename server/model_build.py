@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fast_graph import GRAPH, NATIVE_GRAPH
+from .fast_graph import GRAPH, NATIVE_GRAPH, native_unfit
 from .store import (
     DEFAULT_ALIAS_KEY,
     MANIFEST,
@@ -217,7 +217,7 @@ def build_int4(fp32_dir: Path, out_dir: Path, kv_dtype: str = "float32") -> dict
         routes = build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype)
         extra = {"graph": "gqa", "kv_dtype": kv_dtype, "quantization": {
             "routes": routes, "accuracy_levels": "linears 0, lm_head 8-bit at 4"}}
-        if native_kernels_wanted(kv_dtype) and native_graph_fits(fp32_dir):
+        if native_kernels_wanted(kv_dtype) and not native_unfit(model_config(fp32_dir)):
             build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype, native=True)
             extra["kernels"] = {"native": {"graph": NATIVE_GRAPH, "activations": "int16 per block of 32",
                                            "kv_dtype": "float16"}}
@@ -236,18 +236,6 @@ def native_kernels_wanted(kv_dtype: str) -> bool:
     return kv_dtype == "float32" and native_kernels.library().path is not None
 
 
-def native_graph_fits(folder: Path) -> bool:
-    """Whether a model's shapes suit the native kernels (see fast_graph.build_fast_graph)."""
-    config = model_config(folder)
-    n_heads = int(config.get("num_attention_heads", 0) or 0)
-    if config.get("model_type") not in ("llama", "mistral") or not n_heads:
-        return False
-    kv_heads = int(config.get("num_key_value_heads") or n_heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // n_heads)
-    return (head_dim % 16 == 0 and head_dim <= 128 and n_heads % kv_heads == 0 and n_heads // kv_heads <= 8
-            and int(config["hidden_size"]) % 32 == 0 and int(config.get("intermediate_size", 1)) % 32 == 0)
-
-
 def _current(folder: Path, kv_dtype: str | None = None) -> bool:
     """A built model folder whose manifest is of the current build format (and KV layout)."""
     try:
@@ -257,7 +245,8 @@ def _current(folder: Path, kv_dtype: str | None = None) -> bool:
     if kv_dtype is not None and manifest.get("graph") == "gqa":
         if manifest.get("kv_dtype", "float32") != kv_dtype:
             return False
-        if native_kernels_wanted(kv_dtype) and native_graph_fits(folder) and not (folder / NATIVE_GRAPH).is_file():
+        if (native_kernels_wanted(kv_dtype) and not native_unfit(model_config(folder))
+                and not (folder / NATIVE_GRAPH).is_file()):
             return False
     return manifest.get("build", 0) >= BUILD_VERSION
 
