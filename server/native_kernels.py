@@ -20,8 +20,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCES = ("tw_isa.c", "tw_linear.c", "tw_linear_avx2.c", "tw_attention.c", "tw_attention_avx2.c", "tw_ops.c")
-HEADERS = ("tw_isa.h", "tw_avx2.h", "tw_linear.h", "tw_attention.h", "tw_ort_abi.h")
 CHOICES = ("auto", "native", "onnxruntime")
 
 
@@ -49,11 +47,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("TOKENWIRE_NATIVE_CACHE", Path(base) / "tokenwire" / "native"))
 
 
+def _sources() -> list[Path]:
+    """Every .c of the folder is compiled into the library."""
+    return sorted(source_dir().glob("*.c"))
+
+
 def _digest() -> str:
+    """The cache key: every source and header, so any edit gets its own build."""
     h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        h.update(name.encode())
-        h.update((source_dir() / name).read_bytes())
+    for path in sorted([*source_dir().glob("*.c"), *source_dir().glob("*.h")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -65,7 +69,7 @@ def _compile(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [cc, "-O3", "-std=c11", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(out),
-               *(str(source_dir() / s) for s in SOURCES)]
+               *(str(p) for p in _sources())]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise NativeUnavailable(f"compiling the native kernels failed: {done.stderr.strip()[-500:]}")
