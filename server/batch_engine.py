@@ -28,8 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import native_kernels
-from .decoder import KVCache, OnnxDecoder, make_session
-from .fast_graph import GRAPH, NATIVE_GRAPH, kv_numpy_dtype
+from .decoder import KVCache, OnnxDecoder
+from .fast_graph import NATIVE_GRAPH, kv_numpy_dtype, open_graph
 from .kv_batch import KVBatch
 
 
@@ -141,10 +141,7 @@ class FastEngine(BatchEngine):
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 2048,
                  device_buffers: bool | None = None, kernels: str | None = None) -> None:
         self.kernels, self.kernels_note = choose_kernels(model_dir, device, kernels)
-        if self.kernels == "native":
-            self.session = make_session(model_dir / NATIVE_GRAPH, device, threads, custom_ops=native_kernels.require())
-        else:
-            self.session = make_session(model_dir / GRAPH, device, threads)
+        self.session = open_graph(model_dir, self.kernels == "native", device, threads)
         self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.device_id = int(device.split(":", 1)[1]) if ":" in device else 0
         self.device_buffers = (self.device != "cpu") if device_buffers is None else device_buffers

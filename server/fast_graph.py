@@ -306,17 +306,21 @@ def kv_numpy_dtype(session) -> type:
     return np.float16 if kinds == {"tensor(float16)"} else np.float32
 
 
-def full_logits(model_dir: Path, tokens: list[int], native: bool = False) -> np.ndarray:
-    """Logits [len, vocab] of every position of a `last_only=False` fast graph, one pass."""
-    import onnxruntime as ort
-
+def open_graph(model_dir: Path, native: bool, device: str = "cpu", threads: int = 0):
+    """A session on a fast model's NATIVE_GRAPH (tokenwire's ops registered) or GRAPH."""
     from . import native_kernels
     from .decoder import make_session
 
     if native:
-        session = make_session(model_dir / NATIVE_GRAPH, custom_ops=native_kernels.require())
-    else:
-        session = make_session(model_dir / GRAPH)
+        return make_session(model_dir / NATIVE_GRAPH, device, threads, custom_ops=native_kernels.require())
+    return make_session(model_dir / GRAPH, device, threads)
+
+
+def full_logits(model_dir: Path, tokens: list[int], native: bool = False) -> np.ndarray:
+    """Logits [len, vocab] of every position of a `last_only=False` fast graph, one pass."""
+    import onnxruntime as ort
+
+    session = open_graph(model_dir, native)
     config = json.loads((model_dir / "config.json").read_text())
     n_heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or n_heads)
