@@ -300,17 +300,18 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
         int4_extra = build_int4(fp32_tmp, int4_tmp, kv_dtype)
         write_model_manifest(int4_tmp, int4_id, source, "int4", params, int4_extra)
         step(6, "measuring int4 against fp32 (teacher-forced, fixed text)")
-        from .quality import compare
+        from .quality import compare_kernels
 
         manifest = json.loads((int4_tmp / MANIFEST).read_text())
         # Each graph is measured; the top-level figure is the one that serves by default.
-        quality = compare(fp32_tmp, int4_tmp, kernels="onnxruntime")
         kinds = manifest.get("kernels", {})
         if "native" in kinds:
-            native_quality = compare(fp32_tmp, int4_tmp, kernels="native")
+            quality, native_quality = compare_kernels(fp32_tmp, int4_tmp, ["onnxruntime", "native"])
             kinds["native"]["quality"] = {**native_quality, "reference": fp32_id}
             kinds["onnxruntime"] = {"graph": GRAPH, "quality": {**quality, "reference": fp32_id}}
             quality = native_quality
+        else:
+            (quality,) = compare_kernels(fp32_tmp, int4_tmp, ["onnxruntime"])
         manifest["quality"] = {**quality, "reference": fp32_id}
         write_manifest(int4_tmp, manifest)
         _install(fp32_tmp, fp32_dir)

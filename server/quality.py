@@ -63,16 +63,29 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int], kern
 def compare(reference: Path, candidate: Path, max_tokens: int = DEFAULT_MAX_TOKENS,
             kernels: str | None = None) -> dict[str, float]:
     """`kernels` picks a fast graph's linear kernels (batch_engine.choose_kernels)."""
+    return compare_kernels(reference, candidate, [kernels], max_tokens)[0]
+
+
+def compare_kernels(reference: Path, candidate: Path, kernels: list[str | None],
+                    max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict[str, float]]:
+    """`compare` for each kernel choice, with the fp32 reference computed once."""
     tokens = TokenizerBundle(reference).encode(eval_text())[:max_tokens]
     if len(tokens) < MIN_TOKENS and max_tokens >= MIN_TOKENS:
         raise ValueError(f"evaluation text has {len(tokens)} tokens, fewer than {MIN_TOKENS}")
     from .batch_engine import is_fast_graph
 
     ref_logits = OnnxDecoder(reference / "model.onnx").full_logits(tokens)
-    if is_fast_graph(candidate):
-        cand_logits = _fast_graph_logits(reference, candidate, tokens, kernels)
-    else:
-        cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
+    results = []
+    for kind in kernels:
+        if is_fast_graph(candidate):
+            cand_logits = _fast_graph_logits(reference, candidate, tokens, kind)
+        else:
+            cand_logits = OnnxDecoder(candidate / "model.onnx").full_logits(tokens)
+        results.append(_agreement(ref_logits, cand_logits, tokens))
+    return results
+
+
+def _agreement(ref_logits: np.ndarray, cand_logits: np.ndarray, tokens: list[int]) -> dict[str, float]:
     targets = np.asarray(tokens[1:])
     same = kl_sum = ref_nll = cand_nll = 0.0
     positions = len(tokens) - 1
