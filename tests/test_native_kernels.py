@@ -130,9 +130,36 @@ def test_library_builds_from_scratch_and_reports_why_not(tmp_path: Path, monkeyp
     assert failed.path is None and "compiling the native kernels failed" in failed.reason
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def test_library_runs_the_instruction_set_asked_for() -> None:
-    """AVX-512 on this machine class, unless TOKENWIRE_NATIVE_ISA=avx2 (the child run below)."""
-    assert native_kernels.library().isa == os.environ.get("TOKENWIRE_NATIVE_ISA", "avx512")
+    """AVX-512 where the CPU has it (with VNNI), else AVX2; AVX2 when TOKENWIRE_NATIVE_ISA=avx2
+    (the child run below)."""
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= _cpu_flags()
+    expected = os.environ.get("TOKENWIRE_NATIVE_ISA") or ("avx512" if avx512 else "avx2")
+    assert native_kernels.library().isa == expected
+
+
+def test_only_avx512_functions_hold_avx512_instructions() -> None:
+    """On a CPU without AVX-512 an AVX-512 instruction is SIGILL: the whole process dies. Code
+    compiled for AVX-512 must sit only in functions the run-time dispatch calls on AVX-512
+    machines, which are named so (a merge loop once compiled for AVX-512 and called on every
+    CPU crashed AVX2 machines in `tokenwire pull`)."""
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(native_kernels.require())],
+                                 capture_output=True, text=True, check=True).stdout
+    function, offenders, seen = "", set(), set()
+    for line in disassembly.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1][:-2]
+        elif "%zmm" in line or "%k1" in line:
+            (seen if "avx512" in function else offenders).add(function)
+    assert seen, "no AVX-512 code at all: the check itself is broken"
+    assert not offenders, f"AVX-512 instructions outside the AVX-512 dispatch: {sorted(offenders)}"
 
 
 def test_avx2_kernels_pass_every_test_of_this_file() -> None:

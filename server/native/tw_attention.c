@@ -69,7 +69,7 @@ int64_t tw_attention_tasks(const TwAttention *a) {
     return a->batch * a->kv_heads * a->query_blocks * a->key_chunks;
 }
 
-TW_TARGET static void store_half(const float *x, int64_t d, uint16_t *row) {
+TW_TARGET static void store_half_avx512(const float *x, int64_t d, uint16_t *row) {
     for (int64_t i = 0; i < d; i += 16)
         _mm256_storeu_si256((__m256i *)(row + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
@@ -184,7 +184,7 @@ void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t) {
 }
 
 void tw_attention_store(const TwAttention *a, int64_t b, int64_t s) {
-    tw_attention_store_with(a, b, s, tw_isa() == TW_ISA_AVX512 ? store_half : tw_store_half_avx2);
+    tw_attention_store_with(a, b, s, tw_isa() == TW_ISA_AVX512 ? store_half_avx512 : tw_store_half_avx2);
 }
 
 void tw_attention_task(const TwAttention *a, int64_t task) {
@@ -194,7 +194,8 @@ void tw_attention_task(const TwAttention *a, int64_t task) {
         tw_attention_task_avx2(a, task);
 }
 
-TW_TARGET void tw_attention_finish(const TwAttention *a, int64_t b, int64_t s) {
+/* Plain C on purpose: it runs on AVX2 machines too (compiled for AVX-512 it crashed them). */
+void tw_attention_finish(const TwAttention *a, int64_t b, int64_t s) {
     const int64_t d = a->head_dim, group = a->heads / a->kv_heads, slot = d + 2;
     const int64_t qb = s / TW_QUERY_BLOCK, row = s % TW_QUERY_BLOCK;
     for (int64_t head = 0; head < a->heads; head++) {

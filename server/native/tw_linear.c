@@ -57,7 +57,7 @@ TW_TARGET static inline void unpack_block(int bits, const uint8_t *wb, __m512i w
     }
 }
 
-TW_TARGET static void tiles(int bits, const uint8_t *w, const float *d, const float *mins, const int16_t *xq,
+TW_TARGET static void tiles_avx512(int bits, const uint8_t *w, const float *d, const float *mins, const int16_t *xq,
                             const float *sx, const float *sumx, int64_t rows, int64_t k, int64_t n, float *y,
                             int64_t t0, int64_t t1) {
     const int64_t kb = k / TW_BLOCK;
@@ -92,7 +92,7 @@ TW_TARGET static void tiles(int bits, const uint8_t *w, const float *d, const fl
 void tw_linear_tiles_avx512(int bits, const uint8_t *w, const float *d, const float *mins,
                             const int16_t *xq, const float *sx, const float *sumx,
                             int64_t rows, int64_t k, int64_t n, float *y, int64_t t0, int64_t t1) {
-    tiles(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
+    tiles_avx512(bits, w, d, mins, xq, sx, sumx, rows, k, n, y, t0, t1);
 }
 
 void tw_quantize_rows(const float *x, int64_t rows, int64_t k, int16_t *xq, float *sx, float *sumx) {
