@@ -25,7 +25,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHORT_PROMPT, free_port, table, write_json  # noqa: E402
 
-from tokenwire.server.store import ModelStore, folder_size  # noqa: E402
+from tokenwire.server.models.store import ModelStore, folder_size  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 

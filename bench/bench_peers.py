@@ -54,10 +54,10 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from tokenwire.server.batch_engine import choose_kernels  # noqa: E402
-from tokenwire.server.fast_graph import GRAPH, NATIVE_GRAPH  # noqa: E402
-from tokenwire.server.store import ModelStore  # noqa: E402
-from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.server.build.fast_graph import GRAPH, NATIVE_GRAPH  # noqa: E402
+from tokenwire.server.engine.graph import choose_kernels  # noqa: E402
+from tokenwire.server.engine.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.server.models.store import ModelStore  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 

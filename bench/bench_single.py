@@ -21,8 +21,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, SHORT_PROMPT, long_prompt, median, running_server, table, write_json  # noqa: E402
 
-from tokenwire.server.store import ModelStore  # noqa: E402
-from tokenwire.server.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.server.engine.tokenizer import TokenizerBundle  # noqa: E402
+from tokenwire.server.models.store import ModelStore  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 

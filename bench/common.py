@@ -22,7 +22,7 @@ SHORT_PROMPT = "Write a short story about a lighthouse keeper who finds a messag
 
 
 def long_prompt(tokenizer, n_tokens: int) -> str:
-    from tokenwire.server.quality import eval_text
+    from tokenwire.server.build.quality import eval_text
 
     ids = tokenizer.encode(eval_text())
     return tokenizer.decode(ids[:n_tokens])

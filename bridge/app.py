@@ -8,7 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
-from . import chats_api, metrics, native_api, openai_api, openapi, static_files
+from tokenwire.bridge.routes import chats as chats_api
+from tokenwire.bridge.routes import openai as openai_api
+from tokenwire.bridge.routes import static as static_files
+from tokenwire.bridge.routes import stream as native_api
+
+from . import metrics, openapi
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log

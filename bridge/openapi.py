@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .chats_openapi import add_chat_docs
-from .openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
+from tokenwire.bridge.routes.chats_openapi import add_chat_docs
+from tokenwire.bridge.routes.openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
+
 from .openapi_parts import _errors, _json, _ref
 
 _NUM = {"type": "number"}

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from .chat_commands import add_chat_commands
+from tokenwire.clients.commands.chat import add_chat_commands
+from tokenwire.clients.commands.models import add_model_commands
+
 from .connection import describe_rpc_error, list_models, open_channel, server_target
-from .model_commands import add_model_commands
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -110,7 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from tokenwire.server.app import serve
-    from tokenwire.server.decoder import DeviceUnavailable
+    from tokenwire.server.engine.session import DeviceUnavailable
 
     config = _server_config(args)
 
@@ -131,8 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---- pull --------------------------------------------------------------------------------------
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tokenwire.server.model_build import CATALOGUE, BuildError, pull
-    from tokenwire.server.store import ModelStore
+    from tokenwire.server.build.pull import CATALOGUE, BuildError, pull
+    from tokenwire.server.models.store import ModelStore
 
     store = ModelStore(args.models_dir)
     if not args.name:

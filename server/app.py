@@ -10,23 +10,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenwire.server.api.auth import Authenticator, AuthInterceptor
+from tokenwire.server.api.history import HistoryService
+from tokenwire.server.api.inference import InferenceService
+from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.engine.session import providers_for
+from tokenwire.server.models.manager import ModelManager
+from tokenwire.server.models.store import ModelStore
 from tokenwire.v1 import history_pb2, history_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-from .async_chat_store import AsyncChatStore
-from .auth import Authenticator, AuthInterceptor
 from .config import ServerConfig
-from .decoder import providers_for
-from .history_service import HistoryService
-from .inference_service import InferenceService
 from .metrics import PrometheusMetrics
-from .model_manager import ModelManager
-from .store import ModelStore
 
 log = logging.getLogger("tokenwire.server")
 
 
-def open_chat_store(config: ServerConfig) -> AsyncChatStore:
-    chats = AsyncChatStore.open(config.database)
+def open_chat_store(config: ServerConfig) -> ChatWorker:
+    chats = ChatWorker.open(config.database)
     interrupted = chats.store.interrupted_at_start
     log.info("chat database %s%s", chats.store.describe(),
              f" ({interrupted} unfinished replies marked interrupted)" if interrupted else "")
@@ -34,7 +34,7 @@ def open_chat_store(config: ServerConfig) -> AsyncChatStore:
 
 
 async def start_server(
-    config: ServerConfig, chats: AsyncChatStore | None = None
+    config: ServerConfig, chats: ChatWorker | None = None
 ) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
     metrics = PrometheusMetrics()

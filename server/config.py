@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat_db import default_database
-from .store import default_store_path
+from tokenwire.server.chats.db import default_database
+from tokenwire.server.models.store import default_store_path
 
 
 def _env(name: str, default: str) -> str:
@@ -88,7 +88,7 @@ class ServerConfig:
     database: str = field(default_factory=default_database)
 
     def scheduler_config(self):
-        from .scheduler import SchedulerConfig
+        from tokenwire.server.engine.scheduler import SchedulerConfig
 
         return SchedulerConfig(
             max_batch=self.max_batch,
@@ -99,7 +99,7 @@ class ServerConfig:
         )
 
     def model_limits(self):
-        from .model_manager import ModelLimits
+        from tokenwire.server.models.manager import ModelLimits
 
         return ModelLimits(max_loaded=self.max_loaded_models, memory_budget_bytes=self.memory_budget_bytes,
                            keep_alive_s=self.keep_alive_s)

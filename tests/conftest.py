@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tokenwire.server.store import ModelStore, default_store_path
+from tokenwire.server.models.store import ModelStore, default_store_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -12,7 +12,7 @@ from conftest import DEFAULT_INT4, cli, start_bridge, start_server
 from test_bridge_sse import read_events
 
 from tokenwire.bridge.app import create_app
-from tokenwire.bridge.chats_openapi import DOCUMENTED_FIELDS
+from tokenwire.bridge.routes.chats_openapi import DOCUMENTED_FIELDS
 
 GREEDY = {"temperature": 0, "max_tokens": 6}
 

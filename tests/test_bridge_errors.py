@@ -11,8 +11,8 @@ from yarl import URL
 
 from tokenwire.bridge.app import create_app
 from tokenwire.bridge.config import STATIC_DIR
-from tokenwire.bridge.native_api import GENERATE_FIELDS
-from tokenwire.bridge.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
+from tokenwire.bridge.routes.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
+from tokenwire.bridge.routes.stream import GENERATE_FIELDS
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hi"}]

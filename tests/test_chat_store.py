@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from tokenwire.server import chat_db, chat_export
-from tokenwire.server.api_keys import KeyRing
-from tokenwire.server.chat_context import fit_messages, reply_reserve
-from tokenwire.server.chat_search import fts_query, query_terms, spans_by_scan, spans_from_marked
-from tokenwire.server.chat_store import ChatNotFound, ChatRequestError, ChatStore, ReplyOutcome
+from tokenwire.server.chats import db as chat_db
+from tokenwire.server.chats import export as chat_export
+from tokenwire.server.chats.api_keys import KeyRing
+from tokenwire.server.chats.search import fts_query, query_terms, spans_by_scan, spans_from_marked
+from tokenwire.server.chats.store import ChatNotFound, ChatRequestError, ChatStore, ReplyOutcome
+from tokenwire.server.engine.context_fit import fit_messages, reply_reserve
 
 
 @pytest.fixture

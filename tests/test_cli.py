@@ -118,8 +118,8 @@ def test_pull_lists_and_is_idempotent(models_dir) -> None:
 
 
 def test_pull_recorded_quality_and_chose_the_default(models_dir) -> None:
-    from tokenwire.server.model_build import MIN_TOP1_FOR_INT4
-    from tokenwire.server.store import ModelStore
+    from tokenwire.server.build.pull import MIN_TOP1_FOR_INT4
+    from tokenwire.server.models.store import ModelStore
 
     store = ModelStore(models_dir)
     quality = store.get(DEFAULT_INT4).manifest["quality"]

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenwire.server.decoder import OnnxDecoder
-from tokenwire.server.generation import FinishReason, Generation, GenerationRequest, TokenEvent
-from tokenwire.server.model_check import greedy_recompute, greedy_with_cache
-from tokenwire.server.sampling import SamplingConfig
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.smoke_test import greedy_recompute, greedy_with_cache
+from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.sampling import SamplingConfig
+from tokenwire.server.engine.sequence import FinishReason, Generation, GenerationRequest, TokenEvent
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 
 REFERENCE = Path(__file__).with_name("reference") / "smollm2_greedy.json"
 PROMPTS = [
@@ -24,8 +24,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def fp32(fp32_dir: Path) -> tuple[OnnxDecoder, TokenizerBundle]:
-    return OnnxDecoder(fp32_dir / "model.onnx"), TokenizerBundle(fp32_dir)
+def fp32(fp32_dir: Path) -> tuple[OptimumEngine, TokenizerBundle]:
+    return OptimumEngine(fp32_dir / "model.onnx"), TokenizerBundle(fp32_dir)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -41,7 +41,8 @@ def test_kv_cache_matches_full_recompute_fp32(fp32, prompt: str) -> None:
 
 def test_fast_graph_kv_cache_matches_full_recompute(int4_dir: Path) -> None:
     """The default int4 model's fast graph: in-place KV decoding vs recomputing the whole sequence."""
-    from tokenwire.server.batch_engine import FastEngine, is_fast_graph
+    from tokenwire.server.engine.fast_engine import FastEngine
+    from tokenwire.server.engine.graph import is_fast_graph
 
     assert is_fast_graph(int4_dir), "the default int4 variant is built as the fast graph"
     tok = TokenizerBundle(int4_dir)
@@ -61,7 +62,7 @@ def test_fast_graph_kv_cache_matches_full_recompute(int4_dir: Path) -> None:
     assert cached_engine.lengths == [len(seq)]
 
 
-def run_greedy(decoder: OnnxDecoder, tok: TokenizerBundle, ids: list[int], max_tokens: int) -> tuple[list[int], str]:
+def run_greedy(decoder: OptimumEngine, tok: TokenizerBundle, ids: list[int], max_tokens: int) -> tuple[list[int], str]:
     request = GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, sampling=SamplingConfig(temperature=0.0))
     events = list(Generation(decoder, tok, request))
     tokens = [e.token_id for e in events if isinstance(e, TokenEvent)]
@@ -86,7 +87,7 @@ def test_fp32_greedy_equals_transformers_reference(fp32) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_tiny_architectures_decode_identically_with_and_without_cache(tiny_models, arch: str) -> None:
     folder = tiny_models[arch]
-    decoder, tok = OnnxDecoder(folder / "model.onnx"), TokenizerBundle(folder)
+    decoder, tok = OptimumEngine(folder / "model.onnx"), TokenizerBundle(folder)
     ids = tok.encode("Hello there, how are you doing today?")
     cached, cached_logits = greedy_with_cache(decoder, ids, 12)
     full, full_logits = greedy_recompute(decoder, ids, 12)

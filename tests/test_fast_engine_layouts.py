@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenwire.server.batch_engine import FastEngine
-from tokenwire.server.fast_graph import NATIVE_GRAPH, build_fast_graph
-from tokenwire.server.model_build import BUILD_VERSION, _current, native_kernels_wanted
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.fast_graph import NATIVE_GRAPH, build_fast_graph
+from tokenwire.server.build.pull import BUILD_VERSION, _current, native_kernels_wanted
+from tokenwire.server.engine.fast_engine import FastEngine
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 
 
 def _scenario(engine: FastEngine) -> list[np.ndarray]:

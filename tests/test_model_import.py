@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import cli, start_server
 
-from tokenwire.server.decoder import OnnxDecoder
-from tokenwire.server.model_check import greedy_with_cache
-from tokenwire.server.store import ModelStore
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.smoke_test import greedy_with_cache
+from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.tokenizer import TokenizerBundle
+from tokenwire.server.models.store import ModelStore
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
@@ -64,7 +64,7 @@ def test_optimum_export_imports_and_answers(stub, store, tiny_models) -> None:
     info = models(stub)["my-qwen:fp32"]
     assert info.state == pb.MODEL_STATE_AVAILABLE and info.architecture == "qwen2" and info.precision == "fp32"
     assert info.parameter_count > 0 and info.context_length == 512
-    reference, _ = greedy_with_cache(OnnxDecoder(src / "model.onnx"), TokenizerBundle(src).encode(PROMPT), N_TOKENS)
+    reference, _ = greedy_with_cache(OptimumEngine(src / "model.onnx"), TokenizerBundle(src).encode(PROMPT), N_TOKENS)
     assert server_greedy(stub, "my-qwen:fp32") == reference
     manifest = json.loads((store / "my-qwen_fp32" / "tokenwire.json").read_text())
     assert manifest["source"]["kind"] == "onnx" and manifest["weight_files"]["model.onnx"] > 0

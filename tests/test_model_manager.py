@@ -15,11 +15,11 @@ import grpc
 import pytest
 from conftest import cli, start_server
 
-from tokenwire.server.decoder import OnnxDecoder
-from tokenwire.server.model_check import greedy_with_cache
-from tokenwire.server.model_manager import ModelBusy, ModelLimits, ModelManager, ModelTooLarge
-from tokenwire.server.store import ModelStore
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.smoke_test import greedy_with_cache
+from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.tokenizer import TokenizerBundle
+from tokenwire.server.models.manager import ModelBusy, ModelLimits, ModelManager, ModelTooLarge
+from tokenwire.server.models.store import ModelStore
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
@@ -82,7 +82,7 @@ def references(tiny_models) -> dict[str, list[int]]:
     for arch, model_id in (("llama", LLAMA), ("qwen2", QWEN), ("gpt2", GPT2)):
         folder = tiny_models[arch]
         ids = TokenizerBundle(folder).encode(PROMPT)
-        refs[model_id], _ = greedy_with_cache(OnnxDecoder(folder / "model.onnx"), ids, N_TOKENS)
+        refs[model_id], _ = greedy_with_cache(OptimumEngine(folder / "model.onnx"), ids, N_TOKENS)
     return refs
 
 

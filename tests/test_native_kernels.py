@@ -18,14 +18,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from tokenwire.server import native_kernels
-from tokenwire.server.batch_engine import FastEngine, OptimumEngine, choose_kernels
-from tokenwire.server.decoder import OnnxDecoder, make_session
-from tokenwire.server.fast_graph import NATIVE_GRAPH, build_fast_graph, full_logits
-from tokenwire.server.native_pack import DOMAIN, NativeEmitter, dequantize, pack
-from tokenwire.server.quantize import BLOCK, quantize_weight
-from tokenwire.server.store import read_manifest
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.fast_graph import NATIVE_GRAPH, build_fast_graph, full_logits
+from tokenwire.server.build.native_pack import DOMAIN, NativeEmitter, dequantize, pack
+from tokenwire.server.build.quantize import BLOCK, quantize_weight
+from tokenwire.server.engine.fast_engine import FastEngine
+from tokenwire.server.engine.graph import choose_kernels
+from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.session import make_session
+from tokenwire.server.engine.tokenizer import TokenizerBundle
+from tokenwire.server.models.store import read_manifest
+from tokenwire.server.native import loader as native_kernels
 
 
 def _grid_weight(rng: np.random.Generator, k: int, n: int, bits: int) -> np.ndarray:
@@ -270,7 +272,7 @@ def test_native_kernels_decode_like_fp32(int4_dir: Path, fp32_dir: Path) -> None
     tok = TokenizerBundle(int4_dir)
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
     native, native_last = _greedy(FastEngine(int4_dir, context_length=256, kernels="native"), ids, 12)
-    reference, _ = _greedy(OptimumEngine(OnnxDecoder(fp32_dir / "model.onnx")), ids, 12)
+    reference, _ = _greedy(OptimumEngine(fp32_dir / "model.onnx"), ids, 12)
     assert native == reference, (tok.decode(native), tok.decode(reference))
     engines = {k: FastEngine(int4_dir, context_length=256, kernels=k) for k in ("native", "onnxruntime")}
     first = {}

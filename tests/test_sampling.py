@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokenwire.server.sampling import SamplingConfig, TokenHistory, apply_penalties, sample
+from tokenwire.server.engine.sampling import SamplingConfig, TokenHistory, apply_penalties, sample
 
 
 def logits_of(probs: list[float]) -> np.ndarray:

@@ -11,9 +11,12 @@ import grpc
 import pytest
 from conftest import start_server
 
-from tokenwire.server.batch_engine import FastEngine, OptimumEngine, is_fast_graph
-from tokenwire.server.decoder import OnnxDecoder
-from tokenwire.server.generation import (
+from tokenwire.server.engine.fast_engine import FastEngine
+from tokenwire.server.engine.graph import is_fast_graph
+from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.sampling import SamplingConfig
+from tokenwire.server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, SequenceHandle
+from tokenwire.server.engine.sequence import (
     FinishedEvent,
     FinishReason,
     GenerationRequest,
@@ -21,9 +24,7 @@ from tokenwire.server.generation import (
     Sequence,
     TokenEvent,
 )
-from tokenwire.server.sampling import SamplingConfig
-from tokenwire.server.scheduler import QueueFull, Scheduler, SchedulerConfig, SequenceHandle
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
@@ -45,10 +46,9 @@ class EngineFactory:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.fast = is_fast_graph(folder)
-        self._decoder = None if self.fast else OnnxDecoder(folder / "model.onnx")
 
     def __call__(self):
-        return FastEngine(self.folder, context_length=4096) if self.fast else OptimumEngine(self._decoder)
+        return FastEngine(self.folder, context_length=4096) if self.fast else OptimumEngine(self.folder / "model.onnx")
 
 
 @pytest.fixture(scope="module")

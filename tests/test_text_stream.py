@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenwire.server.text_stream import TextStream
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.engine.text_stream import TextStream
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 
 SAMPLES = [
     "Emoji: 🚀🔥 and a family 👨‍👩‍👧 plus flags 🇫🇷",

@@ -59,7 +59,7 @@ def make_tiny_checkpoint(arch: str, out_dir: Path, tokenizer_dir: Path, seed: in
 
 def make_tiny(arch: str, out_root: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """Builds `tiny-<arch>` into out_root (skipped when it is already there)."""
-    from tokenwire.server.model_build import export_onnx, write_model_manifest
+    from tokenwire.server.build.pull import export_onnx, write_model_manifest
 
     model_id = f"tiny-{arch}:fp32"
     folder = out_root / f"tiny-{arch}_fp32"
@@ -83,7 +83,7 @@ def _tokenizer_vocab(tokenizer_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    from tokenwire.server.store import ModelStore
+    from tokenwire.server.models.store import ModelStore
 
     out = Path(sys.argv[1])
     tok_dir = ModelStore().get("smollm2-135m:fp32").path

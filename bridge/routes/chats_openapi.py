@@ -1,0 +1,135 @@
+"""The OpenAPI description of /api/chats (chats_api) and of API keys, added to openapi.DOCUMENT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenwire.bridge.openapi_parts import _errors, _json, _ref
+
+from .chats import CREATE_FIELDS, MESSAGE_FIELDS, RENAME_FIELDS
+
+_CHAT_ID = {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "A chat id (16 hex characters)."}
+_INT = {"type": "integer"}
+_NOT_FOUND = ("No chat with this id among the caller's (another user's chat answers exactly the same; "
+              "code chat_not_found).")
+
+
+def _schemas(generate_props: dict[str, Any]) -> dict[str, Any]:
+    message_props = {name: generate_props[name] for name in MESSAGE_FIELDS if name in generate_props}
+    message_props["content"] = {"type": "string", "minLength": 1,
+                                "description": "The user's new message. Absent: answer the chat's last user "
+                                               "message again (after a failed or interrupted reply)."}
+    message_props["model"] = {"type": "string", "description": "Model id or alias; absent: the chat's model."}
+    return {
+        "Chat": {"type": "object", "properties": {
+            "id": {"type": "string"}, "title": {"type": "string"}, "model": {"type": "string"},
+            "created_ms": _INT, "updated_ms": _INT, "message_count": _INT,
+            "owner": {"type": "string", "description": "\"local\" on a server without API keys."}}},
+        "StoredMessage": {"type": "object", "required": ["id", "role", "content", "status"], "properties": {
+            "id": _INT, "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
+            "status": {"enum": ["complete", "length", "stopped", "cancelled", "error", "pending", "interrupted"],
+                       "description": "stopped: the client ended the call; cancelled: the server did (deadline); "
+                                      "interrupted: the server died while writing it."},
+            "error_message": {"type": "string"}, "created_ms": _INT, "model": {"type": "string"},
+            "usage": _ref("Usage"), "dropped_messages": _INT, "max_tokens": {"type": ["integer", "null"]}}},
+        "CreateChatRequest": {"type": "object", "additionalProperties": False, "properties": {
+            "title": {"type": "string", "description": "Absent: the first user message."},
+            "model": {"type": "string"},
+            "system": {"type": "string", "description": "System prompt, kept in every turn's prompt."}}},
+        "RenameChatRequest": {"type": "object", "required": ["title"], "additionalProperties": False,
+                              "properties": {"title": {"type": "string", "minLength": 1, "maxLength": 200}}},
+        "ChatMessageRequest": {"type": "object", "additionalProperties": False, "properties": message_props},
+        "ChatEvent": {"type": "object", "properties": {
+            "chat_id": {"type": "string"}, "user_message_id": _INT, "reply_message_id": _INT,
+            "dropped_messages": {**_INT, "description": "Oldest messages left out of the prompt because the chat "
+                                                        "no longer fits the context window (system prompt kept)."}}},
+        "SearchResult": {"type": "object", "properties": {
+            "chat": _ref("Chat"),
+            "snippets": {"type": "array", "items": {"type": "object", "properties": {
+                "message_id": _INT, "role": {"type": "string"},
+                "spans": {"type": "array", "items": {"type": "object", "properties": {
+                    "text": {"type": "string"}, "highlighted": {"type": "boolean"}}}}}}}}},
+    }
+
+
+def _paths() -> dict[str, Any]:
+    chat_body = {"required": True, "content": {"application/json": {"schema": _ref("ChatMessageRequest")}}}
+    return {
+        "/api/chats": {
+            "get": {"summary": "The caller's chats, most recently active first.",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {**_INT, "minimum": 1, "maximum": 500}},
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                         "description": "next_cursor of the previous page."}],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "chats": {"type": "array", "items": _ref("Chat")},
+                        "next_cursor": {"type": ["string", "null"]}}}), **_errors(400, 401, 503)}},
+            "post": {"summary": "Create a chat (send its messages with POST /api/chats/{chat_id}/messages).",
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": _ref("CreateChatRequest")}}},
+                     "responses": {"201": _json(_ref("Chat"), "Created."), **_errors(400, 401, 415, 503)}},
+        },
+        "/api/chats/search": {"get": {
+            "summary": "The caller's chats whose messages contain every word of q (the last one as a prefix), "
+                       "best first, with highlighted snippets.",
+            "parameters": [{"name": "q", "in": "query", "required": True, "schema": {"type": "string"}},
+                           {"name": "limit", "in": "query", "schema": {**_INT, "minimum": 1, "maximum": 100}}],
+            "responses": {"200": _json({"type": "object", "properties": {
+                "results": {"type": "array", "items": _ref("SearchResult")}}}), **_errors(400, 401, 503)}}},
+        "/api/chats/{chat_id}": {
+            "get": {"summary": "A chat and all its messages, oldest first.", "parameters": [_CHAT_ID],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "chat": _ref("Chat"), "messages": {"type": "array", "items": _ref("StoredMessage")}}}),
+                        "404": _json(_ref("Error"), _NOT_FOUND), **_errors(401, 503)}},
+            "patch": {"summary": "Rename a chat.", "parameters": [_CHAT_ID],
+                      "requestBody": {"required": True, "content": {"application/json": {
+                          "schema": _ref("RenameChatRequest")}}},
+                      "responses": {"200": _json(_ref("Chat")), "404": _json(_ref("Error"), _NOT_FOUND),
+                                    **_errors(400, 401, 415, 503)}},
+            "delete": {"summary": "Delete a chat and its messages.", "parameters": [_CHAT_ID],
+                       "responses": {"200": _json({"type": "object", "properties": {
+                           "id": {"type": "string"}, "deleted": {"const": True}, "deleted_messages": _INT}}),
+                           "404": _json(_ref("Error"), _NOT_FOUND), **_errors(401, 503)}},
+        },
+        "/api/chats/{chat_id}/export": {"get": {
+            "summary": "A chat as a JSON document or a Markdown transcript (a download).",
+            "parameters": [_CHAT_ID, {"name": "format", "in": "query",
+                                      "schema": {"enum": ["json", "markdown", "md"], "default": "json"}}],
+            "responses": {"200": {"description": "The file (Content-Disposition: attachment).",
+                                  "content": {"application/json": {}, "text/markdown": {}}},
+                          "404": _json(_ref("Error"), _NOT_FOUND), **_errors(400, 401, 503)}}},
+        "/api/chats/{chat_id}/messages": {"post": {
+            "summary": "Add the user's message to a chat and stream the model's reply, with the whole chat as "
+                       "context. The message is stored before generation starts; the reply when it ends, "
+                       "with its status, also when the client goes away (stopped).",
+            "parameters": [_CHAT_ID],
+            "requestBody": chat_body,
+            "responses": {"200": {
+                "description": "text/event-stream: first `chat` (ChatEvent), then the events of /api/generate: "
+                               "`queued`, `token`, `done` (DoneEvent), or `error`.",
+                "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "404": _json(_ref("Error"), _NOT_FOUND + " Or an unknown model (model_not_found)."),
+                **_errors(400, 401, 413, 415, 429, 503)}}},
+    }
+
+
+def add_chat_docs(document: dict[str, Any]) -> None:
+    components = document["components"]
+    generate_props = components["schemas"]["GenerateRequest"]["properties"]
+    components["schemas"].update(_schemas(generate_props))
+    components["responses"]["E401"] = _json(
+        _ref("Error"), "The server has API keys and the request carried none, or an invalid or revoked one "
+                       "(send Authorization: Bearer <key>; code invalid_api_key).")
+    components.setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "Needed once the server has API keys (`tokenwire keys create NAME`); the bridge passes "
+                       "it on to the gRPC server with every call, /v1 endpoints included."}
+    document["security"] = [{}, {"apiKey": []}]
+    document["paths"].update(_paths())
+
+
+# The request fields each endpoint accepts are exactly the documented ones (checked by tests).
+DOCUMENTED_FIELDS = {"CreateChatRequest": CREATE_FIELDS, "RenameChatRequest": RENAME_FIELDS,
+                     "ChatMessageRequest": MESSAGE_FIELDS}

@@ -1,0 +1,113 @@
+"""The History gRPC service: translates between protobuf and ChatStore records, nothing more."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.json_format import ParseDict, ParseError
+
+from tokenwire.server.chats import export as chat_export
+from tokenwire.server.chats.store import ChatInfo, ChatNotFound, ChatRequestError, MessageInfo, SearchResult
+from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.v1 import history_pb2 as hpb
+from tokenwire.v1 import history_pb2_grpc as hpb_grpc
+from tokenwire.v1 import inference_pb2 as pb
+
+from .auth import Authenticator
+
+STATUS_TO_PROTO = {
+    "complete": hpb.MESSAGE_STATUS_COMPLETE,
+    "length": hpb.MESSAGE_STATUS_LENGTH,
+    "stopped": hpb.MESSAGE_STATUS_STOPPED,
+    "cancelled": hpb.MESSAGE_STATUS_CANCELLED,
+    "error": hpb.MESSAGE_STATUS_ERROR,
+    "pending": hpb.MESSAGE_STATUS_PENDING,
+    "interrupted": hpb.MESSAGE_STATUS_INTERRUPTED,
+}
+
+
+def chat_to_proto(chat: ChatInfo) -> hpb.Chat:
+    return hpb.Chat(id=chat.id, title=chat.title, model=chat.model, created_unix_ms=chat.created_ms,
+                    updated_unix_ms=chat.updated_ms, message_count=chat.message_count, owner=chat.owner)
+
+
+def message_to_proto(m: MessageInfo) -> hpb.Message:
+    out = hpb.Message(
+        id=m.id, chat_id=m.chat_id, role=m.role, content=m.content, status=STATUS_TO_PROTO.get(m.status, 0),
+        error_message=m.error_message, created_unix_ms=m.created_ms, model=m.model,
+        max_tokens=int(m.params.get("max_tokens", 0) or 0), dropped_messages=m.dropped_messages,
+    )
+    if m.params.get("sampling"):
+        try:
+            ParseDict(m.params["sampling"], out.sampling, ignore_unknown_fields=True)
+        except ParseError:
+            pass
+    if m.role == "assistant":
+        out.usage.CopyFrom(pb.Usage(
+            prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
+            time_to_first_token_ms=m.time_to_first_token_ms, decode_tokens_per_second=m.decode_tokens_per_second,
+            total_time_ms=m.total_time_ms, queue_time_ms=m.queue_time_ms,
+        ))
+    return out
+
+
+def result_to_proto(result: SearchResult) -> hpb.SearchResult:
+    return hpb.SearchResult(
+        chat=chat_to_proto(result.chat),
+        snippets=[hpb.SearchSnippet(message_id=s.message_id, role=s.role,
+                                    spans=[hpb.TextSpan(text=t, highlighted=h) for t, h in s.spans])
+                  for s in result.snippets],
+    )
+
+
+class HistoryService(hpb_grpc.HistoryServicer):
+    def __init__(self, worker: ChatWorker, auth: Authenticator) -> None:
+        self.worker = worker
+        self.chats = worker.store
+        self.auth = auth
+
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
+        """fn(user_id, *args) on the store's thread, its failures as gRPC statuses."""
+        identity = await self.auth.identity(context)
+        try:
+            return await self.worker.call(fn, identity.user_id, *args)
+        except ChatNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ChatRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def CreateChat(self, request: hpb.CreateChatRequest, context):  # noqa: N802
+        chat = await self._run(context, self.chats.create_chat, request.title, request.model, request.system_prompt)
+        return chat_to_proto(chat)
+
+    async def ListChats(self, request: hpb.ListChatsRequest, context):  # noqa: N802
+        chats, token = await self._run(context, self.chats.list_chats, request.page_size, request.page_token)
+        return hpb.ListChatsResponse(chats=[chat_to_proto(c) for c in chats], next_page_token=token)
+
+    async def GetChat(self, request: hpb.GetChatRequest, context):  # noqa: N802
+        chat, messages = await self._run(context, self.chats.get_chat, request.chat_id)
+        return hpb.GetChatResponse(chat=chat_to_proto(chat), messages=[message_to_proto(m) for m in messages])
+
+    async def RenameChat(self, request: hpb.RenameChatRequest, context):  # noqa: N802
+        return chat_to_proto(await self._run(context, self.chats.rename_chat, request.chat_id, request.title))
+
+    async def DeleteChat(self, request: hpb.DeleteChatRequest, context):  # noqa: N802
+        deleted = await self._run(context, self.chats.delete_chat, request.chat_id)
+        return hpb.DeleteChatResponse(deleted_messages=deleted)
+
+    async def AppendMessage(self, request: hpb.AppendMessageRequest, context):  # noqa: N802
+        message = await self._run(context, self.chats.append_message, request.chat_id, request.role, request.content)
+        return message_to_proto(message)
+
+    async def SearchChats(self, request: hpb.SearchChatsRequest, context):  # noqa: N802
+        results = await self._run(context, self.chats.search, request.query, request.limit)
+        return hpb.SearchChatsResponse(results=[result_to_proto(r) for r in results])
+
+    async def ExportChat(self, request: hpb.ExportChatRequest, context):  # noqa: N802
+        chat, messages = await self._run(context, self.chats.get_chat, request.chat_id)
+        markdown = request.format == hpb.EXPORT_FORMAT_MARKDOWN
+        if markdown:
+            content, media_type = chat_export.to_markdown(chat, messages), chat_export.MARKDOWN_TYPE
+        else:
+            content, media_type = chat_export.to_json(chat, messages), chat_export.JSON_TYPE
+        return hpb.ExportChatResponse(content=content, media_type=media_type,
+                                      filename=chat_export.filename(chat, markdown))

@@ -1,0 +1,386 @@
+"""ChatStore: users' chats and messages over the peewee models (synchronous; see ChatWorker).
+
+Every operation on a chat takes the caller's user id and finds the chat among that user's
+only, so another user's chat is indistinguishable from one that does not exist (ChatNotFound).
+Records leave the store as plain dataclasses: no lazy peewee access escapes to other threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee as pw
+
+from . import search as chat_search
+from .db import Chat, Message, User, describe, is_sqlite, now_ms, open_database, write_transaction
+
+ROLES = ("system", "user", "assistant")
+STATUSES = ("complete", "length", "stopped", "cancelled", "error", "pending", "interrupted")
+FINISHED_STATUSES = ("complete", "length", "stopped", "cancelled", "error")
+LOCAL_USER = "local"
+MAX_TITLE_CHARS = 200
+AUTO_TITLE_CHARS = 60
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+MAX_SEARCH_RESULTS = 100
+SNIPPETS_PER_CHAT = 3
+INTERRUPTED_MESSAGE = "the server stopped before this reply was finished"
+
+
+class ChatNotFound(LookupError):
+    def __init__(self, chat_id: str) -> None:
+        super().__init__(f"chat {chat_id!r} not found")
+
+
+class ChatRequestError(ValueError):
+    """The request cannot be done as asked; the message says why."""
+
+
+@dataclass
+class ChatInfo:
+    id: str
+    title: str
+    model: str
+    created_ms: int
+    updated_ms: int
+    message_count: int
+    owner: str
+
+
+@dataclass
+class MessageInfo:
+    id: int
+    chat_id: str
+    role: str
+    content: str
+    status: str
+    created_ms: int
+    error_message: str = ""
+    model: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_messages: int = 0
+    time_to_first_token_ms: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    total_time_ms: float = 0.0
+    queue_time_ms: float = 0.0
+
+
+@dataclass
+class TurnStart:
+    """A chat turn begun: the messages to prompt with and the ids of what was committed."""
+
+    chat: ChatInfo
+    context: list[dict[str, str]]  # every message with text, oldest first, the new ones included
+    user_message_id: int
+    reply_message_id: int
+
+
+@dataclass
+class ReplyOutcome:
+    """How a reply ended, as it is stored."""
+
+    content: str
+    status: str
+    error_message: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_messages: int = 0
+    time_to_first_token_ms: float = 0.0
+    decode_tokens_per_second: float = 0.0
+    total_time_ms: float = 0.0
+    queue_time_ms: float = 0.0
+
+
+@dataclass
+class SearchSnippet:
+    message_id: int
+    role: str
+    spans: list[chat_search.Span]
+
+
+@dataclass
+class SearchResult:
+    chat: ChatInfo
+    snippets: list[SearchSnippet]
+
+
+def auto_title(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= AUTO_TITLE_CHARS else flat[: AUTO_TITLE_CHARS - 1].rstrip() + "…"
+
+
+def encode_cursor(updated_ms: int, row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{updated_ms}:{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[int, int]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        updated, row = raw.split(":")
+        return int(updated), int(row)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ChatRequestError("page_token is not one this server gave out") from None
+
+
+class ChatStore:
+    def __init__(self, target: str | None = None) -> None:
+        self.db = open_database(target)
+        self.fts = is_sqlite(self.db)
+        self.interrupted_at_start = 0  # set by whoever runs mark_interrupted at start-up
+
+    def describe(self) -> str:
+        return describe(self.db)
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    # ---- users ---------------------------------------------------------------------------------
+
+    def ensure_user(self, name: str) -> int:
+        """The id of the user with this name, created if new."""
+        user = User.get_or_none(User.name == name)
+        if user is not None:
+            return user.id
+        with write_transaction(self.db):
+            user, _ = User.get_or_create(name=name)
+        return user.id
+
+    # ---- chats ---------------------------------------------------------------------------------
+
+    def _chat(self, user_id: int, chat_id: str) -> Chat:
+        chat = Chat.get_or_none((Chat.public_id == chat_id) & (Chat.owner == user_id))
+        if chat is None:
+            raise ChatNotFound(chat_id)
+        return chat
+
+    def _info(self, chat: Chat, message_count: int | None = None) -> ChatInfo:
+        if message_count is None:
+            message_count = Message.select().where(Message.chat == chat.id).count()
+        owner = getattr(chat, "owner_name", None) or User.get_by_id(chat.owner_id).name
+        return ChatInfo(chat.public_id, chat.title, chat.model, chat.created_ms, chat.updated_ms, message_count, owner)
+
+    def _chats_query(self, user_id: int):
+        count = pw.fn.COUNT(Message.id).alias("message_count")
+        return (
+            Chat.select(Chat, count, User.name.alias("owner_name"))
+            .join(User, on=(Chat.owner == User.id))
+            .switch(Chat)
+            .join(Message, pw.JOIN.LEFT_OUTER, on=(Message.chat == Chat.id))
+            .where(Chat.owner == user_id)
+            .group_by(Chat.id, User.name)
+            .objects()
+        )
+
+    def create_chat(self, user_id: int, title: str = "", model: str = "", system_prompt: str = "") -> ChatInfo:
+        title = self._clean_title(title) if title.strip() else ""
+        with write_transaction(self.db):
+            chat = Chat.create(public_id=secrets.token_hex(8), owner=user_id, title=title, model=model)
+            count = 0
+            if system_prompt.strip():
+                Message.create(chat=chat, seq=1, role="system", content=system_prompt, status="complete")
+                count = 1
+        return self._info(chat, count)
+
+    def list_chats(self, user_id: int, page_size: int = 0, page_token: str = "") -> tuple[list[ChatInfo], str]:
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        query = self._chats_query(user_id)
+        if page_token:
+            updated, row = decode_cursor(page_token)
+            query = query.where((Chat.updated_ms < updated) | ((Chat.updated_ms == updated) & (Chat.id < row)))
+        rows = list(query.order_by(Chat.updated_ms.desc(), Chat.id.desc()).limit(size + 1))
+        chats = [self._info(c, c.message_count) for c in rows[:size]]
+        next_token = encode_cursor(rows[size - 1].updated_ms, rows[size - 1].id) if len(rows) > size else ""
+        return chats, next_token
+
+    def get_chat(self, user_id: int, chat_id: str) -> tuple[ChatInfo, list[MessageInfo]]:
+        chat = self._chat(user_id, chat_id)
+        messages = [self._message(m, chat_id) for m in chat.messages.order_by(Message.seq)]
+        return self._info(chat, len(messages)), messages
+
+    def chat_info(self, user_id: int, chat_id: str) -> ChatInfo:
+        return self._info(self._chat(user_id, chat_id))
+
+    def last_chat(self, user_id: int) -> ChatInfo | None:
+        chats, _ = self.list_chats(user_id, 1)
+        return chats[0] if chats else None
+
+    def rename_chat(self, user_id: int, chat_id: str, title: str) -> ChatInfo:
+        clean = self._clean_title(title)
+        with write_transaction(self.db):
+            chat = self._chat(user_id, chat_id)
+            chat.title = clean
+            chat.updated_ms = now_ms()
+            chat.save()
+        return self._info(chat)
+
+    def delete_chat(self, user_id: int, chat_id: str) -> int:
+        with write_transaction(self.db):
+            chat = self._chat(user_id, chat_id)
+            deleted = Message.delete().where(Message.chat == chat.id).execute()
+            chat.delete_instance()
+        return deleted
+
+    @staticmethod
+    def _clean_title(title: str) -> str:
+        clean = " ".join(title.split())
+        if not clean:
+            raise ChatRequestError("title must not be empty")
+        if len(clean) > MAX_TITLE_CHARS:
+            raise ChatRequestError(f"title is {len(clean)} characters; at most {MAX_TITLE_CHARS}")
+        return clean
+
+    # ---- messages ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _message(m: Message, chat_id: str) -> MessageInfo:
+        try:
+            params = json.loads(m.params) if m.params else {}
+        except json.JSONDecodeError:
+            params = {}
+        return MessageInfo(
+            id=m.id, chat_id=chat_id, role=m.role, content=m.content, status=m.status, created_ms=m.created_ms,
+            error_message=m.error_message, model=m.model, params=params, prompt_tokens=m.prompt_tokens,
+            completion_tokens=m.completion_tokens, dropped_messages=m.dropped_messages,
+            time_to_first_token_ms=m.time_to_first_token_ms, decode_tokens_per_second=m.decode_tokens_per_second,
+            total_time_ms=m.total_time_ms, queue_time_ms=m.queue_time_ms,
+        )
+
+    @staticmethod
+    def _check_role(role: str) -> None:
+        if role not in ROLES:
+            raise ChatRequestError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+
+    def _next_seq(self, chat: Chat) -> int:
+        return (Message.select(pw.fn.MAX(Message.seq)).where(Message.chat == chat.id).scalar() or 0) + 1
+
+    def _add(self, chat: Chat, role: str, content: str, status: str = "complete", **fields: Any) -> Message:
+        message = Message.create(chat=chat, seq=self._next_seq(chat), role=role, content=content, status=status,
+                                 **fields)
+        if role == "user" and not chat.title:
+            chat.title = auto_title(content)
+        chat.updated_ms = now_ms()
+        chat.save()
+        return message
+
+    def append_message(self, user_id: int, chat_id: str, role: str, content: str) -> MessageInfo:
+        self._check_role(role)
+        if not content:
+            raise ChatRequestError("content must not be empty")
+        with write_transaction(self.db):
+            chat = self._chat(user_id, chat_id)
+            message = self._add(chat, role, content)
+        return self._message(message, chat_id)
+
+    def begin_turn(
+        self, user_id: int, chat_id: str, new_messages: list[dict[str, str]], model: str,
+        params: dict[str, Any] | None = None,
+    ) -> TurnStart:
+        """Commits the new messages and a pending reply (in one transaction); returns the chat's
+        messages to prompt with. No new messages: answers the chat's last user message again."""
+        for i, m in enumerate(new_messages):
+            self._check_role(m.get("role", ""))
+            if not m.get("content"):
+                raise ChatRequestError(f"messages[{i}].content must not be empty")
+        with write_transaction(self.db):
+            chat = self._chat(user_id, chat_id)
+            existing = list(chat.messages.order_by(Message.seq))
+            if any(m["role"] == "system" for m in new_messages) and existing:
+                raise ChatRequestError("a system message can only start a chat; this chat has messages already")
+            user_message_id = 0
+            for m in new_messages:
+                added = self._add(chat, m["role"], m["content"])
+                existing.append(added)
+                if m["role"] == "user":
+                    user_message_id = added.id
+            context = [{"role": m.role, "content": m.content} for m in existing if m.content and m.status != "pending"]
+            if not context or context[-1]["role"] != "user":
+                raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)")
+            chat.model = model
+            reply = self._add(chat, "assistant", "", status="pending", model=model,
+                              params=json.dumps(params or {}, sort_keys=True))
+        return TurnStart(self._info(chat, len(existing) + 1), context, user_message_id, reply.id)
+
+    def finish_reply(self, reply_id: int, outcome: ReplyOutcome) -> bool:
+        """Stores how a pending reply ended; False when it was no longer pending (stored already,
+        or its chat deleted meanwhile)."""
+        if outcome.status not in FINISHED_STATUSES:
+            raise ValueError(f"not a finished status: {outcome.status!r}")
+        with write_transaction(self.db):
+            updated = Message.update(
+                content=outcome.content, status=outcome.status, error_message=outcome.error_message,
+                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                dropped_messages=outcome.dropped_messages, time_to_first_token_ms=outcome.time_to_first_token_ms,
+                decode_tokens_per_second=outcome.decode_tokens_per_second, total_time_ms=outcome.total_time_ms,
+                queue_time_ms=outcome.queue_time_ms,
+            ).where((Message.id == reply_id) & (Message.status == "pending")).execute()
+            if updated:
+                Chat.update(updated_ms=now_ms()).where(
+                    Chat.id == Message.select(Message.chat).where(Message.id == reply_id)).execute()
+        return bool(updated)
+
+    def mark_interrupted(self) -> int:
+        """Replies left pending by a server that stopped without finishing them: run at start-up."""
+        with write_transaction(self.db):
+            return Message.update(status="interrupted", error_message=INTERRUPTED_MESSAGE).where(
+                Message.status == "pending").execute()
+
+    # ---- search --------------------------------------------------------------------------------
+
+    def search(self, user_id: int, query: str, limit: int = 0) -> list[SearchResult]:
+        limit = min(limit or 20, MAX_SEARCH_RESULTS)
+        terms = chat_search.query_terms(query)
+        if not terms:
+            raise ChatRequestError("query must contain at least one word")
+        hits = self._fts_hits(user_id, terms, limit) if self.fts else self._like_hits(user_id, terms, limit)
+        results: dict[int, SearchResult] = {}
+        infos = self._chats_by_row_id(user_id, {chat_row for chat_row, *_ in hits})
+        for chat_row, message_id, role, spans in hits:
+            if chat_row not in infos:
+                continue
+            result = results.setdefault(chat_row, SearchResult(infos[chat_row], []))
+            if len(result.snippets) < SNIPPETS_PER_CHAT:
+                result.snippets.append(SearchSnippet(message_id, role, spans))
+        return list(results.values())[:limit]
+
+    def _chats_by_row_id(self, user_id: int, rows: set[int]) -> dict[int, ChatInfo]:
+        if not rows:
+            return {}
+        found = self._chats_query(user_id).where(Chat.id.in_(list(rows)))
+        return {c.id: self._info(c, c.message_count) for c in found}
+
+    def _fts_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
+        sql = (
+            "SELECT m.chat_id, m.id, m.role, snippet(message_fts, 0, ?, ?, ?, ?) "
+            "FROM message_fts JOIN message AS m ON m.id = message_fts.rowid "
+            "JOIN chat AS c ON c.id = m.chat_id "
+            "WHERE message_fts MATCH ? AND c.owner_id = ? ORDER BY rank LIMIT ?"
+        )
+        params = (chat_search.MARK_OPEN, chat_search.MARK_CLOSE, chat_search.ELLIPSIS, chat_search.SNIPPET_TOKENS,
+                  chat_search.fts_query(terms), user_id, limit * SNIPPETS_PER_CHAT * 4)
+        rows = self.db.execute_sql(sql, params).fetchall()
+        return [(chat_row, mid, role, chat_search.spans_from_marked(marked)) for chat_row, mid, role, marked in rows]
+
+    def _like_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
+        condition = Chat.owner == user_id
+        for term in terms:
+            condition &= Message.content.contains(term)  # ILIKE on PostgreSQL
+        query = (Message.select(Message.chat, Message.id, Message.role, Message.content)
+                 .join(Chat, on=(Message.chat == Chat.id)).where(condition)
+                 .order_by(Chat.updated_ms.desc(), Message.seq.desc()).limit(limit * SNIPPETS_PER_CHAT * 4))
+        return [(m.chat_id, m.id, m.role, chat_search.spans_by_scan(m.content, terms)) for m in query]
+
+
+_CHAT_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+def looks_like_chat_id(text: str) -> bool:
+    return bool(_CHAT_ID_RE.match(text))

@@ -1,0 +1,112 @@
+"""Turns what a client asked for into a validated GenerationRequest, or says what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .sampling import SamplingConfig
+from .sequence import GenerationRequest
+from .tokenizer import ChatTemplateError, TokenizerBundle
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+ROLES = ("system", "user", "assistant")
+
+
+class ServedModel(Protocol):
+    """What a request is built against: the loaded model's id, tokenizer and context window."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def tokenizer(self) -> TokenizerBundle: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked; the message says which field and why."""
+
+
+@dataclass
+class GenerateParams:
+    """Transport-neutral form of a Generate call (the gRPC service fills it from protobuf)."""
+
+    model: str = ""
+    prompt: str = ""
+    messages: list[dict[str, str]] = field(default_factory=list)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    include_logprobs: bool = False
+    ignore_eos: bool = False
+
+
+def check_shape(params: GenerateParams, max_request_bytes: int) -> None:
+    """Checks that need no model: run before loading anything."""
+    if params.prompt and params.messages:
+        raise InvalidRequest("set either prompt or messages, not both")
+    if not params.prompt and not params.messages:
+        raise InvalidRequest("empty prompt: set prompt (raw text) or messages (a chat)")
+    size = len(params.prompt.encode()) + sum(len(m.get("content", "").encode()) for m in params.messages)
+    if size > max_request_bytes:
+        raise InvalidRequest(f"prompt is {size} bytes; the server accepts at most {max_request_bytes}")
+    for i, message in enumerate(params.messages):
+        if message.get("role") not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+    if params.messages and not any(m.get("content") for m in params.messages):
+        raise InvalidRequest("empty prompt: every message is empty")
+    if params.max_tokens < 0:
+        raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+    for s in params.stop:
+        if not s:
+            raise InvalidRequest("stop strings must not be empty")
+        if len(s.encode()) > MAX_STOP_BYTES:
+            raise InvalidRequest(f"stop strings are at most {MAX_STOP_BYTES} bytes")
+    try:
+        params.sampling.validate()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def build_request(
+    params: GenerateParams, model: ServedModel, default_max_tokens: int, received_at: float
+) -> GenerationRequest:
+    """Renders and tokenizes the prompt and fits the request into the model's context window."""
+    if params.messages:
+        try:
+            text = model.tokenizer.render_chat(params.messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
+    else:
+        text = params.prompt
+    ids = model.tokenizer.encode(text)
+    window = model.context_length
+    if not ids:
+        raise InvalidRequest("empty prompt: it encodes to no tokens")
+    if len(ids) >= window:
+        raise InvalidRequest(
+            f"prompt is {len(ids)} tokens; model {model.id} has a context window of {window} "
+            f"(prompt + output), so at most {window - 1} prompt tokens"
+        )
+    room = window - len(ids)
+    if params.max_tokens > room:
+        raise InvalidRequest(
+            f"max_tokens {params.max_tokens} is past the context window: the prompt takes {len(ids)} of "
+            f"{window} tokens, leaving {room}"
+        )
+    max_tokens = params.max_tokens or min(default_max_tokens, room)
+    return GenerationRequest(
+        prompt_ids=ids,
+        max_tokens=max_tokens,
+        sampling=params.sampling,
+        stop=list(params.stop),
+        include_logprobs=params.include_logprobs,
+        ignore_eos=params.ignore_eos,
+        received_at=received_at,
+    )

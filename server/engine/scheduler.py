@@ -1,0 +1,418 @@
+"""Continuous batching for one loaded model: admission, prefill, one batched decode per step.
+
+One thread per model runs the loop below; onnxruntime releases the GIL while it computes.
+
+* Admission: a bounded queue. `submit` refuses at once (QueueFull) when `queue_size`
+  requests already wait. Waiting requests are admitted round-robin across users (so one
+  user's flood cannot starve the others), each user limited to `max_streams_per_user`
+  running streams, and each waiting request is told its place whenever it changes.
+* Prefill: an admitted sequence first reuses the longest cached prefix of its prompt
+  (PrefixCache), then prefills the rest alone in chunks of `prefill_chunk` tokens, one chunk
+  between decode steps so running streams keep flowing.
+* Decode: every running sequence advances one token per batched forward pass (BatchEngine.step).
+  Finished, stopped and cancelled sequences leave at once; their KV goes to the prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from tokenwire.server.metrics import Metrics
+
+from .batch_engine import BatchEngine, KVCache, PrefillState
+from .prefix_cache import PrefixCache
+from .sequence import Event, FinishedEvent, FinishReason, QueuedEvent, Sequence
+
+log = logging.getLogger("tokenwire.scheduler")
+
+
+class SchedulerUnavailable(RuntimeError):
+    """The model's scheduler is unloading or stopped after an internal error."""
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(
+            f"the server is busy: {queue_size} requests are already waiting for this model; retry shortly"
+        )
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch: int = 16
+    queue_size: int = 32
+    prefill_chunk: int = 512
+    max_streams_per_user: int = 0  # 0: no per-user limit
+    prefix_cache_bytes: int = 512 << 20
+
+
+class SequenceHandle:
+    """A Sequence plus the way back to its asyncio consumer (events cross via call_soon_threadsafe)."""
+
+    def __init__(self, sequence: Sequence, loop: asyncio.AbstractEventLoop, on_finished=None) -> None:
+        self.sequence = sequence
+        self.user = sequence.request.user
+        self._loop = loop
+        self._queue: asyncio.Queue[Event | QueuedEvent] = asyncio.Queue()
+        self._on_finished = on_finished
+        self.position = 0
+        # Prefill progress (scheduler thread only).
+        self.prefill: PrefillState | None = None
+        self.prefilled = 0
+        self.next_token: int | None = None
+
+    def emit(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, FinishedEvent) and self._on_finished is not None:
+                try:
+                    self._on_finished(event)
+                except Exception:  # a logging hook must never break the loop
+                    log.exception("on_finished hook failed")
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
+
+    def cancel(self) -> None:
+        self.sequence.cancelled.set()
+
+    async def events(self):
+        """Yields QueuedEvents, TokenEvents and finally the FinishedEvent."""
+        while True:
+            event = await self._queue.get()
+            yield event
+            if isinstance(event, FinishedEvent):
+                return
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_chunks: int = 0
+    tokens_generated: int = 0
+    batch_size_sum: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: BatchEngine,
+        config: SchedulerConfig,
+        name: str = "",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+        self.config = config
+        self.name = name
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=self.engine.seq_axis)
+        self.stats = SchedulerStats()
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[SequenceHandle]] = OrderedDict()
+        self._n_waiting = 0
+        self._running_per_user: dict[str, int] = {}
+        self._prefilling: deque[SequenceHandle] = deque()
+        self._rows: list[SequenceHandle] = []
+        self._stop = False
+        self._dead = ""  # why the loop stopped after an unexpected error ("" while healthy)
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop ------------------------------------------------------------
+
+    def submit(self, handle: SequenceHandle) -> None:
+        """Queues a sequence, or raises QueueFull at once."""
+        with self._cond:
+            if self._dead:
+                raise SchedulerUnavailable(f"model {self.name} stopped after an internal error: {self._dead}")
+            if self._stop:
+                raise SchedulerUnavailable(f"model {self.name} is unloading; retry")
+            # The next step admits up to `free` waiting requests; the rest count against the queue.
+            free = max(0, self.config.max_batch - self.running)
+            if self._n_waiting >= self.config.queue_size + free:
+                raise QueueFull(self.config.queue_size)
+            self._waiting.setdefault(handle.user, deque()).append(handle)
+            self._n_waiting += 1
+            self.metrics.queue_length(self.name, self._n_waiting)
+            self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def running(self) -> int:
+        return len(self._rows) + len(self._prefilling)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._n_waiting or self._rows or self._prefilling)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ---- admission (under self._cond) ----------------------------------------------------------
+
+    def _has_free_slot(self, user: str) -> bool:
+        if self.running >= self.config.max_batch:
+            return False
+        limit = self.config.max_streams_per_user
+        return not limit or self._running_per_user.get(user, 0) < limit
+
+    def _admission_order(self) -> list[SequenceHandle]:
+        """Everyone not yet generating, in the order they will start: admitted sequences waiting
+        for their prefill (behind the one being prefilled), then the queue, round-robin across users."""
+        queues = [list(q) for q in self._waiting.values()]
+        order: list[SequenceHandle] = list(self._prefilling)[1:]
+        depth = 0
+        while len(order) < self._n_waiting + max(len(self._prefilling) - 1, 0):
+            for q in queues:
+                if depth < len(q):
+                    order.append(q[depth])
+            depth += 1
+        return order
+
+    def _admit(self) -> None:
+        admitted = False
+        while self._n_waiting and self.running < self.config.max_batch:
+            picked = None
+            for user in list(self._waiting):
+                if self._has_free_slot(user):
+                    picked = user
+                    break
+            if picked is None:
+                break
+            queue = self._waiting.pop(picked)
+            handle = queue.popleft()
+            if queue:
+                self._waiting[picked] = queue  # back of the rotation
+            self._n_waiting -= 1
+            self._running_per_user[picked] = self._running_per_user.get(picked, 0) + 1
+            handle.sequence.start()
+            self._prefilling.append(handle)
+            admitted = True
+        if admitted or any(h.position == 0 for q in self._waiting.values() for h in q):
+            self._notify_positions()
+        self.metrics.queue_length(self.name, self._n_waiting)
+
+    def _notify_positions(self) -> None:
+        for position, handle in enumerate(self._admission_order(), start=1):
+            if handle.position != position:
+                handle.position = position
+                handle.emit([QueuedEvent(position)])
+
+    def _positions_moved(self) -> None:
+        if len(self._prefilling) > 1 or self._n_waiting:
+            with self._cond:
+                self._notify_positions()
+
+    def _drop_cancelled_waiting(self) -> None:
+        changed = False
+        for user in list(self._waiting):
+            queue = self._waiting[user]
+            for handle in [h for h in queue if h.sequence.cancelled.is_set()]:
+                queue.remove(handle)
+                self._n_waiting -= 1
+                handle.emit(handle.sequence.finish(FinishReason.CANCELLED))
+                changed = True
+            if not queue:
+                del self._waiting[user]
+        if changed:
+            self._notify_positions()
+            self.metrics.queue_length(self.name, self._n_waiting)
+
+    def _release_user(self, handle: SequenceHandle, locked: bool = False) -> None:
+        if not locked:
+            with self._cond:
+                self._release_user(handle, locked=True)
+            return
+        n = self._running_per_user.get(handle.user, 1) - 1
+        if n:
+            self._running_per_user[handle.user] = n
+        else:
+            self._running_per_user.pop(handle.user, None)
+
+    # ---- the loop (scheduler thread) -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except Exception as exc:  # a bug in the loop itself: fail everyone, refuse new work
+            log.exception("scheduler of %s stopped", self.name)
+            with self._cond:
+                self._dead = f"{type(exc).__name__}: {exc}"
+                waiting = [h for q in self._waiting.values() for h in q]
+                self._waiting.clear()
+                self._n_waiting = 0
+            for handle in waiting + list(self._prefilling) + list(self._rows):
+                if not handle.sequence.done:
+                    handle.emit(handle.sequence.finish(FinishReason.ERROR, f"internal error: {self._dead}"))
+            self._prefilling.clear()
+            self._rows = []
+
+    def _iterate(self) -> bool:
+        """One round: admit, one prefill chunk, one decode step. False when the scheduler stops."""
+        with self._cond:
+            while not self._stop and not (self._n_waiting or self._prefilling or self._rows):
+                self._cond.wait()
+            if self._stop and not (self._prefilling or self._rows):
+                for queue in self._waiting.values():
+                    for handle in queue:
+                        handle.emit(handle.sequence.finish(FinishReason.CANCELLED, "model unloaded"))
+                self._waiting.clear()
+                self._n_waiting = 0
+                return False
+            self._drop_cancelled_waiting()
+            self._drop_cancelled_prefilling()
+            if not self._stop:
+                self._admit()
+        if self._prefilling:
+            self._prefill_chunk()
+        if self._rows:
+            try:
+                self._decode_step()
+            except Exception as exc:  # the batched step failed: its rows cannot go on
+                log.exception("decode step of %s failed", self.name)
+                self._fail_rows(f"{type(exc).__name__}: {exc}")
+        return True
+
+    def _drop_cancelled_prefilling(self) -> None:
+        """Admitted sequences cancelled while waiting for their prefill free their slot now."""
+        gone = [h for i, h in enumerate(self._prefilling) if i > 0 and h.sequence.cancelled.is_set()]
+        for handle in gone:
+            self._prefilling.remove(handle)
+            handle.prefill = None
+            self._finish(handle, handle.sequence.finish(FinishReason.CANCELLED), locked=True)
+        if gone:
+            self._notify_positions()
+
+    def _finish(self, handle: SequenceHandle, events: list, locked: bool = False) -> None:
+        handle.emit(events)
+        finished = handle.sequence.finished
+        if finished is not None:
+            key = finished.reason.value
+            self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
+            self.metrics.request_finished(self.name, key)
+        self._release_user(handle, locked)
+
+    def _prefill_chunk(self) -> None:
+        handle = self._prefilling[0]
+        seq = handle.sequence
+        if seq.cancelled.is_set():
+            self._leave_prefill(handle, seq.finish(FinishReason.CANCELLED))
+            return
+        try:
+            self._prefill_step(handle)
+        except Exception as exc:  # this sequence's failure is its own: the batch goes on
+            log.exception("prefill of a sequence on %s failed", self.name)
+            if handle.sequence.done:  # it finished before the failure (e.g. in join)
+                self._leave_prefill(handle, [])
+            else:
+                self._leave_prefill(handle, seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
+
+    def _leave_prefill(self, handle: SequenceHandle, events: list) -> None:
+        if self._prefilling and self._prefilling[0] is handle:
+            self._prefilling.popleft()
+        if handle.prefill is not None:
+            self.engine.end_prefill(handle.prefill)
+        handle.prefill = None
+        self._positions_moved()
+        self._finish(handle, events)
+
+    def _prefill_step(self, handle: SequenceHandle) -> None:
+        seq = handle.sequence
+        prompt = seq.request.prompt_ids
+        if handle.prefill is None:
+            reused, cached = self.prefix_cache.lookup(prompt)
+            if self.prefix_cache.enabled:
+                self.metrics.prefix_cache(self.name, cached is not None, reused)
+            handle.prefill = self.engine.new_prefill(cached, reused)
+            handle.prefilled = reused
+            seq.cached_prompt_tokens = reused
+        chunk = prompt[handle.prefilled : handle.prefilled + self.config.prefill_chunk]
+        logits = self.engine.prefill(handle.prefill, chunk)
+        handle.prefilled += len(chunk)
+        self.stats.prefill_chunks += 1
+        if handle.prefilled < len(prompt):
+            return
+        events, token = seq.step(logits)
+        if seq.count:
+            self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
+            self.metrics.tokens_generated(self.name, 1)
+        if token is None:
+            self._leave_prefill(handle, events)
+            return
+        self.engine.join(handle.prefill)
+        # In the batch before it leaves the prefill queue, so `busy` never reads False in between.
+        self._rows.append(handle)
+        self._prefilling.popleft()
+        handle.prefill = None
+        handle.next_token = token
+        self.stats.tokens_generated += 1
+        self._positions_moved()
+        handle.emit(events)
+
+    def _decode_step(self) -> None:
+        tokens = [h.next_token for h in self._rows]
+        previous = [h.sequence.last_at for h in self._rows]
+        logits = self.engine.step(tokens)
+        self.stats.steps += 1
+        self.stats.batch_size_sum += len(self._rows)
+        leaving: list[int] = []
+        produced = 0
+        for row, handle in enumerate(self._rows):
+            seq = handle.sequence
+            count = seq.count
+            try:
+                events, token = seq.step(logits[row])
+            except Exception as exc:  # one row's failure (e.g. its sampling) ends that row only
+                log.exception("sampling a sequence on %s failed", self.name)
+                events, token = seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"), None
+            if seq.count > count:
+                produced += 1
+                self.metrics.inter_token_latency(self.name, seq.last_at - previous[row])
+            if token is None:
+                length = self.engine.lengths[row]
+                if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
+                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row))
+                self._finish(handle, events)
+                leaving.append(row)
+            else:
+                self.stats.tokens_generated += 1
+                handle.emit(events)
+                handle.next_token = token
+        self.metrics.tokens_generated(self.name, produced)
+        if leaving:
+            self.engine.remove(leaving)
+            self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
+        self.metrics.batch_size(self.name, len(self._rows))
+
+    def _store_prefix(self, tokens: list[int], kv: KVCache) -> None:
+        self.prefix_cache.store(tokens, kv)
+        st = self.prefix_cache.stats
+        self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
+
+    def _fail_rows(self, message: str) -> None:
+        """The batch's state is lost: end every running row (not yet finished) with ERROR."""
+        for handle in self._rows:
+            if not handle.sequence.done:
+                self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
+        self._rows = []
+        self.engine.reset()
+
+def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not scheduler.busy

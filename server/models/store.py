@@ -1,0 +1,210 @@
+"""The model store: a folder of model folders, each described by a `tokenwire.json` manifest.
+
+A model folder holds `model.onnx` (+ external data), `config.json`, `tokenizer.json`,
+optionally `generation_config.json` and `chat_template.jinja`, and the manifest. The store
+also keeps `aliases.json` (e.g. "smollm2-135m" -> "smollm2-135m:int4"), written by `pull`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenwire.server.engine.model_config import DEFAULT_CONTEXT_LENGTH, ModelConfig
+
+MANIFEST = "tokenwire.json"
+ALIASES = "aliases.json"
+DEFAULT_ALIAS_KEY = "default"
+
+
+def default_store_path() -> Path:
+    """`$TOKENWIRE_MODELS`, else `~/.local/share/tokenwire/models` (outside any clone, like Ollama's)."""
+    env = os.environ.get("TOKENWIRE_MODELS")
+    if env:
+        return Path(env).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "tokenwire" / "models"
+
+
+def folder_name(model_id: str) -> str:
+    """The folder a model id lives in (":" is awkward in paths on some systems)."""
+    return model_id.replace(":", "_").replace("/", "_")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def weight_files(folder: Path) -> dict[str, int]:
+    """The graph and its external data (model.onnx, model.onnx_data, ...): name -> bytes."""
+    return {p.name: p.stat().st_size for p in sorted(folder.glob("model.onnx*")) if p.is_file()}
+
+
+REQUIRED_FILES = ("model.onnx", "config.json", "tokenizer.json")
+
+
+def _check_files(folder: Path, manifest: dict[str, Any]) -> str:
+    """Why the folder cannot serve ("" when it looks whole): missing files, or weights whose size
+    differs from what the manifest recorded (a truncated copy, an interrupted download)."""
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        return "missing " + ", ".join(missing)
+    recorded = manifest.get("weight_files")
+    if isinstance(recorded, dict):
+        for name, size in recorded.items():
+            path = folder / name
+            if not path.is_file():
+                return f"missing {name}"
+            actual = path.stat().st_size
+            if actual != size:
+                return f"{name} is {actual} bytes but the manifest says {size}: truncated or replaced"
+    return ""
+
+
+def _dropped_in(folder: Path) -> ModelEntry:
+    """A folder without a manifest: an optimum export copied in as it is serves under the
+    folder's name; anything else is listed as failed with what it lacks."""
+    if not (folder / "model.onnx").is_file():
+        return ModelEntry(id=folder.name, path=folder,
+                          error=f"not a model folder: no {MANIFEST} and no model.onnx "
+                                "(add models with `tokenwire pull` or `tokenwire import`)")
+    config = ModelConfig.read_or_empty(folder)
+    manifest = {"id": folder.name, "architecture": config.model_type,
+                "context_length": config.context_length, "source": {"dropped_in": str(folder)}}
+    entry = ModelEntry(id=folder.name, path=folder, manifest=manifest)
+    entry.error = _check_files(folder, manifest)
+    return entry
+
+
+@dataclass
+class ModelEntry:
+    """One model folder as found on disk (it may be broken: see `error`)."""
+
+    id: str
+    path: Path
+    manifest: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def architecture(self) -> str:
+        return str(self.manifest.get("architecture", ""))
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest.get("precision", ""))
+
+    @property
+    def context_length(self) -> int:
+        """The context window the manifest records, else the one every reader assumes."""
+        return int(self.manifest.get("context_length", 0) or 0) or DEFAULT_CONTEXT_LENGTH
+
+    @property
+    def parameter_count(self) -> int:
+        return int(self.manifest.get("parameter_count", 0) or 0)
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(folder / MANIFEST)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+class ModelStore:
+    """Reads the store folder. Cheap enough to rescan on every listing."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else default_store_path()
+
+    def scan(self) -> list[ModelEntry]:
+        if not self.root.is_dir():
+            return []
+        entries: list[ModelEntry] = []
+        seen: dict[str, Path] = {}
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            entry = self._entry(folder)
+            if entry.id in seen:  # a copied folder whose manifest still names the original
+                entry = ModelEntry(id=folder.name, path=folder, manifest=entry.manifest,
+                                   error=f"duplicate id {entry.id!r} (also in {seen[entry.id].name}): "
+                                         f"change \"id\" in {folder / MANIFEST}")
+            seen.setdefault(entry.id, folder)
+            entries.append(entry)
+        return entries
+
+    def _entry(self, folder: Path) -> ModelEntry:
+        try:
+            manifest = read_manifest(folder)
+        except FileNotFoundError:
+            return _dropped_in(folder)
+        except (OSError, json.JSONDecodeError) as exc:
+            return ModelEntry(id=folder.name, path=folder, error=f"unreadable {MANIFEST}: {exc}")
+        entry = ModelEntry(id=str(manifest.get("id") or folder.name), path=folder, manifest=manifest)
+        entry.error = _check_files(folder, manifest)
+        return entry
+
+    def remove(self, model_id: str) -> Path:
+        """Deletes a model's folder and the aliases that lead to it; returns the folder removed."""
+        entry = self.get(model_id)
+        if entry is None:
+            raise KeyError(model_id)
+        stale = [name for name in self.aliases() if self.resolve(name) == entry.id]
+        trash = entry.path.with_name(f".removing-{entry.path.name}")
+        entry.path.replace(trash)  # atomic: a listing never sees half a folder
+        shutil.rmtree(trash, ignore_errors=True)
+        data = {k: v for k, v in self.aliases().items() if k not in stale}
+        self._write_aliases(data)
+        return entry.path
+
+    def aliases(self) -> dict[str, str]:
+        try:
+            data = json.loads((self.root / ALIASES).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()}
+
+    def set_alias(self, name: str, target: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = self.aliases()
+        data[name] = target
+        self._write_aliases(data)
+
+    def _write_aliases(self, data: dict[str, str]) -> None:
+        tmp = self.root / (ALIASES + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.root / ALIASES)
+
+    def resolve(self, name: str) -> str:
+        """Maps an alias (or "" for the default) to a model id; other names come back as they are."""
+        aliases = self.aliases()
+        if not name:
+            name = aliases.get(DEFAULT_ALIAS_KEY, "")
+        seen = set()
+        while name in aliases and name not in seen:
+            seen.add(name)
+            name = aliases[name]
+        return name
+
+    def default_id(self) -> str:
+        return self.resolve("")
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        for entry in self.scan():
+            if entry.id == model_id:
+                return entry
+        return None
