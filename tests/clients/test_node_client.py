@@ -12,7 +12,7 @@ import pytest
 
 from tokenwire.v1 import inference_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NODE_DIR = ROOT / "clients" / "node"
 SCRIPT = NODE_DIR / "tokenwire.js"
 

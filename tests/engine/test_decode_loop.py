@@ -14,7 +14,7 @@ from tokenwire.server.engine.sampling import SamplingConfig
 from tokenwire.server.engine.sequence import FinishReason, Generation, GenerationRequest, TokenEvent
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 
-REFERENCE = Path(__file__).with_name("reference") / "smollm2_greedy.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "smollm2_greedy.json"
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
