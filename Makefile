@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test proto bench bench-peers lint browser node clean
+.PHONY: setup model run serve bridge test test-fast proto bench bench-peers lint browser node clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,8 +51,14 @@ serve: model
 bridge: setup
 	$(BIN)/tokenwire bridge --server $(HOST):$(GRPC_PORT) --http-host $(HOST) --http-port $(HTTP_PORT)
 
+# Both tiers: the fast one first (no model, seconds), then the slow one (the real model and servers).
 test: model node browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m slow
+
+# The fast tier alone: scheduler, sampling, stores, ... on a fake engine; no model needed.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 proto: setup
 	$(BIN)/python proto/generate.py

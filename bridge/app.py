@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
-
-from tokenwire.bridge.routes import chats as chats_api
-from tokenwire.bridge.routes import openai as openai_api
-from tokenwire.bridge.routes import static as static_files
-from tokenwire.bridge.routes import stream as native_api
 
 from . import metrics, openapi
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log
+from .routes import chats, openai, static, stream
 from .upstream import UPSTREAM, Upstream
 
 log = logging.getLogger("tokenwire.bridge")
@@ -49,22 +44,16 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
 
     app.cleanup_ctx.append(channel)
     app.router.add_get("/healthz", healthz)
-    native_api.add_routes(app)
-    chats_api.add_routes(app)
-    openai_api.add_routes(app)
+    stream.add_routes(app)
+    chats.add_routes(app)
+    openai.add_routes(app)
     openapi.add_routes(app)
-    static_files.add_routes(app, settings.static_dir)
+    static.add_routes(app, settings.static_dir)
     return app
 
 
-def run_bridge(
-    host: str | None = None, port: int | None = None, grpc_target: str | None = None, **overrides: Any
-) -> None:
-    """Serves until interrupted. `overrides` are BridgeSettings fields (None = keep the default)."""
-    settings = BridgeSettings()
-    for name, value in {"http_host": host, "http_port": port, "grpc_target": grpc_target, **overrides}.items():
-        if value is not None:
-            setattr(settings, name, value)
+def run_bridge(settings: BridgeSettings) -> None:
+    """Serves until interrupted."""
     app = create_app(settings=settings)
 
     async def announce(app: web.Application) -> None:

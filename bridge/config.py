@@ -1,35 +1,31 @@
-"""Bridge settings: each is a `tokenwire bridge` flag with a TOKENWIRE_* environment variable behind it."""
+"""Bridge settings, declared once: each is a `tokenwire bridge` flag and a TOKENWIRE_* environment
+variable (tokenwire.server.settings; the bridge uses nothing else of the server's code)."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from tokenwire.server.settings import parse_bytes, setting
 
 DEFAULT_GRPC_TARGET = "127.0.0.1:50051"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"TOKENWIRE_{name}", default)
-
-
 @dataclass
 class BridgeSettings:
-    # The gRPC server the bridge translates for (host:port).
-    grpc_target: str = field(default_factory=lambda: _env("SERVER", DEFAULT_GRPC_TARGET))
-    http_host: str = field(default_factory=lambda: _env("HTTP_HOST", "127.0.0.1"))
-    http_port: int = field(default_factory=lambda: int(_env("HTTP_PORT", "8000")))
+    grpc_target: str = setting(DEFAULT_GRPC_TARGET, "the gRPC server the bridge translates for (host:port)",
+                               flag="--server", env="SERVER")
+    http_host: str = setting("127.0.0.1", "address the HTTP bridge binds")
+    http_port: int = setting(8000, "HTTP port of the bridge")
     # While a stream waits for the next gRPC message (queued, model loading), an SSE comment is
     # sent this often so that proxies and browsers do not drop an idle connection.
-    heartbeat_s: float = field(default_factory=lambda: float(_env("HEARTBEAT_S", "2.0")))
-    # Largest request body accepted; bigger ones get 413.
-    max_body_bytes: int = field(default_factory=lambda: int(_env("MAX_BODY_BYTES", str(1 << 20))))
-    # Retry-After (seconds) sent with 429 when the server gives no hint of its own.
-    retry_after_s: int = field(default_factory=lambda: int(_env("RETRY_AFTER_S", "1")))
-    # The model server's Prometheus endpoint, appended to the bridge's /metrics ("" = bridge only).
-    server_metrics_url: str = field(
-        default_factory=lambda: _env("SERVER_METRICS_URL", "http://127.0.0.1:9464/metrics"))
+    heartbeat_s: float = setting(2.0, "SSE keep-alive comment interval while a stream waits, seconds")
+    max_body_bytes: int = setting(1 << 20, "largest request body (bytes, or 1M); bigger ones get 413",
+                                  parse=parse_bytes)
+    retry_after_s: int = setting(1, "Retry-After (seconds) sent with 429 when the server gives none")
+    server_metrics_url: str = setting("http://127.0.0.1:9464/metrics", "the model server's Prometheus endpoint, "
+                                      "appended to the bridge's /metrics; '' = bridge only")
     static_dir: Path = STATIC_DIR
 
     def validate(self) -> None:

@@ -3,6 +3,10 @@
 Every error the bridge answers, on /v1/* and /api/* alike, has the body
 `{"error": {"message", "type", "param", "code"}}`.
 
+The server names what went wrong in the standard rich error details (a google.rpc.Status in
+`grpc-status-details-bin`: ErrorInfo with a stable reason and the field at fault); the bridge maps
+those to OpenAI's `code` and `param`, never reading the human message.
+
 FAILED_PRECONDITION (the server has the model but cannot load it) maps to 503: the request
 was well formed and the cause is on the server, which retries a failed load on the next
 request, so "unavailable, try later" describes it better than 409 ("your request conflicts
@@ -11,17 +15,17 @@ with the resource's state").
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import grpc
 from aiohttp import web
+from google.rpc import error_details_pb2, status_pb2
 
 # gRPC code -> (HTTP status, OpenAI error type, OpenAI error code)
 _STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", None),
     grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error", None),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error", "rate_limit_exceeded"),
     grpc.StatusCode.FAILED_PRECONDITION: (503, "server_error", "model_unavailable"),
@@ -34,12 +38,18 @@ _STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 }
 _UPSTREAM_FAILURE = (502, "server_error", "upstream_error")  # UNKNOWN, INTERNAL, DATA_LOSS, ...
 
-# Parameter names the server's messages start with ("temperature must be >= 0, got -1").
-_PARAMS = {
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "max_tokens", "stop", "messages", "prompt", "model",
+# The server's ErrorInfo reasons that have an OpenAI error code of their own.
+_REASON_CODES = {
+    "CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded",
+    "MODEL_NOT_FOUND": "model_not_found",
+    "CHAT_NOT_FOUND": "chat_not_found",
+    "QUEUE_FULL": "rate_limit_exceeded",
+    "MODEL_BUSY": "rate_limit_exceeded",
+    "MODEL_LOAD_FAILED": "model_unavailable",
+    "MODEL_TOO_LARGE": "model_unavailable",
+    "API_KEY_INVALID": "invalid_api_key",
 }
-_PARAM_AT_START = re.compile(r"^([a-z_]+)(\[\d+\](?:\.[a-z_]+)?)?\b")
+_DETAILS_KEY = "grpc-status-details-bin"
 
 # How grpc describes a server it cannot connect to (as opposed to a status the server sent).
 _CONNECT_FAILURE = ("failed to connect", "connection refused", "dns resolution failed", "socket closed",
@@ -83,7 +93,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
     code = exc.code()
     details = exc.details() or code.name
     status, err_type, err_code = _STATUS.get(code, _UPSTREAM_FAILURE)
-    param = None
+    reason, param = error_reason(exc)
+    err_code = _REASON_CODES.get(reason, err_code)
     headers: dict[str, str] = {}
     message = details
     if code == grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _CONNECT_FAILURE):
@@ -92,17 +103,26 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
         message = f"the model server at {target} is unavailable: {details}"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after(exc) or retry_after_s)
-    elif code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        match = _PARAM_AT_START.match(details)
-        if match and match.group(1) in _PARAMS:
-            param = match.group(0)
-        if "context window" in details:
-            err_code = "context_length_exceeded"
-    elif code == grpc.StatusCode.NOT_FOUND:
-        param = "model"
     elif status == 502:
         message = f"the model server failed: {code.name}: {details}"
     return ApiError(status, message, type=err_type, param=param, code=err_code, headers=headers)
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> tuple[str, str | None]:
+    """(reason, field) from the call's google.rpc.ErrorInfo; ("", None) when it has none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key.lower() != _DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:  # noqa: BLE001 - a malformed trailer is no reason to fail the answer
+            return "", None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                return info.reason, info.metadata.get("field") or None
+    return "", None
 
 
 def _retry_after(exc: grpc.aio.AioRpcError) -> int | None:

@@ -10,88 +10,16 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenwire.bridge.fields import NUM as _NUM
 from tokenwire.bridge.routes.chats_openapi import add_chat_docs
-from tokenwire.bridge.routes.openai_request import COMPLETIONS_DEFAULT_MAX_TOKENS
+from tokenwire.bridge.routes.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
+from tokenwire.bridge.routes.stream import GENERATE_FIELDS
 
 from .openapi_parts import _errors, _json, _ref
 
-_NUM = {"type": "number"}
-_INT = {"type": "integer", "minimum": 0}
-_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 16}],
-         "description": "Generation stops before any of these strings; they never appear in the output."}
-_SAMPLING = {
-    "temperature": {**_NUM, "minimum": 0, "description": "0 = greedy. Default 1.0."},
-    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {**_INT, "description": "0 = off."},
-    "min_p": {**_NUM, "minimum": 0, "exclusiveMaximum": 1},
-    "repetition_penalty": {**_NUM, "exclusiveMinimum": 0, "description": "1.0 = off."},
-    "presence_penalty": {**_NUM, "minimum": -2, "maximum": 2},
-    "frequency_penalty": {**_NUM, "minimum": -2, "maximum": 2},
-    "seed": {"type": "integer", "description": "Taken modulo 2^64."},
-}
-_MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"enum": ["system", "developer", "user", "assistant"], "description": "developer = system."},
-        "content": {"oneOf": [{"type": "string"}, {"type": "null"},
-                              {"type": "array", "items": {"type": "object", "required": ["type", "text"],
-                                                          "properties": {"type": {"const": "text"},
-                                                                         "text": {"type": "string"}}}}]},
-        "name": {"type": "string", "description": "Accepted and ignored."},
-    },
-}
-_OPENAI_COMMON = {
-    "model": {"type": "string", "description": "Model id or alias; empty or absent = the server's default."},
-    "stream": {"type": "boolean", "default": False},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "temperature": {**_NUM, "minimum": 0, "maximum": 2, "default": 1},
-    "top_p": {**_NUM, "exclusiveMinimum": 0, "maximum": 1},
-    "stop": {**_STOP},
-    "seed": _SAMPLING["seed"],
-    "n": {"const": 1, "description": "Only 1 is supported."},
-    "presence_penalty": _SAMPLING["presence_penalty"],
-    "frequency_penalty": _SAMPLING["frequency_penalty"],
-    "logit_bias": {"type": "object", "maxProperties": 0, "description": "Only an empty object is supported."},
-    "user": {"type": "string", "description": "Passed to the server: requests are admitted round-robin "
-                                              "across users."},
-    "top_k": {**_SAMPLING["top_k"], "description": "tokenwire extra. 0 = off."},
-    "min_p": {**_SAMPLING["min_p"], "description": "tokenwire extra."},
-    "repetition_penalty": {**_SAMPLING["repetition_penalty"], "description": "tokenwire extra."},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "ignore_eos": {"type": "boolean", "description": "tokenwire extra: generate past end-of-sequence until "
-                                                     "max_tokens (benchmarks)."},
-}
-_CHAT_ONLY = {
-    "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-    "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "Preferred over max_tokens."},
-    "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
-    "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
-    "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
-    "tools": {"type": "array", "maxItems": 0, "description": "No tool calling: only [] is accepted."},
-    "tool_choice": {"const": "none"},
-    "parallel_tool_calls": {"type": "boolean", "description": "Accepted and ignored."},
-    "functions": {"type": "array", "maxItems": 0},
-    "function_call": {"const": "none"},
-    "store": {"const": False},
-    "metadata": {"type": "object", "description": "Accepted and ignored."},
-    "service_tier": {"type": "string", "description": "Accepted and ignored."},
-    "modalities": {"type": "array", "items": {"const": "text"}},
-}
-_COMPLETION_ONLY = {
-    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                                                "maxItems": 1}]},
-    "max_tokens": {"type": "integer", "minimum": 1, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
-    "logprobs": {"const": 0, "description": "0: the chosen tokens' logprobs (top_logprobs is null)."},
-    "suffix": {"const": ""},
-    "echo": {"const": False},
-    "best_of": {"const": 1},
-}
-_CHAT_PROPS = {**_OPENAI_COMMON, **_CHAT_ONLY}
-_COMPLETION_PROPS = {**_OPENAI_COMMON, **_COMPLETION_ONLY}
-
-_OPENAI_USAGE = {"type": "object", "properties": {k: {"type": "integer"} for k in
-                                                  ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_OPENAI_USAGE = {"type": "object", "properties": {
+    **{k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}}}}
 _FINISH = {"enum": ["stop", "length"]}
 
 _SCHEMAS: dict[str, Any] = {
@@ -122,24 +50,13 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "Exactly one of prompt (raw text) and messages (rendered with the model's chat template).",
         "additionalProperties": False,
-        "properties": {
-            "prompt": {"type": "string"},
-            "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
-            "model": _OPENAI_COMMON["model"],
-            "max_tokens": {"type": "integer", "minimum": 1, "description": "Absent: the server's default."},
-            "stop": _STOP,
-            "logprobs": {"type": "boolean", "description": "Token events carry `logprob`."},
-            "ignore_eos": _OPENAI_COMMON["ignore_eos"],
-            "user": _OPENAI_COMMON["user"],
-            "keep_alive": {"type": "number", "description": "Seconds the model stays loaded after this request: "
-                           "0 unloads it at once, negative keeps it; absent: the server's --keep-alive."},
-            **_SAMPLING,
-        },
+        "properties": GENERATE_FIELDS,
     },
     "Usage": {
         "type": "object",
         "properties": {
             "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+            "cached_prompt_tokens": {"type": "integer"},
             "time_to_first_token_ms": _NUM, "decode_tokens_per_second": _NUM,
             "total_time_ms": _NUM, "queue_time_ms": _NUM,
         },
@@ -154,9 +71,9 @@ _SCHEMAS: dict[str, Any] = {
         "matched_stop": {"type": "string", "description": "Present when a stop string ended the generation."},
         "error_message": {"type": "string", "description": "Present when finish_reason is error."}}},
     "ChatCompletionRequest": {"type": "object", "required": ["messages"], "additionalProperties": False,
-                              "properties": _CHAT_PROPS},
+                              "properties": CHAT_FIELDS},
     "CompletionRequest": {"type": "object", "required": ["prompt"], "additionalProperties": False,
-                          "properties": _COMPLETION_PROPS},
+                          "properties": COMPLETION_FIELDS},
     "ChatCompletion": {"type": "object", "properties": {
         "id": {"type": "string", "pattern": "^chatcmpl-"}, "object": {"const": "chat.completion"},
         "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"},
@@ -201,8 +118,9 @@ def _responses() -> dict[str, Any]:
     return out
 
 
-_SSE_NATIVE = (
-    "text/event-stream. Events: `queued` (QueuedEvent) while waiting for a slot; `token` (TokenEvent) "
+_SSE_STREAM_API = (
+    "text/event-stream. Events: `started` ({model, request_id}: the resolved model) first; `queued` "
+    "(QueuedEvent) while waiting for a slot; `token` (TokenEvent) "
     "per generated token, sent the moment the server produces it; `done` (DoneEvent) last; `error` "
     "(Error) if the stream fails after it started. A `: keep-alive` comment is sent after every "
     "--heartbeat-s seconds without a message. The response starts with the first server message or "
@@ -235,7 +153,7 @@ DOCUMENT: dict[str, Any] = {
         "/api/generate": {"post": {
             "summary": "Stream a generation as server-sent events.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
-            "responses": {"200": {"description": _SSE_NATIVE, "headers": {
+            "responses": {"200": {"description": _SSE_STREAM_API, "headers": {
                 "X-Request-Id": {"schema": {"type": "string"}}},
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_GENERATE_ERRORS}}},
         "/v1/models": {"get": {"summary": "OpenAI: list models.", "responses": {"200": _json({

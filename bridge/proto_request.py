@@ -8,13 +8,12 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenwire.enums import enum_name
 from tokenwire.v1 import inference_pb2 as pb
 
 from .errors import ApiError, invalid_param
 from .params import Params, json_type
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # OpenAI's "developer" role is its newer name for "system".
 _ROLE_ALIASES = {"developer": "system"}
@@ -23,7 +22,7 @@ _UNSUPPORTED_ROLES = {"tool": "tool messages need tool calling, which tokenwire 
 MAX_UINT32 = (1 << 32) - 1
 
 
-def native_sampling(p: Params) -> dict[str, Any]:
+def stream_api_sampling(p: Params) -> dict[str, Any]:
     """The sampling fields of the bridge's own endpoints (/api/generate, /api/chats/{id}/messages),
     range-checked by the server, which knows them (the OpenAI endpoints apply OpenAI's bounds)."""
     return {
@@ -121,4 +120,4 @@ def generate_request(
 
 def finish_reason_name(reason: int) -> str:
     """"stop", "length", "cancelled", "error" (or "unspecified")."""
-    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+    return enum_name(pb.FinishReason, reason)

@@ -25,6 +25,7 @@ LOG_FIELDS = "tokenwire.log_fields"  # request key: extra fields for the one log
 
 
 class StreamTranslator(Protocol):
+    async def started(self, sse: SSEWriter, started: pb.Started) -> None: ...
     async def queued(self, sse: SSEWriter, position: int) -> None: ...
     async def token(self, sse: SSEWriter, token: pb.TokenDelta) -> None: ...
     async def finished(self, sse: SSEWriter, finished: pb.Finished) -> None: ...
@@ -51,7 +52,9 @@ async def relay_stream(
                 await sse.comment("keep-alive")
                 continue
             kind = item.WhichOneof("event")
-            if kind == "queued":
+            if kind == "started":
+                await translator.started(sse, item.started)
+            elif kind == "queued":
                 await translator.queued(sse, item.queued.position)
             elif kind == "token":
                 await translator.token(sse, item.token)

@@ -32,7 +32,7 @@ class SSEWriter:
         return cls(response)
 
     async def event(self, name: str, data: Any) -> None:
-        """`event: NAME` with a JSON payload (the native /api stream)."""
+        """`event: NAME` with a JSON payload (the bridge's own /api stream)."""
         await self._send(f"event: {name}\ndata: {_json(data)}\n\n")
 
     async def data(self, data: Any) -> None:

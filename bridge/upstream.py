@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Final
 
 import grpc
@@ -24,7 +23,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
-_NAMES_TTL_S = 10.0
 
 
 class Heartbeat:
@@ -98,8 +96,6 @@ class Upstream:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.InferenceStub | None = None
         self._history: hpb_grpc.HistoryStub | None = None
-        self._names: dict[str, str] = {}
-        self._names_at = -1e9
 
     async def open(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
@@ -134,28 +130,8 @@ class Upstream:
             reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=grpc_metadata())
         except grpc.aio.AioRpcError as exc:
             raise self.error(exc) from exc
-        self._remember_names(reply)
         return reply
 
-    async def resolve_model(self, name: str) -> str:
-        """The model id a name (alias, "" for the default) refers to, from a short-lived cache of
-        ListModels; the name itself when the server cannot tell (Generate will report why)."""
-        age = time.monotonic() - self._names_at
-        if age > _NAMES_TTL_S or (name not in self._names and age > 1.0):
-            with contextlib.suppress(ApiError):
-                await self.list_models()
-        return self._names.get(name, name)
-
-    def _remember_names(self, reply: pb.ListModelsResponse) -> None:
-        names: dict[str, str] = {}
-        for m in reply.models:
-            names[m.id] = m.id
-            for alias in m.aliases:
-                names[alias] = m.id
-            if m.is_default:
-                names[""] = names["default"] = m.id
-        self._names = names
-        self._names_at = time.monotonic()
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)

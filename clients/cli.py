@@ -13,6 +13,7 @@ import grpc
 
 from tokenwire.clients.commands.chat import add_chat_commands
 from tokenwire.clients.commands.models import add_model_commands
+from tokenwire.enums import enum_name
 
 from .connection import describe_rpc_error, list_models, open_channel, server_target
 
@@ -25,86 +26,34 @@ def _fail(message: str, code: int = 1) -> int:
 # ---- serve -------------------------------------------------------------------------------------
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """Every ServerConfig setting as a flag (declared once, in server/config.py and the classes it nests)."""
+    from tokenwire.server import settings
     from tokenwire.server.config import ServerConfig
 
-    d = ServerConfig()
-    p.add_argument("--host", default=d.host, help="address to bind (env TOKENWIRE_HOST)")
-    p.add_argument("--port", type=int, default=d.port, help="gRPC port (env TOKENWIRE_PORT)")
-    p.add_argument("--models-dir", type=Path, default=d.models_dir, help="model store (env TOKENWIRE_MODELS)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="execution provider (env TOKENWIRE_DEVICE)")
-    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads, 0 = all cores")
-    p.add_argument("--kernels", choices=["auto", "native", "onnxruntime"], default=d.kernels,
-                   help="linear kernels of int4 models on CPU: tokenwire's native ones (AVX2/AVX-512) when available "
-                        "(auto), required (native), or onnxruntime's (env TOKENWIRE_KERNELS)")
-    p.add_argument("--max-batch", "--max-running", dest="max_batch", type=int, default=d.max_batch,
-                   help="sequences decoded together per model (env TOKENWIRE_MAX_BATCH)")
-    p.add_argument("--queue-size", type=int, default=d.queue_size,
-                   help="requests that may wait per model; more get RESOURCE_EXHAUSTED (env TOKENWIRE_QUEUE_SIZE)")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
-                   help="prompt tokens prefilled per step (env TOKENWIRE_PREFILL_CHUNK)")
-    p.add_argument("--max-streams-per-user", type=int, default=d.max_streams_per_user,
-                   help="concurrent streams per user, 0 = no limit (env TOKENWIRE_MAX_STREAMS_PER_USER)")
-    p.add_argument("--prefix-cache-bytes", type=int, default=d.prefix_cache_bytes,
-                   help="memory for reusable KV of finished turns, 0 = off (env TOKENWIRE_PREFIX_CACHE_BYTES)")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens, help="max tokens when a request sets none")
-    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="largest prompt accepted, in bytes")
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port,
-                   help="Prometheus /metrics port, 0 = off (env TOKENWIRE_METRICS_PORT)")
-    p.add_argument("--max-loaded-models", type=int, default=d.max_loaded_models,
-                   help="models loaded at once, 0 = no limit; one more unloads the least recently used idle "
-                        "one (env TOKENWIRE_MAX_LOADED_MODELS)")
-    p.add_argument("--memory-budget-bytes", type=_byte_size, default=d.memory_budget_bytes,
-                   help="memory for loaded models (bytes, or 512M, 8G), 0 = no budget; evicts like "
-                        "--max-loaded-models (env TOKENWIRE_MEMORY_BUDGET_BYTES)")
-    p.add_argument("--keep-alive", type=_duration, default=d.keep_alive_s,
-                   help="how long an idle model stays loaded: seconds, or 5m, 1h; negative = until unloaded "
-                        "(env TOKENWIRE_KEEP_ALIVE, default 300)")
-    p.add_argument("--database", default=d.database,
-                   help="chat database: a path (SQLite) or a URL such as postgresql://... (env TOKENWIRE_DATABASE, "
-                        "default ~/.local/share/tokenwire/tokenwire.db)")
+    settings.add_arguments(p, ServerConfig)
+
+
+def _server_config(args: argparse.Namespace):
+    from tokenwire.server import settings
+    from tokenwire.server.config import ServerConfig
+
+    return settings.from_namespace(ServerConfig, args)
+
+
+def _bridge_settings(args: argparse.Namespace, **fixed):
+    from tokenwire.bridge.config import BridgeSettings
+    from tokenwire.server import settings
+
+    return settings.from_namespace(BridgeSettings, args, **fixed)
 
 
 def _duration(text: str) -> float:
-    from tokenwire.server.config import parse_duration
+    from tokenwire.server.settings import parse_duration
 
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _byte_size(text: str) -> int:
-    from tokenwire.server.config import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _server_config(args: argparse.Namespace):
-    from tokenwire.server.config import ServerConfig
-
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        models_dir=args.models_dir,
-        device=args.device,
-        threads=args.threads,
-        kernels=args.kernels,
-        max_batch=args.max_batch,
-        queue_size=args.queue_size,
-        prefill_chunk=args.prefill_chunk,
-        max_streams_per_user=args.max_streams_per_user,
-        prefix_cache_bytes=args.prefix_cache_bytes,
-        default_max_tokens=args.default_max_tokens,
-        max_request_bytes=args.max_request_bytes,
-        metrics_port=args.metrics_port,
-        max_loaded_models=args.max_loaded_models,
-        memory_budget_bytes=args.memory_budget_bytes,
-        keep_alive_s=args.keep_alive,
-        database=args.database,
-    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -217,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if finished is not None and args.verbose:
             u = finished.usage
             print(
-                f"[{pb.FinishReason.Name(finished.reason).removeprefix('FINISH_REASON_').lower()}: "
+                f"[{enum_name(pb.FinishReason, finished.reason)}: "
                 f"{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, "
                 f"first token {u.time_to_first_token_ms:.0f} ms, {u.decode_tokens_per_second:.1f} tok/s]",
                 file=sys.stderr,
@@ -255,7 +204,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':<24} {'ARCH':<8} {'PARAMS':>8} {'PREC':<5} {'CTX':>6} {'SIZE':>9}  STATE")
     for m in reply.models:
-        state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+        state = enum_name(pb.ModelState, m.state)
         extra = (" (default)" if m.is_default else "") + (f" — {m.error_message}" if m.error_message else "")
         params = f"{m.parameter_count / 1e6:.0f}M" if m.parameter_count else "?"
         print(f"{m.id:<24} {m.architecture:<8} {params:>8} {m.precision:<5} {m.context_length:>6} "
@@ -271,9 +220,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     except ImportError as exc:
         return _fail(f"the bridge is not available: {exc}")
     try:
-        run_bridge(host=args.http_host, port=args.http_port, grpc_target=server_target(args.server),
-                   heartbeat_s=args.heartbeat_s, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after_s,
-                   server_metrics_url=args.server_metrics_url)
+        run_bridge(_bridge_settings(args))
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
     return 0
@@ -284,24 +231,22 @@ def cmd_up(args: argparse.Namespace) -> int:
     import subprocess
     import time
 
+    from tokenwire.server import settings
+
     exe = [sys.executable, "-m", "tokenwire.clients.cli"]
-    server_args = ["serve", "--host", args.host, "--port", str(args.port), "--models-dir", str(args.models_dir),
-                   "--device", args.device, "--threads", str(args.threads), "--kernels", args.kernels, "--max-batch", str(args.max_batch),
-                   "--queue-size", str(args.queue_size), "--prefill-chunk", str(args.prefill_chunk),
-                   "--max-streams-per-user", str(args.max_streams_per_user),
-                   "--prefix-cache-bytes", str(args.prefix_cache_bytes), "--metrics-port", str(args.metrics_port),
-                   "--max-loaded-models", str(args.max_loaded_models),
-                   "--memory-budget-bytes", str(args.memory_budget_bytes), "--keep-alive", str(args.keep_alive)]
-    server_args += ["--database", args.database]
-    server = subprocess.Popen(exe + server_args)
-    target = f"{args.host}:{args.port}"
+    try:
+        config = _server_config(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    server = subprocess.Popen(exe + ["serve", *settings.to_argv(config)])  # the whole config, by construction
+    target = config.address
     if not _wait_for_server(target, 60):
         server.terminate()
         return _fail(f"the server did not start on {target}")
-    metrics_url = f"http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port else ""
-    bridge = subprocess.Popen(exe + ["bridge", "--server", target, "--http-host", args.http_host,
-                                     "--http-port", str(args.http_port), "--server-metrics-url", metrics_url])
-    url = f"http://{args.http_host}:{args.http_port}/"
+    metrics_url = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
+    bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url)
+    bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)])
+    url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
     server_flag = "" if target == "127.0.0.1:50051" else f" --server {target}"
     print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
@@ -384,25 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_chat_commands(sub)
 
+    from tokenwire.bridge.config import BridgeSettings
+    from tokenwire.server import settings
+
     p = sub.add_parser("bridge", help="run the HTTP bridge (SSE, OpenAI API, web page)")
-    p.add_argument("--server", default=None, help="gRPC target host:port (env TOKENWIRE_SERVER)")
-    p.add_argument("--http-host", default=os.environ.get("TOKENWIRE_HTTP_HOST", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=int(os.environ.get("TOKENWIRE_HTTP_PORT", "8000")))
-    p.add_argument("--heartbeat-s", type=float, default=None,
-                   help="SSE keep-alive comment interval while waiting, seconds (env TOKENWIRE_HEARTBEAT_S, 2)")
-    p.add_argument("--max-body-bytes", type=int, default=None,
-                   help="largest request body, bytes (env TOKENWIRE_MAX_BODY_BYTES, 1 MiB)")
-    p.add_argument("--retry-after-s", type=int, default=None,
-                   help="Retry-After sent with 429 when the server gives none (env TOKENWIRE_RETRY_AFTER_S, 1)")
-    p.add_argument("--server-metrics-url", default=None,
-                   help="the server's Prometheus endpoint, appended to the bridge's /metrics; '' = bridge only "
-                        "(env TOKENWIRE_SERVER_METRICS_URL, http://127.0.0.1:9464/metrics)")
+    settings.add_arguments(p, BridgeSettings)
     p.set_defaults(func=cmd_bridge)
 
     p = sub.add_parser("up", help="run the server and the bridge together")
     _add_server_flags(p)
-    p.add_argument("--http-host", default=os.environ.get("TOKENWIRE_HTTP_HOST", "127.0.0.1"))
-    p.add_argument("--http-port", type=int, default=int(os.environ.get("TOKENWIRE_HTTP_PORT", "8000")))
+    # The bridge's own settings; where the server is and its metrics come from the server's.
+    settings.add_arguments(p, BridgeSettings, skip=("--server", "--server-metrics-url"))
     p.set_defaults(func=cmd_up)
     return parser
 

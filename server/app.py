@@ -42,7 +42,7 @@ async def start_server(
         metrics.serve_http(config.host, config.metrics_port)
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads, kernels=config.kernels,
-        scheduler_config=config.scheduler_config(), metrics=metrics, limits=config.model_limits(),
+        scheduler_config=config.scheduler, metrics=metrics, limits=config.models,
     )
     chats = chats or open_chat_store(config)
     auth = Authenticator(chats)

@@ -2,6 +2,12 @@
 
 The default model must already be in the store: `make test` runs `tokenwire pull smollm2-135m`
 first (instant when it is there). Tests never download anything.
+
+Two tiers: every test that needs the real model or a real server (any of REAL_MODEL_FIXTURES,
+directly or through another fixture) is marked `slow` here; the rest run in seconds
+(`pytest -m "not slow"`, `make test-fast`). Tests slow for other reasons (they compile the
+native kernels, rerun pytest in a child) carry `pytest.mark.slow` themselves. `make test` runs
+both tiers.
 """
 
 from __future__ import annotations
@@ -23,6 +29,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEFAULT_FP32 = "smollm2-135m:fp32"
 DEFAULT_INT4 = "smollm2-135m:int4"
+
+
+# Fixtures that load the real model or start real processes: a test using any is in the slow tier.
+REAL_MODEL_FIXTURES = frozenset(
+    {"models_dir", "server", "bridge", "channel", "stub", "fp32_dir", "int4_dir", "tiny_models"})
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # fixturenames is the closure: fixtures requested through other fixtures count too.
+        if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def free_port() -> int:

@@ -11,32 +11,45 @@ import grpc
 from aiohttp import web
 
 from tokenwire.bridge.credentials import grpc_metadata
-from tokenwire.bridge.errors import ApiError, invalid_param
+from tokenwire.bridge.errors import invalid_param
+from tokenwire.bridge.fields import SAMPLING
 from tokenwire.bridge.params import Params
 from tokenwire.bridge.proto_request import (
     MAX_UINT32,
-    SAMPLING_FIELDS,
     generate_request,
-    native_sampling,
     request_id_for,
+    stream_api_sampling,
 )
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
 from tokenwire.bridge.upstream import UPSTREAM
+from tokenwire.enums import enum_name
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import inference_pb2 as pb
 
-from .stream import NativeEvents, usage_dict
+from .stream import GENERATE_FIELDS, StreamEvents, usage_dict
 
-CREATE_FIELDS = ("title", "model", "system")
-RENAME_FIELDS = ("title",)
-MESSAGE_FIELDS = ("content", "model", "max_tokens", "stop", "keep_alive", *SAMPLING_FIELDS)
+# The request fields of each endpoint, with their schemas (the OpenAPI document publishes these).
+CREATE_FIELDS: dict[str, Any] = {
+    "title": {"type": "string", "description": "Absent: the first user message."},
+    "model": {"type": "string"},
+    "system": {"type": "string", "description": "System prompt, kept in every turn's prompt."},
+}
+RENAME_FIELDS: dict[str, Any] = {"title": {"type": "string", "minLength": 1, "maxLength": 200}}
+MESSAGE_FIELDS: dict[str, Any] = {
+    "content": {"type": "string", "minLength": 1,
+                "description": "The user's new message. Absent: answer the chat's last user message again "
+                               "(after a failed or interrupted reply)."},
+    "model": {"type": "string", "description": "Model id or alias; absent: the chat's model."},
+    **{name: GENERATE_FIELDS[name] for name in ("max_tokens", "stop", "keep_alive")},
+    **SAMPLING,
+}
 _TIMEOUT_S = 30
 
 
 def status_name(status: int) -> str:
-    return hpb.MessageStatus.Name(status).removeprefix("MESSAGE_STATUS_").lower()
+    return enum_name(hpb.MessageStatus, status)
 
 
 def chat_json(c: hpb.Chat) -> dict[str, Any]:
@@ -55,22 +68,12 @@ def message_json(m: hpb.Message) -> dict[str, Any]:
     return out
 
 
-def chat_error(error: ApiError) -> ApiError:
-    """A missing chat (the server says so for another user's too) as 404 chat_not_found."""
-    if error.status == 404 and error.message.startswith("chat "):
-        return ApiError(404, error.message, param="chat_id", code="chat_not_found")
-    return error
-
-
 async def _history(request: web.Request, call: Callable[..., Awaitable[Any]], message: Any) -> Any:
     upstream = request.app[UPSTREAM]
     try:
         return await call(message, timeout=_TIMEOUT_S, metadata=grpc_metadata())
     except grpc.aio.AioRpcError as exc:
-        error = upstream.error(exc)
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            error.param = None  # the server's words are about chats, not generation parameters
-        raise chat_error(error) from exc
+        raise upstream.error(exc) from exc
 
 
 def _stub(request: web.Request):
@@ -140,7 +143,7 @@ async def export_chat(request: web.Request) -> web.Response:
                         headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})
 
 
-class ChatEvents(NativeEvents):
+class ChatEvents(StreamEvents):
     """/api/generate's events, after a first `chat` event."""
 
     async def chat(self, sse: SSEWriter, turn: pb.ChatTurn) -> None:
@@ -162,7 +165,7 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
         messages=[pb.ChatMessage(role="user", content=content)] if content is not None else [],
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
         stop=p.stop(),
-        sampling=native_sampling(p),
+        sampling=stream_api_sampling(p),
     )
     request.chat_id = chat_id
     keep_alive = p.number("keep_alive")
@@ -176,10 +179,7 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     note(request, id=request_id)
     grpc_request = parse_message(await read_json_object(request), request.match_info["chat_id"], request_id)
     call = request.app[UPSTREAM].generate(grpc_request)
-    try:
-        return await relay_stream(request, call, ChatEvents(request), headers={"X-Request-Id": request_id})
-    except ApiError as exc:
-        raise chat_error(exc) from exc
+    return await relay_stream(request, call, ChatEvents(request), headers={"X-Request-Id": request_id})
 
 
 def _query_int(request: web.Request, name: str, low: int, high: int) -> int | None:

@@ -1,4 +1,4 @@
-"""The OpenAPI description of /api/chats (chats_api) and of API keys, added to openapi.DOCUMENT."""
+"""The OpenAPI description of /api/chats (routes/chats.py) and of API keys, added to openapi.DOCUMENT."""
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ _NOT_FOUND = ("No chat with this id among the caller's (another user's chat answ
               "code chat_not_found).")
 
 
-def _schemas(generate_props: dict[str, Any]) -> dict[str, Any]:
-    message_props = {name: generate_props[name] for name in MESSAGE_FIELDS if name in generate_props}
-    message_props["content"] = {"type": "string", "minLength": 1,
-                                "description": "The user's new message. Absent: answer the chat's last user "
-                                               "message again (after a failed or interrupted reply)."}
-    message_props["model"] = {"type": "string", "description": "Model id or alias; absent: the chat's model."}
+def _schemas() -> dict[str, Any]:
     return {
         "Chat": {"type": "object", "properties": {
             "id": {"type": "string"}, "title": {"type": "string"}, "model": {"type": "string"},
@@ -33,13 +28,10 @@ def _schemas(generate_props: dict[str, Any]) -> dict[str, Any]:
                                       "interrupted: the server died while writing it."},
             "error_message": {"type": "string"}, "created_ms": _INT, "model": {"type": "string"},
             "usage": _ref("Usage"), "dropped_messages": _INT, "max_tokens": {"type": ["integer", "null"]}}},
-        "CreateChatRequest": {"type": "object", "additionalProperties": False, "properties": {
-            "title": {"type": "string", "description": "Absent: the first user message."},
-            "model": {"type": "string"},
-            "system": {"type": "string", "description": "System prompt, kept in every turn's prompt."}}},
+        "CreateChatRequest": {"type": "object", "additionalProperties": False, "properties": CREATE_FIELDS},
         "RenameChatRequest": {"type": "object", "required": ["title"], "additionalProperties": False,
-                              "properties": {"title": {"type": "string", "minLength": 1, "maxLength": 200}}},
-        "ChatMessageRequest": {"type": "object", "additionalProperties": False, "properties": message_props},
+                              "properties": RENAME_FIELDS},
+        "ChatMessageRequest": {"type": "object", "additionalProperties": False, "properties": MESSAGE_FIELDS},
         "ChatEvent": {"type": "object", "properties": {
             "chat_id": {"type": "string"}, "user_message_id": _INT, "reply_message_id": _INT,
             "dropped_messages": {**_INT, "description": "Oldest messages left out of the prompt because the chat "
@@ -106,8 +98,8 @@ def _paths() -> dict[str, Any]:
             "parameters": [_CHAT_ID],
             "requestBody": chat_body,
             "responses": {"200": {
-                "description": "text/event-stream: first `chat` (ChatEvent), then the events of /api/generate: "
-                               "`queued`, `token`, `done` (DoneEvent), or `error`.",
+                "description": "text/event-stream: the events of /api/generate with a `chat` (ChatEvent) right after "
+                               "`started`: `started`, `chat`, `queued`, `token`, `done` (DoneEvent), or `error`.",
                 "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
                 "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                 "404": _json(_ref("Error"), _NOT_FOUND + " Or an unknown model (model_not_found)."),
@@ -117,8 +109,7 @@ def _paths() -> dict[str, Any]:
 
 def add_chat_docs(document: dict[str, Any]) -> None:
     components = document["components"]
-    generate_props = components["schemas"]["GenerateRequest"]["properties"]
-    components["schemas"].update(_schemas(generate_props))
+    components["schemas"].update(_schemas())
     components["responses"]["E401"] = _json(
         _ref("Error"), "The server has API keys and the request carried none, or an invalid or revoked one "
                        "(send Authorization: Bearer <key>; code invalid_api_key).")

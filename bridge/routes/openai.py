@@ -39,9 +39,10 @@ def _failure(finished: pb.Finished) -> ApiError | None:
                     code="generation_error")
 
 
-def _usage(u: pb.Usage) -> dict[str, int]:
+def _usage(u: pb.Usage) -> dict[str, Any]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
 
 
 class ChatShape:
@@ -128,13 +129,13 @@ class OpenAIChunks:
     """Writes an OpenAI stream: `data: {chunk}` lines, then `data: [DONE]`."""
 
     def __init__(self, request: web.Request, shape: Shape, opts: OpenAIOptions, completion_id: str,
-                 model: str) -> None:
+                 model: str = "") -> None:
         self.request = request
         self.shape = shape
         self.opts = opts
         self.base = {"id": completion_id, "object": shape.chunk_object, "created": int(time.time()),
                      "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
-        self.started = False
+        self.opened = False
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk = {**self.base, "choices": choices}
@@ -143,11 +144,15 @@ class OpenAIChunks:
         return chunk
 
     async def _start(self, sse: SSEWriter) -> None:
-        if not self.started:
-            self.started = True
+        if not self.opened:
+            self.opened = True
             first = self.shape.first_choice()
             if first is not None:
                 await sse.data(self._chunk([first]))
+
+    async def started(self, sse: SSEWriter, started: pb.Started) -> None:
+        self.base["model"] = started.model  # the resolved model, before any chunk is written
+        note(self.request, model=started.model)
 
     async def queued(self, sse: SSEWriter, position: int) -> None:
         await sse.comment(f"queued at position {position}")
@@ -205,8 +210,7 @@ async def _complete(request: web.Request, shape: Shape, parse: Parser) -> web.St
     upstream = request.app[UPSTREAM]
     headers = {"X-Request-Id": request_id}
     if opts.stream:
-        model = await upstream.resolve_model(opts.model)
-        chunks = OpenAIChunks(request, shape, opts, completion_id, model)
+        chunks = OpenAIChunks(request, shape, opts, completion_id, opts.model)
         return await relay_stream(request, upstream.generate(grpc_request), chunks, headers=headers)
     finished = await _collect(upstream.generate(grpc_request), shape, opts.logprobs)
     note(request, model=finished.model, finish=finish_reason_name(finished.reason),

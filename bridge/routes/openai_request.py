@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.bridge.errors import invalid_param
+from tokenwire.bridge.fields import IGNORE_EOS, MESSAGE, MODEL, NUM, SAMPLING, STOP, USER
 from tokenwire.bridge.params import Params
 from tokenwire.bridge.proto_request import MAX_UINT32, chat_messages, generate_request
 from tokenwire.v1 import inference_pb2 as pb
@@ -25,14 +26,54 @@ from tokenwire.v1 import inference_pb2 as pb
 # OpenAI's documented default for the legacy completions endpoint.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
-_COMMON = ("model", "stream", "stream_options", "temperature", "top_p", "stop", "seed", "n",
-           "presence_penalty", "frequency_penalty", "max_tokens", "logprobs", "logit_bias", "user",
-           # tokenwire extras
-           "top_k", "min_p", "repetition_penalty", "ignore_eos")
-CHAT_FIELDS = (*_COMMON, "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
-               "tool_choice", "parallel_tool_calls", "functions", "function_call", "store", "metadata",
-               "service_tier", "modalities")
-COMPLETION_FIELDS = (*_COMMON, "prompt", "suffix", "echo", "best_of")
+# The request fields of each endpoint, with their schemas (the OpenAPI document publishes these).
+_COMMON = {
+    "model": MODEL,
+    "stream": {"type": "boolean", "default": False},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "temperature": {**NUM, "minimum": 0, "maximum": 2, "default": 1},
+    "top_p": {**NUM, "exclusiveMinimum": 0, "maximum": 1},
+    "stop": {**STOP},
+    "seed": SAMPLING["seed"],
+    "n": {"const": 1, "description": "Only 1 is supported."},
+    "presence_penalty": SAMPLING["presence_penalty"],
+    "frequency_penalty": SAMPLING["frequency_penalty"],
+    "logit_bias": {"type": "object", "maxProperties": 0, "description": "Only an empty object is supported."},
+    "user": USER,
+    "top_k": {**SAMPLING["top_k"], "description": "tokenwire extra. 0 = off."},
+    "min_p": {**SAMPLING["min_p"], "description": "tokenwire extra."},
+    "repetition_penalty": {**SAMPLING["repetition_penalty"], "description": "tokenwire extra."},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "ignore_eos": IGNORE_EOS,
+}
+_CHAT_ONLY = {
+    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+    "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "Preferred over max_tokens."},
+    "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
+    "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
+    "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+    "tools": {"type": "array", "maxItems": 0, "description": "No tool calling: only [] is accepted."},
+    "tool_choice": {"const": "none"},
+    "parallel_tool_calls": {"type": "boolean", "description": "Accepted and ignored."},
+    "functions": {"type": "array", "maxItems": 0},
+    "function_call": {"const": "none"},
+    "store": {"const": False},
+    "metadata": {"type": "object", "description": "Accepted and ignored."},
+    "service_tier": {"type": "string", "description": "Accepted and ignored."},
+    "modalities": {"type": "array", "items": {"const": "text"}},
+}
+_COMPLETION_ONLY = {
+    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                                "maxItems": 1}]},
+    "max_tokens": {"type": "integer", "minimum": 1, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
+    "logprobs": {"const": 0, "description": "0: the chosen tokens' logprobs (top_logprobs is null)."},
+    "suffix": {"const": ""},
+    "echo": {"const": False},
+    "best_of": {"const": 1},
+}
+
+CHAT_FIELDS: dict[str, Any] = {**_COMMON, **_CHAT_ONLY}
+COMPLETION_FIELDS: dict[str, Any] = {**_COMMON, **_COMPLETION_ONLY}
 
 
 @dataclass

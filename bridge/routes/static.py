@@ -32,7 +32,10 @@ def add_routes(app: web.Application, static_dir: Path) -> None:
         target = (root / rel).resolve()
         if not target.is_relative_to(root) or not target.is_file():
             raise _not_found(f"/static/{rel}")
-        return web.FileResponse(target, headers={"Cache-Control": "no-cache"})
+        headers = {"Cache-Control": "no-cache"}
+        if target.suffix == ".js":  # ES modules; Python < 3.12 would guess application/javascript
+            headers["Content-Type"] = "text/javascript; charset=utf-8"
+        return web.FileResponse(target, headers=headers)
 
     app.router.add_get("/", index)
     app.router.add_get("/static/{path:.+}", static)

@@ -7,24 +7,36 @@ from typing import Any
 from aiohttp import web
 
 from tokenwire.bridge.errors import ApiError
+from tokenwire.bridge.fields import IGNORE_EOS, KEEP_ALIVE, MESSAGE, MODEL, SAMPLING, STOP, USER
 from tokenwire.bridge.params import Params
 from tokenwire.bridge.proto_request import (
     MAX_UINT32,
-    SAMPLING_FIELDS,
     chat_messages,
     finish_reason_name,
     generate_request,
-    native_sampling,
     request_id_for,
+    stream_api_sampling,
 )
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
 from tokenwire.bridge.upstream import UPSTREAM
+from tokenwire.enums import enum_name
 from tokenwire.v1 import inference_pb2 as pb
 
-GENERATE_FIELDS = ("prompt", "messages", "model", "max_tokens", "stop", "logprobs", "ignore_eos", "user",
-                   "keep_alive", *SAMPLING_FIELDS)
+# The request fields of /api/generate, with their schemas (the OpenAPI document publishes these).
+GENERATE_FIELDS: dict[str, Any] = {
+    "prompt": {"type": "string"},
+    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+    "model": MODEL,
+    "max_tokens": {"type": "integer", "minimum": 1, "description": "Absent: the server's default."},
+    "stop": STOP,
+    "logprobs": {"type": "boolean", "description": "Token events carry `logprob`."},
+    "ignore_eos": IGNORE_EOS,
+    "user": USER,
+    "keep_alive": KEEP_ALIVE,
+    **SAMPLING,
+}
 
 
 def model_info(m: pb.ModelInfo) -> dict[str, Any]:
@@ -34,7 +46,7 @@ def model_info(m: pb.ModelInfo) -> dict[str, Any]:
         "parameter_count": m.parameter_count,
         "precision": m.precision,
         "context_length": m.context_length,
-        "state": pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
+        "state": enum_name(pb.ModelState, m.state),
         "loaded": m.loaded,
         "size_bytes": m.size_bytes,
         "is_default": m.is_default,
@@ -54,6 +66,7 @@ def usage_dict(u: pb.Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
+        "cached_prompt_tokens": u.cached_prompt_tokens,
         "time_to_first_token_ms": round(u.time_to_first_token_ms, 3),
         "decode_tokens_per_second": round(u.decode_tokens_per_second, 3),
         "total_time_ms": round(u.total_time_ms, 3),
@@ -83,18 +96,22 @@ def parse_generate(body: dict[str, Any], request_id: str) -> pb.GenerateRequest:
         logprobs=bool(p.boolean("logprobs")),
         ignore_eos=bool(p.boolean("ignore_eos")),
         user=p.string("user"),
-        sampling=native_sampling(p),
+        sampling=stream_api_sampling(p),
     )
     if keep_alive is not None:
         request.keep_alive_s = keep_alive
     return request
 
 
-class NativeEvents:
+class StreamEvents:
     """Writes the /api/generate event stream."""
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
+
+    async def started(self, sse: SSEWriter, started: pb.Started) -> None:
+        note(self.request, model=started.model)
+        await sse.event("started", {"model": started.model, "request_id": started.request_id})
 
     async def queued(self, sse: SSEWriter, position: int) -> None:
         await sse.event("queued", {"position": position})
@@ -124,7 +141,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     note(request, id=request_id)
     grpc_request = parse_generate(await read_json_object(request), request_id)
     call = request.app[UPSTREAM].generate(grpc_request)
-    return await relay_stream(request, call, NativeEvents(request), headers={"X-Request-Id": request_id})
+    return await relay_stream(request, call, StreamEvents(request), headers={"X-Request-Id": request_id})
 
 
 def add_routes(app: web.Application) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from tokenwire.clients.connection import describe_rpc_error, open_channel, server_target
+from tokenwire.enums import enum_name
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -115,7 +116,7 @@ def cmd_history_list(args: argparse.Namespace) -> int:
 def _status_name(status: int) -> str:
     from tokenwire.v1 import history_pb2 as hpb
 
-    return hpb.MessageStatus.Name(status).removeprefix("MESSAGE_STATUS_").lower()
+    return enum_name(hpb.MessageStatus, status)
 
 
 def cmd_history_show(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from tokenwire.clients.connection import describe_rpc_error, list_models, open_channel, server_target
+from tokenwire.enums import enum_name
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -119,7 +120,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     else:
         print(f"{'ID':<28} {'STATE':<8} {'MEMORY':>9} {'KV':>9} {'ACTIVE':>6} {'LOAD':>7}  {'LAST USED':<11} UNTIL")
         for m in running:
-            state = pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower()
+            state = enum_name(pb.ModelState, m.state)
             if m.expires_unix_ms:
                 until = f"in {_span(m.expires_unix_ms / 1000 - now)}"
             else:
@@ -148,7 +149,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     channel = open_channel(target)
     try:
         for event in pb_grpc.InferenceStub(channel).LoadModel(request):
-            stage = pb.LoadStage.Name(event.stage).removeprefix("LOAD_STAGE_").lower()
+            stage = enum_name(pb.LoadStage, event.stage)
             if event.stage == pb.LOAD_STAGE_READY:
                 m = event.model
                 print(f"{m.id} is loaded: {human_bytes(m.memory_bytes)} in memory, loaded in "

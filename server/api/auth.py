@@ -17,6 +17,8 @@ from tokenwire.server.chats.api_keys import hash_key
 from tokenwire.server.chats.store import LOCAL_USER
 from tokenwire.server.chats.worker import ChatWorker
 
+from .errors import Unauthenticated, abort_for, status_for
+
 CACHE_TTL_S = 5.0
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -26,10 +28,6 @@ class Identity:
     user_id: int
     name: str
     by_key: bool  # False: the server has no keys and everyone is the local user
-
-
-class Unauthenticated(Exception):
-    pass
 
 
 def bearer_token(metadata) -> str | None:
@@ -83,8 +81,7 @@ class Authenticator:
         try:
             return await self.identify(context.invocation_metadata())
         except Unauthenticated as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-            raise  # not reached: abort raises
+            await abort_for(context, exc)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -100,15 +97,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await self.auth.identify(handler_call_details.invocation_metadata)
         except Unauthenticated as exc:
             handler = await continuation(handler_call_details)
-            return _refusal(handler, str(exc)) if handler is not None else None
+            return _refusal(handler, exc) if handler is not None else None
         return await continuation(handler_call_details)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, exc: Unauthenticated) -> grpc.RpcMethodHandler:
     """A handler shaped like `handler` that answers UNAUTHENTICATED."""
+    status = status_for(exc)
 
     async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,

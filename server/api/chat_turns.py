@@ -12,35 +12,35 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import replace
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from tokenwire.server.chats.store import ReplyOutcome, TurnStart
 from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.engine.records import ReplyStatus
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest, check_shape
-from tokenwire.server.engine.sequence import FinishedEvent, FinishReason
+from tokenwire.server.engine.sequence import FinishedEvent
 from tokenwire.server.models.manager import ModelManager, ModelNotFound
+from tokenwire.server.models.store import ModelEntry
 from tokenwire.v1 import inference_pb2 as pb
 
+from . import convert
 from .auth import Identity
 
 log = logging.getLogger("tokenwire.server")
-
-_STATUS = {FinishReason.STOP: "complete", FinishReason.LENGTH: "length", FinishReason.ERROR: "error"}
 
 
 class ChatTurn:
     """One turn of a stored chat inside one Generate call."""
 
-    def __init__(self, worker: ChatWorker, start: TurnStart) -> None:
+    def __init__(self, worker: ChatWorker, start: TurnStart, entry: ModelEntry) -> None:
         self.worker = worker
-        self.start = start
+        self.start = start  # what was committed; start.context is the prompt
+        self.entry = entry  # the model that answers
         self.dropped_messages = 0
-        # Who ended a cancelled reply: "stopped" (the client cancelled the call) or "cancelled"
+        # Who ended a cancelled reply: STOPPED (the client cancelled the call) or CANCELLED
         # (deadline, server shutdown). Set before the sequence is cancelled.
-        self.cancelled_as = "cancelled"
+        self.cancelled_as = ReplyStatus.CANCELLED
         self.committed: concurrent.futures.Future | None = None
 
     @property
@@ -48,20 +48,14 @@ class ChatTurn:
         return self.start.chat.id
 
     def event(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(chat=pb.ChatTurn(
-            chat_id=self.chat_id, user_message_id=self.start.user_message_id,
-            reply_message_id=self.start.reply_message_id, dropped_messages=self.dropped_messages,
-        ))
+        return convert.chat_turn_to_proto(self.chat_id, self.start.user_message_id, self.start.reply_message_id,
+                                          self.dropped_messages)
 
     def finish(self, event: FinishedEvent) -> None:
         """Stores the reply as it ended (called on the scheduler thread; never blocks)."""
-        status = self.cancelled_as if event.reason == FinishReason.CANCELLED else _STATUS[event.reason]
         self._store(ReplyOutcome(
-            content=event.text, status=status, error_message=event.error_message,
-            prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-            dropped_messages=self.dropped_messages, time_to_first_token_ms=event.time_to_first_token_ms,
-            decode_tokens_per_second=event.decode_tokens_per_second, total_time_ms=event.total_time_ms,
-            queue_time_ms=event.queue_time_ms,
+            content=event.text, status=ReplyStatus.of(event.reason, self.cancelled_as),
+            error_message=event.error_message, usage=event.usage, dropped_messages=self.dropped_messages,
         ))
 
     def note_cancel(self, context: grpc.aio.ServicerContext) -> None:
@@ -76,7 +70,8 @@ class ChatTurn:
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             outcome = ReplyOutcome("", self.cancelled_as)
         else:
-            outcome = ReplyOutcome("", "error", error_message=str(exc) if exc else "the reply was not generated")
+            outcome = ReplyOutcome("", ReplyStatus.ERROR,
+                                   error_message=str(exc) if exc else "the reply was not generated")
         self._store(outcome)
 
     def _store(self, outcome: ReplyOutcome) -> None:
@@ -93,11 +88,11 @@ class ChatTurn:
                 pass
 
 
-def ended_by(context: grpc.aio.ServicerContext) -> str:
+def ended_by(context: grpc.aio.ServicerContext) -> ReplyStatus:
     """How a call that ends early left its reply: a passed deadline is the server's
-    cancellation ("cancelled"); anything else (the client cancelled or went away) is "stopped"."""
+    cancellation (CANCELLED); anything else (the client cancelled or went away) is STOPPED."""
     remaining = context.time_remaining()
-    return "cancelled" if remaining is not None and remaining <= 0.05 else "stopped"
+    return ReplyStatus.CANCELLED if remaining is not None and remaining <= 0.05 else ReplyStatus.STOPPED
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
@@ -105,47 +100,41 @@ def _log_failure(future: concurrent.futures.Future) -> None:
         log.error("could not store a chat reply: %s", future.exception())
 
 
-def stored_params(request: pb.GenerateRequest) -> dict:
-    """The generation parameters stored with a reply."""
-    params: dict = {"sampling": MessageToDict(request.sampling, preserving_proto_field_name=True)}
-    if request.max_tokens:
-        params["max_tokens"] = request.max_tokens
-    if request.stop:
-        params["stop"] = list(request.stop)
-    return params
-
-
 async def begin_turn(
     worker: ChatWorker, identity: Identity, request: pb.GenerateRequest, params: GenerateParams,
     models: ModelManager, max_request_bytes: int, context: grpc.aio.ServicerContext | None = None,
-):
+) -> ChatTurn:
     """Checks the request, resolves the chat's model and commits the new messages.
-    Returns (turn, model entry). Raises ChatNotFound, ChatRequestError, InvalidRequest, ModelNotFound."""
+    Raises ChatNotFound, ChatRequestError, InvalidRequest, ModelNotFound."""
     if params.prompt:
-        raise InvalidRequest("with chat_id, send the new message in messages (prompt is raw text without a chat)")
-    # The checks that need no model (sampling, stop strings, size), on the new messages alone.
-    check_shape(replace(params, messages=params.messages or [{"role": "user", "content": "-"}]), max_request_bytes)
+        raise InvalidRequest("with chat_id, send the new message in messages (prompt is raw text without a chat)",
+                             "prompt")
+    check_shape(params, max_request_bytes, chat=True)  # the new messages may be none (answer again)
     chat = await worker.call(worker.store.chat_info, identity.user_id, request.chat_id)
-    name = params.model or chat.model
-    try:
-        entry = models.resolve(name)
-    except ModelNotFound:
-        if params.model or not name:
-            raise
-        entry = models.resolve("")  # the chat's model is gone: continue with the default
-    committing = worker.submit(worker.store.begin_turn, identity.user_id, request.chat_id, params.messages,
-                              entry.id, stored_params(request))
+    entry = await asyncio.get_running_loop().run_in_executor(None, _chat_model, models, params.model, chat.model)
+    committing = worker.submit(worker.store.begin_turn, identity.user_id, request.chat_id, list(params.messages),
+                               entry.id, convert.stored_params(request))
     try:
         start = await asyncio.shield(asyncio.wrap_future(committing))
     except asyncio.CancelledError:
         # The call ended while the turn was being committed: once it is, its reply says so.
-        status = ended_by(context) if context is not None else "stopped"
+        status = ended_by(context) if context is not None else ReplyStatus.STOPPED
         committing.add_done_callback(lambda done: _end_unanswered(worker, done, status))
         raise
-    params.messages = start.context
-    return ChatTurn(worker, start), entry
+    return ChatTurn(worker, start, entry)
 
 
-def _end_unanswered(worker: ChatWorker, done: concurrent.futures.Future, status: str) -> None:
+def _chat_model(models: ModelManager, asked: str, chat_model: str) -> ModelEntry:
+    """The model that answers: the one asked for, else the chat's own, else (when the chat's
+    model is gone from the store) the default."""
+    try:
+        return models.resolve(asked or chat_model)
+    except ModelNotFound:
+        if asked or not chat_model:
+            raise
+        return models.resolve("")
+
+
+def _end_unanswered(worker: ChatWorker, done: concurrent.futures.Future, status: ReplyStatus) -> None:
     if not done.cancelled() and done.exception() is None:
         worker.submit(worker.store.finish_reply, done.result().reply_message_id, ReplyOutcome("", status))

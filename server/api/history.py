@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf.json_format import ParseDict, ParseError
 
 from tokenwire.server.chats import export as chat_export
-from tokenwire.server.chats.store import ChatInfo, ChatNotFound, ChatRequestError, MessageInfo, SearchResult
+from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
 from tokenwire.server.chats.worker import ChatWorker
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
-from tokenwire.v1 import inference_pb2 as pb
 
 from .auth import Authenticator
-
-STATUS_TO_PROTO = {
-    "complete": hpb.MESSAGE_STATUS_COMPLETE,
-    "length": hpb.MESSAGE_STATUS_LENGTH,
-    "stopped": hpb.MESSAGE_STATUS_STOPPED,
-    "cancelled": hpb.MESSAGE_STATUS_CANCELLED,
-    "error": hpb.MESSAGE_STATUS_ERROR,
-    "pending": hpb.MESSAGE_STATUS_PENDING,
-    "interrupted": hpb.MESSAGE_STATUS_INTERRUPTED,
-}
-
-
-def chat_to_proto(chat: ChatInfo) -> hpb.Chat:
-    return hpb.Chat(id=chat.id, title=chat.title, model=chat.model, created_unix_ms=chat.created_ms,
-                    updated_unix_ms=chat.updated_ms, message_count=chat.message_count, owner=chat.owner)
-
-
-def message_to_proto(m: MessageInfo) -> hpb.Message:
-    out = hpb.Message(
-        id=m.id, chat_id=m.chat_id, role=m.role, content=m.content, status=STATUS_TO_PROTO.get(m.status, 0),
-        error_message=m.error_message, created_unix_ms=m.created_ms, model=m.model,
-        max_tokens=int(m.params.get("max_tokens", 0) or 0), dropped_messages=m.dropped_messages,
-    )
-    if m.params.get("sampling"):
-        try:
-            ParseDict(m.params["sampling"], out.sampling, ignore_unknown_fields=True)
-        except ParseError:
-            pass
-    if m.role == "assistant":
-        out.usage.CopyFrom(pb.Usage(
-            prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
-            time_to_first_token_ms=m.time_to_first_token_ms, decode_tokens_per_second=m.decode_tokens_per_second,
-            total_time_ms=m.total_time_ms, queue_time_ms=m.queue_time_ms,
-        ))
-    return out
-
-
-def result_to_proto(result: SearchResult) -> hpb.SearchResult:
-    return hpb.SearchResult(
-        chat=chat_to_proto(result.chat),
-        snippets=[hpb.SearchSnippet(message_id=s.message_id, role=s.role,
-                                    spans=[hpb.TextSpan(text=t, highlighted=h) for t, h in s.spans])
-                  for s in result.snippets],
-    )
+from .convert import chat_to_proto, message_to_proto, result_to_proto
+from .errors import abort_for
 
 
 class HistoryService(hpb_grpc.HistoryServicer):
@@ -70,10 +26,8 @@ class HistoryService(hpb_grpc.HistoryServicer):
         identity = await self.auth.identity(context)
         try:
             return await self.worker.call(fn, identity.user_id, *args)
-        except ChatNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except ChatRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (ChatNotFound, ChatRequestError) as exc:
+            await abort_for(context, exc)
 
     async def CreateChat(self, request: hpb.CreateChatRequest, context):  # noqa: N802
         chat = await self._run(context, self.chats.create_chat, request.title, request.model, request.system_prompt)

@@ -1,4 +1,9 @@
-"""The Inference gRPC service: translates between protobuf and the domain, nothing more."""
+"""The Inference gRPC service (Generate and the model RPCs): it translates, nothing more.
+
+Requests become domain objects through `convert`, domain errors become statuses through
+`errors.abort_for`; the engine, the model manager and the chat store do the work. Anything that
+touches the disk or the models (resolving a name scans the store) runs off the event loop.
+"""
 
 from __future__ import annotations
 
@@ -7,82 +12,27 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 
-from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
 from tokenwire.server.chats.worker import ChatWorker
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
-from tokenwire.server.engine.requests import GenerateParams, InvalidRequest, build_request, check_shape
-from tokenwire.server.engine.sampling import SamplingConfig
-from tokenwire.server.engine.scheduler import QueueFull, SchedulerUnavailable, SequenceHandle
-from tokenwire.server.engine.sequence import FinishedEvent, FinishReason, QueuedEvent, Sequence, TokenEvent
-from tokenwire.server.engine.session import DeviceUnavailable
-from tokenwire.server.models.manager import ModelBusy, ModelLoadError, ModelManager, ModelNotFound
+from tokenwire.server.engine.requests import build_request, check_shape
+from tokenwire.server.engine.scheduler import SequenceHandle
+from tokenwire.server.engine.sequence import FinishedEvent, Sequence
+from tokenwire.server.models.manager import LoadedModel, ModelManager
+from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
-from . import model_rpcs as model_service
+from . import convert
 from .auth import Authenticator
 from .chat_turns import begin_turn
+from .errors import DOMAIN_ERRORS, abort_for
 
 log = logging.getLogger("tokenwire.server")
-
-_REASONS = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
-    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
-}
-
-
-def sampling_from_proto(msg: pb.SamplingParams) -> SamplingConfig:
-    def opt(name: str, default):
-        return getattr(msg, name) if msg.HasField(name) else default
-
-    return SamplingConfig(
-        temperature=float(opt("temperature", 1.0)),
-        top_p=float(opt("top_p", 1.0)),
-        top_k=int(opt("top_k", 0)),
-        min_p=float(opt("min_p", 0.0)),
-        repetition_penalty=float(opt("repetition_penalty", 1.0)),
-        presence_penalty=float(opt("presence_penalty", 0.0)),
-        frequency_penalty=float(opt("frequency_penalty", 0.0)),
-        seed=int(msg.seed) if msg.HasField("seed") else None,
-    )
-
-
-def params_from_proto(request: pb.GenerateRequest) -> GenerateParams:
-    return GenerateParams(
-        model=request.model,
-        prompt=request.prompt,
-        messages=[{"role": m.role, "content": m.content} for m in request.messages],
-        sampling=sampling_from_proto(request.sampling),
-        max_tokens=int(request.max_tokens),
-        stop=list(request.stop),
-        include_logprobs=request.include_logprobs,
-        ignore_eos=request.ignore_eos,
-    )
-
-
-def finished_to_proto(event: FinishedEvent, model_id: str) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
-        finished=pb.Finished(
-            reason=_REASONS[event.reason],
-            usage=pb.Usage(
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                time_to_first_token_ms=event.time_to_first_token_ms,
-                decode_tokens_per_second=event.decode_tokens_per_second,
-                total_time_ms=event.total_time_ms,
-                queue_time_ms=event.queue_time_ms,
-            ),
-            error_message=event.error_message,
-            model=model_id,
-            matched_stop=event.matched_stop,
-        )
-    )
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -93,64 +43,53 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.chats = chats  # the chat store, for requests with chat_id
         self.auth = auth  # who is calling (None: nobody is told apart)
 
+    # ---- Generate ----------------------------------------------------------------------------
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         received = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex[:12]
-        params = params_from_proto(request)
         loop = asyncio.get_running_loop()
         model, keep_alive, streaming, turn = None, None, False, None
         identity = await self.auth.identity(context) if self.auth is not None else None
+        # Who it is for, for fair turns: the key's user, else the request's `user` ("" is one
+        # shared anonymous user).
+        user = identity.name if identity is not None and identity.by_key else request.user
+        params = convert.params_from_proto(request, user)
         try:
-            keep_alive = model_service.keep_alive_of(request)
+            keep_alive = convert.keep_alive_of(request)
             if request.chat_id and self.chats is not None and identity is not None:
                 # A stored chat: its messages are the prompt; the new ones are committed first.
-                turn, entry = await begin_turn(self.chats, identity, request, params, self.models,
-                                               self.config.max_request_bytes, context)
+                turn = await begin_turn(self.chats, identity, request, params, self.models,
+                                        self.config.max_request_bytes, context)
+                entry = turn.entry
             else:
                 check_shape(params, self.config.max_request_bytes)
-                entry = self.models.resolve(params.model)
-            model = await model_service.acquire(self.models, entry.id)  # a lease, released below
+                entry = await loop.run_in_executor(None, self.models.resolve, params.model)
+            model = await acquire(self.models, entry)  # a lease, released below
             if turn is not None:
                 gen_request, turn.dropped_messages = await loop.run_in_executor(
-                    None, build_chat_request, params, model, self.config.default_max_tokens, received
-                )
+                    None, build_chat_request, params, turn.start.context, model, self.config.default_max_tokens,
+                    received)
             else:
                 gen_request = await loop.run_in_executor(
-                    None, build_request, params, model, self.config.default_max_tokens, received
-                )
-            gen_request.user = identity.name if identity and identity.by_key else self.user_of(request, context)
+                    None, build_request, params, model, self.config.default_max_tokens, received)
 
-            def log_finished(event: FinishedEvent) -> None:
+            def on_finished(event: FinishedEvent) -> None:
+                u = event.usage
                 log.info(
                     "request %s model=%s prompt_tokens=%d cached=%d generated=%d ttft_ms=%.0f tok/s=%.1f finish=%s%s",
-                    request_id, entry.id, event.prompt_tokens, event.cached_prompt_tokens, event.completion_tokens,
-                    event.time_to_first_token_ms, event.decode_tokens_per_second, event.reason.value,
+                    request_id, entry.id, u.prompt_tokens, u.cached_prompt_tokens, u.completion_tokens,
+                    u.time_to_first_token_ms, u.decode_tokens_per_second, event.reason.value,
                     f" error={event.error_message!r}" if event.error_message else "",
                 )
                 if turn is not None:
                     turn.finish(event)  # stores the reply, however it ended
 
-            handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, log_finished)
+            handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, on_finished)
             model.scheduler.submit(handle)
             streaming = True
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ModelNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except QueueFull as exc:
-            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (DeviceUnavailable, SchedulerUnavailable) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except ModelLoadError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ModelBusy as exc:
-            context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except ChatNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except ChatRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DOMAIN_ERRORS as exc:
+            await abort_for(context, exc)
         finally:
             if model is not None and not streaming:
                 self.models.release(model, keep_alive)
@@ -159,37 +98,126 @@ class InferenceService(pb_grpc.InferenceServicer):
                 turn.fail(sys.exc_info()[1])  # the user's message stays; the reply says why it is empty
 
         try:
+            await context.write(convert.started_to_proto(entry.id, request_id))
             if turn is not None:
                 await context.write(turn.event())
             async for event in handle.events():
-                if isinstance(event, TokenEvent):
-                    delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
-                    if event.logprob is not None:
-                        delta.logprob = event.logprob
-                    await context.write(pb.GenerateResponse(token=delta))
-                elif isinstance(event, QueuedEvent):
-                    await context.write(pb.GenerateResponse(queued=pb.QueueStatus(position=event.position)))
-                elif isinstance(event, FinishedEvent):
-                    if turn is not None:
-                        await turn.wait_committed()  # the reply is in the chat before the stream ends
-                    await context.write(finished_to_proto(event, entry.id))
+                if isinstance(event, FinishedEvent) and turn is not None:
+                    await turn.wait_committed()  # the reply is in the chat before the stream ends
+                await context.write(convert.event_to_proto(event, entry.id))
         finally:
             if turn is not None and not handle.sequence.done:
                 turn.note_cancel(context)  # before the cancel: the reply's status says who ended it
             handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 
-    @staticmethod
-    def user_of(request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> str:
-        """Who is asking, for fair turns: the request's `user` ("" is one shared anonymous user)."""
-        return request.user
+    # ---- models ------------------------------------------------------------------------------
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        return model_service.list_models(self.models)
+        return await asyncio.get_running_loop().run_in_executor(None, list_models, self.models)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        async for event in model_service.load_model(self.models, request, context):
+        async for event in load_model(self.models, request, context):
             yield event
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
-        return await model_service.unload_model(self.models, request, context)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self.models.unload, request.model)
+        except DOMAIN_ERRORS as exc:
+            await abort_for(context, exc)
+        info = await loop.run_in_executor(None, describe, self.models, result.model_id)
+        return pb.UnloadModelResponse(model=info, was_loaded=result.was_loaded, drain_ms=result.drain_seconds * 1000)
+
+
+async def acquire(models: ModelManager, entry: ModelEntry) -> LoadedModel:
+    """ModelManager.acquire off the event loop. If the call is cancelled while the model loads,
+    the lease taken when the load ends is handed back, so the model can still unload."""
+    job = asyncio.get_running_loop().run_in_executor(None, models.acquire, entry)
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        def give_back(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                models.release(done.result())
+
+        job.add_done_callback(give_back)
+        raise
+
+
+def model_info(models: ModelManager, entry: ModelEntry, aliases: dict[str, str], default_id: str) -> pb.ModelInfo:
+    """One model's listing (reads the disk: call off the event loop)."""
+    store = models.store
+    status = models.status(entry.id, entry)
+    if entry.error:
+        status.state, status.error = "failed", entry.error
+    try:
+        size = folder_size(entry.path)
+    except OSError:
+        size = 0
+    names = sorted(a for a in aliases if store.resolve(a) == entry.id and a != "default")
+    return convert.model_info_to_proto(entry, status, size, names, entry.id == default_id)
+
+
+def list_models(models: ModelManager) -> pb.ListModelsResponse:
+    store = models.store
+    aliases, default_id = store.aliases(), store.default_id()
+    infos = [model_info(models, entry, aliases, default_id) for entry in store.scan()]
+    return pb.ListModelsResponse(
+        models=infos,
+        memory_budget_bytes=models.limits.memory_budget_bytes,
+        max_loaded_models=models.limits.max_loaded,
+        # The sum of what the listing shows, so the reply adds up (a separate reading of the
+        # manager could differ by KV that moved in between).
+        memory_in_use_bytes=sum(info.memory_bytes for info in infos),
+    )
+
+
+def describe(models: ModelManager, model_id: str) -> pb.ModelInfo:
+    store = models.store
+    entry = store.get(model_id)
+    if entry is None:  # removed from the store meanwhile
+        status = models.status(model_id)
+        return pb.ModelInfo(id=model_id, state=convert.MODEL_STATE[status.state], loaded=status.state == "loaded")
+    return model_info(models, entry, store.aliases(), store.default_id())
+
+
+async def load_model(
+    models: ModelManager, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+) -> AsyncIterator[pb.LoadModelEvent]:
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+    def progress(stage: str, message: str) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (stage, message))
+
+    def event(stage: str, message: str, **kw) -> pb.LoadModelEvent:
+        return pb.LoadModelEvent(stage=convert.LOAD_STAGE[stage], message=message,
+                                 elapsed_ms=(time.perf_counter() - started) * 1000, **kw)
+
+    try:
+        keep_alive = convert.keep_alive_of(request)
+        entry = await loop.run_in_executor(None, models.resolve, request.model)
+    except DOMAIN_ERRORS as exc:
+        await abort_for(context, exc)
+    job = loop.run_in_executor(None, models.preload, entry, keep_alive, progress)
+    while True:
+        getter = asyncio.ensure_future(events.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            break
+        stage, message = getter.result()
+        if stage != "ready":
+            yield event(stage, message)
+    while not events.empty():  # progress sent just before the job ended
+        stage, message = events.get_nowait()
+        if stage != "ready":
+            yield event(stage, message)
+    try:
+        model_id = job.result()
+    except DOMAIN_ERRORS as exc:
+        await abort_for(context, exc)
+    info = await loop.run_in_executor(None, describe, models, model_id)
+    yield event("ready", f"{model_id} is ready", model=info)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenwire.server.engine.optimum_engine import OptimumEngine
+from tokenwire.server.engine.sampling import log_softmax
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.server.models.store import read_manifest, write_manifest
 
@@ -26,12 +27,6 @@ DEFAULT_MAX_TOKENS = 2048
 
 def eval_text() -> str:
     return resources.files("tokenwire.server.build").joinpath("data/eval_text.txt").read_text()
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int], kernels: str | None) -> np.ndarray:
@@ -92,8 +87,8 @@ def _agreement(ref_logits: np.ndarray, cand_logits: np.ndarray, tokens: list[int
     positions = len(tokens) - 1
     for start in range(0, positions, 256):
         stop = min(start + 256, positions)
-        lp_ref = _log_softmax(ref_logits[start:stop])
-        lp_cand = _log_softmax(cand_logits[start:stop])
+        lp_ref = log_softmax(ref_logits[start:stop].astype(np.float64))
+        lp_cand = log_softmax(cand_logits[start:stop].astype(np.float64))
         same += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
         kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
         rows = np.arange(stop - start)

@@ -93,6 +93,7 @@ class Message(BaseModel):
     decode_tokens_per_second = pw.FloatField(default=0.0)
     total_time_ms = pw.FloatField(default=0.0)
     queue_time_ms = pw.FloatField(default=0.0)
+    cached_prompt_tokens = pw.IntegerField(default=0)  # schema 2
     created_ms = pw.BigIntegerField(default=now_ms)
 
     class Meta:
@@ -130,7 +131,17 @@ def _initial_schema(db: pw.Database) -> None:
             db.execute_sql(sql)
 
 
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema]
+def _add_cached_prompt_tokens(db: pw.Database) -> None:
+    """Schema 2: how many prompt tokens of a reply came from the prefix cache (part of its Usage).
+    A database created at schema 2 has the column from the model already."""
+    if "cached_prompt_tokens" in {c.name for c in db.get_columns("message")}:
+        return
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrate(SchemaMigrator.from_database(db).add_column("message", "cached_prompt_tokens", pw.IntegerField(default=0)))
+
+
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

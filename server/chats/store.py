@@ -10,19 +10,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import peewee as pw
 
+from tokenwire.server.engine.records import ROLES, ReplyStatus, Usage
+
 from . import search as chat_search
 from .db import Chat, Message, User, describe, is_sqlite, now_ms, open_database, write_transaction
 
-ROLES = ("system", "user", "assistant")
-STATUSES = ("complete", "length", "stopped", "cancelled", "error", "pending", "interrupted")
-FINISHED_STATUSES = ("complete", "length", "stopped", "cancelled", "error")
+STATUSES = tuple(s.value for s in ReplyStatus)
+FINISHED_STATUSES = tuple(s.value for s in ReplyStatus if s.finished)
+_USAGE_COLUMNS = Usage.field_names()  # Message has a column of the same name for each
 LOCAL_USER = "local"
 MAX_TITLE_CHARS = 200
 AUTO_TITLE_CHARS = 60
@@ -34,12 +35,20 @@ INTERRUPTED_MESSAGE = "the server stopped before this reply was finished"
 
 
 class ChatNotFound(LookupError):
+    field = "chat_id"
+
     def __init__(self, chat_id: str) -> None:
         super().__init__(f"chat {chat_id!r} not found")
+        self.chat_id = chat_id
 
 
 class ChatRequestError(ValueError):
-    """The request cannot be done as asked; the message says why."""
+    """The request cannot be done as asked; the message says why and `field` names the request
+    field at fault ("" when none does)."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -64,13 +73,8 @@ class MessageInfo:
     error_message: str = ""
     model: str = ""
     params: dict[str, Any] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)
     dropped_messages: int = 0
-    time_to_first_token_ms: float = 0.0
-    decode_tokens_per_second: float = 0.0
-    total_time_ms: float = 0.0
-    queue_time_ms: float = 0.0
 
 
 @dataclass
@@ -88,15 +92,10 @@ class ReplyOutcome:
     """How a reply ended, as it is stored."""
 
     content: str
-    status: str
+    status: str  # a finished ReplyStatus
     error_message: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)
     dropped_messages: int = 0
-    time_to_first_token_ms: float = 0.0
-    decode_tokens_per_second: float = 0.0
-    total_time_ms: float = 0.0
-    queue_time_ms: float = 0.0
 
 
 @dataclass
@@ -127,7 +126,7 @@ def decode_cursor(token: str) -> tuple[int, int]:
         updated, row = raw.split(":")
         return int(updated), int(row)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ChatRequestError("page_token is not one this server gave out") from None
+        raise ChatRequestError("page_token is not one this server gave out", "page_token") from None
 
 
 class ChatStore:
@@ -233,9 +232,9 @@ class ChatStore:
     def _clean_title(title: str) -> str:
         clean = " ".join(title.split())
         if not clean:
-            raise ChatRequestError("title must not be empty")
+            raise ChatRequestError("title must not be empty", "title")
         if len(clean) > MAX_TITLE_CHARS:
-            raise ChatRequestError(f"title is {len(clean)} characters; at most {MAX_TITLE_CHARS}")
+            raise ChatRequestError(f"title is {len(clean)} characters; at most {MAX_TITLE_CHARS}", "title")
         return clean
 
     # ---- messages ------------------------------------------------------------------------------
@@ -248,16 +247,14 @@ class ChatStore:
             params = {}
         return MessageInfo(
             id=m.id, chat_id=chat_id, role=m.role, content=m.content, status=m.status, created_ms=m.created_ms,
-            error_message=m.error_message, model=m.model, params=params, prompt_tokens=m.prompt_tokens,
-            completion_tokens=m.completion_tokens, dropped_messages=m.dropped_messages,
-            time_to_first_token_ms=m.time_to_first_token_ms, decode_tokens_per_second=m.decode_tokens_per_second,
-            total_time_ms=m.total_time_ms, queue_time_ms=m.queue_time_ms,
+            error_message=m.error_message, model=m.model, params=params,
+            usage=Usage(**{name: getattr(m, name) for name in _USAGE_COLUMNS}), dropped_messages=m.dropped_messages,
         )
 
     @staticmethod
     def _check_role(role: str) -> None:
         if role not in ROLES:
-            raise ChatRequestError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise ChatRequestError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
 
     def _next_seq(self, chat: Chat) -> int:
         return (Message.select(pw.fn.MAX(Message.seq)).where(Message.chat == chat.id).scalar() or 0) + 1
@@ -274,7 +271,7 @@ class ChatStore:
     def append_message(self, user_id: int, chat_id: str, role: str, content: str) -> MessageInfo:
         self._check_role(role)
         if not content:
-            raise ChatRequestError("content must not be empty")
+            raise ChatRequestError("content must not be empty", "content")
         with write_transaction(self.db):
             chat = self._chat(user_id, chat_id)
             message = self._add(chat, role, content)
@@ -289,12 +286,12 @@ class ChatStore:
         for i, m in enumerate(new_messages):
             self._check_role(m.get("role", ""))
             if not m.get("content"):
-                raise ChatRequestError(f"messages[{i}].content must not be empty")
+                raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
         with write_transaction(self.db):
             chat = self._chat(user_id, chat_id)
             existing = list(chat.messages.order_by(Message.seq))
             if any(m["role"] == "system" for m in new_messages) and existing:
-                raise ChatRequestError("a system message can only start a chat; this chat has messages already")
+                raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
             user_message_id = 0
             for m in new_messages:
                 added = self._add(chat, m["role"], m["content"])
@@ -303,7 +300,7 @@ class ChatStore:
                     user_message_id = added.id
             context = [{"role": m.role, "content": m.content} for m in existing if m.content and m.status != "pending"]
             if not context or context[-1]["role"] != "user":
-                raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)")
+                raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)", "messages")
             chat.model = model
             reply = self._add(chat, "assistant", "", status="pending", model=model,
                               params=json.dumps(params or {}, sort_keys=True))
@@ -316,12 +313,10 @@ class ChatStore:
             raise ValueError(f"not a finished status: {outcome.status!r}")
         with write_transaction(self.db):
             updated = Message.update(
-                content=outcome.content, status=outcome.status, error_message=outcome.error_message,
-                prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                dropped_messages=outcome.dropped_messages, time_to_first_token_ms=outcome.time_to_first_token_ms,
-                decode_tokens_per_second=outcome.decode_tokens_per_second, total_time_ms=outcome.total_time_ms,
-                queue_time_ms=outcome.queue_time_ms,
-            ).where((Message.id == reply_id) & (Message.status == "pending")).execute()
+                content=outcome.content, status=ReplyStatus(outcome.status).value, error_message=outcome.error_message,
+                dropped_messages=outcome.dropped_messages,
+                **{name: getattr(outcome.usage, name) for name in _USAGE_COLUMNS},
+            ).where((Message.id == reply_id) & (Message.status == ReplyStatus.PENDING.value)).execute()
             if updated:
                 Chat.update(updated_ms=now_ms()).where(
                     Chat.id == Message.select(Message.chat).where(Message.id == reply_id)).execute()
@@ -339,7 +334,7 @@ class ChatStore:
         limit = min(limit or 20, MAX_SEARCH_RESULTS)
         terms = chat_search.query_terms(query)
         if not terms:
-            raise ChatRequestError("query must contain at least one word")
+            raise ChatRequestError("query must contain at least one word", "query")
         hits = self._fts_hits(user_id, terms, limit) if self.fts else self._like_hits(user_id, terms, limit)
         results: dict[int, SearchResult] = {}
         infos = self._chats_by_row_id(user_id, {chat_row for chat_row, *_ in hits})
@@ -378,9 +373,3 @@ class ChatStore:
                  .order_by(Chat.updated_ms.desc(), Message.seq.desc()).limit(limit * SNIPPETS_PER_CHAT * 4))
         return [(m.chat_id, m.id, m.role, chat_search.spans_by_scan(m.content, terms)) for m in query]
 
-
-_CHAT_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
-def looks_like_chat_id(text: str) -> bool:
-    return bool(_CHAT_ID_RE.match(text))

@@ -51,9 +51,10 @@ def fit_messages(messages: Messages, count_tokens: Callable[[Messages], int], bu
 
 
 def build_chat_request(
-    params: GenerateParams, model: ServedModel, default_max_tokens: int, received_at: float
+    params: GenerateParams, chat: Messages, model: ServedModel, default_max_tokens: int, received_at: float
 ) -> tuple[GenerationRequest, int]:
-    """build_request for a stored chat: first drops the oldest turns that do not fit.
+    """build_request for a stored chat: the prompt is `chat` (its messages, the new ones
+    included), after dropping the oldest turns that do not fit; everything else is `params`.
     Returns the request and the number of messages left out."""
     window = model.context_length
     budget = window - reply_reserve(params.max_tokens, default_max_tokens, window)
@@ -65,5 +66,6 @@ def build_chat_request(
         except ChatTemplateError:
             return 0  # build_request reports the template's complaint
 
-    messages, dropped = fit_messages(params.messages, count, budget)
-    return build_request(replace(params, messages=messages), model, default_max_tokens, received_at), dropped
+    messages, dropped = fit_messages(list(chat), count, budget)
+    prompt = replace(params, prompt="", messages=tuple(messages))
+    return build_request(prompt, model, default_max_tokens, received_at), dropped

@@ -1,17 +1,23 @@
-"""Turns what a client asked for into a validated GenerationRequest, or says what is wrong."""
+"""Turns what a client asked for into a validated GenerationRequest, or says what is wrong.
+
+`GenerateParams` is the transport-neutral form of a Generate call, built once by the edge (the
+gRPC service) with everything it knows, the caller included; nothing patches it afterwards.
+`check_shape` runs the checks that need no model, `build_request` the ones that do (the chat
+template, the context window). Every refusal is an InvalidRequest naming the field at fault.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .sampling import SamplingConfig
+from .records import ROLES
+from .sampling import SamplingConfig, SamplingError
 from .sequence import GenerationRequest
 from .tokenizer import ChatTemplateError, TokenizerBundle
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
-ROLES = ("system", "user", "assistant")
 
 
 class ServedModel(Protocol):
@@ -28,50 +34,58 @@ class ServedModel(Protocol):
 
 
 class InvalidRequest(ValueError):
-    """The request cannot be served as asked; the message says which field and why."""
+    """The request cannot be served as asked. `field` names the request field at fault ("" when
+    none does); `reason` is a stable code for programs (the message is for people)."""
+
+    def __init__(self, message: str, field: str = "", reason: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateParams:
-    """Transport-neutral form of a Generate call (the gRPC service fills it from protobuf)."""
-
     model: str = ""
     prompt: str = ""
-    messages: list[dict[str, str]] = field(default_factory=list)
+    messages: tuple[dict[str, str], ...] = ()
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_tokens: int = 0
-    stop: list[str] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
     include_logprobs: bool = False
     ignore_eos: bool = False
+    user: str = ""  # who is asking, for fair turns ("" is one shared anonymous user)
 
 
-def check_shape(params: GenerateParams, max_request_bytes: int) -> None:
-    """Checks that need no model: run before loading anything."""
+def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
+    """Checks that need no model: run before loading anything. With `chat` (the prompt is a
+    stored chat, `messages` only its new messages) no new message is needed."""
     if params.prompt and params.messages:
-        raise InvalidRequest("set either prompt or messages, not both")
-    if not params.prompt and not params.messages:
-        raise InvalidRequest("empty prompt: set prompt (raw text) or messages (a chat)")
+        raise InvalidRequest("set either prompt or messages, not both", "prompt")
+    if not chat and not params.prompt and not params.messages:
+        raise InvalidRequest("empty prompt: set prompt (raw text) or messages (a chat)", "messages")
     size = len(params.prompt.encode()) + sum(len(m.get("content", "").encode()) for m in params.messages)
     if size > max_request_bytes:
-        raise InvalidRequest(f"prompt is {size} bytes; the server accepts at most {max_request_bytes}")
+        raise InvalidRequest(f"prompt is {size} bytes; the server accepts at most {max_request_bytes}",
+                             "messages" if params.messages else "prompt", "PROMPT_TOO_LARGE")
     for i, message in enumerate(params.messages):
         if message.get("role") not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}",
+                                 f"messages[{i}].role")
     if params.messages and not any(m.get("content") for m in params.messages):
-        raise InvalidRequest("empty prompt: every message is empty")
+        raise InvalidRequest("empty prompt: every message is empty", "messages")
     if params.max_tokens < 0:
-        raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}")
+        raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
     if len(params.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}", "stop")
     for s in params.stop:
         if not s:
-            raise InvalidRequest("stop strings must not be empty")
+            raise InvalidRequest("stop strings must not be empty", "stop")
         if len(s.encode()) > MAX_STOP_BYTES:
-            raise InvalidRequest(f"stop strings are at most {MAX_STOP_BYTES} bytes")
+            raise InvalidRequest(f"stop strings are at most {MAX_STOP_BYTES} bytes", "stop")
     try:
         params.sampling.validate()
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from exc
+    except SamplingError as exc:
+        raise InvalidRequest(str(exc), exc.field) from exc
 
 
 def build_request(
@@ -80,26 +94,26 @@ def build_request(
     """Renders and tokenizes the prompt and fits the request into the model's context window."""
     if params.messages:
         try:
-            text = model.tokenizer.render_chat(params.messages, add_generation_prompt=True)
+            text = model.tokenizer.render_chat(list(params.messages), add_generation_prompt=True)
         except ChatTemplateError as exc:
-            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}") from exc
+            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages",
+                                 "CHAT_TEMPLATE_REFUSED") from exc
     else:
         text = params.prompt
     ids = model.tokenizer.encode(text)
     window = model.context_length
+    prompt_field = "messages" if params.messages else "prompt"
     if not ids:
-        raise InvalidRequest("empty prompt: it encodes to no tokens")
+        raise InvalidRequest("empty prompt: it encodes to no tokens", prompt_field)
     if len(ids) >= window:
         raise InvalidRequest(
             f"prompt is {len(ids)} tokens; model {model.id} has a context window of {window} "
-            f"(prompt + output), so at most {window - 1} prompt tokens"
-        )
+            f"(prompt + output), so at most {window - 1} prompt tokens", prompt_field, "CONTEXT_LENGTH_EXCEEDED")
     room = window - len(ids)
     if params.max_tokens > room:
         raise InvalidRequest(
             f"max_tokens {params.max_tokens} is past the context window: the prompt takes {len(ids)} of "
-            f"{window} tokens, leaving {room}"
-        )
+            f"{window} tokens, leaving {room}", "max_tokens", "CONTEXT_LENGTH_EXCEEDED")
     max_tokens = params.max_tokens or min(default_max_tokens, room)
     return GenerationRequest(
         prompt_ids=ids,
@@ -108,5 +122,6 @@ def build_request(
         stop=list(params.stop),
         include_logprobs=params.include_logprobs,
         ignore_eos=params.ignore_eos,
+        user=params.user,
         received_at=received_at,
     )

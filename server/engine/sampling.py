@@ -27,21 +27,29 @@ class SamplingConfig:
         return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
-        """Raises ValueError naming the first parameter out of range."""
+        """Raises SamplingError naming the first parameter out of range."""
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise SamplingError("top_k", f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 <= self.min_p < 1.0):
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+            raise SamplingError("min_p", f"min_p must be in [0, 1), got {self.min_p}")
         if not (self.repetition_penalty > 0) or not np.isfinite(self.repetition_penalty):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SamplingError("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (-2.0 <= value <= 2.0):
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise SamplingError(name, f"{name} must be in [-2, 2], got {value}")
+
+
+class SamplingError(ValueError):
+    """A sampling parameter out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class TokenHistory:
@@ -73,9 +81,10 @@ def apply_penalties(logits: np.ndarray, config: SamplingConfig, history: TokenHi
     return logits
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max()
-    return x - np.float32(np.log(np.exp(x).sum(dtype=np.float64)))
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, summed in float64, in x's own dtype."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(x.dtype)
 
 
 def sample(
@@ -104,7 +113,7 @@ def sample(
         cdf = np.cumsum(weights, dtype=np.float64)
         token = int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), cdf.shape[0] - 1))
         return token, float(np.log(weights[token] / cdf[-1]))
-    full_logprobs = _log_softmax(scaled)
+    full_logprobs = log_softmax(scaled)
     # Candidates: the top-k (or every token), sorted by descending logit.
     if 0 < config.top_k < scaled.shape[0]:
         cand = np.argpartition(scaled, -config.top_k)[-config.top_k :]

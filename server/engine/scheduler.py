@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from tokenwire.server.metrics import Metrics
+from tokenwire.server.settings import parse_bytes, setting
 
 from .batch_engine import BatchEngine, KVCache, PrefillState
 from .prefix_cache import PrefixCache
@@ -45,11 +46,15 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class SchedulerConfig:
-    max_batch: int = 16
-    queue_size: int = 32
-    prefill_chunk: int = 512
-    max_streams_per_user: int = 0  # 0: no per-user limit
-    prefix_cache_bytes: int = 512 << 20
+    max_batch: int = setting(16, "sequences decoded together in one batched step, per model",
+                             aliases=("--max-running",))
+    queue_size: int = setting(32, "requests that may wait per model; one more gets RESOURCE_EXHAUSTED")
+    prefill_chunk: int = setting(512, "prompt tokens prefilled per scheduler step (long prompts are split so "
+                                 "running streams keep flowing)")
+    max_streams_per_user: int = setting(0, "concurrent streams per user, 0 = no limit; extra requests wait "
+                                        "their turn")
+    prefix_cache_bytes: int = setting(512 << 20, "memory for the KV state of finished turns (prefix reuse), "
+                                      "bytes or 512M; 0 = off", parse=parse_bytes)
 
 
 class SequenceHandle:
@@ -350,6 +355,7 @@ class Scheduler:
         if seq.count:
             self.metrics.time_to_first_token(self.name, seq.first_at - seq.request.received_at)
             self.metrics.tokens_generated(self.name, 1)
+            self.stats.tokens_generated += 1
         if token is None:
             self._leave_prefill(handle, events)
             return
@@ -359,7 +365,6 @@ class Scheduler:
         self._prefilling.popleft()
         handle.prefill = None
         handle.next_token = token
-        self.stats.tokens_generated += 1
         self._positions_moved()
         handle.emit(events)
 
@@ -389,9 +394,9 @@ class Scheduler:
                 self._finish(handle, events)
                 leaving.append(row)
             else:
-                self.stats.tokens_generated += 1
                 handle.emit(events)
                 handle.next_token = token
+        self.stats.tokens_generated += produced  # the last token of a leaving row counts too
         self.metrics.tokens_generated(self.name, produced)
         if leaving:
             self.engine.remove(leaving)

@@ -14,21 +14,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
 from .batch_engine import BatchEngine
+from .records import FinishReason, Usage
 from .sampling import SamplingConfig, TokenHistory, sample
 from .text_stream import TextStream
 from .tokenizer import TokenizerBundle
-
-
-class FinishReason(Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
 
 
 @dataclass
@@ -54,16 +47,10 @@ class TokenEvent:
 @dataclass
 class FinishedEvent:
     reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_ms: float
-    decode_tokens_per_second: float
-    total_time_ms: float
-    queue_time_ms: float = 0.0
+    usage: Usage
     error_message: str = ""
     matched_stop: str = ""
     text: str = ""
-    cached_prompt_tokens: int = 0
 
 
 @dataclass
@@ -145,16 +132,18 @@ class Sequence:
         decode_s = self.last_at - self.first_at if self.count > 1 else 0.0
         self.finished = FinishedEvent(
             reason=reason,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=self.count,
-            time_to_first_token_ms=(self.first_at - req.received_at) * 1000 if self.count else 0.0,
-            decode_tokens_per_second=(self.count - 1) / decode_s if decode_s > 0 else 0.0,
-            total_time_ms=(end - req.received_at) * 1000,
-            queue_time_ms=((self.started_at or end) - req.received_at) * 1000,
+            usage=Usage(
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=self.count,
+                cached_prompt_tokens=self.cached_prompt_tokens,
+                time_to_first_token_ms=(self.first_at - req.received_at) * 1000 if self.count else 0.0,
+                decode_tokens_per_second=(self.count - 1) / decode_s if decode_s > 0 else 0.0,
+                total_time_ms=(end - req.received_at) * 1000,
+                queue_time_ms=((self.started_at or end) - req.received_at) * 1000,
+            ),
             error_message=error,
             matched_stop=self._stream.matched_stop or "",
             text="".join(self.pieces),
-            cached_prompt_tokens=self.cached_prompt_tokens,
         )
         return events + [self.finished]
 

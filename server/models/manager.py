@@ -33,6 +33,7 @@ from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.server.engine.session import DeviceUnavailable
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.server.metrics import Metrics
+from tokenwire.server.settings import parse_bytes, parse_duration, setting
 
 from . import process_memory
 from .store import ModelEntry, ModelStore, weight_files
@@ -77,9 +78,13 @@ class ModelBusy(RuntimeError):
 
 @dataclass
 class ModelLimits:
-    max_loaded: int = 3  # 0: no limit
-    memory_budget_bytes: int = 0  # 0: no budget
-    keep_alive_s: float = 300.0  # default keep-alive; negative: until unloaded
+    max_loaded: int = setting(3, "models loaded at once, 0 = no limit; one more unloads the least recently "
+                              "used idle one", flag="--max-loaded-models", env="MAX_LOADED_MODELS")
+    memory_budget_bytes: int = setting(0, "memory for loaded models (bytes, or 512M, 8G), 0 = no budget; "
+                                       "evicts like --max-loaded-models", parse=parse_bytes)
+    keep_alive_s: float = setting(300.0, "how long an idle model stays loaded: seconds, or 5m, 1h; negative = "
+                                  "until unloaded (a request's keep_alive_s overrides it)", flag="--keep-alive",
+                                  env="KEEP_ALIVE", parse=parse_duration)
     room_wait_s: float = 120.0  # how long a load waits for a busy model to become idle
 
 
@@ -192,13 +197,13 @@ class ModelManager:
     # ---- lookup --------------------------------------------------------------------------------
 
     def resolve(self, name: str) -> ModelEntry:
-        """The store entry for an id or alias ("" = default); raises ModelNotFound."""
+        """The store entry a name refers to (ModelStore.find's rule; "" = default); raises
+        ModelNotFound. Scans the store folder: call it off the event loop."""
         entries = self.store.scan()
-        model_id = self.store.resolve(name)
-        for entry in entries:
-            if entry.id == model_id:
-                return entry
-        raise ModelNotFound(name or "(default)", [e.id for e in entries])
+        entry = self.store.find(name, entries)
+        if entry is None:
+            raise ModelNotFound(name or "(default)", [e.id for e in entries])
+        return entry
 
     @property
     def load_count(self) -> dict[str, int]:
@@ -243,10 +248,11 @@ class ModelManager:
         self.release(model)
         return model
 
-    def acquire(self, name: str, progress: Progress | None = None) -> LoadedModel:
-        """Returns the model, loaded, with a lease held until `release` (blocking: call off the
-        event loop). Raises ModelNotFound, ModelLoadError, ModelBusy or DeviceUnavailable."""
-        entry = self.resolve(name)
+    def acquire(self, model: str | ModelEntry, progress: Progress | None = None) -> LoadedModel:
+        """Returns the model (a name, or an entry already resolved), loaded, with a lease held
+        until `release` (blocking: call off the event loop). Raises ModelNotFound, ModelLoadError,
+        ModelBusy or DeviceUnavailable."""
+        entry = model if isinstance(model, ModelEntry) else self.resolve(model)
         say = progress or _quiet
         if entry.error:
             raise ModelLoadError(f"model {entry.id} is broken: {entry.error}")
@@ -287,7 +293,8 @@ class ModelManager:
                 model.expires_at = None if keep < 0 else now + keep
             self._cond.notify_all()
 
-    def preload(self, name: str, keep_alive_s: float | None = None, progress: Progress | None = None) -> str:
+    def preload(self, name: str | ModelEntry, keep_alive_s: float | None = None,
+                progress: Progress | None = None) -> str:
         """Loads a model (if needed) and leaves it idle with its keep-alive; returns its id."""
         model = self.acquire(name, progress)
         self.release(model, keep_alive_s)

@@ -20,6 +20,12 @@ from tokenwire.server.engine.model_config import DEFAULT_CONTEXT_LENGTH, ModelCo
 MANIFEST = "tokenwire.json"
 ALIASES = "aliases.json"
 DEFAULT_ALIAS_KEY = "default"
+# Which variant a bare model name picks when it has several (NAME -> NAME:int4 before NAME:fp32).
+VARIANT_ORDER = ("int4", "int8", "fp16", "bf16", "fp32")
+
+
+def _variant_rank(variant: str) -> tuple[int, str]:
+    return (VARIANT_ORDER.index(variant) if variant in VARIANT_ORDER else len(VARIANT_ORDER), variant)
 
 
 def default_store_path() -> Path:
@@ -202,6 +208,23 @@ class ModelStore:
 
     def default_id(self) -> str:
         return self.resolve("")
+
+    def find(self, name: str, entries: list[ModelEntry] | None = None) -> ModelEntry | None:
+        """The entry a name refers to, by the documented rule (README, "Model names"):
+        "" is the default model; an alias leads to its target; an id is itself; otherwise a bare
+        NAME is a variant NAME:VARIANT: the only one, or of several the first in VARIANT_ORDER
+        (smallest first: int4, int8, fp16, bf16, fp32), then alphabetically."""
+        entries = self.scan() if entries is None else entries
+        by_id = {e.id: e for e in entries}
+        model_id = self.resolve(name)
+        if model_id in by_id:
+            return by_id[model_id]
+        if not model_id or ":" in model_id:
+            return None
+        variants = [e for e in entries if e.id.split(":", 1)[0] == model_id and ":" in e.id]
+        if not variants:
+            return None
+        return min(variants, key=lambda e: _variant_rank(e.id.split(":", 1)[1]))
 
     def get(self, model_id: str) -> ModelEntry | None:
         for entry in self.scan():

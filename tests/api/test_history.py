@@ -61,17 +61,21 @@ class Client:
 
     def turn(self, chat_id: str, text: str | None, max_tokens: int = 24, **kw) -> tuple[str, pb.ChatTurn, pb.Finished]:
         """One whole turn: (reply text, the chat event, the finished event)."""
-        pieces, chat, finished = [], None, None
+        pieces, chat, finished, started = [], None, None, None
         for i, response in enumerate(self.stream(chat_id, text, max_tokens, **kw)):
             kind = response.WhichOneof("event")
-            if kind == "chat":
-                assert i == 0, "the chat event comes first"
+            if kind == "started":
+                assert i == 0, "the started event comes first"
+                started = response.started
+            elif kind == "chat":
+                assert i == 1, "the chat event comes right after started"
                 chat = response.chat
             elif kind == "token":
                 pieces.append(response.token.text)
             elif kind == "finished":
                 finished = response.finished
-        assert chat is not None and finished is not None
+        assert chat is not None and finished is not None and started is not None
+        assert started.model == finished.model, "started names the model that answers"
         return "".join(pieces), chat, finished
 
 

@@ -40,7 +40,8 @@ async def test_a_chat_over_http(bridge) -> None:
     status, sse = await post_message(bridge.url, chat["id"], {"content": "Name a colour.", **GREEDY})
     assert status == 200 and {k.lower(): v for k, v in sse.headers.items()}["x-request-id"]
     names = [name for name, _, _ in sse.events]
-    assert names[0] == "chat" and names[-1] == "done" and "token" in names
+    assert names[:2] == ["started", "chat"] and names[-1] == "done" and "token" in names
+    assert sse.of("started")[0]["model"] == DEFAULT_INT4
     first = sse.of("chat")[0]
     assert first["chat_id"] == chat["id"] and first["dropped_messages"] == 0
     reply = "".join(t["text"] for t in sse.of("token"))

@@ -15,7 +15,7 @@ from conftest import DEFAULT_INT4, start_bridge, start_server
 from tokenwire.v1 import inference_pb2 as pb
 
 PROMPT = "The capital of France is"
-USAGE_KEYS = {"prompt_tokens", "completion_tokens", "time_to_first_token_ms", "decode_tokens_per_second",
+USAGE_KEYS = {"prompt_tokens", "completion_tokens", "cached_prompt_tokens", "time_to_first_token_ms", "decode_tokens_per_second",
               "total_time_ms", "queue_time_ms"}
 
 

@@ -66,6 +66,10 @@ def test_optimum_export_imports_and_answers(stub, store, tiny_models) -> None:
     assert info.parameter_count > 0 and info.context_length == 512
     reference, _ = greedy_with_cache(OptimumEngine(src / "model.onnx"), TokenizerBundle(src).encode(PROMPT), N_TOKENS)
     assert server_greedy(stub, "my-qwen:fp32") == reference
+    # The name given to `import --name` answers too (its only variant), and says which it ran.
+    assert server_greedy(stub, "my-qwen") == reference
+    started = next(iter(stub.Generate(pb.GenerateRequest(model="my-qwen", prompt=PROMPT, max_tokens=1), timeout=60)))
+    assert started.started.model == "my-qwen:fp32"
     manifest = json.loads((store / "my-qwen_fp32" / "tokenwire.json").read_text())
     assert manifest["source"]["kind"] == "onnx" and manifest["weight_files"]["model.onnx"] > 0
 

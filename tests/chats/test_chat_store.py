@@ -15,6 +15,7 @@ from tokenwire.server.chats.api_keys import KeyRing
 from tokenwire.server.chats.search import fts_query, query_terms, spans_by_scan, spans_from_marked
 from tokenwire.server.chats.store import ChatNotFound, ChatRequestError, ChatStore, ReplyOutcome
 from tokenwire.server.engine.context_fit import fit_messages, reply_reserve
+from tokenwire.server.engine.records import Usage
 
 
 @pytest.fixture
@@ -47,11 +48,11 @@ def test_a_turn_commits_the_user_message_then_the_reply(store) -> None:
     assert info.title == "Hello there, model" and info.model == "m:int4"
     assert [(m.role, m.status) for m in messages] == [("system", "complete"), ("user", "complete"),
                                                         ("assistant", "pending")]
-    assert store.finish_reply(turn.reply_message_id, ReplyOutcome("Hi!", "stopped", completion_tokens=2))
+    assert store.finish_reply(turn.reply_message_id, ReplyOutcome("Hi!", "stopped", usage=Usage(completion_tokens=2)))
     assert not store.finish_reply(turn.reply_message_id, ReplyOutcome("again", "complete"))  # once only
     _, messages = store.get_chat(user, chat.id)
     reply = messages[-1]
-    assert (reply.content, reply.status, reply.completion_tokens) == ("Hi!", "stopped", 2)
+    assert (reply.content, reply.status, reply.usage.completion_tokens) == ("Hi!", "stopped", 2)
     assert reply.params == {"sampling": {"temperature": 0.0}, "max_tokens": 8}
     # Next turn: the partial reply is context; a system message cannot come now.
     nxt = store.begin_turn(user, chat.id, [{"role": "user", "content": "More"}], "m:int4")
@@ -174,3 +175,29 @@ def test_fit_messages_drops_oldest_turns_keeping_the_system_prompt() -> None:
     assert kept == [chat[0], chat[-1]] and dropped == 10
     assert reply_reserve(0, 1024, 8192) == 1024 and reply_reserve(0, 1024, 2048) == 512
     assert reply_reserve(16, 1024, 2048) == 16
+
+
+def test_a_schema_1_database_gains_the_cached_prompt_tokens_column(tmp_path) -> None:
+    """Schema 2 adds message.cached_prompt_tokens (part of a reply's Usage); a database written by
+    schema 1 is migrated on open and keeps its messages."""
+    path = tmp_path / "old.db"
+    store = ChatStore(str(path))
+    user = store.ensure_user("local")
+    chat = store.create_chat(user, title="old")
+    old = store.begin_turn(user, chat.id, [{"role": "user", "content": "before the upgrade"}], "m")
+    store.finish_reply(old.reply_message_id, ReplyOutcome("kept", "complete"))
+    store.close()
+    with sqlite3.connect(path) as conn:  # as schema 1 left it
+        conn.execute("ALTER TABLE message DROP COLUMN cached_prompt_tokens")
+        conn.execute("UPDATE schema_version SET version = 1")
+    store = ChatStore(str(path))
+    try:
+        assert chat_db.SchemaVersion.get().version == chat_db.SCHEMA_VERSION == 2
+        turn = store.begin_turn(user, chat.id, [{"role": "user", "content": "after"}], "m")
+        usage = Usage(prompt_tokens=30, completion_tokens=4, cached_prompt_tokens=21, time_to_first_token_ms=12.5)
+        assert store.finish_reply(turn.reply_message_id, ReplyOutcome("new", "length", usage=usage))
+        messages = store.get_chat(user, chat.id)[1]
+        assert [m.content for m in messages if m.role == "assistant"] == ["kept", "new"]
+        assert messages[-1].usage == usage and messages[-1].status == "length"
+    finally:
+        store.close()

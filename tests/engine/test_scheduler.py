@@ -157,7 +157,7 @@ async def test_per_user_stream_limit(model) -> None:
         await asyncio.sleep(0.05)
         assert scheduler.running <= 1
         results = await asyncio.gather(*(consume(h) for h in handles))
-        assert all(r[1].completion_tokens == 8 for r in results)
+        assert all(r[1].usage.completion_tokens == 8 for r in results)
         assert scheduler.stats.batch_size_sum == scheduler.stats.steps, "user A never had two streams at once"
     finally:
         scheduler.stop()
@@ -181,7 +181,7 @@ async def test_cancelled_sequence_frees_its_slot_within_a_step(model) -> None:
                 break
         tokens, finished, _ = await consume(waiting)
         assert finished.reason == FinishReason.LENGTH
-        assert finished.completion_tokens == 3
+        assert finished.usage.completion_tokens == 3
         # The waiting request started within a step or two of the cancel, not after 2000 tokens.
         assert scheduler.stats.steps - steps_at_cancel <= 2 + 3
     finally:
@@ -202,7 +202,7 @@ async def test_prefix_reuse_gives_the_cold_tokens(model) -> None:
         ])
         request = GenerationRequest(prompt_ids=tok.encode(turn2), max_tokens=16, sampling=SamplingConfig(temperature=0.0))
         warm, warm_finished, _ = await consume(submit(scheduler, tok, request))
-        assert warm_finished.cached_prompt_tokens > len(tok.encode(history)) - 1
+        assert warm_finished.usage.cached_prompt_tokens > len(tok.encode(history)) - 1
         assert scheduler.prefix_cache.stats.hits >= 1
         cold = await alone(decoder, tok, turn2, 16)
         assert warm == cold[: len(warm)] and len(warm) == len(cold)
@@ -217,8 +217,10 @@ def test_queue_full_over_grpc_is_resource_exhausted_at_once(models_dir, tmp_path
             stub = pb_grpc.InferenceStub(channel)
             list(stub.Generate(pb.GenerateRequest(prompt="warm", max_tokens=1), timeout=60))
             long = stub.Generate(pb.GenerateRequest(prompt="A long story:", max_tokens=500, ignore_eos=True), timeout=120)
-            next(long)
+            assert next(long).WhichOneof("event") == "started"
+            assert next(long).WhichOneof("event") == "token"  # it holds the one slot
             queued = stub.Generate(pb.GenerateRequest(prompt="Wait", max_tokens=2, ignore_eos=True), timeout=120)
+            assert next(queued).WhichOneof("event") == "started"
             first = next(queued)
             assert first.WhichOneof("event") == "queued" and first.queued.position == 1
             started = time.perf_counter()

@@ -122,6 +122,7 @@ def test_linear_op_refuses_an_input_of_the_wrong_width() -> None:
     assert session.run(None, {"x": np.ones((1, 64), dtype=np.float32)})[0].shape == (1, 32)
 
 
+@pytest.mark.slow  # compiles, or reruns this file in a child pytest
 def test_library_builds_from_scratch_and_reports_why_not(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TOKENWIRE_NATIVE_CACHE", str(tmp_path / "cache"))
     built = native_kernels._find()
@@ -164,6 +165,7 @@ def test_only_avx512_functions_hold_avx512_instructions() -> None:
     assert not offenders, f"AVX-512 instructions outside the AVX-512 dispatch: {sorted(offenders)}"
 
 
+@pytest.mark.slow  # compiles, or reruns this file in a child pytest
 def test_avx2_kernels_pass_every_test_of_this_file() -> None:
     """CPUs without AVX-512 (most laptops) run the AVX2 versions: this file again, in a child
     process forced onto them (the choice is made once per process)."""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/inference.proto\x12\x0ctokenwire.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xbc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x18\n\x10include_logprobs\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0c\n\x04user\x18\n \x01(\t\x12\x19\n\x0ckeep_alive_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63hat_id\x18\x0c \x01(\tB\x0f\n\r_keep_alive_s\"\xc7\x01\n\x10GenerateResponse\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.tokenwire.v1.TokenDeltaH\x00\x12*\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.FinishedH\x00\x12+\n\x06queued\x18\x03 \x01(\x0b\x32\x19.tokenwire.v1.QueueStatusH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.ChatTurnH\x00\x42\x07\n\x05\x65vent\"h\n\x08\x43hatTurn\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\x03\x12\x18\n\x10reply_message_id\x18\x03 \x01(\x03\x12\x18\n\x10\x64ropped_messages\x18\x04 \x01(\r\"]\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05index\x18\x04 \x01(\rB\n\n\x08_logprob\"\x1f\n\x0bQueueStatus\x12\x10\n\x08position\x18\x01 \x01(\r\"\xa9\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x15\n\rtotal_time_ms\x18\x05 \x01(\x01\x12\x15\n\rqueue_time_ms\x18\x06 \x01(\x01\"\x96\x01\n\x08\x46inished\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"\x9f\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x04\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.tokenwire.v1.ModelState\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x15\n\rerror_message\x18\t \x01(\t\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x12\n\nis_default\x18\x0b \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x04\x12\x19\n\x11last_used_unix_ms\x18\x0e \x01(\x03\x12\x14\n\x0cload_time_ms\x18\x0f \x01(\x01\x12\x12\n\nload_count\x18\x10 \x01(\r\x12\x17\n\x0f\x65xpires_unix_ms\x18\x11 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x12 \x01(\r\"\x92\x01\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.ModelInfo\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x19\n\x11max_loaded_models\x18\x03 \x01(\r\x12\x1b\n\x13memory_in_use_bytes\x18\x04 \x01(\x04\"M\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x0ckeep_alive_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_keep_alive_s\"\x85\x01\n\x0eLoadModelEvent\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.tokenwire.v1.LoadStage\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12&\n\x05model\x18\x04 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"c\n\x13UnloadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\x12\x12\n\nwas_loaded\x18\x02 \x01(\x08\x12\x10\n\x08\x64rain_ms\x18\x03 \x01(\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*\x87\x01\n\tLoadStage\x12\x1a\n\x16LOAD_STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_STAGE_WAITING\x10\x01\x12\x18\n\x14LOAD_STAGE_UNLOADING\x10\x02\x12\x16\n\x12LOAD_STAGE_LOADING\x10\x03\x12\x14\n\x10LOAD_STAGE_READY\x10\x04\x32\xca\x02\n\tInference\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenwire.v1.ListModelsRequest\x1a .tokenwire.v1.ListModelsResponse\x12K\n\tLoadModel\x12\x1e.tokenwire.v1.LoadModelRequest\x1a\x1c.tokenwire.v1.LoadModelEvent0\x01\x12R\n\x0bUnloadModel\x12 .tokenwire.v1.UnloadModelRequest\x1a!.tokenwire.v1.UnloadModelResponseBM\n\x10\x64\x65v.tokenwire.v1B\x0eInferenceProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/inference.proto\x12\x0ctokenwire.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seed\"\xbc\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x18\n\x10include_logprobs\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0c\n\x04user\x18\n \x01(\t\x12\x19\n\x0ckeep_alive_s\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x63hat_id\x18\x0c \x01(\tB\x0f\n\r_keep_alive_s\"\xf1\x01\n\x10GenerateResponse\x12)\n\x05token\x18\x01 \x01(\x0b\x32\x18.tokenwire.v1.TokenDeltaH\x00\x12*\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.FinishedH\x00\x12+\n\x06queued\x18\x03 \x01(\x0b\x32\x19.tokenwire.v1.QueueStatusH\x00\x12&\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.ChatTurnH\x00\x12(\n\x07started\x18\x05 \x01(\x0b\x32\x15.tokenwire.v1.StartedH\x00\x42\x07\n\x05\x65vent\",\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"h\n\x08\x43hatTurn\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\x03\x12\x18\n\x10reply_message_id\x18\x03 \x01(\x03\x12\x18\n\x10\x64ropped_messages\x18\x04 \x01(\r\"]\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05index\x18\x04 \x01(\rB\n\n\x08_logprob\"\x1f\n\x0bQueueStatus\x12\x10\n\x08position\x18\x01 \x01(\r\"\xc7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x15\n\rtotal_time_ms\x18\x05 \x01(\x01\x12\x15\n\rqueue_time_ms\x18\x06 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x07 \x01(\r\"\x96\x01\n\x08\x46inished\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.tokenwire.v1.FinishReason\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"\x9f\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x17\n\x0fparameter_count\x18\x03 \x01(\x04\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x0e\n\x06loaded\x18\x06 \x01(\x08\x12\'\n\x05state\x18\x07 \x01(\x0e\x32\x18.tokenwire.v1.ModelState\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x15\n\rerror_message\x18\t \x01(\t\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x12\n\nis_default\x18\x0b \x01(\x08\x12\x14\n\x0cmemory_bytes\x18\x0c \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\r \x01(\x04\x12\x19\n\x11last_used_unix_ms\x18\x0e \x01(\x03\x12\x14\n\x0cload_time_ms\x18\x0f \x01(\x01\x12\x12\n\nload_count\x18\x10 \x01(\r\x12\x17\n\x0f\x65xpires_unix_ms\x18\x11 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x12 \x01(\r\"\x92\x01\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenwire.v1.ModelInfo\x12\x1b\n\x13memory_budget_bytes\x18\x02 \x01(\x04\x12\x19\n\x11max_loaded_models\x18\x03 \x01(\r\x12\x1b\n\x13memory_in_use_bytes\x18\x04 \x01(\x04\"M\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x0ckeep_alive_s\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x0f\n\r_keep_alive_s\"\x85\x01\n\x0eLoadModelEvent\x12&\n\x05stage\x18\x01 \x01(\x0e\x32\x17.tokenwire.v1.LoadStage\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nelapsed_ms\x18\x03 \x01(\x01\x12&\n\x05model\x18\x04 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"c\n\x13UnloadModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.tokenwire.v1.ModelInfo\x12\x12\n\nwas_loaded\x18\x02 \x01(\x08\x12\x10\n\x08\x64rain_ms\x18\x03 \x01(\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x8d\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x17\n\x13MODEL_STATE_LOADING\x10\x02\x12\x16\n\x12MODEL_STATE_LOADED\x10\x03\x12\x16\n\x12MODEL_STATE_FAILED\x10\x04*\x87\x01\n\tLoadStage\x12\x1a\n\x16LOAD_STAGE_UNSPECIFIED\x10\x00\x12\x16\n\x12LOAD_STAGE_WAITING\x10\x01\x12\x18\n\x14LOAD_STAGE_UNLOADING\x10\x02\x12\x16\n\x12LOAD_STAGE_LOADING\x10\x03\x12\x14\n\x10LOAD_STAGE_READY\x10\x04\x32\xca\x02\n\tInference\x12K\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenwire.v1.ListModelsRequest\x1a .tokenwire.v1.ListModelsResponse\x12K\n\tLoadModel\x12\x1e.tokenwire.v1.LoadModelRequest\x1a\x1c.tokenwire.v1.LoadModelEvent0\x01\x12R\n\x0bUnloadModel\x12 .tokenwire.v1.UnloadModelRequest\x1a!.tokenwire.v1.UnloadModelResponseBM\n\x10\x64\x65v.tokenwire.v1B\x0eInferenceProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.inference_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1B\016InferenceProtoP\001Z\030tokenwire/v1;tokenwirev1\252\002\014Tokenwire.V1'
-  _globals['_FINISHREASON']._serialized_start=2455
-  _globals['_FINISHREASON']._serialized_end=2604
-  _globals['_MODELSTATE']._serialized_start=2607
-  _globals['_MODELSTATE']._serialized_end=2748
-  _globals['_LOADSTAGE']._serialized_start=2751
-  _globals['_LOADSTAGE']._serialized_end=2886
+  _globals['_FINISHREASON']._serialized_start=2573
+  _globals['_FINISHREASON']._serialized_end=2722
+  _globals['_MODELSTATE']._serialized_start=2725
+  _globals['_MODELSTATE']._serialized_end=2866
+  _globals['_LOADSTAGE']._serialized_start=2869
+  _globals['_LOADSTAGE']._serialized_end=3004
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_SAMPLINGPARAMS']._serialized_start=93
@@ -45,31 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=434
   _globals['_GENERATEREQUEST']._serialized_end=750
   _globals['_GENERATERESPONSE']._serialized_start=753
-  _globals['_GENERATERESPONSE']._serialized_end=952
-  _globals['_CHATTURN']._serialized_start=954
-  _globals['_CHATTURN']._serialized_end=1058
-  _globals['_TOKENDELTA']._serialized_start=1060
-  _globals['_TOKENDELTA']._serialized_end=1153
-  _globals['_QUEUESTATUS']._serialized_start=1155
-  _globals['_QUEUESTATUS']._serialized_end=1186
-  _globals['_USAGE']._serialized_start=1189
-  _globals['_USAGE']._serialized_end=1358
-  _globals['_FINISHED']._serialized_start=1361
-  _globals['_FINISHED']._serialized_end=1511
-  _globals['_LISTMODELSREQUEST']._serialized_start=1513
-  _globals['_LISTMODELSREQUEST']._serialized_end=1532
-  _globals['_MODELINFO']._serialized_start=1535
-  _globals['_MODELINFO']._serialized_end=1950
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1953
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2099
-  _globals['_LOADMODELREQUEST']._serialized_start=2101
-  _globals['_LOADMODELREQUEST']._serialized_end=2178
-  _globals['_LOADMODELEVENT']._serialized_start=2181
-  _globals['_LOADMODELEVENT']._serialized_end=2314
-  _globals['_UNLOADMODELREQUEST']._serialized_start=2316
-  _globals['_UNLOADMODELREQUEST']._serialized_end=2351
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=2353
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=2452
-  _globals['_INFERENCE']._serialized_start=2889
-  _globals['_INFERENCE']._serialized_end=3219
+  _globals['_GENERATERESPONSE']._serialized_end=994
+  _globals['_STARTED']._serialized_start=996
+  _globals['_STARTED']._serialized_end=1040
+  _globals['_CHATTURN']._serialized_start=1042
+  _globals['_CHATTURN']._serialized_end=1146
+  _globals['_TOKENDELTA']._serialized_start=1148
+  _globals['_TOKENDELTA']._serialized_end=1241
+  _globals['_QUEUESTATUS']._serialized_start=1243
+  _globals['_QUEUESTATUS']._serialized_end=1274
+  _globals['_USAGE']._serialized_start=1277
+  _globals['_USAGE']._serialized_end=1476
+  _globals['_FINISHED']._serialized_start=1479
+  _globals['_FINISHED']._serialized_end=1629
+  _globals['_LISTMODELSREQUEST']._serialized_start=1631
+  _globals['_LISTMODELSREQUEST']._serialized_end=1650
+  _globals['_MODELINFO']._serialized_start=1653
+  _globals['_MODELINFO']._serialized_end=2068
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2071
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2217
+  _globals['_LOADMODELREQUEST']._serialized_start=2219
+  _globals['_LOADMODELREQUEST']._serialized_end=2296
+  _globals['_LOADMODELEVENT']._serialized_start=2299
+  _globals['_LOADMODELEVENT']._serialized_end=2432
+  _globals['_UNLOADMODELREQUEST']._serialized_start=2434
+  _globals['_UNLOADMODELREQUEST']._serialized_end=2469
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=2471
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=2570
+  _globals['_INFERENCE']._serialized_start=3007
+  _globals['_INFERENCE']._serialized_end=3337
 # @@protoc_insertion_point(module_scope)

@@ -103,16 +103,26 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., include_logprobs: _Optional[bool] = ..., request_id: _Optional[str] = ..., ignore_eos: _Optional[bool] = ..., user: _Optional[str] = ..., keep_alive_s: _Optional[float] = ..., chat_id: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "finished", "queued", "chat")
+    __slots__ = ("token", "finished", "queued", "chat", "started")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
     token: TokenDelta
     finished: Finished
     queued: QueueStatus
     chat: ChatTurn
-    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., chat: _Optional[_Union[ChatTurn, _Mapping]] = ...) -> None: ...
+    started: Started
+    def __init__(self, token: _Optional[_Union[TokenDelta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., queued: _Optional[_Union[QueueStatus, _Mapping]] = ..., chat: _Optional[_Union[ChatTurn, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("model", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
     __slots__ = ("chat_id", "user_message_id", "reply_message_id", "dropped_messages")
@@ -145,20 +155,22 @@ class QueueStatus(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "decode_tokens_per_second", "total_time_ms", "queue_time_ms")
+    __slots__ = ("prompt_tokens", "completion_tokens", "time_to_first_token_ms", "decode_tokens_per_second", "total_time_ms", "queue_time_ms", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token_ms: float
     decode_tokens_per_second: float
     total_time_ms: float
     queue_time_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., total_time_ms: _Optional[float] = ..., queue_time_ms: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason", "usage", "error_message", "model", "matched_stop")

@@ -62,14 +62,22 @@ class InferenceServicer:
     """
 
     def Generate(self, request, context):
-        """Streams a generation token by token. The stream carries any number of
-        `queued` events while the request waits, then one `token` event per
+        """Streams a generation token by token. The stream starts with one `started`
+        event (the resolved model), then a `chat` event for a stored chat, any
+        number of `queued` events while the request waits, one `token` event per
         generated token, then exactly one `finished` event.
 
         Errors before the first token use gRPC status codes:
         INVALID_ARGUMENT (bad parameters, prompt longer than the context window),
-        NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (queue full),
+        NOT_FOUND (unknown model or chat), RESOURCE_EXHAUSTED (queue full),
         FAILED_PRECONDITION (the model cannot be loaded), UNAVAILABLE (device missing).
+        Every INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION and RESOURCE_EXHAUSTED
+        carries the standard rich error details (`grpc-status-details-bin`: a
+        google.rpc.Status) with a google.rpc.ErrorInfo (domain "tokenwire.dev", a
+        stable `reason` such as CONTEXT_LENGTH_EXCEEDED, MODEL_NOT_FOUND, QUEUE_FULL,
+        and metadata["field"] naming the request field at fault), a
+        google.rpc.BadRequest with that field when one is at fault, and a
+        google.rpc.RetryInfo when retrying later can succeed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

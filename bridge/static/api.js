@@ -1,0 +1,157 @@
+// The bridge's HTTP API as the page uses it: the model list, the chats the server keeps, and
+// posting a message to a chat (its reply is a text/event-stream, read with sse.js).
+// No DOM here. A non-2xx answer becomes an ApiError carrying the bridge's own error message.
+
+/** A non-2xx answer from the bridge. */
+export class ApiError extends Error {
+  /**
+   * @param {string} message The bridge's error message, or the HTTP status line.
+   * @param {number} status The HTTP status code.
+   */
+  constructor(message, status) {
+    super(message);
+    this.name = 'ApiError';
+    this.status = status;
+  }
+}
+
+/**
+ * A response's JSON body, or null where it has none or it is not JSON.
+ *
+ * @param {Response} response
+ * @returns {Promise<any>}
+ */
+export async function readJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The message to show for a failed response: the bridge's `error.message` (or a bare `error`
+ * string) where the body has one, else the status line.
+ *
+ * @param {any} body The response's JSON body (null if none).
+ * @param {Response} response
+ * @returns {string}
+ */
+export function errorMessage(body, response) {
+  const message = body && body.error && (body.error.message || body.error);
+  if (message) return String(message);
+  return `${response.status} ${response.statusText || 'error'}`.trim();
+}
+
+/**
+ * Calls a JSON endpoint of the bridge.
+ *
+ * @param {string} path Path and query, e.g. "/api/chats?limit=100".
+ * @param {RequestInit} [options] fetch() options; a `body` (a JSON string) is sent as application/json.
+ * @returns {Promise<any>} The JSON body (null if the answer had none).
+ * @throws {ApiError} On a non-2xx answer; fetch()'s own errors (offline, aborted) pass through.
+ */
+export async function request(path, options = {}) {
+  const response = await fetch(path, {
+    ...options,
+    headers: { Accept: 'application/json', ...(options.body ? { 'Content-Type': 'application/json' } : {}) },
+  });
+  const body = await readJson(response);
+  if (!response.ok) throw new ApiError(errorMessage(body, response), response.status);
+  return body;
+}
+
+const chatPath = (id) => `/api/chats/${encodeURIComponent(id)}`;
+
+/**
+ * The server's models: GET /api/models.
+ *
+ * @returns {Promise<object[]>} The `models` list (empty if the body had none).
+ */
+export async function listModels() {
+  const body = await request('/api/models');
+  return (body && body.models) || [];
+}
+
+/**
+ * The most recently updated chats: GET /api/chats.
+ *
+ * @param {number} [limit]
+ * @returns {Promise<object[]>} The `chats` list.
+ */
+export async function listChats(limit = 100) {
+  return (await request(`/api/chats?limit=${limit}`)).chats;
+}
+
+/**
+ * Chats that match a full-text query: GET /api/chats/search.
+ *
+ * @param {string} query
+ * @returns {Promise<object[]>} The `results`: `{chat, snippets}` entries.
+ */
+export async function searchChats(query) {
+  return (await request(`/api/chats/search?q=${encodeURIComponent(query)}`)).results;
+}
+
+/**
+ * One chat with its messages: GET /api/chats/{id}.
+ *
+ * @param {string} id
+ * @returns {Promise<{chat: object, messages: object[]}>}
+ */
+export function getChat(id) {
+  return request(chatPath(id));
+}
+
+/**
+ * Creates an empty chat: POST /api/chats.
+ *
+ * @param {{model: string, system: string}} chat The model and the system prompt ("" for none).
+ * @param {AbortSignal} [signal]
+ * @returns {Promise<object>} The new chat (with its `id`).
+ */
+export function createChat({ model, system }, signal) {
+  return request('/api/chats', { method: 'POST', body: JSON.stringify({ model, system }), signal });
+}
+
+/**
+ * Renames a chat: PATCH /api/chats/{id}.
+ *
+ * @param {string} id
+ * @param {string} title
+ * @returns {Promise<object>}
+ */
+export function renameChat(id, title) {
+  return request(chatPath(id), { method: 'PATCH', body: JSON.stringify({ title }) });
+}
+
+/**
+ * Deletes a chat: DELETE /api/chats/{id}.
+ *
+ * @param {string} id
+ * @returns {Promise<any>}
+ */
+export function deleteChat(id) {
+  return request(chatPath(id), { method: 'DELETE' });
+}
+
+/**
+ * Posts the next user message to a chat: POST /api/chats/{id}/messages. The server adds the
+ * chat's earlier messages itself.
+ *
+ * @param {string} chatId
+ * @param {{content: string, model: string, temperature: number, max_tokens?: number}} message
+ * @param {AbortSignal} [signal] Aborting it cancels the generation on the server.
+ * @returns {Promise<Response>} The 2xx response; read its body with sse.js's readEvents.
+ * @throws {ApiError} On a non-2xx answer.
+ */
+export async function postMessage(chatId, message, signal) {
+  const response = await fetch(`${chatPath(chatId)}/messages`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
+    body: JSON.stringify(message),
+    signal,
+  });
+  if (!response.ok) throw new ApiError(errorMessage(await readJson(response), response), response.status);
+  return response;
+}

@@ -1,0 +1,107 @@
+// The transcript: message bubbles (the user's shown as typed, the model's as Markdown), their
+// status and error lines, and keeping the newest in view.
+
+import { els, element } from './dom.js';
+import { renderMarkdown } from './markdown.js';
+
+// A stored reply's status (GET /api/chats/{id}) as the data-finish names that a streamed reply
+// gets, and the words shown for it in the bubble's meta line ("complete" shows none).
+const STORED_FINISH = { complete: 'stop', length: 'length', stopped: 'stopped', cancelled: 'cancelled', error: 'error', interrupted: 'error', pending: 'pending' };
+const STORED_LABELS = { length: 'max tokens reached', stopped: 'stopped', cancelled: 'cancelled', error: 'error', interrupted: 'interrupted', pending: 'being written' };
+
+/**
+ * Appends a message bubble to the transcript and scrolls to it; hides the empty-chat welcome.
+ *
+ * @param {'user'|'assistant'} role
+ * @param {string} text The user's text (shown as typed) or the model's Markdown.
+ * @returns {HTMLElement} The .message element (with .avatar, .content, .meta inside).
+ */
+export function addMessage(role, text) {
+  els.empty.hidden = true;
+  const node = els.template.content.firstElementChild.cloneNode(true);
+  node.classList.add(role);
+  node.dataset.role = role;
+  node.querySelector('.avatar').textContent = role === 'user' ? 'You' : 'AI';
+  const content = node.querySelector('.content');
+  if (role === 'user') content.textContent = text; // shown as typed, never parsed
+  else content.innerHTML = renderMarkdown(text);
+  els.messages.append(node);
+  scrollToBottom(true);
+  return node;
+}
+
+/**
+ * Shows a message of a stored chat: a system prompt as a note, a user message or a reply as a
+ * bubble, the reply with its model, how it ended, its token count and any error.
+ *
+ * @param {{id: number, role: string, content: string, status?: string, model?: string,
+ *          usage?: {completion_tokens?: number}, error_message?: string}} m
+ */
+export function showStoredMessage(m) {
+  if (m.role === 'system') {
+    const note = element('div', 'system-note', `System: ${m.content}`);
+    note.dataset.testid = 'system-note';
+    els.messages.append(note);
+    return;
+  }
+  const node = addMessage(m.role === 'user' ? 'user' : 'assistant', m.content);
+  node.dataset.messageId = String(m.id);
+  if (m.role !== 'assistant') return;
+  node.dataset.finish = STORED_FINISH[m.status] || m.status;
+  const parts = [];
+  if (m.model) parts.push(m.model);
+  if (STORED_LABELS[m.status]) parts.push(STORED_LABELS[m.status]);
+  if (m.usage && m.usage.completion_tokens) parts.push(`${m.usage.completion_tokens} tokens`);
+  node.querySelector('.meta').replaceChildren(element('span', '', parts.join(' · ')));
+  if (m.error_message) showError(node, m.error_message);
+}
+
+/**
+ * Marks a reply as failed and shows the error in its bubble, above the meta line.
+ *
+ * @param {HTMLElement} node A .message element.
+ * @param {string} message
+ */
+export function showError(node, message) {
+  node.classList.add('failed');
+  node.querySelector('.bubble').insertBefore(element('div', 'error-box', message), node.querySelector('.meta'));
+}
+
+/**
+ * Sets the status line at the top of a bubble (a spinner and a text); "" removes it.
+ *
+ * @param {HTMLElement} node A .message element.
+ * @param {string} text
+ */
+export function setStatus(node, text) {
+  let status = node.querySelector('.status');
+  if (!text) {
+    if (status) status.remove();
+    return;
+  }
+  if (!status) {
+    status = element('div', 'status');
+    status.append(element('span', 'spinner'), element('span', 'status-text'));
+    node.querySelector('.bubble').insertBefore(status, node.querySelector('.content'));
+  }
+  status.querySelector('.status-text').textContent = text;
+}
+
+/** Removes every message and system note from the transcript. */
+export function clearTranscript() {
+  for (const node of els.messages.querySelectorAll('.message, .system-note')) node.remove();
+}
+
+function nearBottom() {
+  const s = els.scroller;
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 80;
+}
+
+/**
+ * Scrolls the transcript to its end, unless the reader has scrolled up (`force` scrolls anyway).
+ *
+ * @param {boolean} [force]
+ */
+export function scrollToBottom(force = false) {
+  if (force || nearBottom()) els.scroller.scrollTop = els.scroller.scrollHeight;
+}

@@ -1,0 +1,205 @@
+"""Protobuf ⇄ domain, in one place: the servicers call these and translate nothing themselves.
+
+Each outside form of the request path's records has exactly one mapping here: FinishReason and
+ReplyStatus to their proto enums, Usage to pb.Usage (for the stream and the stored message
+alike), store records to History messages, model state to ModelInfo.
+"""
+
+from __future__ import annotations
+
+import math
+
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
+
+from tokenwire.server.chats.store import ChatInfo, MessageInfo, SearchResult
+from tokenwire.server.engine.records import FinishReason, ReplyStatus, Usage
+from tokenwire.server.engine.requests import GenerateParams, InvalidRequest
+from tokenwire.server.engine.sampling import SamplingConfig
+from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, TokenEvent
+from tokenwire.server.models.manager import ModelStatus
+from tokenwire.server.models.store import ModelEntry
+from tokenwire.v1 import history_pb2 as hpb
+from tokenwire.v1 import inference_pb2 as pb
+
+FINISH_REASON = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: pb.FINISH_REASON_ERROR,
+}
+REPLY_STATUS = {
+    ReplyStatus.COMPLETE: hpb.MESSAGE_STATUS_COMPLETE,
+    ReplyStatus.LENGTH: hpb.MESSAGE_STATUS_LENGTH,
+    ReplyStatus.STOPPED: hpb.MESSAGE_STATUS_STOPPED,
+    ReplyStatus.CANCELLED: hpb.MESSAGE_STATUS_CANCELLED,
+    ReplyStatus.ERROR: hpb.MESSAGE_STATUS_ERROR,
+    ReplyStatus.PENDING: hpb.MESSAGE_STATUS_PENDING,
+    ReplyStatus.INTERRUPTED: hpb.MESSAGE_STATUS_INTERRUPTED,
+}
+MODEL_STATE = {
+    "available": pb.MODEL_STATE_AVAILABLE,
+    "loading": pb.MODEL_STATE_LOADING,
+    "loaded": pb.MODEL_STATE_LOADED,
+    "failed": pb.MODEL_STATE_FAILED,
+}
+LOAD_STAGE = {
+    "waiting": pb.LOAD_STAGE_WAITING,
+    "unloading": pb.LOAD_STAGE_UNLOADING,
+    "loading": pb.LOAD_STAGE_LOADING,
+    "ready": pb.LOAD_STAGE_READY,
+}
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingConfig:
+    def opt(name: str, default):
+        return getattr(msg, name) if msg.HasField(name) else default
+
+    return SamplingConfig(
+        temperature=float(opt("temperature", 1.0)),
+        top_p=float(opt("top_p", 1.0)),
+        top_k=int(opt("top_k", 0)),
+        min_p=float(opt("min_p", 0.0)),
+        repetition_penalty=float(opt("repetition_penalty", 1.0)),
+        presence_penalty=float(opt("presence_penalty", 0.0)),
+        frequency_penalty=float(opt("frequency_penalty", 0.0)),
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+    )
+
+
+def params_from_proto(request: pb.GenerateRequest, user: str) -> GenerateParams:
+    """The Generate call as the engine takes it; `user` is who it is for (fair turns)."""
+    return GenerateParams(
+        model=request.model,
+        prompt=request.prompt,
+        messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
+        sampling=sampling_from_proto(request.sampling),
+        max_tokens=int(request.max_tokens),
+        stop=tuple(request.stop),
+        include_logprobs=request.include_logprobs,
+        ignore_eos=request.ignore_eos,
+        user=user,
+    )
+
+
+def keep_alive_of(request: pb.GenerateRequest | pb.LoadModelRequest) -> float | None:
+    """The request's `keep_alive_s`, None when unset; InvalidRequest when not a number."""
+    if not request.HasField("keep_alive_s"):
+        return None
+    value = float(request.keep_alive_s)
+    if math.isnan(value):
+        raise InvalidRequest("keep_alive_s must be a number of seconds (0: unload at once, negative: forever)",
+                             "keep_alive_s")
+    return value
+
+
+def stored_params(request: pb.GenerateRequest) -> dict:
+    """The generation parameters stored with a chat reply."""
+    params: dict = {"sampling": MessageToDict(request.sampling, preserving_proto_field_name=True)}
+    if request.max_tokens:
+        params["max_tokens"] = request.max_tokens
+    if request.stop:
+        params["stop"] = list(request.stop)
+    return params
+
+
+# ---- the stream ----------------------------------------------------------------------------
+
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    return pb.Usage(**{name: getattr(usage, name) for name in Usage.field_names()})
+
+
+def started_to_proto(model_id: str, request_id: str) -> pb.GenerateResponse:
+    return pb.GenerateResponse(started=pb.Started(model=model_id, request_id=request_id))
+
+
+def event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
+        if event.logprob is not None:
+            delta.logprob = event.logprob
+        return pb.GenerateResponse(token=delta)
+    if isinstance(event, QueuedEvent):
+        return pb.GenerateResponse(queued=pb.QueueStatus(position=event.position))
+    return pb.GenerateResponse(finished=pb.Finished(
+        reason=FINISH_REASON[event.reason], usage=usage_to_proto(event.usage), error_message=event.error_message,
+        model=model_id, matched_stop=event.matched_stop,
+    ))
+
+
+def chat_turn_to_proto(chat_id: str, user_message_id: int, reply_message_id: int,
+                       dropped_messages: int) -> pb.GenerateResponse:
+    return pb.GenerateResponse(chat=pb.ChatTurn(chat_id=chat_id, user_message_id=user_message_id,
+                                                reply_message_id=reply_message_id,
+                                                dropped_messages=dropped_messages))
+
+
+# ---- chats ---------------------------------------------------------------------------------
+
+def chat_to_proto(chat: ChatInfo) -> hpb.Chat:
+    return hpb.Chat(id=chat.id, title=chat.title, model=chat.model, created_unix_ms=chat.created_ms,
+                    updated_unix_ms=chat.updated_ms, message_count=chat.message_count, owner=chat.owner)
+
+
+def _reply_status(status: str) -> int:
+    try:
+        return REPLY_STATUS[ReplyStatus(status)]
+    except ValueError:  # a status this server does not know (a newer one wrote it)
+        return hpb.MESSAGE_STATUS_UNSPECIFIED
+
+
+def message_to_proto(m: MessageInfo) -> hpb.Message:
+    out = hpb.Message(
+        id=m.id, chat_id=m.chat_id, role=m.role, content=m.content,
+        status=_reply_status(m.status),
+        error_message=m.error_message, created_unix_ms=m.created_ms, model=m.model,
+        max_tokens=int(m.params.get("max_tokens", 0) or 0), dropped_messages=m.dropped_messages,
+    )
+    if m.params.get("sampling"):
+        try:
+            ParseDict(m.params["sampling"], out.sampling, ignore_unknown_fields=True)
+        except ParseError:
+            pass
+    if m.role == "assistant":
+        out.usage.CopyFrom(usage_to_proto(m.usage))
+    return out
+
+
+def result_to_proto(result: SearchResult) -> hpb.SearchResult:
+    return hpb.SearchResult(
+        chat=chat_to_proto(result.chat),
+        snippets=[hpb.SearchSnippet(message_id=s.message_id, role=s.role,
+                                    spans=[hpb.TextSpan(text=t, highlighted=h) for t, h in s.spans])
+                  for s in result.snippets],
+    )
+
+
+# ---- models --------------------------------------------------------------------------------
+
+def _ms(unix_s: float | None) -> int:
+    return int(unix_s * 1000) if unix_s else 0
+
+
+def model_info_to_proto(entry: ModelEntry, status: ModelStatus, size_bytes: int, aliases: list[str],
+                        is_default: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        id=entry.id,
+        architecture=entry.architecture,
+        parameter_count=entry.parameter_count,
+        precision=entry.precision,
+        context_length=entry.context_length,
+        loaded=status.state == "loaded",
+        state=MODEL_STATE[status.state],
+        size_bytes=size_bytes,
+        error_message=status.error,
+        aliases=aliases,
+        is_default=is_default,
+        memory_bytes=status.memory_bytes,
+        kv_cache_bytes=status.kv_cache_bytes,
+        last_used_unix_ms=_ms(status.last_used),
+        load_time_ms=status.load_seconds * 1000,
+        load_count=status.load_count,
+        expires_unix_ms=_ms(status.expires_at),
+        active_requests=status.active_requests,
+    )
