@@ -54,7 +54,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from tokenwire.server.build.fast_graph import GRAPH, NATIVE_GRAPH  # noqa: E402
+from tokenwire.server.engine.graph import GRAPH, NATIVE_GRAPH  # noqa: E402
 from tokenwire.server.engine.graph import choose_kernels  # noqa: E402
 from tokenwire.server.engine.tokenizer import TokenizerBundle  # noqa: E402
 from tokenwire.server.models.store import ModelStore  # noqa: E402

@@ -8,6 +8,10 @@ directly or through another fixture) is marked `slow` here; the rest run in seco
 (`pytest -m "not slow"`, `make test-fast`). Tests slow for other reasons (they compile the
 native kernels, rerun pytest in a child) carry `pytest.mark.slow` themselves. `make test` runs
 both tiers.
+
+`make test` also sets TOKENWIRE_REQUIRE_ALL=1: then a skip is a failure unless tests/skip_policy.py
+allows its reason (no GPU for a `cuda` test, a CPU without the instruction set of a `cpu_flags`
+test); conftest loads it as a plugin.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import pytest
 from tokenwire.server.models.store import ModelStore, default_store_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest_plugins = ["skip_policy"]  # tests/skip_policy.py: TOKENWIRE_REQUIRE_ALL and the allowed skips
 
 DEFAULT_FP32 = "smollm2-135m:fp32"
 DEFAULT_INT4 = "smollm2-135m:int4"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import DEFAULT_INT4, cli, free_port
 
 from tokenwire.v1 import inference_pb2 as pb
@@ -100,6 +101,7 @@ def test_server_errors_are_one_line_too(server) -> None:
     assert result.returncode == 1 and "INVALID_ARGUMENT" in result.stderr and "temperature" in result.stderr
 
 
+@pytest.mark.no_cuda
 def test_cuda_without_a_gpu_says_so(models_dir) -> None:
     result = run("serve", "--device", "cuda", "--port", str(free_port()), "--models-dir", str(models_dir), timeout=60)
     assert result.returncode == 1

@@ -94,6 +94,7 @@ def test_cuda_layout_kv_cache_matches_full_recompute(fp16_kv_dir: Path) -> None:
         logits = cached.step([seq[-1]])[0]
 
 
+@pytest.mark.cpu_flags("avx2", "fma", "f16c")  # where the native kernels run
 def test_pull_rebuilds_when_the_kv_layout_differs(tmp_path: Path, int4_dir: Path) -> None:
     (tmp_path / "config.json").write_text((int4_dir / "config.json").read_text())
     (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION, "graph": "gqa", "kv_dtype": "float32"}))

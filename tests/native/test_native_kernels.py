@@ -29,6 +29,9 @@ from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.server.models.store import read_manifest
 from tokenwire.server.native import loader as native_kernels
 
+# The kernels need AVX2, FMA and F16C (server/native/tw_isa.c); elsewhere these are allowed skips.
+pytestmark = pytest.mark.cpu_flags("avx2", "fma", "f16c")
+
 
 def _grid_weight(rng: np.random.Generator, k: int, n: int, bits: int) -> np.ndarray:
     """A [K, N] weight on llama.cpp's Q4_1 (bits 4) or Q8_0 (bits 8) grid."""
