@@ -54,8 +54,11 @@ from common import (  # noqa: E402
     write_json,
 )
 
-from tokenwire.server.engine.graph import GRAPH, NATIVE_GRAPH  # noqa: E402
-from tokenwire.server.engine.graph import choose_kernels  # noqa: E402
+from tokenwire.server.engine.graph import (  # noqa: E402
+    GRAPH,
+    NATIVE_GRAPH,
+    choose_kernels,  # noqa: E402
+)
 from tokenwire.server.engine.tokenizer import TokenizerBundle  # noqa: E402
 from tokenwire.server.models.store import ModelStore  # noqa: E402
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402

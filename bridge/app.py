@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import metrics, openapi
+from . import host_guard, metrics, openapi
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log
@@ -31,7 +31,9 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
     if grpc_target:
         settings.grpc_target = grpc_target
     settings.validate()
-    app = web.Application(middlewares=[errors_and_log, forward_credentials], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[errors_and_log, host_guard.host_guard, forward_credentials],
+                          client_max_size=settings.max_body_bytes)
+    host_guard.install(app, settings.host_policy)
     metrics.install(app, settings)
     upstream = Upstream(settings)
     app[SETTINGS] = settings

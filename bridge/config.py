@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenwire.hosts import HostPolicy, bind_refusal, split_list
 from tokenwire.server.settings import parse_bytes, setting
 
 DEFAULT_GRPC_TARGET = "127.0.0.1:50051"
@@ -26,6 +27,11 @@ class BridgeSettings:
     retry_after_s: int = setting(1, "Retry-After (seconds) sent with 429 when the server gives none")
     server_metrics_url: str = setting("http://127.0.0.1:9464/metrics", "the model server's Prometheus endpoint, "
                                       "appended to the bridge's /metrics; '' = bridge only")
+    allowed_hosts: str = setting("", "host names (comma-separated, * wildcards) this bridge answers besides "
+                                 "loopback names and its bind address; '*' = any (DNS-rebinding defence; a "
+                                 "non-loopback bind needs it)")
+    allowed_origins: str = setting("", "browser origins (comma-separated patterns, e.g. chrome-extension://*) "
+                                   "allowed to call the bridge besides its own page")
     static_dir: Path = STATIC_DIR
 
     def validate(self) -> None:
@@ -35,3 +41,9 @@ class BridgeSettings:
             raise ValueError(f"max body size must be >= 1024 bytes, got {self.max_body_bytes}")
         if self.retry_after_s < 0:
             raise ValueError(f"Retry-After must be >= 0 s, got {self.retry_after_s}")
+        if why := bind_refusal(self.http_host, split_list(self.allowed_hosts)):
+            raise ValueError(why)
+
+    @property
+    def host_policy(self) -> HostPolicy:
+        return HostPolicy(self.http_host, split_list(self.allowed_hosts), split_list(self.allowed_origins))

@@ -48,5 +48,6 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
         return error.response()
     finally:
         fields = " ".join(f"{k}={v}" for k, v in request.get(LOG_FIELDS, {}).items())
-        log.info("%s %s %d %.0fms%s", request.method, request.path_qs, status,
+        # The path without its query: a search's words (?q=) stay out of the log.
+        log.info("%s %s %d %.0fms%s", request.method, request.path, status,
                  (time.perf_counter() - started) * 1000, f" {fields}" if fields else "")

@@ -226,6 +226,10 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return 0
 
 
+# Bridge settings that `up` derives from the server's instead of taking flags of their own.
+UP_SHARED = ("--server", "--server-metrics-url", "--allowed-hosts")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Server and bridge together, in two processes; Ctrl-C stops both."""
     import subprocess
@@ -244,7 +248,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         server.terminate()
         return _fail(f"the server did not start on {target}")
     metrics_url = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
-    bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url)
+    bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url,
+                                       allowed_hosts=config.allowed_hosts)
     bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)])
     url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
@@ -338,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="run the server and the bridge together")
     _add_server_flags(p)
-    # The bridge's own settings; where the server is and its metrics come from the server's.
-    settings.add_arguments(p, BridgeSettings, skip=("--server", "--server-metrics-url"))
+    # The bridge's own settings; where the server is, its metrics and the allowed host names come
+    # from the server's settings.
+    settings.add_arguments(p, BridgeSettings, skip=UP_SHARED)
     p.set_defaults(func=cmd_up)
     return parser
 

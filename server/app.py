@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tokenwire.hosts import HostPolicy, bind_refusal, is_loopback, split_list
 from tokenwire.server.api.auth import Authenticator, AuthInterceptor
 from tokenwire.server.api.history import HistoryService
 from tokenwire.server.api.inference import InferenceService
@@ -37,14 +38,21 @@ async def start_server(
     config: ServerConfig, chats: ChatWorker | None = None
 ) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
+    chats = chats or open_chat_store(config)
+    if not is_loopback(config.host) and not config.insecure_open and not await chats.call(chats.keys.any_active):
+        raise OSError(f"refusing to serve {config.host} without API keys: anyone who reaches it could read every "
+                      "chat. Create a key (`tokenwire keys create NAME`) or pass --insecure-open")
+    why = bind_refusal(config.host, split_list(config.allowed_hosts))
+    if config.metrics_port and why:
+        raise OSError(f"metrics listener: {why}")
     metrics = PrometheusMetrics()
     if config.metrics_port:
-        metrics.serve_http(config.host, config.metrics_port)
+        metrics.serve_http(config.host, config.metrics_port,
+                           HostPolicy(config.host, split_list(config.allowed_hosts)))
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads, kernels=config.kernels,
         scheduler_config=config.scheduler, metrics=metrics, limits=config.models,
     )
-    chats = chats or open_chat_store(config)
     auth = Authenticator(chats)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)],

@@ -32,6 +32,11 @@ class ServerConfig:
     max_request_bytes: int = setting(1 << 20, "largest prompt accepted (bytes of text, or 512K, 1M); bigger "
                                      "ones get INVALID_ARGUMENT", parse=parse_bytes)
     metrics_port: int = setting(9464, "Prometheus /metrics port (same host), 0 = off")
+    allowed_hosts: str = setting("", "host names (comma-separated, * wildcards) the metrics listener answers "
+                                 "besides loopback names and the bind address; '*' = any (DNS-rebinding defence)")
+    insecure_open: bool = setting(False, "serve a non-loopback address without API keys (anyone who reaches it "
+                                  "can read and delete every chat); without it such a bind needs `tokenwire keys "
+                                  "create` first")
     max_message_bytes: int = setting(4 << 20, "largest gRPC message (bytes, or 4M); gRPC refuses bigger ones "
                                      "with RESOURCE_EXHAUSTED", parse=parse_bytes)
     database: str = setting(default_database, "chat database: a path (SQLite) or a URL such as postgresql://...")

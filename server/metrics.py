@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from tokenwire.hosts import HostPolicy
+
 log = logging.getLogger("tokenwire.metrics")
+_HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY")]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 
@@ -84,14 +87,38 @@ class PrometheusMetrics(Metrics):
     def model_loaded(self, model: str, seconds: float) -> None:
         self._load.labels(model).observe(seconds)
 
-    def serve_http(self, host: str, port: int) -> bool:
-        """Serves /metrics on host:port; a port in use is logged, not fatal."""
-        from prometheus_client import start_http_server
+    def serve_http(self, host: str, port: int, policy: HostPolicy | None = None) -> bool:
+        """Serves /metrics on host:port, in a thread; a port in use is logged, not fatal. Requests
+        whose Host or Origin the policy refuses get 403 (DNS rebinding)."""
+        import threading
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        from prometheus_client import make_wsgi_app
+
+        exposition = make_wsgi_app(self.registry)
+        policy = policy or HostPolicy(host)
+
+        def guarded(environ, start_response):
+            why = policy.refusal(environ.get("HTTP_HOST"), environ.get("HTTP_ORIGIN"))
+            if why:
+                start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"), *_HEADERS])
+                return [why.encode()]
+            return exposition(environ, lambda status, headers, *rest: start_response(status, [*headers, *_HEADERS],
+                                                                                     *rest))
+
+        class Server(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+                pass
 
         try:
-            start_http_server(port, addr=host, registry=self.registry)
+            server = make_server(host, port, guarded, server_class=Server, handler_class=QuietHandler)
         except OSError as exc:
             log.warning("metrics endpoint not started on %s:%d: %s", host, port, exc)
             return False
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         log.info("metrics on http://%s:%d/metrics", host, port)
         return True

@@ -73,7 +73,7 @@ def setting(default: Any, help: str, *, flag: str = "", env: str = "", parse: Ca
 
 def _parser_for(default: Any) -> Callable[[str], Any]:
     if isinstance(default, bool):
-        return lambda text: text.strip().lower() in ("1", "true", "yes", "on")
+        return _yes_no
     if isinstance(default, int):
         return int
     if isinstance(default, float):
@@ -81,6 +81,15 @@ def _parser_for(default: Any) -> Callable[[str], Any]:
     if isinstance(default, Path):
         return lambda text: Path(text).expanduser()
     return str
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a yes/no value: {text!r} (use true or false)")
 
 
 def walk(cls: type, prefix: tuple[str, ...] = ()) -> Iterator[Spec]:
@@ -122,10 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         if spec.flag in skip:
             continue
         shown = spec.from_env()
+        # A yes/no setting is a switch (`--flag`), and takes a value too (`--flag false`, as to_argv writes).
+        switch = {"nargs": "?", "const": True} if isinstance(spec.default_value(), bool) else {}
         parser.add_argument(
             spec.flag, *spec.aliases, dest=spec.dest, type=_argparse_type(spec), choices=spec.choices,
             default=argparse.SUPPRESS, metavar=None if spec.choices else spec.flag.lstrip("-").upper().replace("-", "_"),
-            help=f"{spec.help} (env {spec.env}; default {shown if shown != '' else 'none'})",
+            help=f"{spec.help} (env {spec.env}; default {shown if shown != '' else 'none'})", **switch,
         )
 
 

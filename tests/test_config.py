@@ -91,7 +91,7 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
         argv += [spec.flag, settings.format_value(value)]
         settings._set(expected_server, spec.path, value)
     expected_bridge = BridgeSettings()
-    bridge_own = [s for s in BRIDGE_SPECS if s.flag not in ("--server", "--server-metrics-url")]
+    bridge_own = [s for s in BRIDGE_SPECS if s.flag not in cli.UP_SHARED]
     for spec in bridge_own:
         value = other_value(spec)
         argv += [spec.flag, settings.format_value(value)]
@@ -122,4 +122,16 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
     got_bridge = settings.from_namespace(BridgeSettings, subparser("bridge").parse_args(bridge_argv[1:]))
     expected_bridge.grpc_target = expected_server.address
     expected_bridge.server_metrics_url = f"http://{expected_server.host}:{expected_server.metrics_port}/metrics"
+    expected_bridge.allowed_hosts = expected_server.allowed_hosts
     assert got_bridge == expected_bridge
+
+
+def test_a_yes_no_setting_is_a_switch() -> None:
+    def parsed(*argv: str) -> ServerConfig:
+        return settings.from_namespace(ServerConfig, subparser("serve").parse_args(list(argv)))
+
+    assert parsed().insecure_open is False
+    assert parsed("--insecure-open").insecure_open is True
+    assert parsed("--insecure-open", "false").insecure_open is False
+    with pytest.raises(SystemExit):
+        subparser("serve").parse_args(["--insecure-open", "maybe"])

@@ -163,7 +163,8 @@ function renderBlocks(lines, tight = false) {
       flush();
       const head = splitRow(line);
       const aligns = splitRow(lines[i + 1]).map((c) => (c.startsWith(':') && c.endsWith(':') ? 'center' : c.endsWith(':') ? 'right' : ''));
-      const cell = (tag, text, k) => `<${tag}${aligns[k] ? ` style="text-align:${aligns[k]}"` : ''}>${inline(text)}</${tag}>`;
+      // A class, not a style attribute: the page's Content-Security-Policy allows no inline styles.
+      const cell = (tag, text, k) => `<${tag}${aligns[k] ? ` class="align-${aligns[k]}"` : ''}>${inline(text)}</${tag}>`;
       let html = `<div class="table-wrap"><table><thead><tr>${head.map((c, k) => cell('th', c, k)).join('')}</tr></thead><tbody>`;
       i += 2;
       while (i < lines.length && lines[i].includes('|') && !isBlank(lines[i])) {

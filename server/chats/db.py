@@ -156,8 +156,18 @@ def _connect(target: str) -> pw.Database:
         db = connect(url, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S) if url.startswith("sqlite") else connect(url)
         return db
     path = Path(target).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _create_private(path)
     return pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
+
+
+def _create_private(path: Path) -> None:
+    """Chats are private: a new database folder is 0700 and a new database file 0600 (SQLite gives
+    its -wal and -shm files the database file's mode). Existing ones are left as they are."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
 
 
 def open_database(target: str | None = None) -> pw.Database:

@@ -44,6 +44,9 @@ log = logging.getLogger("tokenwire.models")
 # fp32 1.4-1.8x: MLAS prepacks fp32 weights): the estimate used before a model's first load.
 LOAD_OVERHEAD = 1.5
 
+# The longest keep-alive honoured; longer ones (and inf) are clamped to it. Negative: forever.
+MAX_KEEP_ALIVE_S = 365 * 24 * 3600.0
+
 # (stage, message); stages: "waiting", "unloading", "loading", "ready".
 Progress = Callable[[str, str], None]
 
@@ -284,6 +287,7 @@ class ModelManager:
         """Ends a lease. When it was the last, the model expires after `keep_alive_s` seconds
         (None: the server default; 0: at once; negative: never)."""
         keep = self.limits.keep_alive_s if keep_alive_s is None else keep_alive_s
+        keep = min(keep, MAX_KEEP_ALIVE_S)  # a huge keep-alive (1e17, inf) is "a year", not an overflow
         with self._cond:
             model.leases = max(0, model.leases - 1)
             now = time.time()

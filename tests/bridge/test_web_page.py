@@ -54,6 +54,8 @@ def open_page(browser, bridge):
         page = context.new_page()
         page.set_default_timeout(30_000)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        # Whatever the page does must pass its Content-Security-Policy (no inline styles or scripts).
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(bridge.url + "/")
         page.wait_for_selector("body[data-models=ready]")
         return page
@@ -347,3 +349,17 @@ def test_phone_layout_has_no_horizontal_overflow(open_page, tmp_path):
     opened = horizontal_overflow(page)
     assert not opened["offenders"], opened
     shot(page, tmp_path, "phone-settings")
+
+
+def test_table_alignment_survives_the_content_security_policy(open_page):
+    """The bridge forbids inline styles (CSP); aligned Markdown columns still align (by class)."""
+    page = open_page()
+    table = "| left | centre | right |\n|:--|:-:|--:|\n| 1 | 2 | 3 |\n"
+    page.route("**/api/chats/*/messages", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=fake_stream(table)))
+    send(page, "A table, please.")
+    wait_idle(page)
+    reply = last_reply(page).locator(".content")
+    aligns = [cell.evaluate("e => getComputedStyle(e).textAlign") for cell in reply.locator("td").all()]
+    assert aligns == ["left", "center", "right"]
+    assert reply.locator("[style]").count() == 0

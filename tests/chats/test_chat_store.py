@@ -201,3 +201,22 @@ def test_a_schema_1_database_gains_the_cached_prompt_tokens_column(tmp_path) -> 
         assert messages[-1].usage == usage and messages[-1].status == "length"
     finally:
         store.close()
+
+
+def test_a_new_database_and_its_folder_are_private(tmp_path) -> None:
+    """Chats are private: 0700 folder, 0600 database (and its WAL), whatever the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "new-folder" / "chats.db"
+        store = ChatStore(str(path))
+        try:
+            store.create_chat(store.ensure_user("local"), title="secret")
+            modes = {p.name: p.stat().st_mode & 0o777 for p in path.parent.iterdir()}
+            assert path.parent.stat().st_mode & 0o777 == 0o700
+            assert modes["chats.db"] == 0o600 and modes.get("chats.db-wal", 0o600) == 0o600, modes
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
