@@ -12,6 +12,8 @@ import contextvars
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .errors import ApiError
+
 _AUTHORIZATION: contextvars.ContextVar[str] = contextvars.ContextVar("tokenwire_authorization", default="")
 
 
@@ -23,7 +25,12 @@ def grpc_metadata() -> tuple[tuple[str, str], ...]:
 
 @web.middleware
 async def forward_credentials(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = _AUTHORIZATION.set(request.headers.get("Authorization", "").strip())
+    value = request.headers.get("Authorization", "").strip()
+    if value and not (value.isascii() and value.isprintable()):
+        # gRPC metadata is ASCII: such a header can hold no key of ours, and must not reach grpc.
+        raise ApiError(401, "the Authorization header must be printable ASCII (Bearer <key>)",
+                       type="authentication_error", code="invalid_api_key")
+    token = _AUTHORIZATION.set(value)
     try:
         return await handler(request)
     finally:

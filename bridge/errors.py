@@ -104,7 +104,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after(exc) or retry_after_s)
     elif status == 502:
-        message = f"the model server failed: {code.name}: {details}"
+        # UNKNOWN / INTERNAL carry the server's exception text: it stays in the server's log.
+        message = f"the model server failed ({code.name}); its log says why"
     return ApiError(status, message, type=err_type, param=param, code=err_code, headers=headers)
 
 

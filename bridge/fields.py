@@ -19,7 +19,7 @@ SAMPLING = {
     "top_p": {**NUM, "exclusiveMinimum": 0, "maximum": 1},
     "top_k": {**INT, "description": "0 = off."},
     "min_p": {**NUM, "minimum": 0, "exclusiveMaximum": 1},
-    "repetition_penalty": {**NUM, "exclusiveMinimum": 0, "description": "1.0 = off."},
+    "repetition_penalty": {**NUM, "exclusiveMinimum": 0, "maximum": 10, "description": "1.0 = off."},
     "presence_penalty": {**NUM, "minimum": -2, "maximum": 2},
     "frequency_penalty": {**NUM, "minimum": -2, "maximum": 2},
     "seed": {"type": "integer", "description": "Taken modulo 2^64."},

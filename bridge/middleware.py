@@ -41,9 +41,10 @@ async def errors_and_log(request: web.Request, handler: Handler) -> web.StreamRe
     except asyncio.CancelledError:
         status = 499  # the client closed the connection (nginx's code for it)
         raise
-    except Exception as exc:
+    except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        error = ApiError(500, f"internal bridge error: {type(exc).__name__}: {exc}", type="server_error",
+        # The details are in the log; a response never carries exception text.
+        error = ApiError(500, "internal bridge error (see the bridge's log)", type="server_error",
                          code="internal_error")
         return error.response()
     finally:

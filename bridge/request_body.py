@@ -36,6 +36,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise ApiError(400, f"request body is not UTF-8: {exc}", code="invalid_json") from exc
     except ValueError as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {json_type(data)}", code="invalid_json")
     return data

@@ -39,7 +39,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, ModelManager]:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
     chats = chats or open_chat_store(config)
-    if not is_loopback(config.host) and not config.insecure_open and not await chats.call(chats.keys.any_active):
+    if not is_loopback(config.host) and not config.insecure_open and not await chats.call(chats.keys.required):
         raise OSError(f"refusing to serve {config.host} without API keys: anyone who reaches it could read every "
                       "chat. Create a key (`tokenwire keys create NAME`) or pass --insecure-open")
     why = bind_refusal(config.host, split_list(config.allowed_hosts))

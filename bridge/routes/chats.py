@@ -68,12 +68,17 @@ def message_json(m: hpb.Message) -> dict[str, Any]:
     return out
 
 
-async def _history(request: web.Request, call: Callable[..., Awaitable[Any]], message: Any) -> Any:
+async def _history(request: web.Request, call: Callable[..., Awaitable[Any]], message: Any,
+                   params: dict[str, str] | None = None) -> Any:
+    """One History call; `params` renames the server's field names to this endpoint's (its errors'
+    `param` names what the HTTP caller sent)."""
     upstream = request.app[UPSTREAM]
     try:
         return await call(message, timeout=_TIMEOUT_S, metadata=grpc_metadata())
     except grpc.aio.AioRpcError as exc:
-        raise upstream.error(exc) from exc
+        error = upstream.error(exc)
+        error.param = (params or {}).get(error.param or "", error.param)
+        raise error from exc
 
 
 def _stub(request: web.Request):
@@ -83,7 +88,7 @@ def _stub(request: web.Request):
 async def list_chats(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", 1, 500)
     reply = await _history(request, _stub(request).ListChats, hpb.ListChatsRequest(
-        page_size=limit or 0, page_token=request.query.get("cursor", "")))
+        page_size=limit or 0, page_token=request.query.get("cursor", "")), {"page_token": "cursor"})
     return web.json_response({"chats": [chat_json(c) for c in reply.chats],
                               "next_cursor": reply.next_page_token or None})
 
@@ -124,7 +129,7 @@ async def search_chats(request: web.Request) -> web.Response:
     if not query.strip():
         raise invalid_param("q", "q (the words to look for) is required")
     reply = await _history(request, _stub(request).SearchChats, hpb.SearchChatsRequest(
-        query=query, limit=_query_int(request, "limit", 1, 100) or 0))
+        query=query, limit=_query_int(request, "limit", 1, 100) or 0), {"query": "q"})
     return web.json_response({"results": [
         {"chat": chat_json(r.chat), "snippets": [
             {"message_id": s.message_id, "role": s.role,

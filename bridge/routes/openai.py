@@ -8,6 +8,7 @@ Waiting (queued, model loading) shows in a stream only as SSE comments, which cl
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,10 @@ def _failure(finished: pb.Finished) -> ApiError | None:
         return ApiError(503, "the model server cancelled the generation", type="server_error", code="cancelled")
     return ApiError(500, f"generation failed: {finished.error_message or reason}", type="server_error",
                     code="generation_error")
+
+
+def _strict_json(data: Any) -> str:
+    return json.dumps(data, allow_nan=False)  # NaN and Infinity are not JSON: fail loudly, never send them
 
 
 def _usage(u: pb.Usage) -> dict[str, Any]:
@@ -227,7 +232,7 @@ async def _complete(request: web.Request, shape: Shape, parse: Parser) -> web.St
         "choices": [shape.choice(_OPENAI_FINISH[finish_reason_name(finished.reason)], opts.logprobs)],
         "usage": _usage(finished.usage),
     }
-    return web.json_response(body, headers=headers)
+    return web.json_response(body, headers=headers, dumps=_strict_json)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

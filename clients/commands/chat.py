@@ -251,6 +251,16 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_disable(args: argparse.Namespace) -> int:
+    store, keys = _key_ring(args)
+    try:
+        forgotten = keys.disable()
+    finally:
+        store.close()
+    print(f"API keys are off ({forgotten} forgotten): the server serves every call as the local user")
+    return 0
+
+
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     store, keys = _key_ring(args)
     try:
@@ -261,7 +271,18 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
         return _fail(f"no active key {args.which!r} (give a key id, its shown prefix, or a user name)")
     for k in revoked:
         print(f"revoked key {k.id} ({k.prefix}…) of {k.user}")
+    if not any(k.revoked_ms is None for k in _keys_now(args)):
+        print("no active key is left: the server refuses every call until a key is created "
+              "(`tokenwire keys create NAME`) or keys are turned off (`tokenwire keys disable`)", file=sys.stderr)
     return 0
+
+
+def _keys_now(args: argparse.Namespace):
+    store, keys = _key_ring(args)
+    try:
+        return keys.list()
+    finally:
+        store.close()
 
 
 # ---- parser ------------------------------------------------------------------------------------
@@ -323,7 +344,9 @@ def add_chat_commands(sub) -> None:
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     for name, func, helptext in (("create", cmd_keys_create, "print a new key for user NAME (created if new)"),
                                  ("list", cmd_keys_list, "every key, by id, user and shown prefix"),
-                                 ("revoke", cmd_keys_revoke, "revoke a key (id or prefix) or all of a user's")):
+                                 ("revoke", cmd_keys_revoke, "revoke a key (id or prefix) or all of a user's"),
+                                 ("disable", cmd_keys_disable, "turn keys off: forget every key; every call is the "
+                                                               "local user's again")):
         p = ksub.add_parser(name, help=helptext)
         if name == "create":
             p.add_argument("name", metavar="NAME", help="the user the key belongs to")

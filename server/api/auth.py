@@ -49,7 +49,7 @@ class Authenticator:
     async def keys_required(self) -> bool:
         value, expires = self._keys_required
         if time.monotonic() >= expires:
-            value = await self.worker.call(self.worker.keys.any_active)
+            value = await self.worker.call(self.worker.keys.required)
             self._keys_required = (value, time.monotonic() + CACHE_TTL_S)
         return value
 

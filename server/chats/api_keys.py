@@ -77,6 +77,17 @@ class KeyRing:
     def any_active(self) -> bool:
         return ApiKey.select().where(ApiKey.revoked_ms.is_null()).exists()
 
+    def required(self) -> bool:
+        """Whether calls need a key: once a key was created, until `disable` (revoking the last key
+        leaves the server locked, never silently open)."""
+        return ApiKey.select().exists()
+
+    def disable(self) -> int:
+        """Turns keys off (every call is the local user's again): forgets every key, revoked ones
+        too. Returns how many there were."""
+        with write_transaction(self.db):
+            return ApiKey.delete().execute()
+
     def owner_of(self, key: str) -> KeyOwner | None:
         """The user a presented key belongs to; None for unknown or revoked keys."""
         digest = hash_key(key)

@@ -123,8 +123,10 @@ def encode_cursor(updated_ms: int, row_id: int) -> str:
 def decode_cursor(token: str) -> tuple[int, int]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        updated, row = raw.split(":")
-        return int(updated), int(row)
+        updated, row = (int(part) for part in raw.split(":"))
+        if not (0 <= updated < 1 << 63 and 0 <= row < 1 << 63):  # SQLite's INTEGER; bigger ones overflowed
+            raise ValueError("out of range")
+        return updated, row
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ChatRequestError("page_token is not one this server gave out", "page_token") from None
 

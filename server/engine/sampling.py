@@ -36,12 +36,17 @@ class SamplingConfig:
             raise SamplingError("top_k", f"top_k must be >= 0, got {self.top_k}")
         if not (0.0 <= self.min_p < 1.0):
             raise SamplingError("min_p", f"min_p must be in [0, 1), got {self.min_p}")
-        if not (self.repetition_penalty > 0) or not np.isfinite(self.repetition_penalty):
-            raise SamplingError("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            # Beyond the bound every seen token's logit is 0 or -inf: nothing left to sample (NaN).
+            raise SamplingError("repetition_penalty", f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], "
+                                                      f"got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (-2.0 <= value <= 2.0):
                 raise SamplingError(name, f"{name} must be in [-2, 2], got {value}")
+
+
+MAX_REPETITION_PENALTY = 10.0
 
 
 class SamplingError(ValueError):

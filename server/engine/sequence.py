@@ -10,6 +10,7 @@ step) and is the reference the scheduler is tested against. None of this knows g
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -103,7 +104,8 @@ class Sequence:
         if self.count == 1:
             self.first_at = self.last_at
         text = self._stream.push(token)
-        lp = logprob if req.include_logprobs else None
+        # A logprob that is not a number (-inf for a token of probability 0) is sent as none.
+        lp = logprob if req.include_logprobs and math.isfinite(logprob) else None
         if self._stream.matched_stop is not None:
             events: list[Event] = [TokenEvent(text, token, self.count - 1, lp)] if text else []
             self.pieces.append(text)

@@ -155,6 +155,8 @@ def test_keys_are_stored_hashed_and_revocable(store, tmp_path) -> None:
     assert key not in stored and len(stored[0]) == 64
     assert [k.id for k in keys.revoke(info.prefix)] == [info.id]
     assert keys.owner_of(key) is None and not keys.any_active()
+    assert keys.required(), "revoking the last key must not turn authentication off"
+    assert keys.disable() == 1 and not keys.required() and keys.list() == []
     with pytest.raises(ValueError):
         keys.create("two words")
 
