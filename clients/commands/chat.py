@@ -199,7 +199,7 @@ def cmd_history_export(args: argparse.Namespace) -> int:
         if args.output:
             out = Path(args.output)
             if out.is_dir():
-                out = out / reply.filename
+                out = out / safe_filename(reply.filename, args.chat_id, fmt == hpb.EXPORT_FORMAT_MARKDOWN)
             out.write_text(reply.content)
             print(f"wrote {out}", file=sys.stderr)
         else:
@@ -207,6 +207,16 @@ def cmd_history_export(args: argparse.Namespace) -> int:
         return 0
 
     return _rpc(args, run)
+
+
+def safe_filename(suggested: str, chat_id: str, markdown: bool) -> str:
+    """The server's suggested file name, kept only as a plain name inside the folder (a server
+    must not be able to write "../../.bashrc"); else one made from the chat id."""
+    name = Path(suggested.replace("\\", "/")).name
+    if name in ("", ".", "..") or name.startswith(".") or any(ord(c) < 32 for c in name) or len(name) > 200:
+        safe_id = "".join(c for c in chat_id if c.isalnum())[:32] or "chat"
+        name = f"chat-{safe_id}.{'md' if markdown else 'json'}"
+    return name
 
 
 # ---- keys --------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def build_chat_request(
 
     def count(messages: Messages) -> int:
         try:
-            return len(tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=True)))
+            return len(tokenizer.encode_chat(messages, add_generation_prompt=True))
         except ChatTemplateError:
             return 0  # build_request reports the template's complaint
 

@@ -94,13 +94,12 @@ def build_request(
     """Renders and tokenizes the prompt and fits the request into the model's context window."""
     if params.messages:
         try:
-            text = model.tokenizer.render_chat(list(params.messages), add_generation_prompt=True)
+            ids = model.tokenizer.encode_chat(list(params.messages), add_generation_prompt=True)
         except ChatTemplateError as exc:
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages",
                                  "CHAT_TEMPLATE_REFUSED") from exc
     else:
-        text = params.prompt
-    ids = model.tokenizer.encode(text)
+        ids = model.tokenizer.encode(params.prompt)
     window = model.context_length
     prompt_field = "messages" if params.messages else "prompt"
     if not ids:

@@ -29,6 +29,13 @@ def _token_text(value: Any) -> str:
 class TokenizerBundle:
     def __init__(self, folder: Path) -> None:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # The same tokenizer reading special tokens' text as plain text (for message contents); a
+        # second instance, as the setting is the tokenizer's own and requests encode concurrently.
+        self._plain = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._plain.encode_special_tokens = True
+        added = self.tokenizer.get_added_tokens_decoder()
+        self._special_ids = {i for i, t in added.items() if t.special}
+        self._special_texts = [t.content for t in added.values() if t.special]
         config = _read_json(folder / "config.json")
         gen_config = _read_json(folder / "generation_config.json")
         tok_config = _read_json(folder / "tokenizer_config.json")
@@ -84,6 +91,53 @@ class TokenizerBundle:
         # Chat-templated text already carries its special tokens; the post-processor's BOS
         # (for SmolLM2 a stray <|im_start|>) would only be noise, so never add it.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids of a chat, where only the template makes control tokens: a message that
+        contains "<|im_start|>system" (or any special token's text) gets that text as plain text,
+        so a user cannot forge a turn. Ordinary chats tokenize exactly as the whole rendered text."""
+        text = self.render_chat(messages, add_generation_prompt)
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        spans = self._content_spans(messages, add_generation_prompt, text)
+        if spans is None:  # a content holds a control token's text, and the template changed it
+            raise ChatTemplateError("a message contains the text of one of the model's control tokens")
+        forged = [start for (start, end), token in zip(encoding.offsets, encoding.ids, strict=True)
+                  if token in self._special_ids and any(a <= start and end <= b for a, b in spans)]
+        if not forged:
+            return encoding.ids
+        ids: list[int] = []
+        at = 0
+        for a, b in spans:  # template text parses its control tokens, message text does not
+            ids += self.tokenizer.encode(text[at:a], add_special_tokens=False).ids if a > at else []
+            ids += self._plain.encode(text[a:b], add_special_tokens=False).ids if b > a else []
+            at = b
+        ids += self.tokenizer.encode(text[at:], add_special_tokens=False).ids if at < len(text) else []
+        return ids
+
+    def _content_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                       text: str) -> list[tuple[int, int]] | None:
+        """Where each message's content stands in `text` (the chat rendered), found by rendering it
+        again with markers in place of the contents; None when the template does not insert them
+        verbatim. Empty when no content could hold a control token's text."""
+        if not any(special in m.get("content", "") for m in messages for special in self._special_texts):
+            return []
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        template = self.render_chat(marked, add_generation_prompt)
+        spans, out, at = [], 0, 0
+        for i, m in enumerate(messages):
+            marker = f"\ue000{i}\ue001"
+            where = template.find(marker, at)
+            if where < 0:
+                return None
+            start = out + (where - at)
+            spans.append((start, start + len(m.get("content", ""))))
+            out = start + len(m.get("content", ""))
+            at = where + len(marker)
+        if out + (len(template) - at) != len(text):
+            return None
+        if any(text[a:b] != m.get("content", "") for (a, b), m in zip(spans, messages, strict=True)):
+            return None
+        return spans
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
