@@ -68,8 +68,9 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingConfig:
     )
 
 
-def params_from_proto(request: pb.GenerateRequest, user: str) -> GenerateParams:
-    """The Generate call as the engine takes it; `user` is who it is for (fair turns)."""
+def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str = "") -> GenerateParams:
+    """The Generate call as the engine takes it; `user` is who it is for (fair turns), `cache_scope`
+    whose prefix-cache entries it may share (the API key's user; "" without keys)."""
     return GenerateParams(
         model=request.model,
         prompt=request.prompt,
@@ -80,6 +81,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str) -> GenerateParams:
         include_logprobs=request.include_logprobs,
         ignore_eos=request.ignore_eos,
         user=user,
+        cache_scope=cache_scope,
     )
 
 

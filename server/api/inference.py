@@ -54,7 +54,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         # Who it is for, for fair turns: the key's user, else the request's `user` ("" is one
         # shared anonymous user).
         user = identity.name if identity is not None and identity.by_key else request.user
-        params = convert.params_from_proto(request, user)
+        by_key = identity is not None and identity.by_key
+        params = convert.params_from_proto(request, user, cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
             keep_alive = convert.keep_alive_of(request)
             if request.chat_id and self.chats is not None and identity is not None:

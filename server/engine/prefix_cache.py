@@ -2,6 +2,11 @@
 
 A new request whose prompt starts with a cached sequence's tokens reuses that KV and
 prefills only the rest, so a chat's next turn does not recompute its history.
+
+Entries belong to a scope (the caller's identity when the server has API keys, "" when it has
+none): a lookup sees only its own scope's entries. Otherwise one user's time to first token, or
+the reuse counters, would tell whether another user's prompt started the same way (a stored PIN
+was recovered digit by digit so; vLLM's cache_salt answers the same attack).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.min_match = min_match
         self.seq_axis = seq_axis
-        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], KVCache] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = PrefixCacheStats()
 
@@ -38,15 +43,18 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.budget_bytes > 0
 
-    def lookup(self, prompt: list[int]) -> tuple[int, KVCache | None]:
-        """The longest cached prefix of `prompt` (leaving >= 1 token to prefill): (length, its KV)."""
+    def lookup(self, prompt: list[int], scope: str = "") -> tuple[int, KVCache | None]:
+        """The longest prefix of `prompt` cached in `scope` (leaving >= 1 token to prefill):
+        (length, its KV)."""
         if not self.enabled:
             return 0, None
         best_key, best = None, 0
         limit = len(prompt) - 1
         with self._lock:
             for key in self._entries:
-                n = _common_prefix(key, prompt, limit)
+                if key[0] != scope:
+                    continue
+                n = _common_prefix(key[1], prompt, limit)
                 if n > best:
                     best_key, best = key, n
             if best_key is None or best < self.min_match:
@@ -58,16 +66,17 @@ class PrefixCache:
             self.stats.reused_tokens += best
         return best, [np.ascontiguousarray(np.take(t, np.arange(best), axis=self.seq_axis)) for t in kv]
 
-    def store(self, tokens: list[int], kv: KVCache) -> None:
+    def store(self, tokens: list[int], kv: KVCache, scope: str = "") -> None:
         if not self.enabled or len(tokens) < self.min_match:
             return
         size = sum(t.nbytes for t in kv)
         if size > self.budget_bytes:
             return
-        key = tuple(tokens)
+        key = (scope, tuple(tokens))
         with self._lock:
-            # A stored sequence that is a prefix of this one is now redundant.
-            for other in [k for k in self._entries if len(k) <= len(key) and key[: len(k)] == k]:
+            # A sequence of the same scope that is a prefix of this one is now redundant.
+            for other in [k for k in self._entries
+                          if k[0] == scope and len(k[1]) <= len(key[1]) and key[1][: len(k[1])] == k[1]]:
                 self._drop(other)
             self._entries[key] = kv
             self.stats.bytes += size
@@ -76,7 +85,7 @@ class PrefixCache:
                 self.stats.evictions += 1
             self.stats.entries = len(self._entries)
 
-    def _drop(self, key: tuple[int, ...]) -> None:
+    def _drop(self, key: tuple[str, tuple[int, ...]]) -> None:
         kv = self._entries.pop(key)
         self.stats.bytes -= sum(t.nbytes for t in kv)
         self.stats.entries = len(self._entries)

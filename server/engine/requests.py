@@ -54,6 +54,7 @@ class GenerateParams:
     include_logprobs: bool = False
     ignore_eos: bool = False
     user: str = ""  # who is asking, for fair turns ("" is one shared anonymous user)
+    cache_scope: str = ""  # whose prefix-cache entries it may reuse (the key's user; "" without keys)
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
@@ -122,5 +123,6 @@ def build_request(
         include_logprobs=params.include_logprobs,
         ignore_eos=params.ignore_eos,
         user=params.user,
+        cache_scope=params.cache_scope,
         received_at=received_at,
     )

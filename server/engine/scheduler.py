@@ -339,7 +339,7 @@ class Scheduler:
         seq = handle.sequence
         prompt = seq.request.prompt_ids
         if handle.prefill is None:
-            reused, cached = self.prefix_cache.lookup(prompt)
+            reused, cached = self.prefix_cache.lookup(prompt, seq.request.cache_scope)
             if self.prefix_cache.enabled:
                 self.metrics.prefix_cache(self.name, cached is not None, reused)
             handle.prefill = self.engine.new_prefill(cached, reused)
@@ -390,7 +390,8 @@ class Scheduler:
             if token is None:
                 length = self.engine.lengths[row]
                 if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
-                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row))
+                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row),
+                                       seq.request.cache_scope)
                 self._finish(handle, events)
                 leaving.append(row)
             else:
@@ -403,8 +404,8 @@ class Scheduler:
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
         self.metrics.batch_size(self.name, len(self._rows))
 
-    def _store_prefix(self, tokens: list[int], kv: KVCache) -> None:
-        self.prefix_cache.store(tokens, kv)
+    def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str) -> None:
+        self.prefix_cache.store(tokens, kv, scope)
         st = self.prefix_cache.stats
         self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
 

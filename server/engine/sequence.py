@@ -34,6 +34,9 @@ class GenerationRequest:
     include_logprobs: bool = False
     ignore_eos: bool = False
     user: str = ""
+    # Whose prefix-cache entries this request may reuse and makes (prefix_cache.py): the caller's
+    # identity when the server has API keys, "" (everyone's) when it has none.
+    cache_scope: str = ""
     received_at: float = field(default_factory=time.perf_counter)
 
 
