@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -242,36 +243,61 @@ def cmd_up(args: argparse.Namespace) -> int:
         config = _server_config(args)
     except ValueError as exc:
         return _fail(str(exc))
-    server = subprocess.Popen(exe + ["serve", *settings.to_argv(config)])  # the whole config, by construction
+    # Children in sessions of their own: a Ctrl-C reaches `up` alone, which forwards one SIGTERM per
+    # signal (the first drains the server, a second stops it at once).
+    server = subprocess.Popen(exe + ["serve", *settings.to_argv(config)],  # the whole config, by construction
+                              start_new_session=True)
     target = config.address
     if not _wait_for_server(target, 60):
-        server.terminate()
+        _stop_child(server, 10)
         return _fail(f"the server did not start on {target}")
     metrics_url = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
     bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url,
                                        allowed_hosts=config.allowed_hosts)
-    bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)])
+    bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)], start_new_session=True)
     url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
     server_flag = "" if target == "127.0.0.1:50051" else f" --server {target}"
     print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
           f"    gRPC                   {target}\n    try: {exe_name} generate{server_flag} --chat 'Hello!'\n"
-          f"    Ctrl-C stops both.\n", flush=True)
+          f"    Ctrl-C stops both (replies being written get {config.drain_s:.0f}s to finish; a second Ctrl-C "
+          "stops at once).\n", flush=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        received.append(signum)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while server.poll() is None and bridge.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        while server.poll() is None and bridge.poll() is None and not received:
+            time.sleep(0.2)
+        if server.poll() is None and not received:  # the bridge died: stop the server too
+            server.send_signal(signal.SIGTERM)
+        # The server drains (bounded by --drain), then the bridge, whose streams have ended by then.
+        deadline = time.monotonic() + config.drain_s + 15
+        while server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _stop_child(server, 0)
+        _stop_child(bridge, 10)
     finally:
-        for proc in (bridge, server):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in (bridge, server):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+def _stop_child(proc, wait_s: float) -> None:
+    """SIGTERM (if still running) and up to `wait_s` to exit, then SIGKILL."""
+    import subprocess
+
+    if proc.poll() is None and wait_s:
+        proc.terminate()
+    try:
+        proc.wait(wait_s or 0.1)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _wait_for_server(target: str, timeout_s: float) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,9 +35,17 @@ def open_chat_store(config: ServerConfig) -> ChatWorker:
     return chats
 
 
-async def start_server(
-    config: ServerConfig, chats: ChatWorker | None = None
-) -> tuple[grpc.aio.Server, ModelManager]:
+@dataclass
+class Running:
+    """A started server and the parts its shutdown needs."""
+
+    server: grpc.aio.Server
+    models: ModelManager
+    health: health.aio.HealthServicer
+    inference: InferenceService
+
+
+async def start_server(config: ServerConfig, chats: ChatWorker | None = None) -> Running:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
     chats = chats or open_chat_store(config)
     if not is_loopback(config.host) and not config.insecure_open and not await chats.call(chats.keys.required):
@@ -61,7 +70,8 @@ async def start_server(
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(config, manager, chats, auth), server)
+    inference = InferenceService(config, manager, chats, auth)
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(chats, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -79,24 +89,51 @@ async def start_server(
     await server.start()
     for name in ("", *service_names[:2]):  # the server, Inference, History
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, manager
+    return Running(server, manager, health_servicer, inference)
 
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
     chats = open_chat_store(config)
-    server, manager = await start_server(config, chats)
+    running = await start_server(config, chats)
     log.info("tokenwire server listening on %s (models: %s)", config.address, config.models_dir)
     if on_ready is not None:
         on_ready(config)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first signal drains, a second one stops at once
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):
             pass
-    waiter = asyncio.ensure_future(server.wait_for_termination())
+    waiter = asyncio.ensure_future(running.server.wait_for_termination())
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-    await server.stop(grace=2)
-    manager.close()
+    await drain(running, config.drain_s, hurry)
+    running.models.close()
     chats.close()  # after the last replies are stored
+
+
+async def drain(running: Running, grace_s: float, hurry: asyncio.Event) -> None:
+    """Stops taking calls (health says NOT_SERVING, so a router sends no more), lets the running
+    ones finish within `grace_s`, then cancels the rest: their replies are stored as far as they
+    went. `hurry` (a second signal) cancels at once."""
+    log.info("draining: no new calls; running ones have %.0fs to finish (a second signal stops at once)", grace_s)
+    await running.health.enter_graceful_shutdown()
+    running.inference.stopping = True  # new generations: UNAVAILABLE (SERVER_DRAINING), with Retry-After
+    drained = asyncio.ensure_future(running.inference.drained())
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait([drained, hurried], timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+    if not drained.done():
+        log.info("cancelling the %d calls still running (their replies keep their text)",
+                 running.inference.generating)
+    drained.cancel()
+    hurried.cancel()
+    await running.server.stop(grace=None)  # cancels what is left; short calls in flight end with it
+    try:  # the cancelled handlers run on this loop: let them cancel their sequences and store replies
+        await asyncio.wait_for(running.inference.drained(), timeout=10)
+    except TimeoutError:
+        log.warning("%d calls did not end after their cancel", running.inference.generating)
+    log.info("drained")

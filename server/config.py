@@ -14,7 +14,7 @@ from tokenwire.server.chats.db import default_database
 from tokenwire.server.engine.scheduler import SchedulerConfig
 from tokenwire.server.models.manager import ModelLimits
 from tokenwire.server.models.store import default_store_path
-from tokenwire.server.settings import parse_bytes, setting
+from tokenwire.server.settings import parse_bytes, parse_duration, setting
 
 
 @dataclass
@@ -39,6 +39,9 @@ class ServerConfig:
                                   "create` first")
     max_message_bytes: int = setting(4 << 20, "largest gRPC message (bytes, or 4M); gRPC refuses bigger ones "
                                      "with RESOURCE_EXHAUSTED", parse=parse_bytes)
+    drain_s: float = setting(30.0, "shutdown grace: on SIGTERM/Ctrl-C running replies may finish this long "
+                             "(seconds, or 30s, 1m) before the rest are cancelled, keeping their text; a second "
+                             "signal stops at once", flag="--drain", env="DRAIN", parse=parse_duration)
     database: str = setting(default_database, "chat database: a path (SQLite) or a URL such as postgresql://...")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: ModelLimits = field(default_factory=ModelLimits)

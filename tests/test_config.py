@@ -100,8 +100,9 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
     started: list[list[str]] = []
 
     class Child:
-        def __init__(self, args: list[str]) -> None:
+        def __init__(self, args: list[str], **options) -> None:
             started.append(args)
+            assert options.get("start_new_session"), "children get sessions of their own (up forwards signals)"
 
         def poll(self) -> int:
             return 0

@@ -58,9 +58,9 @@ class ChatTurn:
             error_message=event.error_message, usage=event.usage, dropped_messages=self.dropped_messages,
         ))
 
-    def note_cancel(self, context: grpc.aio.ServicerContext) -> None:
-        """Before the call ends early: records who ended it."""
-        self.cancelled_as = ended_by(context)
+    def note_cancel(self, context: grpc.aio.ServicerContext, server_stopping: bool = False) -> None:
+        """Before the call ends early: records who ended it (the server, when it is stopping)."""
+        self.cancelled_as = ReplyStatus.CANCELLED if server_stopping else ended_by(context)
 
     def fail(self, exc: BaseException | None) -> None:
         """Stores the reply as failed before generation started (the model did not load, the

@@ -33,6 +33,15 @@ class Unauthenticated(Exception):
     """The call needs a valid API key and has none (or a revoked one)."""
 
 
+class ServerDraining(Exception):
+    """The server is shutting down: it finishes the replies it is writing and takes no new ones."""
+
+    retry_after_s = 1
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another replica or once it is back")
+
+
 @dataclass(frozen=True)
 class Refusal:
     code: grpc.StatusCode
@@ -53,6 +62,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (DeviceUnavailable, Refusal(grpc.StatusCode.UNAVAILABLE, "DEVICE_UNAVAILABLE")),
     (SchedulerUnavailable, Refusal(grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE", "model")),
     (Unauthenticated, Refusal(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
+    (ServerDraining, Refusal(grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING")),
 )
 DOMAIN_ERRORS: tuple[type[BaseException], ...] = tuple(kind for kind, _ in TABLE)
 

@@ -30,7 +30,7 @@ from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 from . import convert
 from .auth import Authenticator
 from .chat_turns import begin_turn
-from .errors import DOMAIN_ERRORS, abort_for
+from .errors import DOMAIN_ERRORS, ServerDraining, abort_for
 
 log = logging.getLogger("tokenwire.server")
 
@@ -42,10 +42,33 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.models = models
         self.chats = chats  # the chat store, for requests with chat_id
         self.auth = auth  # who is calling (None: nobody is told apart)
+        self.stopping = False  # set by the drain: no new generations; calls cancelled now were ended by the server
+        self.generating = 0  # Generate calls in progress
+        self._idle: asyncio.Event | None = None
+
+    async def drained(self) -> None:
+        """Returns once no Generate call is in progress."""
+        self._idle = self._idle or asyncio.Event()
+        if self.generating == 0:
+            return
+        self._idle.clear()
+        await self._idle.wait()
 
     # ---- Generate ----------------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        if self.stopping:
+            await abort_for(context, ServerDraining())
+        self.generating += 1
+        try:
+            async for response in self._generate(request, context):
+                yield response
+        finally:
+            self.generating -= 1
+            if self.generating == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex[:12]
         loop = asyncio.get_running_loop()
@@ -95,20 +118,20 @@ class InferenceService(pb_grpc.InferenceServicer):
             if model is not None and not streaming:
                 self.models.release(model, keep_alive)
             if turn is not None and not streaming:
-                turn.note_cancel(context)
+                turn.note_cancel(context, self.stopping)
                 turn.fail(sys.exc_info()[1])  # the user's message stays; the reply says why it is empty
 
         try:
-            await context.write(convert.started_to_proto(entry.id, request_id))
+            yield convert.started_to_proto(entry.id, request_id)
             if turn is not None:
-                await context.write(turn.event())
+                yield turn.event()
             async for event in handle.events():
                 if isinstance(event, FinishedEvent) and turn is not None:
                     await turn.wait_committed()  # the reply is in the chat before the stream ends
-                await context.write(convert.event_to_proto(event, entry.id))
+                yield convert.event_to_proto(event, entry.id)
         finally:
             if turn is not None and not handle.sequence.done:
-                turn.note_cancel(context)  # before the cancel: the reply's status says who ended it
+                turn.note_cancel(context, self.stopping)  # before the cancel: the reply says who ended it
             handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 
