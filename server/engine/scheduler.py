@@ -27,7 +27,7 @@ from tokenwire.server.settings import parse_bytes, setting
 
 from .batch_engine import BatchEngine, KVCache, PrefillState
 from .prefix_cache import PrefixCache
-from .sequence import Event, FinishedEvent, FinishReason, QueuedEvent, Sequence
+from .sequence import Event, FinishedEvent, FinishReason, QueuedEvent, RefusedEvent, Sequence
 
 log = logging.getLogger("tokenwire.scheduler")
 
@@ -37,10 +37,9 @@ class SchedulerUnavailable(RuntimeError):
 
 
 class QueueFull(RuntimeError):
-    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
-        super().__init__(
-            f"the server is busy: {queue_size} requests are already waiting for this model; retry shortly"
-        )
+    def __init__(self, queue_size: int, retry_after_s: int = 1, message: str = "") -> None:
+        super().__init__(message or
+                         f"the server is busy: {queue_size} requests are already waiting for this model; retry shortly")
         self.retry_after_s = retry_after_s
 
 
@@ -53,6 +52,8 @@ class SchedulerConfig:
                                  "running streams keep flowing)")
     max_streams_per_user: int = setting(0, "concurrent streams per user, 0 = no limit; extra requests wait "
                                         "their turn")
+    max_queued_per_user: int = setting(0, "requests one user may have waiting, 0 = no fixed limit (a full queue "
+                                       "still refuses the user who holds most of it, not a newcomer)")
     prefix_cache_bytes: int = setting(512 << 20, "memory for the KV state of finished turns (prefix reuse), "
                                       "bytes or 512M; 0 = off", parse=parse_bytes)
 
@@ -87,12 +88,17 @@ class SequenceHandle:
     def cancel(self) -> None:
         self.sequence.cancelled.set()
 
+    def refuse(self, error: Exception) -> None:
+        """Ends a request that never started with `error` (its stream's last event)."""
+        self.sequence.cancelled.set()
+        self.emit([RefusedEvent(error)])
+
     async def events(self):
-        """Yields QueuedEvents, TokenEvents and finally the FinishedEvent."""
+        """Yields QueuedEvents, TokenEvents and finally the FinishedEvent (or a RefusedEvent)."""
         while True:
             event = await self._queue.get()
             yield event
-            if isinstance(event, FinishedEvent):
+            if isinstance(event, FinishedEvent | RefusedEvent):
                 return
 
 
@@ -139,14 +145,36 @@ class Scheduler:
                 raise SchedulerUnavailable(f"model {self.name} stopped after an internal error: {self._dead}")
             if self._stop:
                 raise SchedulerUnavailable(f"model {self.name} is unloading; retry")
+            mine = len(self._waiting.get(handle.user, ()))
+            limit = self.config.max_queued_per_user
+            if limit and mine >= limit:
+                raise QueueFull(self.config.queue_size, message=f"you already have {mine} requests waiting for model "
+                                f"{self.name} (at most {limit} per user); retry when one has started")
             # The next step admits up to `free` waiting requests; the rest count against the queue.
             free = max(0, self.config.max_batch - self.running)
             if self._n_waiting >= self.config.queue_size + free:
-                raise QueueFull(self.config.queue_size)
+                self._make_room(handle.user, mine)
             self._waiting.setdefault(handle.user, deque()).append(handle)
             self._n_waiting += 1
             self.metrics.queue_length(self.name, self._n_waiting)
             self._cond.notify()
+
+    def _make_room(self, user: str, mine: int) -> None:
+        """A full queue: the user who holds most of it gives up their newest waiting request for a
+        user with fewer; when that is the newcomer themself (or no one holds more), the newcomer is
+        refused. So one user's flood cannot keep everyone else out."""
+        heaviest = max(self._waiting, key=lambda u: len(self._waiting[u]), default=None)
+        if heaviest is None or heaviest == user or len(self._waiting[heaviest]) <= mine + 1:
+            raise QueueFull(self.config.queue_size)
+        queue = self._waiting[heaviest]
+        victim = queue.pop()
+        if not queue:
+            del self._waiting[heaviest]
+        self._n_waiting -= 1
+        victim.refuse(QueueFull(self.config.queue_size, message=(
+            f"the server is busy: the queue of model {self.name} is full and this user holds the most of it "
+            f"({len(queue) + 1} requests); retry shortly")))
+        self._notify_positions()
 
     @property
     def waiting(self) -> int:

@@ -62,6 +62,14 @@ class QueuedEvent:
     position: int
 
 
+@dataclass
+class RefusedEvent:
+    """A waiting request refused after all (another user needed its place in a full queue): the
+    stream ends with this error instead of a FinishedEvent."""
+
+    error: Exception
+
+
 Event = TokenEvent | FinishedEvent
 
 
