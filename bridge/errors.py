@@ -48,6 +48,9 @@ _REASON_CODES = {
     "MODEL_LOAD_FAILED": "model_unavailable",
     "MODEL_TOO_LARGE": "model_unavailable",
     "API_KEY_INVALID": "invalid_api_key",
+    "ADMIN_KEY_REQUIRED": "admin_key_required",
+    "SERVER_DRAINING": "server_draining",
+    "PROMPT_TOO_LARGE": "request_too_large",
 }
 _DETAILS_KEY = "grpc-status-details-bin"
 

@@ -232,14 +232,15 @@ def _key_ring(args: argparse.Namespace):
 def cmd_keys_create(args: argparse.Namespace) -> int:
     store, keys = _key_ring(args)
     try:
-        key, info = keys.create(args.name)
+        key, info = keys.create(args.name, admin=args.admin)
     except ValueError as exc:
         return _fail(str(exc), 2)
     finally:
         where = store.describe()
         store.close()
     print(key)
-    print(f"(key {info.id} of user {info.user}, shown this once and stored hashed in {where}. The server now "
+    role = "an admin key (may also load and unload models)" if info.admin else "a user key"
+    print(f"({role}: key {info.id} of user {info.user}, shown this once and stored hashed in {where}. The server now "
           "asks every call for a key: `authorization: Bearer <key>`; the CLI reads --api-key or TOKENWIRE_API_KEY.)",
           file=sys.stderr)
     return 0
@@ -256,7 +257,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':>4}  {'USER':<20}  {'KEY':<12}  {'CREATED':<16}  STATE")
     for k in rows:
-        state = f"revoked {_when(k.revoked_ms)}" if k.revoked_ms else "active"
+        state = f"revoked {_when(k.revoked_ms)}" if k.revoked_ms else "active" + (", admin" if k.admin else "")
         print(f"{k.id:>4}  {k.user:<20}  {k.prefix + '…':<12}  {_when(k.created_ms):<16}  {state}")
     return 0
 
@@ -360,6 +361,8 @@ def add_chat_commands(sub) -> None:
         p = ksub.add_parser(name, help=helptext)
         if name == "create":
             p.add_argument("name", metavar="NAME", help="the user the key belongs to")
+            p.add_argument("--admin", action="store_true",
+                           help="an admin key: may also load and unload models and keep one loaded")
         elif name == "revoke":
             p.add_argument("which", metavar="ID|PREFIX|USER")
         p.add_argument("--database", default=None,

@@ -28,6 +28,12 @@ class Identity:
     user_id: int
     name: str
     by_key: bool  # False: the server has no keys and everyone is the local user
+    admin: bool = True  # may manage models; without keys the local user may
+
+    @property
+    def restricted(self) -> bool:
+        """A key holder without the admin role."""
+        return self.by_key and not self.admin
 
 
 def bearer_token(metadata) -> str | None:
@@ -68,7 +74,7 @@ class Authenticator:
         identity, expires = self._owners.get(digest, (None, 0.0))
         if time.monotonic() >= expires:
             owner = await self.worker.call(self.worker.keys.owner_of, token) if token else None
-            identity = Identity(owner.user_id, owner.user, by_key=True) if owner else None
+            identity = Identity(owner.user_id, owner.user, by_key=True, admin=owner.admin) if owner else None
             if len(self._owners) > 10_000:
                 self._owners.clear()
             self._owners[digest] = (identity, time.monotonic() + CACHE_TTL_S)

@@ -33,6 +33,10 @@ class Unauthenticated(Exception):
     """The call needs a valid API key and has none (or a revoked one)."""
 
 
+class PermissionDenied(Exception):
+    """The caller's key may not do this (model management needs an admin key)."""
+
+
 class ServerDraining(Exception):
     """The server is shutting down: it finishes the replies it is writing and takes no new ones."""
 
@@ -63,6 +67,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (SchedulerUnavailable, Refusal(grpc.StatusCode.UNAVAILABLE, "MODEL_UNAVAILABLE", "model")),
     (Unauthenticated, Refusal(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
     (ServerDraining, Refusal(grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING")),
+    (PermissionDenied, Refusal(grpc.StatusCode.PERMISSION_DENIED, "ADMIN_KEY_REQUIRED")),
 )
 DOMAIN_ERRORS: tuple[type[BaseException], ...] = tuple(kind for kind, _ in TABLE)
 

@@ -28,9 +28,9 @@ from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from . import convert
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .chat_turns import begin_turn
-from .errors import DOMAIN_ERRORS, ServerDraining, abort_for
+from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
 
 log = logging.getLogger("tokenwire.server")
 
@@ -80,7 +80,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         by_key = identity is not None and identity.by_key
         params = convert.params_from_proto(request, user, cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
-            keep_alive = convert.keep_alive_of(request)
+            keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
             if request.chat_id and self.chats is not None and identity is not None:
                 # A stored chat: its messages are the prompt; the new ones are committed first.
                 turn = await begin_turn(self.chats, identity, request, params, self.models,
@@ -144,11 +144,30 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         return await asyncio.get_running_loop().run_in_executor(None, list_models, self.models)
 
+    def _keep_alive_for(self, identity: Identity | None, asked: float | None) -> float | None:
+        """A key holder without the admin role may shorten a model's keep-alive, not pin it: their
+        keep_alive is at most the server's (negative, "forever", counts as the server's)."""
+        if asked is None or identity is None or not identity.restricted:
+            return asked
+        default = self.models.limits.keep_alive_s
+        if asked < 0:
+            return default
+        return asked if default < 0 else min(asked, default)
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        identity = await self.auth.identity(context) if self.auth is not None else None
+        if identity is not None and identity.restricted:
+            await abort_for(context, PermissionDenied(
+                f"loading and unloading models needs an admin key (user {identity.name}'s key is not one; "
+                "`tokenwire keys create NAME --admin`)"))
+
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._require_admin(context)
         async for event in load_model(self.models, request, context):
             yield event
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._require_admin(context)
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(None, self.models.unload, request.model)

@@ -25,12 +25,14 @@ class KeyInfo:
     prefix: str
     created_ms: int
     revoked_ms: int | None
+    admin: bool = False
 
 
 @dataclass
 class KeyOwner:
     user_id: int
     user: str
+    admin: bool = False  # may manage models (load, unload, keep one loaded)
 
 
 def new_key() -> str:
@@ -47,21 +49,21 @@ class KeyRing:
     def __init__(self, db) -> None:
         self.db = db
 
-    def create(self, user_name: str) -> tuple[str, KeyInfo]:
+    def create(self, user_name: str, admin: bool = False) -> tuple[str, KeyInfo]:
         """A new key for `user_name` (the user is created if new); the key itself is returned
-        once and never stored."""
+        once and never stored. An admin key may also manage models."""
         name = user_name.strip()
         if not name or len(name) > 64 or any(c.isspace() for c in name):
             raise ValueError("a user name is 1 to 64 characters without spaces")
         key = new_key()
         with write_transaction(self.db):
             user, _ = User.get_or_create(name=name)
-            row = ApiKey.create(user=user, key_hash=hash_key(key), prefix=key[:SHOWN_PREFIX_CHARS])
-        return key, KeyInfo(row.id, name, row.prefix, row.created_ms, None)
+            row = ApiKey.create(user=user, key_hash=hash_key(key), prefix=key[:SHOWN_PREFIX_CHARS], admin=admin)
+        return key, KeyInfo(row.id, name, row.prefix, row.created_ms, None, admin)
 
     def list(self) -> list[KeyInfo]:
         rows = ApiKey.select(ApiKey, User.name).join(User).order_by(ApiKey.id).objects()
-        return [KeyInfo(r.id, r.name, r.prefix, r.created_ms, r.revoked_ms) for r in rows]
+        return [KeyInfo(r.id, r.name, r.prefix, r.created_ms, r.revoked_ms, bool(r.admin)) for r in rows]
 
     def revoke(self, which: str) -> list[KeyInfo]:
         """Revokes the key with this id or shown prefix, or every key of the user with this name."""
@@ -95,4 +97,4 @@ class KeyRing:
                .where((ApiKey.key_hash == digest) & ApiKey.revoked_ms.is_null()).objects().first())
         if row is None or not hmac.compare_digest(row.key_hash, digest):
             return None
-        return KeyOwner(row.uid, row.name)
+        return KeyOwner(row.uid, row.name, bool(row.admin))

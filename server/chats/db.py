@@ -63,6 +63,7 @@ class ApiKey(BaseModel):
     prefix = pw.CharField(max_length=16)  # the key's first characters, to tell keys apart
     created_ms = pw.BigIntegerField(default=now_ms)
     revoked_ms = pw.BigIntegerField(null=True)
+    admin = pw.BooleanField(default=False)  # schema 3: may manage models and read every metric
 
 
 class Chat(BaseModel):
@@ -141,7 +142,16 @@ def _add_cached_prompt_tokens(db: pw.Database) -> None:
     migrate(SchemaMigrator.from_database(db).add_column("message", "cached_prompt_tokens", pw.IntegerField(default=0)))
 
 
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens]
+def _add_key_roles(db: pw.Database) -> None:
+    """Schema 3: admin keys (model management needs one once the server has keys)."""
+    if "admin" in {c.name for c in db.get_columns("api_key")}:
+        return
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrate(SchemaMigrator.from_database(db).add_column("api_key", "admin", pw.BooleanField(default=False)))
+
+
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

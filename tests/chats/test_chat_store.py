@@ -156,7 +156,10 @@ def test_keys_are_stored_hashed_and_revocable(store, tmp_path) -> None:
     assert [k.id for k in keys.revoke(info.prefix)] == [info.id]
     assert keys.owner_of(key) is None and not keys.any_active()
     assert keys.required(), "revoking the last key must not turn authentication off"
-    assert keys.disable() == 1 and not keys.required() and keys.list() == []
+    admin_key, admin = keys.create("root", admin=True)
+    assert admin.admin and keys.owner_of(admin_key).admin and not keys.owner_of(admin_key + "x")
+    assert [k.admin for k in keys.list()] == [False, True]
+    assert keys.disable() == 2 and not keys.required() and keys.list() == []
     with pytest.raises(ValueError):
         keys.create("two words")
 
@@ -179,9 +182,9 @@ def test_fit_messages_drops_oldest_turns_keeping_the_system_prompt() -> None:
     assert reply_reserve(16, 1024, 2048) == 16
 
 
-def test_a_schema_1_database_gains_the_cached_prompt_tokens_column(tmp_path) -> None:
-    """Schema 2 adds message.cached_prompt_tokens (part of a reply's Usage); a database written by
-    schema 1 is migrated on open and keeps its messages."""
+def test_a_schema_1_database_is_migrated_keeping_its_messages(tmp_path) -> None:
+    """Schema 2 adds message.cached_prompt_tokens (part of a reply's Usage), schema 3 admin keys; a
+    database written by schema 1 is migrated on open and keeps its messages."""
     path = tmp_path / "old.db"
     store = ChatStore(str(path))
     user = store.ensure_user("local")
@@ -191,16 +194,19 @@ def test_a_schema_1_database_gains_the_cached_prompt_tokens_column(tmp_path) -> 
     store.close()
     with sqlite3.connect(path) as conn:  # as schema 1 left it
         conn.execute("ALTER TABLE message DROP COLUMN cached_prompt_tokens")
+        conn.execute("ALTER TABLE api_key DROP COLUMN admin")
         conn.execute("UPDATE schema_version SET version = 1")
     store = ChatStore(str(path))
     try:
-        assert chat_db.SchemaVersion.get().version == chat_db.SCHEMA_VERSION == 2
+        assert chat_db.SchemaVersion.get().version == chat_db.SCHEMA_VERSION >= 2
         turn = store.begin_turn(user, chat.id, [{"role": "user", "content": "after"}], "m")
         usage = Usage(prompt_tokens=30, completion_tokens=4, cached_prompt_tokens=21, time_to_first_token_ms=12.5)
         assert store.finish_reply(turn.reply_message_id, ReplyOutcome("new", "length", usage=usage))
         messages = store.get_chat(user, chat.id)[1]
         assert [m.content for m in messages if m.role == "assistant"] == ["kept", "new"]
         assert messages[-1].usage == usage and messages[-1].status == "length"
+        key, info = KeyRing(store.db).create("admin-after-upgrade", admin=True)  # schema 3's column
+        assert KeyRing(store.db).owner_of(key).admin
     finally:
         store.close()
 
