@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 
 import grpc
 
@@ -29,6 +30,8 @@ from .auth import Identity
 
 log = logging.getLogger("tokenwire.server")
 
+SAVE_EVERY_S = 1.0  # how often the text of a reply being written is saved
+
 
 class ChatTurn:
     """One turn of a stored chat inside one Generate call."""
@@ -42,6 +45,9 @@ class ChatTurn:
         # (deadline, server shutdown). Set before the sequence is cancelled.
         self.cancelled_as = ReplyStatus.CANCELLED
         self.committed: concurrent.futures.Future | None = None
+        self._text: list[str] = []  # what the client has been sent so far
+        self._saved_at = time.monotonic()
+        self._saving: concurrent.futures.Future | None = None
 
     @property
     def chat_id(self) -> str:
@@ -57,6 +63,19 @@ class ChatTurn:
             content=event.text, status=ReplyStatus.of(event.reason, self.cancelled_as),
             error_message=event.error_message, usage=event.usage, dropped_messages=self.dropped_messages,
         ))
+
+    def streamed(self, text: str) -> None:
+        """Text sent to the client. About every SAVE_EVERY_S the reply so far is saved (off the
+        event loop, one save at a time), so a crash of the server loses at most that much."""
+        self._text.append(text)
+        now = time.monotonic()
+        if now - self._saved_at < SAVE_EVERY_S or (self._saving is not None and not self._saving.done()):
+            return
+        self._saved_at = now
+        if self.committed is None:
+            self._saving = self.worker.submit(self.worker.store.save_partial, self.start.reply_message_id,
+                                              "".join(self._text))
+            self._saving.add_done_callback(_log_failure)
 
     def note_cancel(self, context: grpc.aio.ServicerContext, server_stopping: bool = False) -> None:
         """Before the call ends early: records who ended it (the server, when it is stopping)."""

@@ -21,7 +21,7 @@ from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
 from tokenwire.server.engine.requests import build_request, check_shape
 from tokenwire.server.engine.scheduler import SequenceHandle
-from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence
+from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence, TokenEvent
 from tokenwire.server.models.manager import LoadedModel, ModelManager
 from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
@@ -130,6 +130,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     if turn is not None:
                         turn.fail(event.error)
                     await abort_for(context, event.error)
+                if isinstance(event, TokenEvent) and turn is not None:
+                    turn.streamed(event.text)
                 if isinstance(event, FinishedEvent) and turn is not None:
                     await turn.wait_committed()  # the reply is in the chat before the stream ends
                 yield convert.event_to_proto(event, entry.id)

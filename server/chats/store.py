@@ -324,6 +324,13 @@ class ChatStore:
                     Chat.id == Message.select(Message.chat).where(Message.id == reply_id)).execute()
         return bool(updated)
 
+    def save_partial(self, reply_id: int, content: str) -> bool:
+        """The text of a reply still being written, so a crash loses at most what came since;
+        False when it is no longer pending (finished meanwhile: the final text wins)."""
+        with write_transaction(self.db):
+            return bool(Message.update(content=content).where(
+                (Message.id == reply_id) & (Message.status == ReplyStatus.PENDING.value)).execute())
+
     def mark_interrupted(self) -> int:
         """Replies left pending by a server that stopped without finishing them: run at start-up."""
         with write_transaction(self.db):
