@@ -54,14 +54,51 @@ export function errorMessage(body, response) {
 export async function request(path, options = {}) {
   const response = await fetch(path, {
     ...options,
-    headers: { Accept: 'application/json', ...(options.body ? { 'Content-Type': 'application/json' } : {}) },
+    headers: { Accept: 'application/json', ...(options.body ? { 'Content-Type': 'application/json' } : {}), ...authHeaders() },
   });
   const body = await readJson(response);
+  unauthorized(response);
   if (!response.ok) throw new ApiError(errorMessage(body, response), response.status);
   return body;
 }
 
 const chatPath = (id) => `/api/chats/${encodeURIComponent(id)}`;
+
+const KEY_STORAGE = 'tokenwire.apiKey';
+
+/**
+ * The API key this tab signed in with (session storage: gone when the tab closes), or "".
+ *
+ * @returns {string}
+ */
+export function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || '';
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * Keeps (or, with "", forgets) the API key for this tab's requests.
+ *
+ * @param {string} key
+ */
+export function setApiKey(key) {
+  if (key) sessionStorage.setItem(KEY_STORAGE, key);
+  else sessionStorage.removeItem(KEY_STORAGE);
+}
+
+/** The Authorization header of every request, when the tab has a key. */
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+/** A 401: the server wants a key (or this one is wrong); the page's sign-in box listens. */
+function unauthorized(response) {
+  if (response.status === 401) window.dispatchEvent(new CustomEvent('tokenwire:unauthorized'));
+}
 
 /**
  * The server's models: GET /api/models.
@@ -148,10 +185,11 @@ export function deleteChat(id) {
 export async function postMessage(chatId, message, signal) {
   const response = await fetch(`${chatPath(chatId)}/messages`, {
     method: 'POST',
-    headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
+    headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream', ...authHeaders() },
     body: JSON.stringify(message),
     signal,
   });
+  unauthorized(response);
   if (!response.ok) throw new ApiError(errorMessage(await readJson(response), response), response.status);
   return response;
 }

@@ -20,6 +20,7 @@ import { autosize, conversation, newChat, openChat, openChatId, stop, submit } f
 import { els, wide } from './dom.js';
 import { renderMarkdown } from './markdown.js';
 import { loadModels, renderModelInfo } from './models.js';
+import { installSignin } from './signin.js';
 import { loadSettings, saveSettings, showTemperature, toggleSettings } from './settings.js';
 
 async function deleteChat(id) {
@@ -105,6 +106,7 @@ els.messages.addEventListener('click', (event) => {
 
 // -- start
 
+installSignin();
 loadSettings();
 loadModels().then(() => {
   const linked = location.hash.match(/^#chat=([0-9a-f]+)$/);
