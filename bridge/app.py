@@ -64,5 +64,11 @@ def run_bridge(settings: BridgeSettings) -> None:
                  settings.max_body_bytes)
 
     app.on_startup.append(announce)
+    ssl_context = None
+    if settings.http_tls_cert:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(settings.http_tls_cert, settings.http_tls_key)
     web.run_app(app, host=settings.http_host, port=settings.http_port, access_log=None,
-                handler_cancellation=True, print=None)
+                handler_cancellation=True, print=None, ssl_context=ssl_context)

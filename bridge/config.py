@@ -32,6 +32,9 @@ class BridgeSettings:
                                  "non-loopback bind needs it)")
     allowed_origins: str = setting("", "browser origins (comma-separated patterns, e.g. chrome-extension://*) "
                                    "allowed to call the bridge besides its own page")
+    tls_ca: str = setting("", "CA certificate (PEM) of a gRPC server that serves TLS (--tls-cert on serve)")
+    http_tls_cert: str = setting("", "PEM certificate to serve HTTPS, with --http-tls-key")
+    http_tls_key: str = setting("", "PEM private key of --http-tls-cert")
     static_dir: Path = STATIC_DIR
 
     def validate(self) -> None:
@@ -43,6 +46,8 @@ class BridgeSettings:
             raise ValueError(f"Retry-After must be >= 0 s, got {self.retry_after_s}")
         if why := bind_refusal(self.http_host, split_list(self.allowed_hosts)):
             raise ValueError(why)
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("HTTPS needs both --http-tls-cert and --http-tls-key")
 
     @property
     def host_policy(self) -> HostPolicy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Final
 
 import grpc
@@ -98,7 +99,12 @@ class Upstream:
         self._history: hpb_grpc.HistoryStub | None = None
 
     async def open(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        if self.settings.tls_ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(self.settings.tls_ca).expanduser().read_bytes())
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=_CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.InferenceStub(self._channel)
         self._history = hpb_grpc.HistoryStub(self._channel)
 

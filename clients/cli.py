@@ -228,7 +228,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 # Bridge settings that `up` derives from the server's instead of taking flags of their own.
-UP_SHARED = ("--server", "--server-metrics-url", "--allowed-hosts")
+UP_SHARED = ("--server", "--server-metrics-url", "--allowed-hosts", "--tls-ca")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -248,12 +248,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     server = subprocess.Popen(exe + ["serve", *settings.to_argv(config)],  # the whole config, by construction
                               start_new_session=True)
     target = config.address
-    if not _wait_for_server(target, 60):
+    # A server on TLS: up (and its bridge) check it against its own certificate.
+    ca = config.tls_cert or None
+    if not _wait_for_server(target, 60, ca):
         _stop_child(server, 10)
         return _fail(f"the server did not start on {target}")
     metrics_url = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
     bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url,
-                                       allowed_hosts=config.allowed_hosts)
+                                       allowed_hosts=config.allowed_hosts, tls_ca=config.tls_cert)
     bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)], start_new_session=True)
     url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
@@ -300,8 +302,8 @@ def _stop_child(proc, wait_s: float) -> None:
         proc.wait()
 
 
-def _wait_for_server(target: str, timeout_s: float) -> bool:
-    channel = open_channel(target)
+def _wait_for_server(target: str, timeout_s: float, ca: str | None = None) -> bool:
+    channel = open_channel(target, ca)
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
         return True
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenwire", description="Serve a local LLM token by token.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more output (timings, logs)")
     parser.add_argument("--api-key", default=None, help="API key sent to the server (env TOKENWIRE_API_KEY)")
+    parser.add_argument("--tls-ca", default=None,
+                        help="CA certificate (PEM) to reach a server that serves TLS (env TOKENWIRE_TLS_CA)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gRPC server")
@@ -381,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "api_key", None):
         os.environ["TOKENWIRE_API_KEY"] = args.api_key  # open_channel sends it with every call
+    if getattr(args, "tls_ca", None):
+        os.environ["TOKENWIRE_TLS_CA"] = args.tls_ca  # open_channel connects over TLS
     logging.basicConfig(
         level=logging.INFO if args.command in ("serve", "bridge", "up") or args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

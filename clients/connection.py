@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import grpc
 
@@ -50,11 +51,21 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(base, "compression", None)
 
 
-def open_channel(target: str) -> grpc.Channel:
-    channel = grpc.insecure_channel(
-        target,
-        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.enable_retries", 0)],
-    )
+def tls_ca() -> str:
+    """The CA certificate (PEM path) to check a TLS server with: `tokenwire --tls-ca` or
+    $TOKENWIRE_TLS_CA ("" = plain gRPC)."""
+    return os.environ.get("TOKENWIRE_TLS_CA", "").strip()
+
+
+def open_channel(target: str, ca: str | None = None) -> grpc.Channel:
+    """A channel to the server: over TLS, checked against `ca` (else tls_ca()), when one is given."""
+    options = [("grpc.max_receive_message_length", 16 << 20), ("grpc.enable_retries", 0)]
+    ca = tls_ca() if ca is None else ca
+    if ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(ca).expanduser().read_bytes())
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
     metadata = auth_metadata()
     return grpc.intercept_channel(channel, _Authorization(metadata)) if metadata else channel
 

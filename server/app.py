@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,7 +83,13 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(service_names, server)
-    bound = server.add_insecure_port(config.address)
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise OSError("TLS needs both --tls-cert and --tls-key")
+    if config.tls_cert:
+        pair = (Path(config.tls_key).expanduser().read_bytes(), Path(config.tls_cert).expanduser().read_bytes())
+        bound = server.add_secure_port(config.address, grpc.ssl_server_credentials([pair]))
+    else:
+        bound = server.add_insecure_port(config.address)
     if bound == 0:
         raise OSError(f"cannot listen on {config.address} (port in use?)")
     config.port = bound

@@ -42,6 +42,9 @@ class ServerConfig:
     drain_s: float = setting(30.0, "shutdown grace: on SIGTERM/Ctrl-C running replies may finish this long "
                              "(seconds, or 30s, 1m) before the rest are cancelled, keeping their text; a second "
                              "signal stops at once", flag="--drain", env="DRAIN", parse=parse_duration)
+    tls_cert: str = setting("", "PEM certificate (chain) to serve gRPC over TLS, with --tls-key; clients then "
+                            "need --tls-ca (or a CA their system trusts)")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
     database: str = setting(default_database, "chat database: a path (SQLite) or a URL such as postgresql://...")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: ModelLimits = field(default_factory=ModelLimits)

@@ -113,7 +113,7 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", Child)
-    monkeypatch.setattr(cli, "_wait_for_server", lambda target, timeout: True)
+    monkeypatch.setattr(cli, "_wait_for_server", lambda target, timeout, ca=None: True)
     args = cli.build_parser().parse_args(argv)
     assert args.func(args) == 0
     server_argv, bridge_argv = (a[a.index("tokenwire.clients.cli") + 1:] for a in started)
@@ -124,6 +124,7 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
     expected_bridge.grpc_target = expected_server.address
     expected_bridge.server_metrics_url = f"http://{expected_server.host}:{expected_server.metrics_port}/metrics"
     expected_bridge.allowed_hosts = expected_server.allowed_hosts
+    expected_bridge.tls_ca = expected_server.tls_cert
     assert got_bridge == expected_bridge
 
 
