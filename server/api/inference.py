@@ -74,11 +74,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         loop = asyncio.get_running_loop()
         model, keep_alive, streaming, turn = None, None, False, None
         identity = await self.auth.identity(context) if self.auth is not None else None
-        # Who it is for, for fair turns: the key's user, else the request's `user` ("" is one
-        # shared anonymous user).
-        user = identity.name if identity is not None and identity.by_key else request.user
+        # Who it is for (fair turns) and whose prefix cache it shares: the key's user; without keys
+        # the request's `user` ("" is one shared anonymous user) and everyone's cache.
         by_key = identity is not None and identity.by_key
-        params = convert.params_from_proto(request, user, cache_scope=f"key-user:{identity.user_id}" if by_key else "")
+        params = convert.params_from_proto(request, identity.name if by_key else request.user,
+                                           cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
             if request.chat_id and self.chats is not None and identity is not None:
