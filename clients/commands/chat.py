@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -221,23 +222,25 @@ def safe_filename(suggested: str, chat_id: str, markdown: bool) -> str:
 
 # ---- keys --------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def _key_ring(args: argparse.Namespace):
+    """The key ring of the server's database (--database), closed after use."""
     from tokenwire.server.chats.api_keys import KeyRing
     from tokenwire.server.chats.store import ChatStore
 
     store = ChatStore(args.database)
-    return store, KeyRing(store.db)
+    try:
+        yield KeyRing(store.db), store.describe()
+    finally:
+        store.close()
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    store, keys = _key_ring(args)
-    try:
-        key, info = keys.create(args.name, admin=args.admin)
-    except ValueError as exc:
-        return _fail(str(exc), 2)
-    finally:
-        where = store.describe()
-        store.close()
+    with _key_ring(args) as (keys, where):
+        try:
+            key, info = keys.create(args.name, admin=args.admin)
+        except ValueError as exc:
+            return _fail(str(exc), 2)
     print(key)
     role = "an admin key (may also load and unload models)" if info.admin else "a user key"
     print(f"({role}: key {info.id} of user {info.user}, shown this once and stored hashed in {where}. The server now "
@@ -247,11 +250,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    store, keys = _key_ring(args)
-    try:
+    with _key_ring(args) as (keys, _):
         rows = keys.list()
-    finally:
-        store.close()
     if not rows:
         print("no API keys: the server serves everyone as the local user")
         return 0
@@ -263,37 +263,24 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_disable(args: argparse.Namespace) -> int:
-    store, keys = _key_ring(args)
-    try:
+    with _key_ring(args) as (keys, _):
         forgotten = keys.disable()
-    finally:
-        store.close()
     print(f"API keys are off ({forgotten} forgotten): the server serves every call as the local user")
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    store, keys = _key_ring(args)
-    try:
+    with _key_ring(args) as (keys, _):
         revoked = keys.revoke(args.which)
-    finally:
-        store.close()
+        left = keys.any_active()
     if not revoked:
         return _fail(f"no active key {args.which!r} (give a key id, its shown prefix, or a user name)")
     for k in revoked:
         print(f"revoked key {k.id} ({k.prefix}…) of {k.user}")
-    if not any(k.revoked_ms is None for k in _keys_now(args)):
+    if not left:
         print("no active key is left: the server refuses every call until a key is created "
               "(`tokenwire keys create NAME`) or keys are turned off (`tokenwire keys disable`)", file=sys.stderr)
     return 0
-
-
-def _keys_now(args: argparse.Namespace):
-    store, keys = _key_ring(args)
-    try:
-        return keys.list()
-    finally:
-        store.close()
 
 
 # ---- parser ------------------------------------------------------------------------------------
