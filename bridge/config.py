@@ -32,6 +32,8 @@ class BridgeSettings:
                                  "non-loopback bind needs it)")
     allowed_origins: str = setting("", "browser origins (comma-separated patterns, e.g. chrome-extension://*) "
                                    "allowed to call the bridge besides its own page")
+    metrics_token: str = setting("", "scrape token: the bridge's /metrics then needs `Authorization: Bearer "
+                                 "<token>`, and it is sent to --server-metrics-url (the server's --metrics-token)")
     tls_ca: str = setting("", "CA certificate (PEM) of a gRPC server that serves TLS (--tls-cert on serve)")
     http_tls_cert: str = setting("", "PEM certificate to serve HTTPS, with --http-tls-key")
     http_tls_key: str = setting("", "PEM private key of --http-tls-cert")

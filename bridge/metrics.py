@@ -22,7 +22,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from tokenwire.hosts import bearer_matches
+
 from .config import BridgeSettings
+from .errors import ApiError
 
 METRICS = web.AppKey("metrics", object)
 METRICS_SETTINGS = web.AppKey("metrics_settings", BridgeSettings)
@@ -67,11 +70,17 @@ def metrics_middleware(metrics: BridgeMetrics):
 async def serve_metrics(request: web.Request) -> web.Response:
     metrics: BridgeMetrics = request.app[METRICS]
     settings: BridgeSettings = request.app[METRICS_SETTINGS]
+    if not bearer_matches(request.headers.get("Authorization"), settings.metrics_token):
+        raise ApiError(401, "this metrics endpoint needs its scrape token: Authorization: Bearer <token>",
+                       type="authentication_error", code="invalid_metrics_token",
+                       headers={"WWW-Authenticate": 'Bearer realm="tokenwire metrics"'})
     body = generate_latest(metrics.registry).decode()
     if settings.server_metrics_url:
+        headers = {"Authorization": f"Bearer {settings.metrics_token}"} if settings.metrics_token else {}
         try:
             timeout = aiohttp.ClientTimeout(total=2)
-            async with aiohttp.ClientSession(timeout=timeout) as http, http.get(settings.server_metrics_url) as resp:
+            async with aiohttp.ClientSession(timeout=timeout) as http, \
+                    http.get(settings.server_metrics_url, headers=headers) as resp:
                 resp.raise_for_status()
                 body += f"# the model server's metrics, from {settings.server_metrics_url}\n" + await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:

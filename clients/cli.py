@@ -228,7 +228,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
 
 # Bridge settings that `up` derives from the server's instead of taking flags of their own.
-UP_SHARED = ("--server", "--server-metrics-url", "--allowed-hosts", "--tls-ca")
+UP_SHARED = ("--server", "--server-metrics-url", "--allowed-hosts", "--tls-ca", "--metrics-token")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -255,7 +255,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _fail(f"the server did not start on {target}")
     metrics_url = f"http://{config.host}:{config.metrics_port}/metrics" if config.metrics_port else ""
     bridge_settings = _bridge_settings(args, grpc_target=target, server_metrics_url=metrics_url,
-                                       allowed_hosts=config.allowed_hosts, tls_ca=config.tls_cert)
+                                       allowed_hosts=config.allowed_hosts, tls_ca=config.tls_cert,
+                                       metrics_token=config.metrics_token)
     bridge = subprocess.Popen(exe + ["bridge", *settings.to_argv(bridge_settings)], start_new_session=True)
     url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))

@@ -58,7 +58,7 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     metrics = PrometheusMetrics()
     if config.metrics_port:
         metrics.serve_http(config.host, config.metrics_port,
-                           HostPolicy(config.host, split_list(config.allowed_hosts)))
+                           HostPolicy(config.host, split_list(config.allowed_hosts)), token=config.metrics_token)
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads, kernels=config.kernels,
         scheduler_config=config.scheduler, metrics=metrics, limits=config.models,

@@ -32,6 +32,8 @@ class ServerConfig:
     max_request_bytes: int = setting(1 << 20, "largest prompt accepted (bytes of text, or 512K, 1M); bigger "
                                      "ones get INVALID_ARGUMENT", parse=parse_bytes)
     metrics_port: int = setting(9464, "Prometheus /metrics port (same host), 0 = off")
+    metrics_token: str = setting("", "scrape token: /metrics then needs `Authorization: Bearer <token>` (Prometheus's "
+                                 "bearer_token); empty = open to whoever reaches its (loopback) port")
     allowed_hosts: str = setting("", "host names (comma-separated, * wildcards) the metrics listener answers "
                                  "besides loopback names and the bind address; '*' = any (DNS-rebinding defence)")
     insecure_open: bool = setting(False, "serve a non-loopback address without API keys (anyone who reaches it "

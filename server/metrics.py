@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from tokenwire.hosts import HostPolicy
+from tokenwire.hosts import HostPolicy, bearer_matches
 
 log = logging.getLogger("tokenwire.metrics")
 _HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY")]
@@ -87,9 +87,10 @@ class PrometheusMetrics(Metrics):
     def model_loaded(self, model: str, seconds: float) -> None:
         self._load.labels(model).observe(seconds)
 
-    def serve_http(self, host: str, port: int, policy: HostPolicy | None = None) -> bool:
+    def serve_http(self, host: str, port: int, policy: HostPolicy | None = None, token: str = "") -> bool:
         """Serves /metrics on host:port, in a thread; a port in use is logged, not fatal. Requests
-        whose Host or Origin the policy refuses get 403 (DNS rebinding)."""
+        whose Host or Origin the policy refuses get 403 (DNS rebinding); with a `token`, requests
+        without `Authorization: Bearer <token>` get 401."""
         import threading
         from socketserver import ThreadingMixIn
         from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -104,6 +105,10 @@ class PrometheusMetrics(Metrics):
             if why:
                 start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"), *_HEADERS])
                 return [why.encode()]
+            if not bearer_matches(environ.get("HTTP_AUTHORIZATION"), token):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                    ("WWW-Authenticate", 'Bearer realm="tokenwire metrics"'), *_HEADERS])
+                return [b"this metrics endpoint needs its scrape token: Authorization: Bearer <token>"]
             return exposition(environ, lambda status, headers, *rest: start_response(status, [*headers, *_HEADERS],
                                                                                      *rest))
 

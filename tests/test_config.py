@@ -125,6 +125,7 @@ def test_up_passes_every_setting_to_its_children(monkeypatch) -> None:
     expected_bridge.server_metrics_url = f"http://{expected_server.host}:{expected_server.metrics_port}/metrics"
     expected_bridge.allowed_hosts = expected_server.allowed_hosts
     expected_bridge.tls_ca = expected_server.tls_cert
+    expected_bridge.metrics_token = expected_server.metrics_token
     assert got_bridge == expected_bridge
 
 

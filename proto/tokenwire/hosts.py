@@ -12,6 +12,7 @@ Used by the bridge and by the server's metrics listener; plain functions, no fra
 from __future__ import annotations
 
 import fnmatch
+import hmac
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -107,3 +108,12 @@ def bind_refusal(bind_host: str, allowed_hosts: tuple[str, ...]) -> str:
         return ""
     return (f"binding {bind_host} exposes tokenwire beyond this machine: name the host names clients use with "
             "--allowed-hosts (or '*' to accept any, behind a router that checks them)")
+
+
+def bearer_matches(authorization: str | None, token: str) -> bool:
+    """Whether an Authorization header carries `Bearer <token>` (compared in constant time);
+    always True when no token is set."""
+    if not token:
+        return True
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
