@@ -150,9 +150,11 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
                             "token's logprob, not alternatives", code="unsupported_value")
     if not p.given("messages"):
         raise invalid_param("messages", "messages is required")
+    # Both are checked (a bad value is a 400 whichever wins); max_completion_tokens wins.
+    legacy = p.integer("max_tokens", 1, MAX_UINT32)
     max_tokens = p.integer("max_completion_tokens", 1, MAX_UINT32)
     if max_tokens is None:
-        max_tokens = p.integer("max_tokens", 1, MAX_UINT32)
+        max_tokens = legacy
     request = generate_request(
         request_id=request_id, model=opts.model, messages=chat_messages(p.raw("messages")),
         max_tokens=max_tokens, stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
