@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from tokenwire.server.app import serve
+    from tokenwire.server.chats.db import SchemaTooNew
     from tokenwire.server.engine.session import DeviceUnavailable
 
     config = _server_config(args)
@@ -70,9 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config, on_ready=ready))
-    except DeviceUnavailable as exc:
-        return _fail(str(exc))
-    except OSError as exc:
+    except (DeviceUnavailable, SchemaTooNew, OSError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         pass

@@ -46,7 +46,7 @@ def greedy_with_cache(engine: BatchEngine, ids: list[int], steps: int) -> tuple[
     engine.join(state)
     tokens, all_logits = [], []
     for _ in range(steps):
-        all_logits.append(logits)
+        all_logits.append(np.array(logits))  # a copy: an engine may reuse its output buffer
         token = int(np.argmax(logits))
         tokens.append(token)
         logits = engine.step([token])[0]

@@ -155,6 +155,10 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer tokenwire."""
+
+
 def write_transaction(db: pw.Database):
     """A transaction that takes the write lock at once (SQLite: BEGIN IMMEDIATE)."""
     return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
@@ -191,7 +195,7 @@ def open_database(target: str | None = None) -> pw.Database:
         row = SchemaVersion.select().first()
         version = row.version if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"the chat database {describe(db)} has schema version {version}; this tokenwire "
+            raise SchemaTooNew(f"the chat database {describe(db)} has schema version {version}; this tokenwire "
                                f"knows up to {SCHEMA_VERSION}: upgrade tokenwire")
         for step in MIGRATIONS[version:]:
             step(db)
