@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import DEFAULT_FP32, DEFAULT_INT4, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tokenwire.server.engine.graph import open_engine
+from tokenwire.server.engine.sampling import log_softmax
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
@@ -37,6 +43,24 @@ def text_of(tokens) -> str:
     return "".join(t.text for t in tokens)
 
 
+def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one streamed token and ends in the next: token k's word
+    without its leading space, then token k+1. Returns it and where it starts in the text; the
+    text before it ends with that space, the start of token k."""
+    full = "".join(pieces)
+    starts = list(itertools.accumulate(map(len, pieces), initial=0))
+    for k in range(len(pieces) // 2, len(pieces) - 1):
+        head, tail = pieces[k], pieces[k + 1]
+        word = head.lstrip()
+        if word == head or not word.isalpha() or not tail.strip():
+            continue
+        stop, at = word + tail, starts[k] + len(head) - len(word)
+        if full.find(stop) == at:  # its first occurrence is this one
+            assert starts[k] < at < starts[k + 1] < at + len(stop) <= starts[k + 2]
+            return stop, at
+    raise AssertionError(f"no two-token stop string in {pieces}")
+
+
 def test_health_and_reflection(channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
@@ -49,6 +73,7 @@ def test_health_and_reflection(channel) -> None:
 
 
 def test_list_models_describes_both_variants(stub) -> None:
+    collect(stub, greedy(1, prompt="Hi"))  # the default model is loaded (and kept: --keep-alive is 5 minutes)
     models = {m.id: m for m in stub.ListModels(pb.ListModelsRequest()).models}
     assert {DEFAULT_FP32, DEFAULT_INT4} <= set(models)
     int4, fp32 = models[DEFAULT_INT4], models[DEFAULT_FP32]
@@ -57,7 +82,7 @@ def test_list_models_describes_both_variants(stub) -> None:
     assert (int4.precision, fp32.precision) == ("int4", "fp32")
     assert 0 < int4.size_bytes < fp32.size_bytes
     assert int4.is_default and "smollm2-135m" in int4.aliases, "int4 passed the quality gate, so it is the default"
-    assert int4.state in (pb.MODEL_STATE_AVAILABLE, pb.MODEL_STATE_LOADED)
+    assert int4.state == pb.MODEL_STATE_LOADED and int4.loaded and int4.memory_bytes > 0
 
 
 def test_tokens_stream_as_they_are_made(stub) -> None:
@@ -104,18 +129,20 @@ def test_chat_messages_use_the_chat_template(stub) -> None:
     assert finished.model == DEFAULT_FP32
 
 
-def test_stop_string_spanning_tokens_is_caught(stub) -> None:
+def test_stop_string_spanning_tokens_is_caught(int4_dir: Path, stub) -> None:
     request = greedy(40, messages=[pb.ChatMessage(role="user", content="Write a short story about a cat.")])
-    tokens, _, _ = collect(stub, request)
+    tokens, first, _ = collect(stub, request)
     full = text_of(tokens)
-    words = re.findall(r"[A-Za-z]{7,}", full)
-    assert words, full
-    stop = words[len(words) // 2]
+    stop, at = stop_spanning_tokens([t.text for t in tokens])
+    assert len(TokenizerBundle(int4_dir).encode(stop)) >= 2, f"{stop!r} must span tokens for this test to mean anything"
     request.stop.append(stop)
     stopped, finished, _ = collect(stub, request)
     assert finished.reason == pb.FINISH_REASON_STOP and finished.matched_stop == stop
-    assert text_of(stopped) == full[: full.index(stop)]
-    assert all(stop[:3] not in t.text for t in stopped[-2:]) or stop not in text_of(stopped)
+    # Not a character of the stop string is sent, though its first token came before the match.
+    assert text_of(stopped) == full[:at] and full[:at].endswith(" ")
+    # The same prompt again: its KV was kept, all but the last prompt token is reused.
+    assert first.usage.prompt_tokens == finished.usage.prompt_tokens
+    assert finished.usage.cached_prompt_tokens == finished.usage.prompt_tokens - 1
 
 
 def test_unicode_round_trips_through_the_stream(stub) -> None:
@@ -138,9 +165,28 @@ def test_same_seed_same_text(stub) -> None:
     assert sampled(11) != sampled(12)
 
 
-def test_logprobs_only_when_asked(stub) -> None:
+def reference_greedy(folder: Path, prompt: str, steps: int) -> list[tuple[int, float]]:
+    """(token, logprob) of greedy decoding, from the model's own logits and log_softmax."""
+    engine, _ = open_engine(folder, context_length=64)  # the engine and kernels the server picks
+    state = engine.new_prefill()
+    logits = engine.prefill(state, TokenizerBundle(folder).encode(prompt)).copy()  # the engine reuses its buffers
+    engine.join(state)
+    out = []
+    for _ in range(steps):
+        logprobs = log_softmax(logits.astype(np.float32))
+        token = int(np.argmax(logprobs))
+        out.append((token, float(logprobs[token])))
+        logits = engine.step([token])[0].copy()
+    return out
+
+
+def test_logprobs_only_when_asked(stub, int4_dir: Path) -> None:
     tokens, _, _ = collect(stub, greedy(6, prompt="Hello", include_logprobs=True))
-    assert all(t.HasField("logprob") and t.logprob <= 0 for t in tokens)
+    assert all(t.HasField("logprob") for t in tokens)
+    expected = reference_greedy(int4_dir, "Hello", 6)
+    assert [t.token_id for t in tokens] == [token for token, _ in expected]
+    assert [t.logprob for t in tokens] == pytest.approx([lp for _, lp in expected], abs=1e-3)
+    assert min(lp for _, lp in expected) < -0.5, "logprobs far from 0, so a constant 0 would not pass"
     tokens, _, _ = collect(stub, greedy(6, prompt="Hello"))
     assert not any(t.HasField("logprob") for t in tokens)
 

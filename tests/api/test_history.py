@@ -185,7 +185,7 @@ def test_sigkill_during_a_reply_loses_no_committed_message(models_dir, tmp_path)
 # ---- replies cut short, errors ----------------------------------------------------------------
 
 
-def test_a_stopped_reply_is_saved_as_far_as_it_went(client) -> None:
+def test_a_stopped_reply_is_saved_as_far_as_it_went(client, server) -> None:
     chat = client.new_chat()
     call = client.stream(chat.id, LONG_PROMPT, max_tokens=300)
     received = []
@@ -200,18 +200,34 @@ def test_a_stopped_reply_is_saved_as_far_as_it_went(client) -> None:
         time.sleep(0.05)
     assert status(reply) == "stopped"
     assert reply.content.startswith("".join(received)) and 8 <= reply.usage.completion_tokens < 300
+    first_prompt_tokens = reply.usage.prompt_tokens
 
     # A deadline that passes is the server's cancellation, not the user's.
+    request_id, received = f"chat-deadline-{time.monotonic_ns()}", []
     with pytest.raises(grpc.RpcError) as err:
-        for _ in client.inference.Generate(pb.GenerateRequest(
+        for response in client.inference.Generate(pb.GenerateRequest(
                 chat_id=chat.id, messages=[pb.ChatMessage(role="user", content=LONG_PROMPT)],
-                sampling=GREEDY, max_tokens=1000), timeout=1.5):
-            pass
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                sampling=GREEDY, max_tokens=1000, request_id=request_id), timeout=1.5):
+            if response.WhichOneof("event") == "token":
+                received.append(response.token.text)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and received
+    # ...and it ends then: a 32-token generation started after the deadline (decoded in the same
+    # batch, step for step) ends after it.
+    probe_id = f"probe-{time.monotonic_ns()}"
+    list(client.inference.Generate(pb.GenerateRequest(prompt="Count to ten:", max_tokens=32, ignore_eos=True,
+                                                      sampling=GREEDY, request_id=probe_id), timeout=60))
     deadline = time.monotonic() + 10
     while status(reply := client.messages(chat.id)[-1]) == "pending" and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert status(reply) == "cancelled" and reply.usage.completion_tokens < 1000
+    assert status(reply) == "cancelled" and reply.content.startswith("".join(received))
+    assert len(received) <= reply.usage.completion_tokens < 1000
+    # The second turn reused the KV of the first (kept when it stopped): all of its prompt.
+    assert reply.usage.cached_prompt_tokens >= first_prompt_tokens
+    ends = {i: re.search(rf"request {re.escape(i)} .*generated=(\d+) .*finish=(\w+)", server.log())
+            for i in (request_id, probe_id)}
+    assert ends[request_id] and ends[probe_id], ends
+    assert ends[request_id].group(2) == "cancelled" and int(ends[request_id].group(1)) == reply.usage.completion_tokens
+    assert ends[request_id].start() < ends[probe_id].start(), "the generation went on after its deadline"
 
 
 def test_chat_errors(client) -> None:

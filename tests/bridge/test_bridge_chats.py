@@ -60,6 +60,8 @@ async def test_a_chat_over_http(bridge) -> None:
     # The next message carries only itself; the server supplies the context.
     status, sse = await post_message(bridge.url, chat["id"], {"content": "Another one.", **GREEDY})
     assert status == 200 and sse.of("done")[0]["usage"]["prompt_tokens"] > done["usage"]["prompt_tokens"]
+    # ...and the server reuses the first turn's KV for it: at least the whole first prompt.
+    assert sse.of("done")[0]["usage"]["cached_prompt_tokens"] >= done["usage"]["prompt_tokens"]
 
     status, renamed = await call("PATCH", f"{bridge.url}/api/chats/{chat['id']}", {"title": "Colours"})
     assert status == 200 and renamed["title"] == "Colours"

@@ -117,11 +117,25 @@ async def test_unknown_route_and_method(bridge) -> None:
         # No escaping the static folder.
         async with http.get(URL(bridge.url + "/static/%2e%2e/app.py", encoded=True)) as resp:
             assert resp.status == 404
-        async with http.get(bridge.url + "/") as resp:
-            if (STATIC_DIR / "index.html").is_file():
-                assert resp.status == 200 and resp.content_type == "text/html"
-            else:
-                assert resp.status == 404 and resp.content_type == "application/json"
+        async with http.get(bridge.url + "/") as resp:  # the page is in the repository: it is served
+            assert resp.status == 200 and resp.content_type == "text/html"
+            assert await resp.read() == (STATIC_DIR / "index.html").read_bytes()
+
+
+async def test_a_missing_page_is_a_json_404(tmp_path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tokenwire.bridge.config import BridgeSettings
+
+    (tmp_path / "app.js").write_text("// no index.html beside me")
+    app = create_app(f"127.0.0.1:{free_port()}", BridgeSettings(static_dir=tmp_path))
+    async with TestClient(TestServer(app)) as http:
+        resp = await http.get("/")
+        assert resp.status == 404 and resp.content_type == "application/json"
+        error = check_error(await resp.json(), 404)
+        assert error["code"] == "not_found" and "index.html" in error["message"]
+        resp = await http.get("/static/app.js")  # the rest of the folder is still served
+        assert resp.status == 200 and await resp.text() == "// no index.html beside me"
 
 
 async def test_server_down_is_503_and_the_bridge_stays_up(tmp_path) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import openai
 import pytest
 from conftest import DEFAULT_FP32, DEFAULT_INT4
 
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
 
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
@@ -18,15 +22,34 @@ def client(bridge) -> openai.OpenAI:
     return openai.OpenAI(base_url=bridge.url + "/v1", api_key="x", max_retries=0, timeout=120)
 
 
-def grpc_greedy(stub, max_tokens: int, **kwargs) -> tuple[str, pb.Finished]:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0.0), max_tokens=max_tokens, **kwargs)
-    text, finished = "", None
+def grpc_generate(stub, max_tokens: int, sampling: pb.SamplingParams | None = None,
+                  **kwargs) -> tuple[list[pb.TokenDelta], pb.Finished]:
+    request = pb.GenerateRequest(sampling=sampling or pb.SamplingParams(temperature=0.0), max_tokens=max_tokens,
+                                 **kwargs)
+    tokens, finished = [], None
     for response in stub.Generate(request, timeout=120):
         if response.WhichOneof("event") == "token":
-            text += response.token.text
+            tokens.append(response.token)
         elif response.WhichOneof("event") == "finished":
             finished = response.finished
-    return text, finished
+    return tokens, finished
+
+
+def grpc_greedy(stub, max_tokens: int, **kwargs) -> tuple[str, pb.Finished]:
+    tokens, finished = grpc_generate(stub, max_tokens, **kwargs)
+    return "".join(t.text for t in tokens), finished
+
+
+def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one token (after its leading space) and ends in the next,
+    and where it first occurs."""
+    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
+    for k in range(len(pieces) // 2, len(pieces) - 1):
+        word = pieces[k].lstrip()
+        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
+        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
+            return stop, at
+    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def grpc_finish(finished: pb.Finished) -> str:
@@ -54,6 +77,8 @@ def test_chat_non_streaming_matches_grpc(client, stub) -> None:
     assert reply.usage.prompt_tokens == finished.usage.prompt_tokens
     assert reply.usage.completion_tokens == finished.usage.completion_tokens
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # The gRPC call just before left this prompt's KV behind: all of it but the last token is reused.
+    assert reply.usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
 
 
 def test_chat_streaming_matches_grpc(client, stub) -> None:
@@ -92,33 +117,69 @@ def test_completions_default_max_tokens_is_openais_16(client) -> None:
     assert reply.usage.completion_tokens == 16 and reply.choices[0].finish_reason == "length"
 
 
-def test_logprobs(client) -> None:
+def test_logprobs(client, stub) -> None:
+    expected, _ = grpc_generate(stub, 8, messages=[pb.ChatMessage(**m) for m in MESSAGES], include_logprobs=True)
     reply = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True)
     entries = reply.choices[0].logprobs.content
-    assert entries and all(e.logprob <= 0 and e.top_logprobs == [] for e in entries)
+    assert [e.token for e in entries] == [t.text for t in expected] and all(e.top_logprobs == [] for e in entries)
+    # The server's logprobs, passed on (the prompt now comes from the prefix cache: equal within float noise).
+    assert [e.logprob for e in entries] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert min(e.logprob for e in entries) < -0.1
     assert "".join(e.token for e in entries) == reply.choices[0].message.content
     stream = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True,
                                             top_logprobs=0, stream=True)
     streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    expected, _ = grpc_generate(stub, 6, prompt=PROMPT, include_logprobs=True)
     completion = client.completions.create(model="", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0)
     lp = completion.choices[0].logprobs
     assert "".join(lp.tokens) == completion.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.tokens == [t.text for t in expected]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in expected], abs=1e-4)
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
 
 
-def test_sampling_extras_seed_and_stop(client) -> None:
-    kwargs = dict(model="", messages=MESSAGES, max_tokens=12, temperature=0.9, seed=1234, user="tester",
-                  extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
-    first = client.chat.completions.create(**kwargs).choices[0].message.content
-    assert client.chat.completions.create(**kwargs).choices[0].message.content == first, "same seed, same text"
-    greedy = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=16, temperature=0)
-    text = greedy.choices[0].message.content
-    stop = text.split()[1]
+# Seeded sampling; each value changes the tokens (checked below), so a parameter lost on the way shows.
+SAMPLING = {"temperature": 1.0, "seed": 7}
+OPENAI = {"top_p": 0.5, "presence_penalty": 2.0, "frequency_penalty": 0.5}  # OpenAI's own parameters
+EXTRAS = {"top_k": 3, "min_p": 0.2, "repetition_penalty": 1.5}  # tokenwire's, in extra_body
+
+
+def test_sampling_parameters_reach_the_server(client, stub) -> None:
+    messages = [pb.ChatMessage(**m) for m in MESSAGES]
+
+    def over_grpc(**extra) -> str:
+        tokens, _ = grpc_generate(stub, 12, pb.SamplingParams(**SAMPLING, **extra), messages=messages, ignore_eos=True)
+        return "".join(t.text for t in tokens)
+
+    expected = {name: over_grpc(**{name: value}) for name, value in {**OPENAI, **EXTRAS}.items()}
+    outputs = [over_grpc(), *expected.values()]
+    assert len(set(outputs)) == len(outputs), "every value must change the tokens"
+    for name, value in {**OPENAI, **EXTRAS}.items():
+        given = {name: value, "extra_body": {"ignore_eos": True}} if name in OPENAI else {
+            "extra_body": {name: value, "ignore_eos": True}}
+        reply = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=12, user="tester", **SAMPLING,
+                                               **given)
+        assert reply.choices[0].message.content == expected[name], name
+    # The legacy completions endpoint takes them all at once.
+    everything = {**OPENAI, **EXTRAS}
+    tokens, _ = grpc_generate(stub, 12, pb.SamplingParams(**SAMPLING, **everything), prompt=PROMPT, ignore_eos=True)
+    plain, _ = grpc_generate(stub, 12, pb.SamplingParams(**SAMPLING), prompt=PROMPT, ignore_eos=True)
+    assert [t.token_id for t in tokens] != [t.token_id for t in plain]
+    reply = client.completions.create(model="", prompt=PROMPT, max_tokens=12, **SAMPLING, **OPENAI,
+                                      extra_body={**EXTRAS, "ignore_eos": True})
+    assert reply.choices[0].text == "".join(t.text for t in tokens)
+
+
+def test_stop_strings(client, stub, int4_dir: Path) -> None:
+    tokens, _ = grpc_generate(stub, 16, messages=[pb.ChatMessage(**m) for m in MESSAGES])
+    pieces = [t.text for t in tokens]
+    stop, at = stop_spanning_tokens(pieces)
+    assert len(TokenizerBundle(int4_dir).encode(stop)) >= 2, f"{stop!r} must span tokens"
     stopped = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=16, temperature=0,
                                              stop=[stop, "zzz-never"])
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    assert stopped.choices[0].message.content == "".join(pieces)[:at]
 
 
 def test_openai_errors_come_as_sdk_exceptions(client) -> None:

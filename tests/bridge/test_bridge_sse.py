@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 from conftest import DEFAULT_INT4, start_bridge, start_server
 
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
 
 PROMPT = "The capital of France is"
@@ -62,12 +65,55 @@ async def generate(url: str, body: dict, headers: dict | None = None, until=None
             return await read_events(resp, until)
 
 
+def grpc_tokens(stub, max_tokens: int, sampling: pb.SamplingParams | None = None, **kwargs) -> list[pb.TokenDelta]:
+    request = pb.GenerateRequest(sampling=sampling or pb.SamplingParams(temperature=0.0), max_tokens=max_tokens,
+                                 **kwargs)
+    return [r.token for r in stub.Generate(request, timeout=120) if r.WhichOneof("event") == "token"]
+
+
 def grpc_greedy_text(stub, max_tokens: int, **kwargs) -> str:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0.0), max_tokens=max_tokens, **kwargs)
-    return "".join(r.token.text for r in stub.Generate(request, timeout=120) if r.WhichOneof("event") == "token")
+    return "".join(t.text for t in grpc_tokens(stub, max_tokens, **kwargs))
 
 
-async def test_healthz_and_models(bridge) -> None:
+def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one token (after its leading space) and ends in the next,
+    and where it first occurs."""
+    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
+    for k in range(len(pieces) // 2, len(pieces) - 1):
+        word = pieces[k].lstrip()
+        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
+        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
+            return stop, at
+    raise AssertionError(f"no two-token stop string in {pieces}")
+
+
+def ending(log: str, request_id: str) -> re.Match | None:
+    """The server's log line for the end of a request: `request <id> ... generated=N ... finish=R`."""
+    return re.search(rf"request {re.escape(request_id)} .*generated=(\d+) .*finish=(\w+)", log)
+
+
+async def wait_for_ending(server, request_id: str, timeout: float = 20) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while not (match := ending(server.log(), request_id)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert match, f"no ending for {request_id} in the server log"
+    return match
+
+
+async def assert_cancelled_at_once(bridge, server, request_id: str, received: int) -> None:
+    """The request's generation was cancelled, and promptly: a 32-token generation started after
+    the client left (decoded in the same batch, step for step) ends after it."""
+    probe_id = f"probe-{time.monotonic_ns()}"
+    await generate(bridge.url, {"prompt": "Count to ten:", "max_tokens": 32, "temperature": 0, "ignore_eos": True},
+                   headers={"X-Request-Id": probe_id})
+    cancelled, probe = await wait_for_ending(server, request_id), await wait_for_ending(server, probe_id)
+    assert cancelled.group(2) == "cancelled", cancelled.group(0)
+    assert received <= int(cancelled.group(1)) and cancelled.start() < probe.start(), \
+        f"the generation went on after the client left: {cancelled.group(0)}"
+
+
+async def test_healthz_and_models(bridge, stub) -> None:
+    grpc_greedy_text(stub, 1, prompt="Hi")  # the default model is loaded (and kept: --keep-alive is 5 minutes)
     async with aiohttp.ClientSession() as http:
         async with http.get(bridge.url + "/healthz") as resp:
             assert resp.status == 200 and await resp.json() == {"status": "ok"}
@@ -76,7 +122,11 @@ async def test_healthz_and_models(bridge) -> None:
             models = {m["id"]: m for m in (await resp.json())["models"]}
     int4 = models[DEFAULT_INT4]
     assert int4["is_default"] and "smollm2-135m" in int4["aliases"]
-    assert int4["state"] in ("available", "loading", "loaded", "failed")
+    assert int4["state"] == "loaded" and int4["loaded"] is True and int4["memory_bytes"] > 0
+    # Every model's state as the server tells it (MODEL_STATE_AVAILABLE -> "available").
+    served = {m.id: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+    assert {i: (m["state"], m["loaded"]) for i, m in models.items()} == {
+        i: (pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(), m.loaded) for i, m in served.items()}
     assert {"id", "architecture", "parameter_count", "precision", "context_length", "state",
             "loaded", "size_bytes", "is_default", "aliases", "error_message", "memory_bytes"} <= set(int4)
     assert int4["precision"] == "int4" and int4["size_bytes"] > 0 and int4["context_length"] > 0
@@ -108,19 +158,46 @@ async def test_tokens_stream_incrementally_with_usage(bridge, stub) -> None:
     assert sum(g > 0.1 * mean_gap for g in gaps) >= len(gaps) // 3, "tokens came in bursts"
 
 
-async def test_chat_messages_logprobs_and_stop(bridge) -> None:
+async def test_chat_messages_logprobs_and_stop(bridge, stub, int4_dir: Path) -> None:
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+    expected = grpc_tokens(stub, 24, messages=[pb.ChatMessage(**m) for m in messages], include_logprobs=True)
     first = await generate(bridge.url, {"messages": messages, "max_tokens": 24, "temperature": 0, "logprobs": True})
     tokens = first.of("token")
-    assert tokens and all(t["logprob"] <= 0.0 for t in tokens if t["text"])
-    text = "".join(t["text"] for t in tokens)
-    words = re.findall(r"[A-Za-z]{3,}", text)
-    assert len(words) >= 2, text
-    stop = words[1]
+    assert [(t["token_id"], t["text"]) for t in tokens] == [(t.token_id, t.text) for t in expected]
+    # The server's logprobs, passed on (the same prompt, now from the prefix cache: equal within float noise).
+    assert [t["logprob"] for t in tokens] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+    assert min(t["logprob"] for t in tokens) < -0.1
+    done = first.of("done")[0]
+    assert done["usage"]["cached_prompt_tokens"] == done["usage"]["prompt_tokens"] - 1, "the gRPC call's prefix is reused"
+    pieces = [t["text"] for t in tokens]
+    stop, at = stop_spanning_tokens(pieces)
+    assert len(TokenizerBundle(int4_dir).encode(stop)) >= 2, f"{stop!r} must span tokens"
     second = await generate(bridge.url, {"messages": messages, "max_tokens": 24, "temperature": 0, "stop": stop})
     done = second.of("done")[0]
     assert done["finish_reason"] == "stop" and done["matched_stop"] == stop
-    assert "".join(t["text"] for t in second.of("token")) == text[: text.index(stop)]
+    assert "".join(t["text"] for t in second.of("token")) == "".join(pieces)[:at]
+
+
+# Seeded sampling; each value changes the tokens (checked below), so a field lost on the way shows.
+SAMPLING = {"temperature": 1.0, "seed": 7}
+FIELDS = {"top_p": 0.5, "top_k": 3, "min_p": 0.2, "repetition_penalty": 1.5, "presence_penalty": 2.0,
+          "frequency_penalty": 0.5}
+
+
+async def test_sampling_fields_reach_the_server(bridge, stub) -> None:
+    prompt = "Tell me about the moon."
+
+    def over_grpc(**extra) -> list[int]:
+        tokens = grpc_tokens(stub, 12, pb.SamplingParams(**SAMPLING, **extra), prompt=prompt, ignore_eos=True)
+        return [t.token_id for t in tokens]
+
+    expected = {name: over_grpc(**{name: value}) for name, value in FIELDS.items()}
+    outputs = [tuple(t) for t in (over_grpc(), *expected.values())]
+    assert len(set(outputs)) == len(outputs), "every value must change the tokens"
+    for name, value in FIELDS.items():
+        sse = await generate(bridge.url, {"prompt": prompt, "max_tokens": 12, "ignore_eos": True, **SAMPLING,
+                                          name: value})
+        assert [t["token_id"] for t in sse.of("token")] == expected[name], name
 
 
 async def test_client_disconnect_cancels_server_generation(bridge, server) -> None:
@@ -130,12 +207,7 @@ async def test_client_disconnect_cancels_server_generation(bridge, server) -> No
     assert len(sse.of("token")) == 3 and not sse.of("done")
     # Leaving the `async with` closed the connection: the bridge must cancel the gRPC call, and
     # the server logs the ending of the generation with its reason.
-    pattern = re.compile(rf"request {re.escape(request_id)} .*generated=(\d+) .*finish=cancelled")
-    deadline = time.monotonic() + 20
-    while not (match := pattern.search(server.log())) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert match, f"no cancelled ending for {request_id} in the server log"
-    assert int(match.group(1)) < 1000
+    await assert_cancelled_at_once(bridge, server, request_id, received=3)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -147,12 +219,7 @@ async def test_client_leaving_a_non_streaming_request_cancels_it_too(bridge, ser
     async with aiohttp.ClientSession() as http:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(http.post(bridge.url + path, json=body, headers={"X-Request-Id": request_id}), 1.5)
-    pattern = re.compile(rf"request {re.escape(request_id)} .*generated=(\d+) .*finish=cancelled")
-    deadline = time.monotonic() + 20
-    while not (match := pattern.search(server.log())) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert match, f"no cancelled ending for {request_id} in the server log"
-    assert int(match.group(1)) < 1000
+    await assert_cancelled_at_once(bridge, server, request_id, received=0)
 
 
 async def test_errors_before_streaming_are_json(bridge) -> None:
@@ -205,8 +272,8 @@ async def test_queued_heartbeat_and_429(busy) -> None:
         # No slot and no queue place left: refused at once with 429 and a Retry-After.
         async with http.post(bridge.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}) as refused:
             assert refused.status == 429
-            # the server's own retry-after trailer wins over the bridge's --retry-after-s fallback
-            assert refused.headers["Retry-After"].isdigit()
+            # the server's own retry-after trailer ("1" by default) wins over the bridge's --retry-after-s 3
+            assert refused.headers["Retry-After"] == "1"
             error = (await refused.json())["error"]
             assert error["type"] == "rate_limit_error" and "busy" in error["message"]
         running.close()  # the client goes away: its slot frees and the queued request runs

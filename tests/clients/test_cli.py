@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DEFAULT_INT4, cli, free_port
 
+from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
 
 
@@ -18,9 +21,25 @@ def run(*args: str, stdin: str | None = None, timeout: float = 120) -> subproces
     return subprocess.run(cli(*args), input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
+def grpc_pieces(stub, sampling: pb.SamplingParams | None = None, **kwargs) -> list[str]:
+    request = pb.GenerateRequest(sampling=sampling or pb.SamplingParams(temperature=0.0), **kwargs)
+    return [r.token.text for r in stub.Generate(request, timeout=120) if r.WhichOneof("event") == "token"]
+
+
 def grpc_greedy_text(stub, **kwargs) -> str:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0.0), **kwargs)
-    return "".join(r.token.text for r in stub.Generate(request, timeout=120) if r.WhichOneof("event") == "token")
+    return "".join(grpc_pieces(stub, **kwargs))
+
+
+def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one token (after its leading space) and ends in the next,
+    and where it first occurs."""
+    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
+    for k in range(len(pieces) // 2, len(pieces) - 1):
+        word = pieces[k].lstrip()
+        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
+        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
+            return stop, at
+    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def test_generate_streams_to_stdout_as_tokens_arrive(server, stub) -> None:
@@ -53,26 +72,46 @@ def test_generate_json_events_and_stdin_prompt(server) -> None:
 
 
 def test_generate_chat_and_system_use_the_template(server, stub) -> None:
-    result = run("generate", "--server", server.target, "-t", "0", "-n", "20", "--chat", "What is the capital of France?")
+    question = "What is the capital of France?"
+    result = run("generate", "--server", server.target, "-t", "0", "-n", "20", "--chat", question)
     assert result.returncode == 0, result.stderr
-    expected = grpc_greedy_text(
-        stub, max_tokens=20, messages=[pb.ChatMessage(role="user", content="What is the capital of France?")]
-    )
-    assert result.stdout == expected + "\n"
-    with_system = run("generate", "--server", server.target, "-t", "0", "-n", "20", "--system", "Answer in French.",
-                      "What is the capital of France?")
-    assert with_system.returncode == 0 and with_system.stdout != result.stdout
+    assert result.stdout == grpc_greedy_text(stub, max_tokens=20, messages=[pb.ChatMessage(role="user", content=question)]) + "\n"
+    system = "Answer in French."
+    with_system = run("generate", "--server", server.target, "-t", "0", "-n", "20", "--system", system, question)
+    assert with_system.returncode == 0, with_system.stderr
+    expected = grpc_greedy_text(stub, max_tokens=20, messages=[pb.ChatMessage(role="system", content=system),
+                                                               pb.ChatMessage(role="user", content=question)])
+    assert with_system.stdout == expected + "\n" != result.stdout
 
 
-def test_stop_and_sampling_flags_reach_the_server(server) -> None:
-    base = ["generate", "--server", server.target, "-n", "16", "--seed", "5", "--temperature", "0.9", "--top-p", "0.9",
-            "--top-k", "40", "Tell me about the moon."]
-    first, second = run(*base), run(*base)
-    assert first.returncode == 0 and first.stdout == second.stdout
-    word = first.stdout.split()[len(first.stdout.split()) // 2]
-    stopped = run(*base, "--stop", word)
-    assert stopped.returncode == 0 and word not in stopped.stdout
-    assert stopped.stdout == first.stdout[: first.stdout.index(word)] + "\n"
+# Seeded sampling; each value changes the tokens (checked below), so a flag lost on the way shows.
+SAMPLING = {"temperature": 1.0, "seed": 7}
+FLAGS = {"top_p": 0.5, "top_k": 3, "min_p": 0.2, "repetition_penalty": 1.5}
+PROMPT = "Tell me about the moon."
+
+
+def test_sampling_flags_reach_the_server(server, stub) -> None:
+    def over_grpc(**extra) -> str:
+        return "".join(grpc_pieces(stub, pb.SamplingParams(**SAMPLING, **extra), prompt=PROMPT, max_tokens=12))
+
+    expected = {name: over_grpc(**{name: value}) for name, value in FLAGS.items()}
+    default = over_grpc()
+    assert len({default, *expected.values()}) == len(FLAGS) + 1, "every value must change the tokens"
+    base = ["generate", "--server", server.target, "-n", "12", "--temperature", "1.0", "--seed", "7"]
+    for name, value in FLAGS.items():
+        result = run(*base, f"--{name.replace('_', '-')}", str(value), PROMPT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected[name] + "\n", name
+
+
+def test_stop_flag_reaches_the_server(server, stub, int4_dir: Path) -> None:
+    pieces = grpc_pieces(stub, prompt="Once upon a time", max_tokens=24)
+    stop, at = stop_spanning_tokens(pieces)
+    assert len(TokenizerBundle(int4_dir).encode(stop)) >= 2, f"{stop!r} must span tokens"
+    stopped = run("generate", "--server", server.target, "-t", "0", "-n", "24", "--stop", "zzz-never", "--stop", stop,
+                  "Once upon a time")
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout == "".join(pieces)[:at] + "\n"
 
 
 def test_models_lists_the_store(server) -> None:
@@ -102,8 +141,10 @@ def test_server_errors_are_one_line_too(server) -> None:
 
 
 @pytest.mark.no_cuda
-def test_cuda_without_a_gpu_says_so(models_dir) -> None:
-    result = run("serve", "--device", "cuda", "--port", str(free_port()), "--models-dir", str(models_dir), timeout=60)
+def test_cuda_without_a_gpu_says_so(models_dir, tmp_path) -> None:
+    # A chat database of its own: the user's default one (maybe from another tokenwire) is no part of this.
+    result = run("serve", "--device", "cuda", "--port", str(free_port()), "--models-dir", str(models_dir),
+                 "--database", str(tmp_path / "chats.db"), "--metrics-port", "0", timeout=60)
     assert result.returncode == 1
     assert "cuda" in result.stderr and "onnxruntime-gpu" in result.stderr and "Traceback" not in result.stderr
 

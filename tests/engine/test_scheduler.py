@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import start_server
+from conftest import DEFAULT_INT4, start_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenwire.server.engine.fast_engine import FastEngine
 from tokenwire.server.engine.graph import is_fast_graph
@@ -238,32 +240,96 @@ def test_queue_full_over_grpc_is_resource_exhausted_at_once(models_dir, tmp_path
 
 def test_deadline_ends_generation(stub, server) -> None:
     list(stub.Generate(pb.GenerateRequest(prompt="warm up", max_tokens=1), timeout=60))  # load the model first
-    call = stub.Generate(pb.GenerateRequest(prompt="Tell me everything.", max_tokens=3000, ignore_eos=True), timeout=1.5)
+    request_id = f"deadline-{time.monotonic_ns()}"
+    call = stub.Generate(pb.GenerateRequest(prompt="Tell me everything.", max_tokens=3000, ignore_eos=True,
+                                            request_id=request_id), timeout=1.5)
+    received = 0
     with pytest.raises(grpc.RpcError) as info:
-        list(call)
+        for response in call:
+            received += response.WhichOneof("event") == "token"
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    done = threading.Event()
+    assert received > 0, "the generation had started when its deadline passed"
+    # The server logs how each request ended, by its id: this one was cancelled, not run to 3000.
+    pattern = re.compile(rf"request {re.escape(request_id)} .*generated=(\d+) .*finish=(\w+)")
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not done.is_set():
-        if any("finish=cancelled" in ln and "generated=" in ln for ln in server.log().splitlines()):
-            done.set()
+    while not (match := pattern.search(server.log())) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert done.is_set(), "the server should end a generation whose deadline passed"
+    assert match, f"the server should end a generation whose deadline passed (no ending for {request_id})"
+    assert match.group(2) == "cancelled", match.group(0)
+    assert received <= int(match.group(1)) < 3000, match.group(0)
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of a Prometheus endpoint: (name, sorted labels) -> value."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def scrape_until(url: str, done, timeout: float = 10) -> dict:
+    """Scrapes until done(samples) holds (counters are bumped just after the finished event is sent)."""
+    deadline = time.monotonic() + timeout
+    while not done(samples := scrape(url)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return samples
+
+
+COUNTERS = {  # what one request adds to the server's counters, by name here
+    "tokens": ("tokenwire_tokens_generated_total", {}),
+    "finished length": ("tokenwire_requests_total", {"finish_reason": "length"}),
+    "finished stop": ("tokenwire_requests_total", {"finish_reason": "stop"}),
+    "first tokens": ("tokenwire_time_to_first_token_seconds_count", {}),
+    "token gaps": ("tokenwire_inter_token_latency_seconds_count", {}),
+    "prefix hits": ("tokenwire_prefix_cache_lookups_total", {"result": "hit"}),
+    "prefix misses": ("tokenwire_prefix_cache_lookups_total", {"result": "miss"}),
+    "reused tokens": ("tokenwire_prefix_cache_reused_tokens_total", {}),
+}
+
+
+def counter_deltas(after: dict, before: dict, model: str) -> dict[str, float]:
+    return {key: sample(after, name, model=model, **labels) - sample(before, name, model=model, **labels)
+            for key, (name, labels) in COUNTERS.items()}
 
 
 def test_server_metrics_in_prometheus_format(stub, server) -> None:
-    import urllib.request
+    model = {"model": DEFAULT_INT4}
 
-    list(stub.Generate(pb.GenerateRequest(prompt="Metrics please", max_tokens=5, ignore_eos=True), timeout=60))
+    def idle(s: dict) -> bool:
+        return sample(s, "tokenwire_batch_size", **model) == 0 and sample(s, "tokenwire_queue_length", **model) == 0
+
+    def generate() -> pb.Finished:
+        request = pb.GenerateRequest(prompt="Metrics please: count the tokens of this request, then of its twin.",
+                                     max_tokens=5, ignore_eos=True, model=DEFAULT_INT4)
+        return [r.finished for r in stub.Generate(request, timeout=60) if r.HasField("finished")][0]
+
+    def counted(before: dict):
+        return lambda s: counter_deltas(s, before, DEFAULT_INT4)["tokens"] >= 5
+
+    before = scrape_until(server.metrics_url, idle)  # earlier tests' generations have ended
+    assert idle(before)
+    first = generate()
+    middle = scrape_until(server.metrics_url, counted(before))
+    second = generate()  # the same prompt again: its prefix is reused
+    after = scrape_until(server.metrics_url, counted(middle))
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     for name in ("tokenwire_queue_length", "tokenwire_batch_size", "tokenwire_time_to_first_token_seconds_bucket",
                  "tokenwire_inter_token_latency_seconds_bucket", "tokenwire_tokens_generated_total",
                  "tokenwire_requests_total", "tokenwire_prefix_cache_lookups_total", "tokenwire_model_load_seconds_count"):
         assert name in text, name
-    generated = sum(float(line.split()[-1]) for line in text.splitlines()
-                    if line.startswith("tokenwire_tokens_generated_total{"))
-    assert generated >= 5
-    assert 'finish_reason="length"' in text
+    # Each request adds exactly its own tokens, its ending, its one prefix lookup and what it reused.
+    assert first.usage.completion_tokens == second.usage.completion_tokens == 5
+    assert second.usage.cached_prompt_tokens == second.usage.prompt_tokens - 1 > 8
+    one_request = {"tokens": 5, "finished length": 1, "finished stop": 0, "first tokens": 1, "token gaps": 4}
+    missed = first.usage.cached_prompt_tokens == 0
+    assert counter_deltas(middle, before, DEFAULT_INT4) == {
+        **one_request, "prefix hits": int(not missed), "prefix misses": int(missed),
+        "reused tokens": first.usage.cached_prompt_tokens}
+    assert counter_deltas(after, middle, DEFAULT_INT4) == {
+        **one_request, "prefix hits": 1, "prefix misses": 0, "reused tokens": second.usage.cached_prompt_tokens}
 
 
 async def test_queue_bound_holds_while_the_batch_is_not_full(model) -> None:
