@@ -16,6 +16,7 @@ test); conftest loads it as a plugin.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
@@ -46,6 +47,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # fixturenames is the closure: fixtures requested through other fixtures count too.
         if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
+    """A stop string that starts inside one streamed token and ends in the next: token k's word
+    without its leading space, then token k+1. Returns it and where it starts in the text; the
+    text before it ends with that space, the start of token k."""
+    full = "".join(pieces)
+    starts = list(itertools.accumulate(map(len, pieces), initial=0))
+    for k in range(len(pieces) // 2, len(pieces) - 1):
+        head, tail = pieces[k], pieces[k + 1]
+        word = head.lstrip()
+        if word == head or not word.isalpha() or not tail.strip():
+            continue
+        stop, at = word + tail, starts[k] + len(head) - len(word)
+        if full.find(stop) == at:  # its first occurrence is this one
+            assert starts[k] < at < starts[k + 1] < at + len(stop) <= starts[k + 2]
+            return stop, at
+    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 import threading
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import DEFAULT_FP32, DEFAULT_INT4, start_server
+from conftest import DEFAULT_FP32, DEFAULT_INT4, start_server, stop_spanning_tokens
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -41,24 +40,6 @@ def collect(stub, request, timeout: float = 120) -> tuple[list[pb.TokenDelta], p
 
 def text_of(tokens) -> str:
     return "".join(t.text for t in tokens)
-
-
-def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
-    """A stop string that starts inside one streamed token and ends in the next: token k's word
-    without its leading space, then token k+1. Returns it and where it starts in the text; the
-    text before it ends with that space, the start of token k."""
-    full = "".join(pieces)
-    starts = list(itertools.accumulate(map(len, pieces), initial=0))
-    for k in range(len(pieces) // 2, len(pieces) - 1):
-        head, tail = pieces[k], pieces[k + 1]
-        word = head.lstrip()
-        if word == head or not word.isalpha() or not tail.strip():
-            continue
-        stop, at = word + tail, starts[k] + len(head) - len(word)
-        if full.find(stop) == at:  # its first occurrence is this one
-            assert starts[k] < at < starts[k + 1] < at + len(stop) <= starts[k + 2]
-            return stop, at
-    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def test_health_and_reflection(channel) -> None:

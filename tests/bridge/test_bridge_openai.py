@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import openai
 import pytest
-from conftest import DEFAULT_FP32, DEFAULT_INT4
+from conftest import DEFAULT_FP32, DEFAULT_INT4, stop_spanning_tokens
 
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
@@ -38,18 +37,6 @@ def grpc_generate(stub, max_tokens: int, sampling: pb.SamplingParams | None = No
 def grpc_greedy(stub, max_tokens: int, **kwargs) -> tuple[str, pb.Finished]:
     tokens, finished = grpc_generate(stub, max_tokens, **kwargs)
     return "".join(t.text for t in tokens), finished
-
-
-def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
-    """A stop string that starts inside one token (after its leading space) and ends in the next,
-    and where it first occurs."""
-    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
-    for k in range(len(pieces) // 2, len(pieces) - 1):
-        word = pieces[k].lstrip()
-        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
-        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
-            return stop, at
-    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def grpc_finish(finished: pb.Finished) -> str:

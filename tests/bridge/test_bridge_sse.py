@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import re
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import DEFAULT_INT4, start_bridge, start_server
+from conftest import DEFAULT_INT4, start_bridge, start_server, stop_spanning_tokens
 
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
@@ -73,18 +72,6 @@ def grpc_tokens(stub, max_tokens: int, sampling: pb.SamplingParams | None = None
 
 def grpc_greedy_text(stub, max_tokens: int, **kwargs) -> str:
     return "".join(t.text for t in grpc_tokens(stub, max_tokens, **kwargs))
-
-
-def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
-    """A stop string that starts inside one token (after its leading space) and ends in the next,
-    and where it first occurs."""
-    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
-    for k in range(len(pieces) // 2, len(pieces) - 1):
-        word = pieces[k].lstrip()
-        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
-        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
-            return stop, at
-    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def ending(log: str, request_id: str) -> re.Match | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_INT4, cli, free_port
+from conftest import DEFAULT_INT4, cli, free_port, stop_spanning_tokens
 
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.v1 import inference_pb2 as pb
@@ -28,18 +27,6 @@ def grpc_pieces(stub, sampling: pb.SamplingParams | None = None, **kwargs) -> li
 
 def grpc_greedy_text(stub, **kwargs) -> str:
     return "".join(grpc_pieces(stub, **kwargs))
-
-
-def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
-    """A stop string that starts inside one token (after its leading space) and ends in the next,
-    and where it first occurs."""
-    full, starts = "".join(pieces), list(itertools.accumulate(map(len, pieces), initial=0))
-    for k in range(len(pieces) // 2, len(pieces) - 1):
-        word = pieces[k].lstrip()
-        stop, at = word + pieces[k + 1], starts[k] + len(pieces[k]) - len(word)
-        if word != pieces[k] and word.isalpha() and pieces[k + 1].strip() and full.find(stop) == at:
-            return stop, at
-    raise AssertionError(f"no two-token stop string in {pieces}")
 
 
 def test_generate_streams_to_stdout_as_tokens_arrive(server, stub) -> None:
