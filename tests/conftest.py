@@ -32,7 +32,9 @@ from tokenwire.server.models.store import ModelStore, default_store_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["skip_policy"]  # tests/skip_policy.py: TOKENWIRE_REQUIRE_ALL and the allowed skips
+# tests/skip_policy.py: TOKENWIRE_REQUIRE_ALL and the allowed skips; tests/fake_engine.py: the `start` and
+# `tok` fixtures of the scheduler tests on the fake engine.
+pytest_plugins = ["skip_policy", "fake_engine"]
 
 DEFAULT_FP32 = "smollm2-135m:fp32"
 DEFAULT_INT4 = "smollm2-135m:int4"

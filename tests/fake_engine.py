@@ -27,9 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from tokenwire.server.engine.batch_engine import BatchEngine, KVCache, PrefillState
+from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 
 EOS = 0
@@ -55,6 +57,11 @@ def expected(prompt: list[int], max_tokens: int, eos_after: int | None = None) -
     while len(out) < max_tokens and (eos_after is None or len(out) < eos_after):
         out.append(next_token(prompt + out))
     return out
+
+
+def prompt(tag: int, length: int = 4) -> list[int]:
+    """A prompt of `length` words starting with its own `tag` token (the engine's log names it so)."""
+    return [tag] + [FIRST_WORD + (tag + i) % 20 for i in range(1, length)]
 
 
 def make_tokenizer() -> TokenizerBundle:
@@ -211,3 +218,28 @@ class FakeEngine(BatchEngine):
         self._enter("reset")
         self.resets += 1
         self._rows = []
+
+
+# ---- fixtures of the scheduler tests (tests/conftest.py loads this module as a plugin) ---------
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def start():
+    """start(engine=None, **SchedulerConfig fields) -> (scheduler, engine); the prefix cache is
+    off unless asked for. Every scheduler is stopped at the end of the test."""
+    started: list[Scheduler] = []
+
+    def start(engine: FakeEngine | None = None, **config) -> tuple[Scheduler, FakeEngine]:
+        engine = engine or FakeEngine()
+        scheduler = Scheduler(engine, SchedulerConfig(**{"prefix_cache_bytes": 0, **config}), name="fake")
+        started.append(scheduler)
+        return scheduler, engine
+
+    yield start
+    for scheduler in started:
+        scheduler.engine.release()
+        scheduler.stop()

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
-from fake_engine import FIRST_WORD, FakeEngine, expected, make_tokenizer
+from fake_engine import FakeEngine, expected, prompt
 
 from tokenwire.server.engine.sampling import SamplingConfig
-from tokenwire.server.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, SequenceHandle, wait_idle
+from tokenwire.server.engine.scheduler import QueueFull, SequenceHandle, wait_idle
 from tokenwire.server.engine.sequence import (
     FinishedEvent,
     FinishReason,
@@ -21,31 +20,6 @@ from tokenwire.server.engine.sequence import (
 )
 
 TIMEOUT = 5
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture
-def start():
-    started: list[Scheduler] = []
-
-    def start(engine: FakeEngine | None = None, **config) -> tuple[Scheduler, FakeEngine]:
-        engine = engine or FakeEngine()
-        scheduler = Scheduler(engine, SchedulerConfig(**{"prefix_cache_bytes": 0, **config}), name="fake")
-        started.append(scheduler)
-        return scheduler, engine
-
-    yield start
-    for scheduler in started:
-        scheduler.engine.release()
-        scheduler.stop()
-
-
-def prompt(tag: int, length: int = 4) -> list[int]:
-    return [tag] + [FIRST_WORD + (tag + i) % 20 for i in range(1, length)]
 
 
 def request(tag: int, max_tokens: int = 3, user: str = "") -> GenerationRequest:

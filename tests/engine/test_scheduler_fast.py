@@ -14,13 +14,12 @@ import asyncio
 import threading
 
 import pytest
-from fake_engine import EOS, FIRST_WORD, POISON, FakeEngine, expected, make_tokenizer
+from fake_engine import EOS, POISON, FakeEngine, expected, prompt
 
 from tokenwire.server.engine.sampling import SamplingConfig
 from tokenwire.server.engine.scheduler import (
     QueueFull,
     Scheduler,
-    SchedulerConfig,
     SchedulerUnavailable,
     SequenceHandle,
 )
@@ -34,33 +33,6 @@ from tokenwire.server.engine.sequence import (
 )
 
 TIMEOUT = 5  # seconds for any one stream; every test here takes milliseconds
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture
-def start():
-    """start(engine=None, **SchedulerConfig fields) -> (scheduler, engine); the prefix cache is
-    off unless asked for. Every scheduler is stopped at the end of the test."""
-    started: list[Scheduler] = []
-
-    def start(engine: FakeEngine | None = None, **config) -> tuple[Scheduler, FakeEngine]:
-        engine = engine or FakeEngine()
-        scheduler = Scheduler(engine, SchedulerConfig(**{"prefix_cache_bytes": 0, **config}), name="fake")
-        started.append(scheduler)
-        return scheduler, engine
-
-    yield start
-    for scheduler in started:
-        scheduler.engine.release()
-        scheduler.stop()
-
-
-def prompt(tag: int, length: int = 4) -> list[int]:
-    return [tag] + [FIRST_WORD + (tag + i) % 20 for i in range(1, length)]
 
 
 def request(tag: int, max_tokens: int = 3, user: str = "", length: int = 4, **kw) -> GenerationRequest:
