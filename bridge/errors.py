@@ -50,6 +50,10 @@ _REASON_CODES = {
     "API_KEY_INVALID": "invalid_api_key",
     "ADMIN_KEY_REQUIRED": "admin_key_required",
     "SERVER_DRAINING": "server_draining",
+    "MODEL_UNLOADING": "model_unloading",
+    "CHAT_TOO_LARGE": "chat_too_large",
+    "STORE_UNAVAILABLE": "store_unavailable",
+    "REPLY_NOT_STORED": "reply_not_stored",
     "PROMPT_TOO_LARGE": "request_too_large",
 }
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -104,6 +108,14 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
         message = f"the model server is unreachable at {target}: is `tokenwire serve` running? ({details})"
     elif code == grpc.StatusCode.UNAVAILABLE:
         message = f"the model server at {target} is unavailable: {details}"
+        if _retry_after(exc) is not None:  # draining, a model unloading, the chat database busy
+            headers["Retry-After"] = str(_retry_after(exc))
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and not reason:
+        # Not the server's refusal (which names a reason) but this side's gRPC limits, e.g. a
+        # reply over the message size: a fault between the two, not the client's rate.
+        status, err_type, err_code = _UPSTREAM_FAILURE
+        message = (f"the model server failed (RESOURCE_EXHAUSTED without a reason: a gRPC limit such as the "
+                   f"message size, not a refusal): {details}")
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after(exc) or retry_after_s)
     elif status == 502:

@@ -24,7 +24,13 @@ from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
 from tokenwire.server.engine.requests import InvalidRequest
 from tokenwire.server.engine.scheduler import QueueFull, SchedulerUnavailable
 from tokenwire.server.engine.session import DeviceUnavailable
-from tokenwire.server.models.manager import ModelBusy, ModelLoadError, ModelNotFound, ModelTooLarge
+from tokenwire.server.models.manager import (
+    ModelBusy,
+    ModelLoadError,
+    ModelNotFound,
+    ModelTooLarge,
+    ModelUnloading,
+)
 
 DOMAIN = "tokenwire.dev"
 
@@ -60,6 +66,7 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (ModelNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model")),
     (ChatNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "CHAT_NOT_FOUND", "chat_id")),
     (QueueFull, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")),
+    (ModelUnloading, Refusal(grpc.StatusCode.UNAVAILABLE, "MODEL_UNLOADING", "model")),
     (ModelBusy, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_BUSY", "model")),
     (ModelTooLarge, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_TOO_LARGE", "model")),
     (ModelLoadError, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_LOAD_FAILED", "model")),

@@ -22,7 +22,7 @@ from tokenwire.server.engine.context_fit import build_chat_request
 from tokenwire.server.engine.requests import build_request, check_shape
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence, TokenEvent
-from tokenwire.server.models.manager import LoadedModel, ModelManager
+from tokenwire.server.models.manager import ModelManager
 from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
@@ -89,7 +89,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             else:
                 check_shape(params, self.config.max_request_bytes)
                 entry = await loop.run_in_executor(None, self.models.resolve, params.model)
-            model = await acquire(self.models, entry)  # a lease, released below
+            model = await self.models.acquire_async(entry)  # a lease, released below
             if turn is not None:
                 gen_request, turn.dropped_messages = await loop.run_in_executor(
                     None, build_chat_request, params, turn.start.context, model, self.config.default_max_tokens,
@@ -172,26 +172,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         await self._require_admin(context)
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(None, self.models.unload, request.model)
+            result = await loop.run_in_executor(self.models.pool, self.models.unload, request.model)
         except DOMAIN_ERRORS as exc:
             await abort_for(context, exc)
         info = await loop.run_in_executor(None, describe, self.models, result.model_id)
         return pb.UnloadModelResponse(model=info, was_loaded=result.was_loaded, drain_ms=result.drain_seconds * 1000)
-
-
-async def acquire(models: ModelManager, entry: ModelEntry) -> LoadedModel:
-    """ModelManager.acquire off the event loop. If the call is cancelled while the model loads,
-    the lease taken when the load ends is handed back, so the model can still unload."""
-    job = asyncio.get_running_loop().run_in_executor(None, models.acquire, entry)
-    try:
-        return await asyncio.shield(job)
-    except asyncio.CancelledError:
-        def give_back(done: asyncio.Future) -> None:
-            if not done.cancelled() and done.exception() is None:
-                models.release(done.result())
-
-        job.add_done_callback(give_back)
-        raise
 
 
 def model_info(models: ModelManager, entry: ModelEntry, aliases: dict[str, str], default_id: str) -> pb.ModelInfo:
@@ -250,7 +235,7 @@ async def load_model(
         entry = await loop.run_in_executor(None, models.resolve, request.model)
     except DOMAIN_ERRORS as exc:
         await abort_for(context, exc)
-    job = loop.run_in_executor(None, models.preload, entry, keep_alive, progress)
+    job = loop.run_in_executor(models.pool, models.preload, entry, keep_alive, progress)
     while True:
         getter = asyncio.ensure_future(events.get())
         await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)

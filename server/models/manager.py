@@ -3,8 +3,11 @@
 * Loading is single-flight: concurrent first requests for one model wait on the same load.
   Loads of different models run one at a time (so the memory each adds can be measured).
 * Every request holds a lease on its model (`acquire` ... `release`). An unload waits for
-  the leases to end and the scheduler to go idle, so running streams always finish first;
-  requests that arrive meanwhile wait and load the model again.
+  the leases to end and the scheduler to go idle, so running streams always finish first.
+  The server's requests take leases with `acquire_async`: a load runs on the manager's own
+  thread pool while the request's task awaits it, and a request for a model being unloaded is
+  refused at once (ModelUnloading: retry shortly) rather than parking a thread until the
+  unload ends; tools calling `acquire` wait for the unload and load the model again.
 * Limits: at most `max_loaded` models and `memory_budget_bytes` of memory. When one more
   would pass either, the least recently used idle model is unloaded first; when every
   loaded model is busy the load waits up to `room_wait_s`, then fails with ModelBusy.
@@ -21,6 +24,8 @@ is first loaded, its need is estimated as LOAD_OVERHEAD x its weight files.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -77,6 +82,15 @@ class ModelBusy(RuntimeError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ModelUnloading(ModelBusy):
+    """The model is being unloaded (its last streams are finishing): retry in a moment, when it
+    loads again. A server request gets this at once instead of parking a thread until the unload ends."""
+
+
+# How long a request for a model being unloaded is told to wait before it retries.
+UNLOADING_RETRY_S = 1
 
 
 @dataclass
@@ -153,8 +167,16 @@ class UnloadResult:
 
 @dataclass
 class _Load:
+    """One load in flight: threads wait on `done`, event-loop tasks on `future` (both set together)."""
+
     done: threading.Event = field(default_factory=threading.Event)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     error: BaseException | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.done.set()
+        self.future.set_result(None)
 
 
 @dataclass
@@ -194,6 +216,10 @@ class ModelManager:
         self._failed: dict[str, tuple[str, tuple]] = {}
         self._history: dict[str, _History] = {}
         self._closed = False
+        # Loads, preloads and unloads wait (for a load lock, for room, for streams to drain): they
+        # run here, never on the event loop's shared executor, so waiting on one model cannot
+        # starve requests for the others.
+        self.pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="model-work")
         self._reaper = threading.Thread(target=self._reap_loop, name="model-reaper", daemon=True)
         self._reaper.start()
 
@@ -283,6 +309,43 @@ class ModelManager:
             if pending.error is not None:
                 raise _again(pending.error)
 
+    async def acquire_async(self, entry: ModelEntry) -> LoadedModel:
+        """`acquire` for the event loop: a loaded model at once; a load runs on `pool` while the
+        task awaits it (as do tasks that want the same model meanwhile: no thread waits for
+        them); a model being unloaded raises ModelUnloading (retry shortly) instead of waiting.
+        If the task is cancelled while its model loads, the lease the load takes is handed back."""
+        if entry.error:
+            raise ModelLoadError(f"model {entry.id} is broken: {entry.error}")
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if entry.id in self._unloading:
+                    raise ModelUnloading(f"model {entry.id} is being unloaded (its running streams are "
+                                         "finishing); retry in a moment and it loads again",
+                                         UNLOADING_RETRY_S)
+                model = self._loaded.get(entry.id)
+                if model is not None:
+                    self._lease(model)
+                    return model
+                pending = self._loading.get(entry.id)
+                owner = pending is None
+                if owner:
+                    pending = self._loading[entry.id] = _Load()
+            if owner:
+                job = loop.run_in_executor(self.pool, self._load_owned, entry, pending, _quiet)
+                try:
+                    return await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    job.add_done_callback(self._give_back)
+                    raise
+            await asyncio.shield(asyncio.wrap_future(pending.future))  # shield: others wait on it too
+            if pending.error is not None:
+                raise _again(pending.error)
+
+    def _give_back(self, done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.release(done.result())
+
     def release(self, model: LoadedModel, keep_alive_s: float | None = None) -> None:
         """Ends a lease. When it was the last, the model expires after `keep_alive_s` seconds
         (None: the server default; 0: at once; negative: never)."""
@@ -327,9 +390,8 @@ class ModelManager:
                 del self._loading[entry.id]
                 if isinstance(error, ModelLoadError):
                     self._failed[entry.id] = (str(error), _fingerprint(entry.path))
-                pending.error = error
                 self._cond.notify_all()
-            pending.done.set()
+            pending.finish(error)
             log.warning("%s", error)
             if error is exc:
                 raise
@@ -347,7 +409,7 @@ class ModelManager:
             self._lease(model)
             count = history.load_count
             self._cond.notify_all()
-        pending.done.set()
+        pending.finish()
         log.info("loaded model %s in %.2fs (load #%d, resident %.1f MB)", entry.id, model.load_seconds,
                  count, model.resident_bytes / 1e6)
         self._trim(keep=entry.id)
@@ -547,6 +609,7 @@ class ModelManager:
             self._cond.notify_all()
         for model in models:
             model.scheduler.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _fingerprint(folder: Path) -> tuple:

@@ -107,7 +107,10 @@ STATUSES = [
     ("DATA_LOSS", 502, "upstream_error"),
     ("UNAVAILABLE", 503, "server_unavailable"),
     ("FAILED_PRECONDITION", 503, "model_unavailable"),
-    ("RESOURCE_EXHAUSTED", 429, "rate_limit_exceeded"),
+    # Without an ErrorInfo reason RESOURCE_EXHAUSTED is a gRPC limit (a reply over the message size),
+    # not the server's refusal: the server's own (QUEUE_FULL, MODEL_BUSY) are 429s, tested over the
+    # real server in test_request_mapping.py.
+    ("RESOURCE_EXHAUSTED", 502, "upstream_error"),
 ]
 
 
