@@ -17,6 +17,7 @@ from tokenwire.server.api.auth import Authenticator, AuthInterceptor
 from tokenwire.server.api.history import HistoryService
 from tokenwire.server.api.inference import InferenceService
 from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.engine.scheduler import read_shared_prompts
 from tokenwire.server.engine.session import providers_for
 from tokenwire.server.models.manager import ModelManager
 from tokenwire.server.models.store import ModelStore
@@ -30,6 +31,7 @@ log = logging.getLogger("tokenwire.server")
 
 def open_chat_store(config: ServerConfig) -> ChatWorker:
     chats = ChatWorker.open(config.database)
+    chats.store.max_chat_bytes = config.max_chat_bytes
     interrupted = chats.store.interrupted_at_start
     log.info("chat database %s%s", chats.store.describe(),
              f" ({interrupted} unfinished replies marked interrupted)" if interrupted else "")
@@ -48,6 +50,10 @@ class Running:
 
 async def start_server(config: ServerConfig, chats: ChatWorker | None = None) -> Running:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
+    try:
+        read_shared_prompts(config.scheduler.shared_prefix_file)  # read again at each model load
+    except (OSError, ValueError) as exc:
+        raise OSError(f"--shared-prefix-file: {exc}") from exc
     chats = chats or open_chat_store(config)
     if not is_loopback(config.host) and not config.insecure_open and not await chats.call(chats.keys.required):
         raise OSError(f"refusing to serve {config.host} without API keys: anyone who reaches it could read every "

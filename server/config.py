@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenwire.server.chats.db import default_database
+from tokenwire.server.chats.store import DEFAULT_MAX_CHAT_BYTES
 from tokenwire.server.engine.scheduler import SchedulerConfig
 from tokenwire.server.models.manager import ModelLimits
 from tokenwire.server.models.store import default_store_path
@@ -48,6 +49,9 @@ class ServerConfig:
                             "need --tls-ca (or a CA their system trusts)")
     tls_key: str = setting("", "PEM private key of --tls-cert")
     database: str = setting(default_database, "chat database: a path (SQLite) or a URL such as postgresql://...")
+    max_chat_bytes: int = setting(DEFAULT_MAX_CHAT_BYTES, "largest chat kept (its messages' text, bytes, or 64M); "
+                                  "a message that would pass it is refused (start a new chat); 0 = no cap",
+                                  parse=parse_bytes)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: ModelLimits = field(default_factory=ModelLimits)
 

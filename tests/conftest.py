@@ -69,6 +69,14 @@ def stop_spanning_tokens(pieces: list[str]) -> tuple[str, int]:
     raise AssertionError(f"no two-token stop string in {pieces}")
 
 
+def wait_until(check, timeout: float = 10.0) -> None:
+    """Polls check() until it is true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

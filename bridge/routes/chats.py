@@ -11,7 +11,7 @@ import grpc
 from aiohttp import web
 
 from tokenwire.bridge.credentials import grpc_metadata
-from tokenwire.bridge.errors import invalid_param
+from tokenwire.bridge.errors import ApiError, invalid_param
 from tokenwire.bridge.fields import SAMPLING
 from tokenwire.bridge.params import Params
 from tokenwire.bridge.proto_request import (
@@ -103,8 +103,14 @@ async def create_chat(request: web.Request) -> web.Response:
 
 
 async def get_chat(request: web.Request) -> web.Response:
-    reply = await _history(request, _stub(request).GetChat, hpb.GetChatRequest(chat_id=request.match_info["chat_id"]))
-    return web.json_response({"chat": chat_json(reply.chat), "messages": [message_json(m) for m in reply.messages]})
+    """The whole chat, read from the server a page at a time (a page stays under gRPC's limits)."""
+    chat_id, token, messages = request.match_info["chat_id"], "", []
+    while True:
+        reply = await _history(request, _stub(request).GetChat, hpb.GetChatRequest(chat_id=chat_id, page_token=token))
+        messages += [message_json(m) for m in reply.messages]
+        token = reply.next_page_token
+        if not token:
+            return web.json_response({"chat": chat_json(reply.chat), "messages": messages})
 
 
 async def rename_chat(request: web.Request) -> web.Response:
@@ -141,11 +147,27 @@ async def export_chat(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "markdown", "md"):
         raise invalid_param("format", f"format must be json or markdown, got {fmt!r}")
-    reply = await _history(request, _stub(request).ExportChat, hpb.ExportChatRequest(
-        chat_id=request.match_info["chat_id"],
-        format=hpb.EXPORT_FORMAT_JSON if fmt == "json" else hpb.EXPORT_FORMAT_MARKDOWN))
-    return web.Response(text=reply.content, content_type=reply.media_type, charset="utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="{reply.filename}"'})
+    ask = hpb.ExportChatRequest(chat_id=request.match_info["chat_id"],
+                                format=hpb.EXPORT_FORMAT_JSON if fmt == "json" else hpb.EXPORT_FORMAT_MARKDOWN)
+    # Streamed from the server in chunks (an export of any size), and on to the client as it comes.
+    chunks = _stub(request).ExportChatStream(ask, timeout=_TIMEOUT_S, metadata=grpc_metadata())
+    response: web.StreamResponse | None = None
+    try:
+        async for chunk in chunks:
+            if response is None:
+                response = web.StreamResponse(headers={
+                    "Content-Type": f"{chunk.media_type}; charset=utf-8",
+                    "Content-Disposition": f'attachment; filename="{chunk.filename}"'})
+                await response.prepare(request)
+            await response.write(chunk.content.encode())
+    except grpc.aio.AioRpcError as exc:
+        if response is None:  # nothing sent yet: the error is the answer
+            raise request.app[UPSTREAM].error(exc) from exc
+        raise  # cut mid-export: the client sees a truncated body, not a complete file
+    if response is None:
+        raise ApiError(502, "the model server sent an empty export", type="server_error", code="upstream_error")
+    await response.write_eof()
+    return response
 
 
 class ChatEvents(StreamEvents):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from tokenwire.clients.chat_pages import whole_chat
 from tokenwire.clients.connection import describe_rpc_error, open_channel, server_target
 from tokenwire.enums import enum_name
 
@@ -121,10 +122,9 @@ def _status_name(status: int) -> str:
 
 
 def cmd_history_show(args: argparse.Namespace) -> int:
-    from tokenwire.v1 import history_pb2 as hpb
 
     def run(stub) -> int:
-        reply = stub.GetChat(hpb.GetChatRequest(chat_id=args.chat_id), timeout=30)
+        reply = whole_chat(stub, args.chat_id)
         if args.json:
             print(json.dumps(_to_dict(reply), indent=2))
             return 0
@@ -196,15 +196,23 @@ def cmd_history_export(args: argparse.Namespace) -> int:
     fmt = hpb.EXPORT_FORMAT_MARKDOWN if args.format in ("markdown", "md") else hpb.EXPORT_FORMAT_JSON
 
     def run(stub) -> int:
-        reply = stub.ExportChat(hpb.ExportChatRequest(chat_id=args.chat_id, format=fmt), timeout=30)
+        chunks = stub.ExportChatStream(hpb.ExportChatRequest(chat_id=args.chat_id, format=fmt), timeout=300)
+        first = next(chunks)  # the errors come before any text is written
         if args.output:
             out = Path(args.output)
             if out.is_dir():
-                out = out / safe_filename(reply.filename, args.chat_id, fmt == hpb.EXPORT_FORMAT_MARKDOWN)
-            out.write_text(reply.content)
+                out = out / safe_filename(first.filename, args.chat_id, fmt == hpb.EXPORT_FORMAT_MARKDOWN)
+            partial = out.with_name(out.name + ".part")
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(first.content)
+                for chunk in chunks:
+                    f.write(chunk.content)
+            partial.replace(out)  # a cut stream leaves no half file under the real name
             print(f"wrote {out}", file=sys.stderr)
         else:
-            sys.stdout.write(reply.content)
+            sys.stdout.write(first.content)
+            for chunk in chunks:
+                sys.stdout.write(chunk.content)
         return 0
 
     return _rpc(args, run)

@@ -13,6 +13,7 @@ from typing import TextIO
 
 import grpc
 
+from tokenwire.clients.chat_pages import whole_chat
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
@@ -55,7 +56,7 @@ class ChatRepl:
 
     def open_chat(self, chat_id: str) -> None:
         """Continues a stored chat: shows where it stands."""
-        reply = self.history.GetChat(hpb.GetChatRequest(chat_id=chat_id), timeout=30)
+        reply = whole_chat(self.history, chat_id)
         self.chat = reply.chat
         if not self.options.model:
             self.options.model = reply.chat.model

@@ -15,7 +15,7 @@ import grpc
 
 from tokenwire.server.chats.api_keys import hash_key
 from tokenwire.server.chats.store import LOCAL_USER
-from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.chats.worker import ChatWorker, StoreUnavailable
 
 from .errors import Unauthenticated, abort_for, status_for
 
@@ -55,7 +55,7 @@ class Authenticator:
     async def keys_required(self) -> bool:
         value, expires = self._keys_required
         if time.monotonic() >= expires:
-            value = await self.worker.call(self.worker.keys.required)
+            value = await self.worker.read(self.worker.keys.required)
             self._keys_required = (value, time.monotonic() + CACHE_TTL_S)
         return value
 
@@ -63,7 +63,9 @@ class Authenticator:
         """The caller's identity from call metadata; Unauthenticated when a key is needed."""
         if not await self.keys_required():
             if self._local is None:
-                user_id = await self.worker.call(self.worker.store.ensure_user, LOCAL_USER)
+                user_id = await self.worker.read(self.worker.store.find_user, LOCAL_USER)
+                if user_id is None:
+                    user_id = await self.worker.call(self.worker.store.ensure_user, LOCAL_USER)
                 self._local = Identity(user_id, LOCAL_USER, by_key=False)
             return self._local
         token = bearer_token(metadata)
@@ -73,7 +75,7 @@ class Authenticator:
         digest = hash_key(token)
         identity, expires = self._owners.get(digest, (None, 0.0))
         if time.monotonic() >= expires:
-            owner = await self.worker.call(self.worker.keys.owner_of, token) if token else None
+            owner = await self.worker.read(self.worker.keys.owner_of, token) if token else None
             identity = Identity(owner.user_id, owner.user, by_key=True, admin=owner.admin) if owner else None
             if len(self._owners) > 10_000:
                 self._owners.clear()
@@ -86,7 +88,7 @@ class Authenticator:
         """For servicers: the interceptor has already let the call in, so this is a cache hit."""
         try:
             return await self.identify(context.invocation_metadata())
-        except Unauthenticated as exc:
+        except (Unauthenticated, StoreUnavailable) as exc:
             await abort_for(context, exc)
 
 
@@ -101,14 +103,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         try:
             await self.auth.identify(handler_call_details.invocation_metadata)
-        except Unauthenticated as exc:
+        except (Unauthenticated, StoreUnavailable) as exc:  # no key, or the key lookup failed
             handler = await continuation(handler_call_details)
             return _refusal(handler, exc) if handler is not None else None
         return await continuation(handler_call_details)
 
 
-def _refusal(handler: grpc.RpcMethodHandler, exc: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler shaped like `handler` that answers UNAUTHENTICATED."""
+def _refusal(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodHandler:
+    """A handler shaped like `handler` that answers the status of `exc`."""
     status = status_for(exc)
 
     async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):

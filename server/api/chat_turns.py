@@ -1,6 +1,8 @@
 """A Generate call on a stored chat: commit the new messages, prompt with the chat, store the reply.
 
-The user's message (and a pending reply) are committed before generation starts. The reply
+The turn is checked first (the chat, the model, the context fitting the model's window) and
+only then are the user's message and a pending reply committed, before generation starts: a
+message the model cannot take is refused with nothing stored. The reply
 is stored when its sequence finishes, from the scheduler thread's on_finished hook, so a
 reply whose client has gone (Ctrl-C, closed tab) is stored too, as far as it went. The
 stream's `finished` message waits for that commit, so a client that reads the chat right
@@ -13,11 +15,12 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
 
 from tokenwire.server.chats.store import ReplyOutcome, TurnStart
-from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.chats.worker import STORE_FAILURES, ChatWorker, ReplyNotStored, StoreUnavailable
 from tokenwire.server.engine.records import ReplyStatus
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest, check_shape
 from tokenwire.server.engine.sequence import FinishedEvent
@@ -96,13 +99,17 @@ class ChatTurn:
     def _store(self, outcome: ReplyOutcome) -> None:
         if self.committed is not None:
             return
-        self.committed = self.worker.submit(self.worker.store.finish_reply, self.start.reply_message_id, outcome)
+        self.committed = self.worker.finish_reply(self.start.reply_message_id, outcome)
         self.committed.add_done_callback(_log_failure)
 
     async def wait_committed(self) -> None:
+        """Returns once the reply is stored; raises ReplyNotStored when the database would not
+        take it in time (it is kept and stored later: the stream must not claim success)."""
         if self.committed is not None:
             try:
-                await asyncio.wrap_future(self.committed)
+                await asyncio.shield(asyncio.wrap_future(self.committed))
+            except ReplyNotStored:
+                raise
             except Exception:  # logged by _log_failure; the stream still ends properly
                 pass
 
@@ -115,22 +122,41 @@ def ended_by(context: grpc.aio.ServicerContext) -> ReplyStatus:
 
 
 def _log_failure(future: concurrent.futures.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    if not future.cancelled() and future.exception() is not None and not isinstance(future.exception(), ReplyNotStored):
         log.error("could not store a chat reply: %s", future.exception())
 
 
-async def begin_turn(
+@dataclass
+class TurnPlan:
+    """A turn checked but not committed yet: the model to answer and the context it would have."""
+
+    entry: ModelEntry
+    context: list[dict[str, str]]
+
+
+async def plan_turn(
     worker: ChatWorker, identity: Identity, request: pb.GenerateRequest, params: GenerateParams,
-    models: ModelManager, max_request_bytes: int, context: grpc.aio.ServicerContext | None = None,
-) -> ChatTurn:
-    """Checks the request, resolves the chat's model and commits the new messages.
-    Raises ChatNotFound, ChatRequestError, InvalidRequest, ModelNotFound."""
+    models: ModelManager, max_request_bytes: int,
+) -> TurnPlan:
+    """Checks the request against the chat and resolves its model, writing nothing (the caller
+    checks that the context fits the model before `commit_turn`). Raises ChatNotFound,
+    ChatRequestError, InvalidRequest, ModelNotFound, StoreUnavailable."""
     if params.prompt:
         raise InvalidRequest("with chat_id, send the new message in messages (prompt is raw text without a chat)",
                              "prompt")
     check_shape(params, max_request_bytes, chat=True)  # the new messages may be none (answer again)
-    chat = await worker.call(worker.store.chat_info, identity.user_id, request.chat_id)
+    chat = await worker.read(worker.store.chat_info, identity.user_id, request.chat_id)
     entry = await asyncio.get_running_loop().run_in_executor(None, _chat_model, models, params.model, chat.model)
+    context = await worker.read(worker.store.preview_turn, identity.user_id, request.chat_id, list(params.messages))
+    return TurnPlan(entry, context)
+
+
+async def commit_turn(
+    worker: ChatWorker, identity: Identity, request: pb.GenerateRequest, params: GenerateParams, entry: ModelEntry,
+    context: grpc.aio.ServicerContext | None = None,
+) -> ChatTurn:
+    """Commits the new messages and a pending reply; the returned turn's start.context is what
+    was committed (it differs from the plan's when another turn of the chat came in between)."""
     committing = worker.submit(worker.store.begin_turn, identity.user_id, request.chat_id, list(params.messages),
                                entry.id, convert.stored_params(request))
     try:
@@ -140,6 +166,8 @@ async def begin_turn(
         status = ended_by(context) if context is not None else ReplyStatus.STOPPED
         committing.add_done_callback(lambda done: _end_unanswered(worker, done, status))
         raise
+    except STORE_FAILURES as exc:
+        raise StoreUnavailable(exc) from exc
     return ChatTurn(worker, start, entry)
 
 
@@ -156,4 +184,4 @@ def _chat_model(models: ModelManager, asked: str, chat_model: str) -> ModelEntry
 
 def _end_unanswered(worker: ChatWorker, done: concurrent.futures.Future, status: ReplyStatus) -> None:
     if not done.cancelled() and done.exception() is None:
-        worker.submit(worker.store.finish_reply, done.result().reply_message_id, ReplyOutcome("", status))
+        worker.finish_reply(done.result().reply_message_id, ReplyOutcome("", status))

@@ -21,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
+from tokenwire.server.chats.worker import ReplyNotStored, StoreUnavailable
 from tokenwire.server.engine.requests import InvalidRequest
 from tokenwire.server.engine.scheduler import QueueFull, SchedulerUnavailable
 from tokenwire.server.engine.session import DeviceUnavailable
@@ -75,6 +76,8 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (Unauthenticated, Refusal(grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")),
     (ServerDraining, Refusal(grpc.StatusCode.UNAVAILABLE, "SERVER_DRAINING")),
     (PermissionDenied, Refusal(grpc.StatusCode.PERMISSION_DENIED, "ADMIN_KEY_REQUIRED")),
+    (StoreUnavailable, Refusal(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")),
+    (ReplyNotStored, Refusal(grpc.StatusCode.UNAVAILABLE, "REPLY_NOT_STORED")),
 )
 DOMAIN_ERRORS: tuple[type[BaseException], ...] = tuple(kind for kind, _ in TABLE)
 

@@ -6,13 +6,15 @@ import grpc
 
 from tokenwire.server.chats import export as chat_export
 from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
-from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.chats.worker import ChatWorker, StoreUnavailable
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 
 from .auth import Authenticator
 from .convert import chat_to_proto, message_to_proto, result_to_proto
 from .errors import abort_for
+
+EXPORT_CHUNK_BYTES = 1 << 20
 
 
 class HistoryService(hpb_grpc.HistoryServicer):
@@ -21,12 +23,14 @@ class HistoryService(hpb_grpc.HistoryServicer):
         self.chats = worker.store
         self.auth = auth
 
-    async def _run(self, context: grpc.aio.ServicerContext, fn, *args):
-        """fn(user_id, *args) on the store's thread, its failures as gRPC statuses."""
+    async def _run(self, context: grpc.aio.ServicerContext, fn, *args, reads: bool = False):
+        """fn(user_id, *args) on the store's writer thread (a reader's when it only reads), its
+        failures as gRPC statuses (a database that fails is UNAVAILABLE, never a client error)."""
         identity = await self.auth.identity(context)
+        run = self.worker.read if reads else self.worker.call
         try:
-            return await self.worker.call(fn, identity.user_id, *args)
-        except (ChatNotFound, ChatRequestError) as exc:
+            return await run(fn, identity.user_id, *args)
+        except (ChatNotFound, ChatRequestError, StoreUnavailable) as exc:
             await abort_for(context, exc)
 
     async def CreateChat(self, request: hpb.CreateChatRequest, context):  # noqa: N802
@@ -34,12 +38,15 @@ class HistoryService(hpb_grpc.HistoryServicer):
         return chat_to_proto(chat)
 
     async def ListChats(self, request: hpb.ListChatsRequest, context):  # noqa: N802
-        chats, token = await self._run(context, self.chats.list_chats, request.page_size, request.page_token)
+        chats, token = await self._run(context, self.chats.list_chats, request.page_size, request.page_token,
+                                          reads=True)
         return hpb.ListChatsResponse(chats=[chat_to_proto(c) for c in chats], next_page_token=token)
 
     async def GetChat(self, request: hpb.GetChatRequest, context):  # noqa: N802
-        chat, messages = await self._run(context, self.chats.get_chat, request.chat_id)
-        return hpb.GetChatResponse(chat=chat_to_proto(chat), messages=[message_to_proto(m) for m in messages])
+        chat, messages, token = await self._run(context, self.chats.get_chat_page, request.chat_id, request.page_size,
+                                                request.page_token, reads=True)
+        return hpb.GetChatResponse(chat=chat_to_proto(chat), messages=[message_to_proto(m) for m in messages],
+                                   next_page_token=token)
 
     async def RenameChat(self, request: hpb.RenameChatRequest, context):  # noqa: N802
         return chat_to_proto(await self._run(context, self.chats.rename_chat, request.chat_id, request.title))
@@ -53,11 +60,11 @@ class HistoryService(hpb_grpc.HistoryServicer):
         return message_to_proto(message)
 
     async def SearchChats(self, request: hpb.SearchChatsRequest, context):  # noqa: N802
-        results = await self._run(context, self.chats.search, request.query, request.limit)
+        results = await self._run(context, self.chats.search, request.query, request.limit, reads=True)
         return hpb.SearchChatsResponse(results=[result_to_proto(r) for r in results])
 
     async def ExportChat(self, request: hpb.ExportChatRequest, context):  # noqa: N802
-        chat, messages = await self._run(context, self.chats.get_chat, request.chat_id)
+        chat, messages = await self._run(context, self.chats.get_chat, request.chat_id, reads=True)
         markdown = request.format == hpb.EXPORT_FORMAT_MARKDOWN
         if markdown:
             content, media_type = chat_export.to_markdown(chat, messages), chat_export.MARKDOWN_TYPE
@@ -65,3 +72,24 @@ class HistoryService(hpb_grpc.HistoryServicer):
             content, media_type = chat_export.to_json(chat, messages), chat_export.JSON_TYPE
         return hpb.ExportChatResponse(content=content, media_type=media_type,
                                       filename=chat_export.filename(chat, markdown))
+
+    async def ExportChatStream(self, request: hpb.ExportChatRequest, context):  # noqa: N802
+        """The export in chunks of at most EXPORT_CHUNK_BYTES, whatever the chat's size."""
+        reply = await self.ExportChat(request, context)
+        for i, piece in enumerate(utf8_chunks(reply.content, EXPORT_CHUNK_BYTES)):
+            yield hpb.ExportChatResponse(content=piece, media_type=reply.media_type if i == 0 else "",
+                                         filename=reply.filename if i == 0 else "")
+
+
+def utf8_chunks(text: str, most: int) -> list[str]:
+    """text in pieces of at most `most` UTF-8 bytes, never splitting a character (at least one)."""
+    data, pieces, at = text.encode(), [], 0
+    while at < len(data) or not pieces:
+        end = min(at + most, len(data))
+        while end < len(data) and end > at and (data[end] & 0xC0) == 0x80:  # inside a character
+            end -= 1
+        pieces.append(data[at:end].decode())
+        at = end
+        if at >= len(data):
+            break
+    return pieces

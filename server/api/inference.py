@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
 from tokenwire.server.engine.requests import build_request, check_shape
@@ -29,7 +29,7 @@ from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from . import convert
 from .auth import Authenticator, Identity
-from .chat_turns import begin_turn
+from .chat_turns import commit_turn, plan_turn
 from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
 
 log = logging.getLogger("tokenwire.server")
@@ -81,19 +81,26 @@ class InferenceService(pb_grpc.InferenceServicer):
                                            cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
+            plan = None
             if request.chat_id and self.chats is not None and identity is not None:
-                # A stored chat: its messages are the prompt; the new ones are committed first.
-                turn = await begin_turn(self.chats, identity, request, params, self.models,
-                                        self.config.max_request_bytes, context)
-                entry = turn.entry
+                # A stored chat: its messages are the prompt; the new ones are committed once the
+                # turn is known to fit the model.
+                plan = await plan_turn(self.chats, identity, request, params, self.models,
+                                       self.config.max_request_bytes)
+                entry = plan.entry
             else:
                 check_shape(params, self.config.max_request_bytes)
                 entry = await loop.run_in_executor(None, self.models.resolve, params.model)
             model = await self.models.acquire_async(entry)  # a lease, released below
-            if turn is not None:
-                gen_request, turn.dropped_messages = await loop.run_in_executor(
-                    None, build_chat_request, params, turn.start.context, model, self.config.default_max_tokens,
-                    received)
+            if plan is not None:
+                gen_request, dropped = await loop.run_in_executor(
+                    None, build_chat_request, params, plan.context, model, self.config.default_max_tokens, received)
+                turn = await commit_turn(self.chats, identity, request, params, entry, context)
+                if turn.start.context != plan.context:  # another turn of this chat came in between
+                    gen_request, dropped = await loop.run_in_executor(
+                        None, build_chat_request, params, turn.start.context, model,
+                        self.config.default_max_tokens, received)
+                turn.dropped_messages = dropped
             else:
                 gen_request = await loop.run_in_executor(
                     None, build_request, params, model, self.config.default_max_tokens, received)
@@ -133,7 +140,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if isinstance(event, TokenEvent) and turn is not None:
                     turn.streamed(event.text)
                 if isinstance(event, FinishedEvent) and turn is not None:
-                    await turn.wait_committed()  # the reply is in the chat before the stream ends
+                    try:
+                        await turn.wait_committed()  # the reply is in the chat before the stream ends
+                    except ReplyNotStored as exc:  # kept and retried; the stream must not say "done"
+                        await abort_for(context, exc)
                 yield convert.event_to_proto(event, entry.id)
         finally:
             if turn is not None and not handle.sequence.done:

@@ -20,7 +20,10 @@ from pathlib import Path
 import peewee as pw
 from playhouse.db_url import connect
 
-BUSY_TIMEOUT_S = 30.0
+# How long one SQLite statement waits for another process's write lock. Short on purpose: the
+# server retries a reply it could not store (with back-off, journaled meanwhile) instead of
+# holding its one writer thread for long; $TOKENWIRE_DB_BUSY_TIMEOUT overrides it (seconds).
+BUSY_TIMEOUT_S = float(os.environ.get("TOKENWIRE_DB_BUSY_TIMEOUT") or 5.0)
 SQLITE_PRAGMAS = {
     "journal_mode": "wal",
     "synchronous": "normal",  # with WAL: durable at checkpoints, never corrupt
@@ -95,17 +98,27 @@ class Message(BaseModel):
     total_time_ms = pw.FloatField(default=0.0)
     queue_time_ms = pw.FloatField(default=0.0)
     cached_prompt_tokens = pw.IntegerField(default=0)  # schema 2
+    writer = pw.CharField(max_length=100, default="")  # schema 4: the server writing a pending reply
     created_ms = pw.BigIntegerField(default=now_ms)
 
     class Meta:
         indexes = ((("chat", "seq"), True),)
 
 
+class ServerLease(BaseModel):
+    """Schema 4: a server using this database, renewed while it runs (see ChatStore.mark_interrupted)."""
+
+    instance = pw.CharField(max_length=100, unique=True)
+    host = pw.CharField(max_length=255)
+    pid = pw.IntegerField()
+    heartbeat_ms = pw.BigIntegerField(default=now_ms)
+
+
 class SchemaVersion(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = [User, ApiKey, Chat, Message, SchemaVersion]
+MODELS = [User, ApiKey, Chat, Message, ServerLease, SchemaVersion]
 
 # An external-content FTS5 index over message.content, kept in step by triggers.
 _FTS_SQL = [
@@ -151,7 +164,19 @@ def _add_key_roles(db: pw.Database) -> None:
     migrate(SchemaMigrator.from_database(db).add_column("api_key", "admin", pw.BooleanField(default=False)))
 
 
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles]
+def _add_reply_writers(db: pw.Database) -> None:
+    """Schema 4: which server writes a pending reply, and the servers' leases, so a server starting
+    marks interrupted only the replies of servers that are gone."""
+    db.create_tables([ServerLease])
+    if "writer" in {c.name for c in db.get_columns("message")}:
+        return
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrate(SchemaMigrator.from_database(db).add_column("message", "writer", pw.CharField(max_length=100, default="")))
+
+
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles,
+                                                   _add_reply_writers]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

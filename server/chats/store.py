@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import secrets
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,17 @@ import peewee as pw
 from tokenwire.server.engine.records import ROLES, ReplyStatus, Usage
 
 from . import search as chat_search
-from .db import Chat, Message, User, describe, is_sqlite, now_ms, open_database, write_transaction
+from .db import (
+    Chat,
+    Message,
+    ServerLease,
+    User,
+    describe,
+    is_sqlite,
+    now_ms,
+    open_database,
+    write_transaction,
+)
 
 STATUSES = tuple(s.value for s in ReplyStatus)
 FINISHED_STATUSES = tuple(s.value for s in ReplyStatus if s.finished)
@@ -30,8 +42,15 @@ AUTO_TITLE_CHARS = 60
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_SEARCH_RESULTS = 100
+DEFAULT_MESSAGE_PAGE, MAX_MESSAGE_PAGE = 200, 1000
+MESSAGE_PAGE_BYTES = 2 << 20  # a page of GetChat ends before this much text (gRPC's limit is 4 MiB)
+DEFAULT_MAX_CHAT_BYTES = 16 << 20
 SNIPPETS_PER_CHAT = 3
 INTERRUPTED_MESSAGE = "the server stopped before this reply was finished"
+# A server renews its lease every LEASE_RENEW_S; one whose lease is older than LEASE_S is gone
+# (on the same host, a server whose process has exited is gone at once).
+LEASE_RENEW_S = 15.0
+LEASE_S = 60.0
 
 
 class ChatNotFound(LookupError):
@@ -49,6 +68,12 @@ class ChatRequestError(ValueError):
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
         self.field = field
+
+
+class ChatTooLarge(ChatRequestError):
+    """The chat would pass the server's size cap (--max-chat-bytes) with this message."""
+
+    reason = "CHAT_TOO_LARGE"
 
 
 @dataclass
@@ -131,11 +156,25 @@ def decode_cursor(token: str) -> tuple[int, int]:
         raise ChatRequestError("page_token is not one this server gave out", "page_token") from None
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
 class ChatStore:
-    def __init__(self, target: str | None = None) -> None:
+    def __init__(self, target: str | None = None, instance: str = "") -> None:
         self.db = open_database(target)
         self.fts = is_sqlite(self.db)
         self.interrupted_at_start = 0  # set by whoever runs mark_interrupted at start-up
+        self.max_chat_bytes = DEFAULT_MAX_CHAT_BYTES  # a chat's messages, in UTF-8 bytes; 0: no cap
+        self.host, self.pid = socket.gethostname()[:255], os.getpid()
+        # This process's name in the database: the writer of the replies it begins.
+        self.instance = instance or f"{self.host[:60]}:{self.pid}:{secrets.token_hex(4)}"
 
     def describe(self) -> str:
         return describe(self.db)
@@ -145,6 +184,10 @@ class ChatStore:
             self.db.close()
 
     # ---- users ---------------------------------------------------------------------------------
+
+    def find_user(self, name: str) -> int | None:
+        user = User.get_or_none(User.name == name)
+        return None if user is None else user.id
 
     def ensure_user(self, name: str) -> int:
         """The id of the user with this name, created if new."""
@@ -206,6 +249,28 @@ class ChatStore:
         chat = self._chat(user_id, chat_id)
         messages = [self._message(m, chat_id) for m in chat.messages.order_by(Message.seq)]
         return self._info(chat, len(messages)), messages
+
+    def get_chat_page(self, user_id: int, chat_id: str, page_size: int = 0,
+                      page_token: str = "") -> tuple[ChatInfo, list[MessageInfo], str]:
+        """A chat's messages from page_token on, oldest first: at most page_size of them and, past
+        the first, no more than MESSAGE_PAGE_BYTES of text; and the token of the next page ("": last)."""
+        chat = self._chat(user_id, chat_id)
+        size = min(page_size or DEFAULT_MESSAGE_PAGE, MAX_MESSAGE_PAGE)
+        query = chat.messages.order_by(Message.seq)
+        if page_token:
+            after_seq, _ = decode_cursor(page_token)
+            query = query.where(Message.seq > after_seq)
+        messages: list[MessageInfo] = []
+        used, last_seq, more = 0, 0, False
+        for row in query.limit(size + 1):
+            weight = len(row.content.encode()) + len(row.error_message.encode()) + len(row.params) + 256
+            if len(messages) == size or (messages and used + weight > MESSAGE_PAGE_BYTES):
+                more = True
+                break
+            messages.append(self._message(row, chat_id))
+            used, last_seq = used + weight, row.seq
+        token = encode_cursor(last_seq, messages[-1].id) if more else ""
+        return self._info(chat), messages, token
 
     def chat_info(self, user_id: int, chat_id: str) -> ChatInfo:
         return self._info(self._chat(user_id, chat_id))
@@ -270,14 +335,53 @@ class ChatStore:
         chat.save()
         return message
 
+    def _chat_bytes(self, chat: Chat) -> int:
+        length = (pw.fn.LENGTH(pw.Cast(Message.content, "BLOB")) if self.fts
+                  else pw.fn.OCTET_LENGTH(Message.content))
+        return int(Message.select(pw.fn.SUM(length)).where(Message.chat == chat.id).scalar() or 0)
+
+    def _check_size(self, chat: Chat, adding: list[str], field_name: str) -> None:
+        """Refuses what would take the chat past max_chat_bytes (checked as messages are added; a
+        reply may pass it by its own length)."""
+        if not self.max_chat_bytes:
+            return
+        new = sum(len(text.encode()) for text in adding)
+        used = self._chat_bytes(chat)
+        if used + new > self.max_chat_bytes:
+            raise ChatTooLarge(
+                f"this chat holds {used / 2**20:.1f} MiB of messages and the server keeps at most "
+                f"{self.max_chat_bytes / 2**20:.1f} MiB per chat (--max-chat-bytes); start a new chat", field_name)
+
     def append_message(self, user_id: int, chat_id: str, role: str, content: str) -> MessageInfo:
         self._check_role(role)
         if not content:
             raise ChatRequestError("content must not be empty", "content")
         with write_transaction(self.db):
             chat = self._chat(user_id, chat_id)
+            self._check_size(chat, [content], "content")
             message = self._add(chat, role, content)
         return self._message(message, chat_id)
+
+    def _turn_context(self, chat: Chat, existing: list[Message], new_messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """Checks a turn's new messages against the chat; the context it would prompt with."""
+        for i, m in enumerate(new_messages):
+            self._check_role(m.get("role", ""))
+            if not m.get("content"):
+                raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
+        if any(m["role"] == "system" for m in new_messages) and existing:
+            raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
+        self._check_size(chat, [m["content"] for m in new_messages], "messages")
+        context = [{"role": m.role, "content": m.content} for m in existing if m.content and m.status != "pending"]
+        context += [{"role": m["role"], "content": m["content"]} for m in new_messages]
+        if not context or context[-1]["role"] != "user":
+            raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)", "messages")
+        return context
+
+    def preview_turn(self, user_id: int, chat_id: str, new_messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """What begin_turn would prompt with, checked the same way, writing nothing: so a turn the
+        model cannot take (too long for its context) is refused before anything is committed."""
+        chat = self._chat(user_id, chat_id)
+        return self._turn_context(chat, list(chat.messages.order_by(Message.seq)), new_messages)
 
     def begin_turn(
         self, user_id: int, chat_id: str, new_messages: list[dict[str, str]], model: str,
@@ -285,27 +389,19 @@ class ChatStore:
     ) -> TurnStart:
         """Commits the new messages and a pending reply (in one transaction); returns the chat's
         messages to prompt with. No new messages: answers the chat's last user message again."""
-        for i, m in enumerate(new_messages):
-            self._check_role(m.get("role", ""))
-            if not m.get("content"):
-                raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
         with write_transaction(self.db):
             chat = self._chat(user_id, chat_id)
             existing = list(chat.messages.order_by(Message.seq))
-            if any(m["role"] == "system" for m in new_messages) and existing:
-                raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
+            context = self._turn_context(chat, existing, new_messages)
             user_message_id = 0
             for m in new_messages:
                 added = self._add(chat, m["role"], m["content"])
                 existing.append(added)
                 if m["role"] == "user":
                     user_message_id = added.id
-            context = [{"role": m.role, "content": m.content} for m in existing if m.content and m.status != "pending"]
-            if not context or context[-1]["role"] != "user":
-                raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)", "messages")
             chat.model = model
             reply = self._add(chat, "assistant", "", status="pending", model=model,
-                              params=json.dumps(params or {}, sort_keys=True))
+                              params=json.dumps(params or {}, sort_keys=True), writer=self.instance)
         return TurnStart(self._info(chat, len(existing) + 1), context, user_message_id, reply.id)
 
     def finish_reply(self, reply_id: int, outcome: ReplyOutcome) -> bool:
@@ -331,11 +427,40 @@ class ChatStore:
             return bool(Message.update(content=content).where(
                 (Message.id == reply_id) & (Message.status == ReplyStatus.PENDING.value)).execute())
 
-    def mark_interrupted(self) -> int:
-        """Replies left pending by a server that stopped without finishing them: run at start-up."""
+    def renew_lease(self) -> None:
+        """Says this server is alive (at start-up, then every LEASE_RENEW_S): the replies it is
+        writing stay pending while other servers sharing the database start and stop."""
         with write_transaction(self.db):
-            return Message.update(status="interrupted", error_message=INTERRUPTED_MESSAGE).where(
-                Message.status == "pending").execute()
+            ServerLease.insert(instance=self.instance, host=self.host, pid=self.pid, heartbeat_ms=now_ms()).on_conflict(
+                conflict_target=[ServerLease.instance], update={ServerLease.heartbeat_ms: now_ms()}).execute()
+
+    def end_lease(self) -> None:
+        """At a clean stop, after the last reply was stored."""
+        with write_transaction(self.db):
+            ServerLease.delete().where(ServerLease.instance == self.instance).execute()
+
+    def _live_writers(self) -> list[str]:
+        """Other servers holding a lease: renewed within LEASE_S and, on this host, still running."""
+        oldest = now_ms() - int(LEASE_S * 1000)
+        return [lease.instance for lease in ServerLease.select()
+                if lease.instance != self.instance and lease.heartbeat_ms >= oldest
+                and (lease.host != self.host or _process_alive(lease.pid))]
+
+    def mark_interrupted(self, own: bool = True) -> int:
+        """Marks interrupted the pending replies nobody is writing any more: those of servers whose
+        lease ran out or whose process is gone, those of servers before leases (no writer), and
+        (own=True, at start-up) this process's own. Replies another running server is writing
+        stay pending. Run at start-up, and (own=False) with each lease renewal: a server sharing
+        the database died."""
+        with write_transaction(self.db):
+            live = self._live_writers() + ([] if own else [self.instance])
+            query = Message.update(status="interrupted", error_message=INTERRUPTED_MESSAGE).where(
+                Message.status == "pending")
+            if live:
+                query = query.where(Message.writer.not_in(live))
+            marked = query.execute()
+            ServerLease.delete().where(ServerLease.instance.not_in([*live, self.instance])).execute()
+        return marked
 
     # ---- search --------------------------------------------------------------------------------
 

@@ -85,6 +85,17 @@ class PrefixCache:
                 self.stats.evictions += 1
             self.stats.entries = len(self._entries)
 
+    def store_prefix(self, tokens: list[int], kv: KVCache, length: int, scope: str) -> None:
+        """Stores the first `length` tokens of a sequence and their KV (a shared system prompt's),
+        unless that entry is cached already (then it only counts as recently used)."""
+        key = (scope, tuple(tokens[:length]))
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+        head = [np.ascontiguousarray(np.take(t, np.arange(length), axis=self.seq_axis)) for t in kv]
+        self.store(list(key[1]), head, scope)
+
     def _drop(self, key: tuple[str, tuple[int, ...]]) -> None:
         kv = self._entries.pop(key)
         self.stats.bytes -= sum(t.nbytes for t in kv)

@@ -28,6 +28,7 @@ from tokenwire.server.settings import parse_bytes, setting
 from .batch_engine import BatchEngine, KVCache, PrefillState
 from .prefix_cache import PrefixCache
 from .sequence import Event, FinishedEvent, FinishReason, QueuedEvent, RefusedEvent, Sequence
+from .tokenizer import TokenizerBundle
 
 log = logging.getLogger("tokenwire.scheduler")
 
@@ -56,6 +57,49 @@ class SchedulerConfig:
                                        "still refuses the user who holds most of it, not a newcomer)")
     prefix_cache_bytes: int = setting(512 << 20, "memory for the KV state of finished turns (prefix reuse), "
                                       "bytes or 512M; 0 = off", parse=parse_bytes)
+    shared_prefix_file: str = setting(
+        "", "a file of system prompts whose KV every user may reuse (with API keys each user's prefix cache is "
+        "otherwise private); prompts separated by lines of ---")
+
+
+def read_shared_prompts(path: str) -> tuple[str, ...]:
+    """The prompts of a --shared-prefix-file: blocks separated by lines holding only ---."""
+    if not path:
+        return ()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip() == "---":
+            blocks.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    blocks.append("\n".join(current))
+    return tuple(b.strip("\n") for b in blocks if b.strip())
+
+
+# The prefix-cache scope of operator-marked shared prompts (no user's scope can be this name:
+# theirs are "" or "key-user:<id>").
+SHARED_SCOPE = "shared-prompt"
+
+
+def shared_prefix_ids(prompts: tuple[str, ...], tokenizer: TokenizerBundle | None,
+                      min_match: int) -> list[tuple[int, ...]]:
+    """The token sequences a prompt starting with one of `prompts` begins with: the prompt as a
+    chat's system message (as the model's template renders it) and as raw text; longest first."""
+    found: set[tuple[int, ...]] = set()
+    for text in prompts if tokenizer is not None else ():
+        for encode in (lambda t=text: tokenizer.encode_chat([{"role": "system", "content": t}],
+                                                            add_generation_prompt=False),
+                       lambda t=text: tokenizer.encode(t)):
+            try:
+                ids = tuple(encode())
+            except Exception:  # noqa: BLE001 - a template that refuses a lone system message
+                continue
+            if len(ids) >= min_match:
+                found.add(ids)
+    return sorted(found, key=len, reverse=True)
 
 
 class SequenceHandle:
@@ -72,6 +116,7 @@ class SequenceHandle:
         self.prefill: PrefillState | None = None
         self.prefilled = 0
         self.next_token: int | None = None
+        self.shared = 0  # tokens of its prompt that are an operator-marked shared prefix
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -118,12 +163,15 @@ class Scheduler:
         config: SchedulerConfig,
         name: str = "",
         metrics: Metrics | None = None,
+        tokenizer: TokenizerBundle | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics or Metrics()
         self.config = config
         self.name = name
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=self.engine.seq_axis)
+        self.shared_prefixes = shared_prefix_ids(read_shared_prompts(config.shared_prefix_file), tokenizer,
+                                                 self.prefix_cache.min_match)
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: OrderedDict[str, deque[SequenceHandle]] = OrderedDict()
@@ -367,7 +415,13 @@ class Scheduler:
         seq = handle.sequence
         prompt = seq.request.prompt_ids
         if handle.prefill is None:
-            reused, cached = self.prefix_cache.lookup(prompt, seq.request.cache_scope)
+            scope = seq.request.cache_scope
+            reused, cached = self.prefix_cache.lookup(prompt, scope)
+            handle.shared = self._shared_length(prompt) if scope != SHARED_SCOPE else 0
+            if handle.shared > reused:  # an operator-marked system prompt: every user's KV of it
+                shared, kv = self.prefix_cache.lookup(prompt[: handle.shared + 1], SHARED_SCOPE)
+                if kv is not None and shared > reused:
+                    reused, cached = shared, kv
             if self.prefix_cache.enabled:
                 self.metrics.prefix_cache(self.name, cached is not None, reused)
             handle.prefill = self.engine.new_prefill(cached, reused)
@@ -418,8 +472,10 @@ class Scheduler:
             if token is None:
                 length = self.engine.lengths[row]
                 if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
-                    self._store_prefix((seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row),
-                                       seq.request.cache_scope)
+                    tokens, kv = (seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row)
+                    self._store_prefix(tokens, kv, seq.request.cache_scope)
+                    if handle.shared:
+                        self.prefix_cache.store_prefix(tokens, kv, handle.shared, SHARED_SCOPE)
                 self._finish(handle, events)
                 leaving.append(row)
             else:
@@ -431,6 +487,13 @@ class Scheduler:
             self.engine.remove(leaving)
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
         self.metrics.batch_size(self.name, len(self._rows))
+
+    def _shared_length(self, prompt: list[int]) -> int:
+        """The length of the longest marked shared prefix the prompt starts with (0: none)."""
+        for ids in self.shared_prefixes:
+            if len(ids) < len(prompt) and tuple(prompt[: len(ids)]) == ids:
+                return len(ids)
+        return 0
 
     def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str) -> None:
         self.prefix_cache.store(tokens, kv, scope)

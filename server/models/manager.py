@@ -427,7 +427,7 @@ class ModelManager:
         say("loading", kernels)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics)
+        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics, tokenizer=tokenizer)
         process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import wait_until
 from test_model_manager import copy_model
 
 from tokenwire.server.api.errors import status_for
@@ -29,13 +30,6 @@ def two_store(tmp_path, tiny_models) -> Path:
 
 def manager_for(store: Path, **limits) -> ModelManager:
     return ModelManager(ModelStore(store), limits=ModelLimits(**limits))
-
-
-def wait_until(check, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 async def test_requests_for_an_unloading_model_are_refused_at_once_and_others_serve(two_store) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenwire.v1 import inference_pb2 as tokenwire_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/history.proto\x12\x0ctokenwire.v1\x1a\x1ctokenwire/v1/inference.proto\"\x88\x01\n\x04\x43hat\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x15\n\rmessage_count\x18\x06 \x01(\r\x12\r\n\x05owner\x18\x07 \x01(\t\"\xb3\x02\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.tokenwire.v1.MessageStatus\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x18\n\x10\x64ropped_messages\x18\x0c \x01(\r\"H\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListChatsResponse\x12!\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x12.tokenwire.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"\\\n\x0fGetChatResponse\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.tokenwire.v1.Message\"3\n\x11RenameChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\".\n\x12\x44\x65leteChatResponse\x12\x18\n\x10\x64\x65leted_messages\x18\x01 \x01(\r\"F\n\x14\x41ppendMessageRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"2\n\x12SearchChatsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"-\n\x08TextSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bhighlighted\x18\x02 \x01(\x08\"X\n\rSearchSnippet\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\x05spans\x18\x03 \x03(\x0b\x32\x16.tokenwire.v1.TextSpan\"_\n\x0cSearchResult\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12-\n\x08snippets\x18\x02 \x03(\x0b\x32\x1b.tokenwire.v1.SearchSnippet\"B\n\x13SearchChatsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.tokenwire.v1.SearchResult\"P\n\x11\x45xportChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.tokenwire.v1.ExportFormat\"K\n\x12\x45xportChatResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t*\xf7\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x19\n\x15MESSAGE_STATUS_LENGTH\x10\x02\x12\x1a\n\x16MESSAGE_STATUS_STOPPED\x10\x03\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x04\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x05\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x06\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x07*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\xe7\x04\n\x07History\x12\x41\n\nCreateChat\x12\x1f.tokenwire.v1.CreateChatRequest\x1a\x12.tokenwire.v1.Chat\x12L\n\tListChats\x12\x1e.tokenwire.v1.ListChatsRequest\x1a\x1f.tokenwire.v1.ListChatsResponse\x12\x46\n\x07GetChat\x12\x1c.tokenwire.v1.GetChatRequest\x1a\x1d.tokenwire.v1.GetChatResponse\x12\x41\n\nRenameChat\x12\x1f.tokenwire.v1.RenameChatRequest\x1a\x12.tokenwire.v1.Chat\x12O\n\nDeleteChat\x12\x1f.tokenwire.v1.DeleteChatRequest\x1a .tokenwire.v1.DeleteChatResponse\x12J\n\rAppendMessage\x12\".tokenwire.v1.AppendMessageRequest\x1a\x15.tokenwire.v1.Message\x12R\n\x0bSearchChats\x12 .tokenwire.v1.SearchChatsRequest\x1a!.tokenwire.v1.SearchChatsResponse\x12O\n\nExportChat\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponseBK\n\x10\x64\x65v.tokenwire.v1B\x0cHistoryProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/history.proto\x12\x0ctokenwire.v1\x1a\x1ctokenwire/v1/inference.proto\"\x88\x01\n\x04\x43hat\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x15\n\rmessage_count\x18\x06 \x01(\r\x12\r\n\x05owner\x18\x07 \x01(\t\"\xb3\x02\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.tokenwire.v1.MessageStatus\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x18\n\x10\x64ropped_messages\x18\x0c \x01(\r\"H\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListChatsResponse\x12!\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x12.tokenwire.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x0eGetChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"u\n\x0fGetChatResponse\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.tokenwire.v1.Message\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"3\n\x11RenameChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\".\n\x12\x44\x65leteChatResponse\x12\x18\n\x10\x64\x65leted_messages\x18\x01 \x01(\r\"F\n\x14\x41ppendMessageRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"2\n\x12SearchChatsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"-\n\x08TextSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bhighlighted\x18\x02 \x01(\x08\"X\n\rSearchSnippet\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\x05spans\x18\x03 \x03(\x0b\x32\x16.tokenwire.v1.TextSpan\"_\n\x0cSearchResult\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12-\n\x08snippets\x18\x02 \x03(\x0b\x32\x1b.tokenwire.v1.SearchSnippet\"B\n\x13SearchChatsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.tokenwire.v1.SearchResult\"P\n\x11\x45xportChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.tokenwire.v1.ExportFormat\"K\n\x12\x45xportChatResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t*\xf7\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x19\n\x15MESSAGE_STATUS_LENGTH\x10\x02\x12\x1a\n\x16MESSAGE_STATUS_STOPPED\x10\x03\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x04\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x05\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x06\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x07*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\xc0\x05\n\x07History\x12\x41\n\nCreateChat\x12\x1f.tokenwire.v1.CreateChatRequest\x1a\x12.tokenwire.v1.Chat\x12L\n\tListChats\x12\x1e.tokenwire.v1.ListChatsRequest\x1a\x1f.tokenwire.v1.ListChatsResponse\x12\x46\n\x07GetChat\x12\x1c.tokenwire.v1.GetChatRequest\x1a\x1d.tokenwire.v1.GetChatResponse\x12\x41\n\nRenameChat\x12\x1f.tokenwire.v1.RenameChatRequest\x1a\x12.tokenwire.v1.Chat\x12O\n\nDeleteChat\x12\x1f.tokenwire.v1.DeleteChatRequest\x1a .tokenwire.v1.DeleteChatResponse\x12J\n\rAppendMessage\x12\".tokenwire.v1.AppendMessageRequest\x1a\x15.tokenwire.v1.Message\x12R\n\x0bSearchChats\x12 .tokenwire.v1.SearchChatsRequest\x1a!.tokenwire.v1.SearchChatsResponse\x12O\n\nExportChat\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse\x12W\n\x10\x45xportChatStream\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse0\x01\x42K\n\x10\x64\x65v.tokenwire.v1B\x0cHistoryProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.history_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1B\014HistoryProtoP\001Z\030tokenwire/v1;tokenwirev1\252\002\014Tokenwire.V1'
-  _globals['_MESSAGESTATUS']._serialized_start=1591
-  _globals['_MESSAGESTATUS']._serialized_end=1838
-  _globals['_EXPORTFORMAT']._serialized_start=1840
-  _globals['_EXPORTFORMAT']._serialized_end=1937
+  _globals['_MESSAGESTATUS']._serialized_start=1655
+  _globals['_MESSAGESTATUS']._serialized_end=1902
+  _globals['_EXPORTFORMAT']._serialized_start=1904
+  _globals['_EXPORTFORMAT']._serialized_end=2001
   _globals['_CHAT']._serialized_start=75
   _globals['_CHAT']._serialized_end=211
   _globals['_MESSAGE']._serialized_start=214
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCHATSRESPONSE']._serialized_start=656
   _globals['_LISTCHATSRESPONSE']._serialized_end=735
   _globals['_GETCHATREQUEST']._serialized_start=737
-  _globals['_GETCHATREQUEST']._serialized_end=770
-  _globals['_GETCHATRESPONSE']._serialized_start=772
-  _globals['_GETCHATRESPONSE']._serialized_end=864
-  _globals['_RENAMECHATREQUEST']._serialized_start=866
-  _globals['_RENAMECHATREQUEST']._serialized_end=917
-  _globals['_DELETECHATREQUEST']._serialized_start=919
-  _globals['_DELETECHATREQUEST']._serialized_end=955
-  _globals['_DELETECHATRESPONSE']._serialized_start=957
-  _globals['_DELETECHATRESPONSE']._serialized_end=1003
-  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1005
-  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1075
-  _globals['_SEARCHCHATSREQUEST']._serialized_start=1077
-  _globals['_SEARCHCHATSREQUEST']._serialized_end=1127
-  _globals['_TEXTSPAN']._serialized_start=1129
-  _globals['_TEXTSPAN']._serialized_end=1174
-  _globals['_SEARCHSNIPPET']._serialized_start=1176
-  _globals['_SEARCHSNIPPET']._serialized_end=1264
-  _globals['_SEARCHRESULT']._serialized_start=1266
-  _globals['_SEARCHRESULT']._serialized_end=1361
-  _globals['_SEARCHCHATSRESPONSE']._serialized_start=1363
-  _globals['_SEARCHCHATSRESPONSE']._serialized_end=1429
-  _globals['_EXPORTCHATREQUEST']._serialized_start=1431
-  _globals['_EXPORTCHATREQUEST']._serialized_end=1511
-  _globals['_EXPORTCHATRESPONSE']._serialized_start=1513
-  _globals['_EXPORTCHATRESPONSE']._serialized_end=1588
-  _globals['_HISTORY']._serialized_start=1940
-  _globals['_HISTORY']._serialized_end=2555
+  _globals['_GETCHATREQUEST']._serialized_end=809
+  _globals['_GETCHATRESPONSE']._serialized_start=811
+  _globals['_GETCHATRESPONSE']._serialized_end=928
+  _globals['_RENAMECHATREQUEST']._serialized_start=930
+  _globals['_RENAMECHATREQUEST']._serialized_end=981
+  _globals['_DELETECHATREQUEST']._serialized_start=983
+  _globals['_DELETECHATREQUEST']._serialized_end=1019
+  _globals['_DELETECHATRESPONSE']._serialized_start=1021
+  _globals['_DELETECHATRESPONSE']._serialized_end=1067
+  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1069
+  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1139
+  _globals['_SEARCHCHATSREQUEST']._serialized_start=1141
+  _globals['_SEARCHCHATSREQUEST']._serialized_end=1191
+  _globals['_TEXTSPAN']._serialized_start=1193
+  _globals['_TEXTSPAN']._serialized_end=1238
+  _globals['_SEARCHSNIPPET']._serialized_start=1240
+  _globals['_SEARCHSNIPPET']._serialized_end=1328
+  _globals['_SEARCHRESULT']._serialized_start=1330
+  _globals['_SEARCHRESULT']._serialized_end=1425
+  _globals['_SEARCHCHATSRESPONSE']._serialized_start=1427
+  _globals['_SEARCHCHATSRESPONSE']._serialized_end=1493
+  _globals['_EXPORTCHATREQUEST']._serialized_start=1495
+  _globals['_EXPORTCHATREQUEST']._serialized_end=1575
+  _globals['_EXPORTCHATRESPONSE']._serialized_start=1577
+  _globals['_EXPORTCHATRESPONSE']._serialized_end=1652
+  _globals['_HISTORY']._serialized_start=2004
+  _globals['_HISTORY']._serialized_end=2708
 # @@protoc_insertion_point(module_scope)

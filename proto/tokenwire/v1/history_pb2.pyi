@@ -109,18 +109,24 @@ class ListChatsResponse(_message.Message):
     def __init__(self, chats: _Optional[_Iterable[_Union[Chat, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetChatRequest(_message.Message):
-    __slots__ = ("chat_id",)
+    __slots__ = ("chat_id", "page_size", "page_token")
     CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     chat_id: str
-    def __init__(self, chat_id: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, chat_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetChatResponse(_message.Message):
-    __slots__ = ("chat", "messages")
+    __slots__ = ("chat", "messages", "next_page_token")
     CHAT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     chat: Chat
     messages: _containers.RepeatedCompositeFieldContainer[Message]
-    def __init__(self, chat: _Optional[_Union[Chat, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, chat: _Optional[_Union[Chat, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RenameChatRequest(_message.Message):
     __slots__ = ("chat_id", "title")

@@ -75,6 +75,11 @@ class HistoryStub:
                 request_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
                 _registered_method=True)
+        self.ExportChatStream = channel.unary_stream(
+                '/tokenwire.v1.History/ExportChatStream',
+                request_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServicer:
@@ -96,7 +101,9 @@ class HistoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetChat(self, request, context):
-        """One chat with all its messages, oldest first. NOT_FOUND: no such chat of the caller's.
+        """One chat and its messages, oldest first, a page at a time (a page stays
+        well under gRPC's default 4 MiB message limit however long the chat).
+        NOT_FOUND: no such chat of the caller's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,7 +141,17 @@ class HistoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportChat(self, request, context):
-        """A chat as a JSON document or a Markdown transcript.
+        """A chat as a JSON document or a Markdown transcript, in one message (a chat
+        whose export passes the client's message limit needs ExportChatStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportChatStream(self, request, context):
+        """The same export in chunks of at most 1 MiB, for a chat of any size: the
+        first chunk carries media_type and filename, the content is the
+        concatenation of every chunk's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +197,11 @@ def add_HistoryServicer_to_server(servicer, server):
             ),
             'ExportChat': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportChat,
+                    request_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.SerializeToString,
+            ),
+            'ExportChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportChatStream,
                     request_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.SerializeToString,
             ),
@@ -399,6 +421,33 @@ class History:
             request,
             target,
             '/tokenwire.v1.History/ExportChat',
+            tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
+            tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.History/ExportChatStream',
             tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
             tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
             options,
