@@ -64,6 +64,12 @@ def run_bridge(settings: BridgeSettings) -> None:
                  settings.max_body_bytes)
 
     app.on_startup.append(announce)
+    if settings.ollama_port:
+        from .ollama.app import runner_hooks
+
+        start_ollama, stop_ollama = runner_hooks(settings, app[UPSTREAM])
+        app.on_startup.append(start_ollama)
+        app.on_cleanup.insert(0, stop_ollama)
     ssl_context = None
     if settings.http_tls_cert:
         import ssl

@@ -19,6 +19,8 @@ class BridgeSettings:
                                flag="--server", env="SERVER")
     http_host: str = setting("127.0.0.1", "address the HTTP bridge binds")
     http_port: int = setting(8000, "HTTP port of the bridge")
+    ollama_port: int = setting(11434, "port of the Ollama-compatible API (/api/chat, /api/tags, ... and /v1) on "
+                               "the bridge's address; 0 = off; taken (by Ollama itself): the bridge runs without it")
     # While a stream waits for the next gRPC message (queued, model loading), an SSE comment is
     # sent this often so that proxies and browsers do not drop an idle connection.
     heartbeat_s: float = setting(2.0, "SSE keep-alive comment interval while a stream waits, seconds")
@@ -44,6 +46,10 @@ class BridgeSettings:
             raise ValueError(f"heartbeat interval must be > 0 s, got {self.heartbeat_s}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max body size must be >= 1024 bytes, got {self.max_body_bytes}")
+        if not 0 <= self.ollama_port <= 65535:
+            raise ValueError(f"--ollama-port must be a port number or 0, got {self.ollama_port}")
+        if self.ollama_port and self.ollama_port == self.http_port:
+            raise ValueError(f"--ollama-port {self.ollama_port} is the bridge's own --http-port")
         if self.retry_after_s < 0:
             raise ValueError(f"Retry-After must be >= 0 s, got {self.retry_after_s}")
         if why := bind_refusal(self.http_host, split_list(self.allowed_hosts)):

@@ -15,9 +15,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a dict; the size limit is the app's `client_max_size`."""
-    if request.content_type != "application/json" and not request.content_type.endswith("+json"):
+async def read_json_object(request: web.Request, any_content_type: bool = False) -> dict[str, Any]:
+    """The body as a dict; the size limit is the app's `client_max_size`. `any_content_type`: JSON
+    whatever the Content-Type says (Ollama's API reads it so; `curl -d` sends a form type)."""
+    if not any_content_type and request.content_type != "application/json" \
+            and not request.content_type.endswith("+json"):
         raise ApiError(415, f"expected Content-Type: application/json, got {request.content_type!r}",
                        code="unsupported_media_type")
     limit = request.client_max_size

@@ -152,7 +152,9 @@ def start_bridge(tmp: Path, server_target: str, *extra: str) -> Proc:
     log_path = tmp / f"bridge-{port}.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        cli("bridge", "--server", server_target, "--http-port", str(port), *extra),
+        # No Ollama listener unless the test asks for one (11434 is one port for the whole machine).
+        cli("bridge", "--server", server_target, "--http-port", str(port),
+            *(() if "--ollama-port" in extra else ("--ollama-port", "0")), *extra),
         stdout=log,
         stderr=subprocess.STDOUT,
     )

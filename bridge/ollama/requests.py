@@ -1,0 +1,169 @@
+"""Ollama request bodies (/api/chat, /api/generate) as GenerateRequests.
+
+Ollama's `options` map onto tokenwire's sampling (temperature, top_p, top_k, min_p, seed,
+repeat_penalty, presence_penalty, frequency_penalty, num_predict, stop). Options that only tune
+how Ollama's runner uses the machine (num_ctx, num_thread, num_gpu, num_batch, use_mmap, ...)
+change no output here and are accepted and ignored; options that would change the output and
+that tokenwire cannot honour (mirostat, tfs_z, typical_p away from their neutral values) are a
+400 that names them, as are features it does not have yet (format, tools, images, thinking).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenwire.bridge.errors import ApiError, invalid_param
+from tokenwire.bridge.params import Params, json_type
+from tokenwire.bridge.proto_request import MAX_UINT32, generate_request
+from tokenwire.server.settings import parse_duration
+from tokenwire.v1 import inference_pb2 as pb
+
+# Accepted, and change nothing for tokenwire (they size Ollama's runner or its context window,
+# which here is the model's own).
+RUNNER_OPTIONS = frozenset({
+    "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "num_thread", "use_mmap", "use_mlock", "numa",
+    "num_keep", "repeat_last_n", "penalize_newline", "vocab_only", "f16_kv", "logits_all", "embedding_only",
+})
+# Would change the output; honoured only at their neutral value.
+NEUTRAL_ONLY = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0, "mirostat_tau": None, "mirostat_eta": None}
+SAMPLING_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty",
+                              "presence_penalty", "frequency_penalty", "num_predict", "stop"})
+CHAT_FIELDS = {"model", "messages", "stream", "options", "keep_alive", "format", "tools", "think"}
+GENERATE_FIELDS = {"model", "prompt", "system", "stream", "options", "keep_alive", "format", "raw",
+                   "images", "context", "suffix", "template", "think"}
+ROLES = ("system", "user", "assistant")
+
+
+def model_name(p: Params) -> str:
+    """The model asked for; Ollama's implicit tag ":latest" means the name's default variant."""
+    name = p.string("model")
+    if not name:
+        raise invalid_param("model", "model is required (see GET /api/tags)")
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+def keep_alive(p: Params) -> float | None:
+    """Seconds: Ollama sends a duration ("5m", "1h", "-1", "0") or a number of seconds."""
+    value = p.raw("keep_alive")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise invalid_param("keep_alive", f"keep_alive must be a duration such as \"5m\" or seconds, got "
+                                          f"{json_type(value)}")
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise invalid_param("keep_alive", f"keep_alive {value!r} is not a duration such as \"5m\", \"1h\" "
+                                          "or seconds") from None
+
+
+def _refuse_unsupported(p: Params) -> None:
+    fmt = p.raw("format")
+    if fmt not in (None, ""):
+        raise invalid_param("format", "format (JSON output, schemas) needs constrained decoding, which this "
+                                      "tokenwire does not have yet")
+    if p.raw("tools"):
+        raise invalid_param("tools", "tools need tool calling, which this tokenwire does not have yet")
+    if p.raw("think") not in (None, False):
+        raise invalid_param("think", "think: this tokenwire separates no thinking; send think false or omit it")
+
+
+def options(p: Params) -> tuple[dict[str, Any], int | None, list[str]]:
+    """(sampling fields, max_tokens, stop strings) from `options`."""
+    raw = p.raw("options")
+    if raw is None:
+        return {}, None, []
+    if not isinstance(raw, dict):
+        raise invalid_param("options", f"options must be an object, got {json_type(raw)}")
+    o = Params(raw)
+    for name, value in raw.items():
+        where = f"options.{name}"
+        if name in RUNNER_OPTIONS or name in SAMPLING_OPTIONS or value is None:
+            continue
+        if name in NEUTRAL_ONLY:
+            neutral = NEUTRAL_ONLY[name]
+            if neutral is not None and value != neutral:
+                raise invalid_param(where, f"{where}={value!r} is not supported (only {neutral!r})")
+            continue
+        raise invalid_param(where, f"unknown option {name!r}")
+    try:
+        sampling = {
+            "temperature": o.number("temperature", 0.0),
+            "top_p": o.number("top_p", 0.0, 1.0),
+            "top_k": o.integer("top_k", 0, MAX_UINT32),
+            "min_p": o.number("min_p", 0.0, 1.0),
+            "repetition_penalty": o.number("repeat_penalty"),
+            "presence_penalty": o.number("presence_penalty"),
+            "frequency_penalty": o.number("frequency_penalty"),
+            "seed": o.seed(),
+        }
+        predict = o.integer("num_predict", -2, MAX_UINT32)
+        stop = o.stop()
+    except ApiError as exc:  # name the field as the caller sent it
+        exc.param, exc.message = f"options.{exc.param}", f"options.{exc.message}"
+        raise
+    # num_predict -1 (no limit) and -2 (fill the context): the server's default, capped by the window.
+    return sampling, (predict if predict and predict > 0 else None), stop
+
+
+def chat_messages(p: Params) -> list[pb.ChatMessage]:
+    raw = p.raw("messages")
+    if not isinstance(raw, list) or not raw:
+        raise invalid_param("messages", "messages must be a non-empty array of {role, content} objects")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise invalid_param(where, f"{where} must be an object, got {json_type(m)}")
+        role, content = m.get("role"), m.get("content", "")
+        if role not in ROLES:
+            hint = " (tool results need tool calling, which this tokenwire does not have yet)" if role == "tool" else ""
+            raise invalid_param(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}{hint}")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise invalid_param(f"{where}.content", f"{where}.content must be a string, got {json_type(content)}")
+        if m.get("images"):
+            raise invalid_param(f"{where}.images", f"{where}.images: this tokenwire reads no images yet")
+        if m.get("tool_calls"):
+            raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported yet")
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
+def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
+    p.check_known(CHAT_FIELDS)
+    _refuse_unsupported(p)
+    sampling, max_tokens, stop = options(p)
+    request = generate_request(request_id=request_id, model=model_name(p), messages=chat_messages(p),
+                               max_tokens=max_tokens, stop=stop, sampling=sampling)
+    if (seconds := keep_alive(p)) is not None:
+        request.keep_alive_s = seconds
+    return request
+
+
+def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
+    """The GenerateRequest of /api/generate; None for an empty prompt (Ollama: load or unload the model)."""
+    p.check_known(GENERATE_FIELDS)
+    _refuse_unsupported(p)
+    for name in ("images", "context", "suffix", "template"):
+        if p.raw(name):
+            raise invalid_param(name, f"{name} is not supported by this tokenwire")
+    prompt, system, raw = p.string("prompt") or "", p.string("system") or "", p.boolean("raw") or False
+    sampling, max_tokens, stop = options(p)
+    name = model_name(p)
+    if not prompt:
+        return None
+    if raw:  # the prompt exactly as given: no chat template
+        if system:
+            raise invalid_param("system", "system has no place in a raw prompt")
+        request = generate_request(request_id=request_id, model=name, prompt=prompt, max_tokens=max_tokens,
+                                   stop=stop, sampling=sampling)
+    else:  # Ollama renders the prompt with the model's template, as a user turn
+        messages = [pb.ChatMessage(role="system", content=system)] if system else []
+        messages.append(pb.ChatMessage(role="user", content=prompt))
+        request = generate_request(request_id=request_id, model=name, messages=messages, max_tokens=max_tokens,
+                                   stop=stop, sampling=sampling)
+    if (seconds := keep_alive(p)) is not None:
+        request.keep_alive_s = seconds
+    return request

@@ -1,0 +1,130 @@
+"""Ollama's API on its own listener (--ollama-port), driven by the official `ollama` Python package
+against the real server: chat and generate (streamed and not) with options, the model listing,
+ps, show, version, load through an empty prompt, Ollama-shaped errors (an unknown model, options
+and features it cannot honour), the OpenAI endpoints on the same port, and keys passed on."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import ollama
+import pytest
+from conftest import free_port, start_bridge
+
+from tokenwire.v1 import inference_pb2 as pb
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def ollama_url(server, tmp_path_factory):
+    port = free_port()
+    bridge = start_bridge(tmp_path_factory.mktemp("ollama"), server.target, "--ollama-port", str(port))
+    yield f"http://127.0.0.1:{port}"
+    bridge.stop()
+
+
+@pytest.fixture(scope="module")
+def client(ollama_url) -> ollama.Client:
+    return ollama.Client(host=ollama_url)
+
+
+def grpc_generation(stub, messages: list[dict] | None = None, prompt: str | None = None,
+                    n: int = 8) -> tuple[str, int]:
+    """The same greedy generation over gRPC (text, tokens): what the Ollama answer must equal."""
+    request = pb.GenerateRequest(model=MODEL, max_tokens=n, sampling=pb.SamplingParams(temperature=0.0))
+    if messages is not None:
+        request.messages.extend(pb.ChatMessage(**m) for m in messages)
+    else:
+        request.prompt = prompt or ""
+    tokens = [r.token.text for r in stub.Generate(request, timeout=60) if r.HasField("token")]
+    return "".join(tokens), len(tokens)
+
+
+def grpc_text(stub, **kw) -> str:
+    return grpc_generation(stub, **kw)[0]
+
+
+def test_chat_streamed_and_whole_equal_the_grpc_generation(client, stub) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    expected, count = grpc_generation(stub, messages=messages)
+    options = {"temperature": 0, "num_predict": 8, "num_ctx": 4096}  # num_ctx: accepted, changes nothing
+    whole = client.chat(model=MODEL, messages=messages, options=options)
+    assert whole.message.role == "assistant" and whole.message.content == expected
+    assert whole.done and whole.done_reason in ("stop", "length") and whole.model == f"{MODEL}:int4"
+    assert whole.eval_count == count and whole.prompt_eval_count > 10 and whole.total_duration > 0
+    parts = list(client.chat(model=MODEL, messages=messages, options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+    assert [p.done for p in parts] == [False] * (len(parts) - 1) + [True] and parts[-1].eval_count == count
+
+
+def test_generate_renders_the_template_unless_raw(client, stub) -> None:
+    templated = grpc_text(stub, messages=[{"role": "user", "content": "Count: one, two,"}], n=6)
+    raw = grpc_text(stub, prompt="Count: one, two,", n=6)
+    options = {"temperature": 0, "num_predict": 6}
+    assert client.generate(model=f"{MODEL}:latest", prompt="Count: one, two,", options=options).response == templated
+    streamed = client.generate(model=MODEL, prompt="Count: one, two,", raw=True, options=options, stream=True)
+    assert "".join(p.response for p in streamed) == raw
+    stopped = client.generate(model=MODEL, prompt="Count: one, two,", raw=True,
+                              options={**options, "num_predict": 30, "stop": [raw[2:4]]})
+    assert stopped.response == raw[:2] and stopped.done_reason == "stop"
+
+
+def test_listing_ps_show_version_and_load(client, ollama_url) -> None:
+    models = client.list().models
+    assert models[0].model == f"{MODEL}:int4", "the default model first"
+    assert {m.model for m in models} >= {f"{MODEL}:int4", f"{MODEL}:fp32"}
+    assert models[0].details.quantization_level == "int4" and models[0].details.parameter_size == "135M"
+    loaded = client.generate(model=f"{MODEL}:fp32", prompt="", keep_alive="2m")  # an empty prompt loads
+    assert loaded.done_reason == "load" and loaded.model == f"{MODEL}:fp32"
+    running = {m.model: m for m in client.ps().models}
+    assert f"{MODEL}:fp32" in running and running[f"{MODEL}:fp32"].size > 0
+    shown = client.show(MODEL)
+    assert shown.details.family == "llama" and shown.modelinfo["llama.context_length"] == 8192
+    with urllib.request.urlopen(ollama_url + "/api/version") as r:
+        assert json.load(r)["version"]
+    with urllib.request.urlopen(ollama_url + "/") as r:
+        assert r.read() == b"Ollama is running"
+    with urllib.request.urlopen(ollama_url + "/v1/models") as r:  # OpenAI's API on Ollama's port, as Ollama does
+        assert f"{MODEL}:int4" in {m["id"] for m in json.load(r)["data"]}
+
+
+@pytest.mark.parametrize(("call", "status", "words"), [
+    (dict(model="no-such-model"), 404, "no-such-model"),
+    (dict(format="json"), 400, "format"),
+    (dict(options={"mirostat": 2}), 400, "options.mirostat"),
+    (dict(options={"temperature": -1}), 400, "options.temperature"),
+    (dict(options={"warp_speed": 9}), 400, "warp_speed"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+])
+def test_refusals_are_ollama_errors(client, call, status, words) -> None:
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(**{"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **call})
+    assert refused.value.status_code == status and words in refused.value.error
+
+
+def test_the_error_body_is_ollamas_shape_and_curl_bodies_parse(ollama_url) -> None:
+    # curl -d sends application/x-www-form-urlencoded; Ollama reads the body as JSON anyway.
+    request = urllib.request.Request(ollama_url + "/api/chat", method="POST", data=json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False,
+         "options": {"num_predict": 2}}).encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(request) as r:
+        assert json.load(r)["done"] is True
+    bad = urllib.request.Request(ollama_url + "/api/chat", method="POST", data=b"{not json")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad)
+    body = json.load(refused.value)
+    assert refused.value.code == 400 and isinstance(body["error"], str) and "JSON" in body["error"]
+    for path, method in (("/api/pull", "POST"), ("/api/embed", "POST"), ("/api/delete", "DELETE")):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(urllib.request.Request(ollama_url + path, method=method, data=b"{}"))
+        assert missing.value.code == 501 and "tokenwire" in json.load(missing.value)["error"]
+
+
+def test_a_foreign_host_is_refused(ollama_url) -> None:
+    request = urllib.request.Request(ollama_url + "/api/tags", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 403
