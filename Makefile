@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers lint browser node clean
+.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers lint browser node postgres clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
 
+# Debian's PostgreSQL for the chat store's tests (tests/postgres_server.py starts a server of its own
+# in a temporary folder; nothing runs as a system service).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; }
+
 run: model
 	$(BIN)/tokenwire up --host $(HOST) --port $(GRPC_PORT) --http-port $(HTTP_PORT)
 
@@ -55,12 +62,12 @@ bridge: setup
 # TOKENWIRE_REQUIRE_ALL=1: a skipped test fails unless tests/skip_policy.py allows its reason (no
 # GPU, a CPU without the instruction set), so no end-to-end test passes by skipping; each tier
 # lists its skips (-rs) and its slowest tests (--durations).
-test: model node browser
+test: model node browser postgres
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow"
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m slow
 
 # The fast tier alone: scheduler, sampling, stores, ... on a fake engine; no model needed.
-test-fast: setup
+test-fast: setup postgres
 	$(BIN)/python -m pytest -q -m "not slow"
 
 proto: setup

@@ -33,16 +33,18 @@ from tokenwire.server.models.store import ModelStore, default_store_path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # tests/skip_policy.py: TOKENWIRE_REQUIRE_ALL and the allowed skips; tests/fake_engine.py: the `start` and
-# `tok` fixtures of the scheduler tests on the fake engine.
-pytest_plugins = ["skip_policy", "fake_engine"]
+# `tok` fixtures of the scheduler tests on the fake engine; tests/postgres_server.py: a real PostgreSQL
+# server (`postgres_server`) and a fresh database on it per test (`pg_url`).
+pytest_plugins = ["skip_policy", "fake_engine", "postgres_server"]
 
 DEFAULT_FP32 = "smollm2-135m:fp32"
 DEFAULT_INT4 = "smollm2-135m:int4"
 
 
 # Fixtures that load the real model or start real processes: a test using any is in the slow tier.
+# Tests using these are the slow tier (the real model, or a server process such as PostgreSQL).
 REAL_MODEL_FIXTURES = frozenset(
-    {"models_dir", "server", "bridge", "channel", "stub", "fp32_dir", "int4_dir", "tiny_models"})
+    {"models_dir", "server", "bridge", "channel", "stub", "fp32_dir", "int4_dir", "tiny_models", "postgres_server"})
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

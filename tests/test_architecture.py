@@ -135,3 +135,13 @@ def test_the_check_catches_what_it_forbids(tmp_path: Path) -> None:
     found = imports_of("tokenwire.server.engine.probe", probe)
     assert {"tokenwire.server.models.manager", "tokenwire.server.engine.sampling"} <= found
     assert violations("tokenwire.server.engine.probe", found)
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists packages explicitly: a new folder missing from the list would import in
+    the editable checkout and be absent from a real install (a wheel)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {dotted for dotted, path in MODULES if path.name == "__init__.py"} | {"tokenwire", "tokenwire.v1"}
+    assert folders <= listed, f"add to [tool.setuptools] packages: {sorted(folders - listed)}"

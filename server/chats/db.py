@@ -3,8 +3,9 @@
 SQLite (the default) runs in WAL mode with a busy timeout, so readers never block the writer
 and a second process (`tokenwire keys create` while the server runs) waits instead of failing;
 its write transactions start IMMEDIATE so two writers never deadlock upgrading a read lock.
-Any other `playhouse.db_url` URL (postgresql://...) works too; keyword search then falls
-back from FTS5 to LIKE.
+A `postgresql://user@host:port/db` URL stores the chats in PostgreSQL (a connection pool; keyword
+search with a tsvector column, a GIN index and ts_headline snippets); any other
+`playhouse.db_url` URL works too, with keyword search falling back to LIKE.
 
 Schema changes are migrations: `MIGRATIONS[n]` takes the database from version n to n + 1,
 and `open_database` applies the missing ones in order (the version lives in `schema_version`).
@@ -175,8 +176,27 @@ def _add_reply_writers(db: pw.Database) -> None:
     migrate(SchemaMigrator.from_database(db).add_column("message", "writer", pw.CharField(max_length=100, default="")))
 
 
+# PostgreSQL's native keyword search: a generated tsvector column and a GIN index over it.
+_PG_SEARCH_SQL = [
+    "ALTER TABLE message ADD COLUMN IF NOT EXISTS content_tsv tsvector "
+    "GENERATED ALWAYS AS (to_tsvector('simple', content)) STORED",
+    "CREATE INDEX IF NOT EXISTS message_content_tsv ON message USING GIN (content_tsv)",
+]
+
+
+def is_postgres(db: pw.Database) -> bool:
+    return isinstance(db, pw.PostgresqlDatabase)
+
+
+def _add_native_search(db: pw.Database) -> None:
+    """Schema 5: keyword search in PostgreSQL itself (SQLite has had FTS5 since schema 1)."""
+    if is_postgres(db):
+        for sql in _PG_SEARCH_SQL:
+            db.execute_sql(sql)
+
+
 MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles,
-                                                   _add_reply_writers]
+                                                   _add_reply_writers, _add_native_search]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -189,11 +209,20 @@ def write_transaction(db: pw.Database):
     return db.atomic("IMMEDIATE") if is_sqlite(db) else db.atomic()
 
 
+# A PostgreSQL URL gets a connection pool: the writer and reader threads of each server hold one
+# connection each, and replicas share the server (?max_connections=N in the URL overrides it).
+PG_POOL = {"max_connections": 16, "stale_timeout": 300}
+
+
 def _connect(target: str) -> pw.Database:
     if "://" in target:
         url = target
-        db = connect(url, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S) if url.startswith("sqlite") else connect(url)
-        return db
+        if url.startswith("sqlite"):
+            return connect(url, pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
+        scheme, rest = url.split("://", 1)
+        if scheme in ("postgres", "postgresql"):
+            return connect(f"postgresql+pool://{rest}", **{k: v for k, v in PG_POOL.items() if f"{k}=" not in rest})
+        return connect(url)
     path = Path(target).expanduser()
     _create_private(path)
     return pw.SqliteDatabase(str(path), pragmas=SQLITE_PRAGMAS, timeout=BUSY_TIMEOUT_S)
@@ -216,6 +245,8 @@ def open_database(target: str | None = None) -> pw.Database:
     database_proxy.initialize(db)
     db.connect(reuse_if_open=True)
     with write_transaction(db):
+        if is_postgres(db):  # replicas starting together migrate one at a time
+            db.execute_sql("SELECT pg_advisory_xact_lock(7271727)")
         db.create_tables([SchemaVersion])
         row = SchemaVersion.select().first()
         version = row.version if row else 0

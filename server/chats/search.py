@@ -31,6 +31,14 @@ def fts_query(terms: list[str]) -> str:
     return " AND ".join(quoted)
 
 
+def tsquery(terms: list[str]) -> str:
+    """The same query for PostgreSQL's to_tsquery: every term, the last one also as a prefix.
+    Each term is a quoted lexeme, so nothing the user types is tsquery syntax."""
+    quoted = ["'" + t.replace("\\", "\\\\").replace("'", "''") + "'" for t in terms]
+    quoted[-1] += ":*"
+    return " & ".join(quoted)
+
+
 def spans_from_marked(marked: str) -> list[Span]:
     """Splits FTS5 snippet() output into (text, highlighted) pieces, merging neighbours alike."""
     spans: list[Span] = []

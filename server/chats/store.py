@@ -27,6 +27,7 @@ from .db import (
     ServerLease,
     User,
     describe,
+    is_postgres,
     is_sqlite,
     now_ms,
     open_database,
@@ -170,6 +171,7 @@ class ChatStore:
     def __init__(self, target: str | None = None, instance: str = "") -> None:
         self.db = open_database(target)
         self.fts = is_sqlite(self.db)
+        self.pg = is_postgres(self.db)
         self.interrupted_at_start = 0  # set by whoever runs mark_interrupted at start-up
         self.max_chat_bytes = DEFAULT_MAX_CHAT_BYTES  # a chat's messages, in UTF-8 bytes; 0: no cap
         self.host, self.pid = socket.gethostname()[:255], os.getpid()
@@ -200,8 +202,12 @@ class ChatStore:
 
     # ---- chats ---------------------------------------------------------------------------------
 
-    def _chat(self, user_id: int, chat_id: str) -> Chat:
-        chat = Chat.get_or_none((Chat.public_id == chat_id) & (Chat.owner == user_id))
+    def _chat(self, user_id: int, chat_id: str, lock: bool = False) -> Chat:
+        """The user's chat; `lock` (inside a write transaction): its row is locked until the commit, so
+        writers on other connections (replicas sharing a PostgreSQL) add its messages one at a time.
+        SQLite needs no row lock: its write transactions exclude each other (BEGIN IMMEDIATE)."""
+        query = Chat.select().where((Chat.public_id == chat_id) & (Chat.owner == user_id))
+        chat = (query.for_update() if lock and self.pg else query).first()
         if chat is None:
             raise ChatNotFound(chat_id)
         return chat
@@ -282,7 +288,7 @@ class ChatStore:
     def rename_chat(self, user_id: int, chat_id: str, title: str) -> ChatInfo:
         clean = self._clean_title(title)
         with write_transaction(self.db):
-            chat = self._chat(user_id, chat_id)
+            chat = self._chat(user_id, chat_id, lock=True)
             chat.title = clean
             chat.updated_ms = now_ms()
             chat.save()
@@ -290,7 +296,7 @@ class ChatStore:
 
     def delete_chat(self, user_id: int, chat_id: str) -> int:
         with write_transaction(self.db):
-            chat = self._chat(user_id, chat_id)
+            chat = self._chat(user_id, chat_id, lock=True)
             deleted = Message.delete().where(Message.chat == chat.id).execute()
             chat.delete_instance()
         return deleted
@@ -357,7 +363,7 @@ class ChatStore:
         if not content:
             raise ChatRequestError("content must not be empty", "content")
         with write_transaction(self.db):
-            chat = self._chat(user_id, chat_id)
+            chat = self._chat(user_id, chat_id, lock=True)
             self._check_size(chat, [content], "content")
             message = self._add(chat, role, content)
         return self._message(message, chat_id)
@@ -390,7 +396,7 @@ class ChatStore:
         """Commits the new messages and a pending reply (in one transaction); returns the chat's
         messages to prompt with. No new messages: answers the chat's last user message again."""
         with write_transaction(self.db):
-            chat = self._chat(user_id, chat_id)
+            chat = self._chat(user_id, chat_id, lock=True)
             existing = list(chat.messages.order_by(Message.seq))
             context = self._turn_context(chat, existing, new_messages)
             user_message_id = 0
@@ -469,7 +475,12 @@ class ChatStore:
         terms = chat_search.query_terms(query)
         if not terms:
             raise ChatRequestError("query must contain at least one word", "query")
-        hits = self._fts_hits(user_id, terms, limit) if self.fts else self._like_hits(user_id, terms, limit)
+        if self.fts:
+            hits = self._fts_hits(user_id, terms, limit)
+        elif self.pg:
+            hits = self._pg_hits(user_id, terms, limit)
+        else:
+            hits = self._like_hits(user_id, terms, limit)
         results: dict[int, SearchResult] = {}
         infos = self._chats_by_row_id(user_id, {chat_row for chat_row, *_ in hits})
         for chat_row, message_id, role, spans in hits:
@@ -496,6 +507,21 @@ class ChatStore:
         params = (chat_search.MARK_OPEN, chat_search.MARK_CLOSE, chat_search.ELLIPSIS, chat_search.SNIPPET_TOKENS,
                   chat_search.fts_query(terms), user_id, limit * SNIPPETS_PER_CHAT * 4)
         rows = self.db.execute_sql(sql, params).fetchall()
+        return [(chat_row, mid, role, chat_search.spans_from_marked(marked)) for chat_row, mid, role, marked in rows]
+
+    def _pg_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
+        """PostgreSQL's own search: the GIN-indexed tsvector column, ranked, with ts_headline snippets."""
+        options = (f"StartSel={chat_search.MARK_OPEN}, StopSel={chat_search.MARK_CLOSE}, "
+                   f"MaxWords={2 * chat_search.SNIPPET_TOKENS}, MinWords={chat_search.SNIPPET_TOKENS // 2}, "
+                   f"FragmentDelimiter={chat_search.ELLIPSIS}, MaxFragments=2")
+        sql = (
+            "SELECT m.chat_id, m.id, m.role, ts_headline('simple', m.content, q, %s) "
+            "FROM message AS m JOIN chat AS c ON c.id = m.chat_id, to_tsquery('simple', %s) AS q "
+            "WHERE m.content_tsv @@ q AND c.owner_id = %s "
+            "ORDER BY ts_rank(m.content_tsv, q) DESC, c.updated_ms DESC LIMIT %s"
+        )
+        rows = self.db.execute_sql(sql, (options, chat_search.tsquery(terms), user_id,
+                                         limit * SNIPPETS_PER_CHAT * 4)).fetchall()
         return [(chat_row, mid, role, chat_search.spans_from_marked(marked)) for chat_row, mid, role, marked in rows]
 
     def _like_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
