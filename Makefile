@@ -22,9 +22,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# Builds the default model into the store (idempotent: instant when present).
+# Builds the default model and the embedding model into the store (idempotent: instant when present).
 model: setup
 	$(BIN)/tokenwire pull smollm2-135m
+	$(BIN)/tokenwire pull all-minilm-l6-v2
 
 # The Node.js client's packages, exactly as clients/node/package-lock.json pins them (node and
 # npm from Debian if missing); reinstalled only when the lockfile changes.

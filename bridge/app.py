@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import grpc
 from aiohttp import web
 
 from . import host_guard, metrics, openapi
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log
-from .routes import chats, openai, static, stream
+from .routes import chats, embeddings, openai, static, stream
 from .upstream import UPSTREAM, Upstream
 
 log = logging.getLogger("tokenwire.bridge")
@@ -20,8 +21,25 @@ SETTINGS = web.AppKey("settings", BridgeSettings)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """The bridge is up; says nothing about the gRPC server (see /api/models for that)."""
+    """The bridge is up (liveness); says nothing about the gRPC server: /readyz does."""
     return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only while the gRPC server answers its health check SERVING; 503 while it is
+    starting, draining (NOT_SERVING on SIGTERM) or unreachable, so a router sends no new work."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    upstream = request.app[UPSTREAM]
+    try:
+        reply = await health_pb2_grpc.HealthStub(upstream.channel).Check(
+            health_pb2.HealthCheckRequest(service="tokenwire.v1.Inference"), timeout=2)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        status = f"unreachable ({exc.code().name})"
+    ready = status == "SERVING"
+    return web.json_response({"status": "ready" if ready else "not ready", "server": status},
+                             status=200 if ready else 503)
 
 
 def create_app(grpc_target: str | None = None, settings: BridgeSettings | None = None) -> web.Application:
@@ -46,9 +64,11 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
 
     app.cleanup_ctx.append(channel)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     stream.add_routes(app)
     chats.add_routes(app)
     openai.add_routes(app)
+    embeddings.add_routes(app)
     openapi.add_routes(app)
     static.add_routes(app, settings.static_dir)
     return app

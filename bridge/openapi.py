@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tokenwire.bridge.fields import NUM as _NUM
 from tokenwire.bridge.routes.chats_openapi import add_chat_docs
+from tokenwire.bridge.routes.embeddings import add_embedding_docs
 from tokenwire.bridge.routes.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
 from tokenwire.bridge.routes.stream import GENERATE_FIELDS
 
@@ -143,6 +144,13 @@ DOCUMENT: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness of the bridge itself (does not contact the gRPC server).",
                              "responses": {"200": _json({"type": "object", "properties": {
                                  "status": {"const": "ok"}}})}}},
+        "/readyz": {"get": {"summary": "Readiness: 200 while the gRPC server reports SERVING; 503 while it starts, "
+                                      "drains or cannot be reached (point a router's health check here).",
+                            "responses": {"200": _json({"type": "object", "properties": {
+                                "status": {"const": "ready"}, "server": {"const": "SERVING"}}}),
+                                "503": _json({"type": "object", "properties": {
+                                    "status": {"const": "not ready"}, "server": {"type": "string"}}},
+                                    "Not ready: the server's health status, or why it cannot be reached.")}}},
         "/metrics": {"get": {"summary": "Prometheus metrics: the bridge's own, then the model server's.",
                              "responses": {"200": {"description": "Prometheus text exposition format.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
@@ -192,6 +200,7 @@ DOCUMENT: dict[str, Any] = {
 DOCUMENT["components"]["responses"]["E500"] = _json(
     _ref("Error"), "The generation failed on the server (code generation_error).")
 add_chat_docs(DOCUMENT)  # /api/chats and API keys
+add_embedding_docs(DOCUMENT)  # /v1/embeddings
 
 
 async def openapi_json(request: web.Request) -> web.Response:

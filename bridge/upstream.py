@@ -114,6 +114,12 @@ class Upstream:
             self._channel = None
 
     @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise RuntimeError("Upstream.open() was not called (is the app running?)")
+        return self._channel
+
+    @property
     def stub(self) -> pb_grpc.InferenceStub:
         if self._stub is None:
             raise RuntimeError("Upstream.open() was not called (is the app running?)")

@@ -173,14 +173,17 @@ def start_bridge(tmp: Path, server_target: str, *extra: str) -> Proc:
     raise RuntimeError(f"bridge did not come up on {url}:\n{log_path.read_text()}")
 
 
+EMBEDDING_MODEL = "all-minilm-l6-v2:fp32"
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     root = default_store_path()
     ids = {e.id for e in ModelStore(root).scan()}
-    missing = {DEFAULT_FP32, DEFAULT_INT4} - ids
+    missing = {DEFAULT_FP32, DEFAULT_INT4, EMBEDDING_MODEL} - ids
     if missing:
-        pytest.fail(f"{sorted(missing)} not in {root}: run `make test` (it pulls the default model) "
-                    "or `tokenwire pull smollm2-135m`")
+        pytest.fail(f"{sorted(missing)} not in {root}: run `make test` (it pulls the default model and the "
+                    "embedding model) or `tokenwire pull smollm2-135m` and `tokenwire pull all-minilm-l6-v2`")
     return root
 
 

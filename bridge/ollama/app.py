@@ -20,7 +20,7 @@ from tokenwire.bridge import host_guard
 from tokenwire.bridge.config import BridgeSettings
 from tokenwire.bridge.credentials import forward_credentials
 from tokenwire.bridge.middleware import errors_and_log
-from tokenwire.bridge.routes import openai
+from tokenwire.bridge.routes import embeddings, openai
 from tokenwire.bridge.upstream import UPSTREAM, Upstream
 
 from . import routes
@@ -51,6 +51,7 @@ def create_ollama_app(settings: BridgeSettings, upstream: Upstream) -> web.Appli
     app[UPSTREAM] = upstream  # opened and closed by the bridge's own app
     routes.add_routes(app)
     openai.add_routes(app)
+    embeddings.add_routes(app)
     return app
 
 

@@ -24,6 +24,7 @@ from tokenwire.bridge.params import Params
 from tokenwire.bridge.proto_request import finish_reason_name, request_id_for
 from tokenwire.bridge.relay import note
 from tokenwire.bridge.request_body import read_json_object
+from tokenwire.bridge.routes import embeddings as embeddings_route
 from tokenwire.bridge.upstream import HEARTBEAT, UPSTREAM, GenerateCall
 from tokenwire.v1 import inference_pb2 as pb
 
@@ -282,11 +283,38 @@ async def show(request: web.Request) -> web.Response:
         if name in (m.id, *m.aliases) or (default is m and name in ("default", m.id.split(":")[0])):
             return web.json_response({
                 "modelfile": f"# tokenwire model {m.id}\nFROM {m.id}\n", "parameters": "", "template": "",
-                "details": _details(m), "capabilities": ["completion"],
+                "details": _details(m), "capabilities": ["embedding" if m.kind == "embedding" else "completion"],
                 "model_info": {"general.architecture": m.architecture, "general.parameter_count": m.parameter_count,
                                f"{m.architecture}.context_length": m.context_length},
                 "modified_at": _ms_iso(m.last_used_unix_ms or 0)})
     raise ApiError(404, f"model {name!r} not found", param="model", code="model_not_found")
+
+
+async def embed(request: web.Request) -> web.Response:
+    """Ollama's /api/embed: {model, input: text or texts} -> {embeddings: [[...], ...]}."""
+    p = await _body(request)
+    p.check_known({"model", "input", "truncate", "options", "keep_alive", "dimensions"})
+    if p.raw("truncate") is False:
+        raise ApiError(400, "truncate false is not supported: inputs are cut to the model's longest input",
+                       param="truncate")
+    reply = await embeddings_route.embed(request, embeddings_route.texts_of(p.raw("input")),
+                                         ollama_requests.model_name(p), p.integer("dimensions", 1, 1 << 16) or 0,
+                                         ollama_requests.keep_alive(p))
+    return web.json_response({"model": reply.model, "embeddings": [list(e.values) for e in reply.embeddings],
+                              "total_duration": int(reply.total_time_ms * NS_PER_MS), "load_duration": 0,
+                              "prompt_eval_count": reply.prompt_tokens})
+
+
+async def embeddings_legacy(request: web.Request) -> web.Response:
+    """Ollama's older /api/embeddings: {model, prompt} -> {embedding: [...]}."""
+    p = await _body(request)
+    p.check_known({"model", "prompt", "options", "keep_alive"})
+    prompt = p.string("prompt")
+    if not prompt:
+        raise ApiError(400, "prompt is required", param="prompt")
+    reply = await embeddings_route.embed(request, [prompt], ollama_requests.model_name(p),
+                                         keep_alive=ollama_requests.keep_alive(p))
+    return web.json_response({"embedding": list(reply.embeddings[0].values)})
 
 
 async def version(request: web.Request) -> web.Response:
@@ -313,12 +341,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/ps", ps)
     app.router.add_post("/api/show", show)
     app.router.add_get("/api/version", version)
+    app.router.add_post("/api/embed", embed)
+    app.router.add_post("/api/embeddings", embeddings_legacy)
     for path, what, how in (
             ("/api/pull", "pulling models", "run `tokenwire pull NAME` on the server's machine"),
             ("/api/delete", "deleting models", "run `tokenwire rm NAME` on the server's machine"),
             ("/api/create", "creating models", "import one with `tokenwire import`"),
             ("/api/copy", "copying models", "aliases live in the store's aliases.json"),
             ("/api/push", "pushing models", "tokenwire keeps models local"),
-            ("/api/embed", "embeddings", "this tokenwire serves no embedding model yet"),
-            ("/api/embeddings", "embeddings", "this tokenwire serves no embedding model yet")):
+            ):
         app.router.add_route("POST" if path != "/api/delete" else "DELETE", path, _elsewhere(what, how))

@@ -8,6 +8,7 @@ alike), store records to History messages, model state to ModelInfo.
 from __future__ import annotations
 
 import math
+import re
 
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
@@ -83,6 +84,19 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         user=user,
         cache_scope=cache_scope,
     )
+
+
+# The ids the bridge passes on (bridge/proto_request.py's rule): printable, no spaces or newlines.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def check_request_id(request_id: str) -> None:
+    """InvalidRequest unless the caller's request id is empty (the server picks one) or a plain token.
+    The id is written into the server's log line for the request: a newline in it would let a
+    client forge log lines (found by tests/api/test_fuzz_grpc.py)."""
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidRequest("request_id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+                             "request_id")
 
 
 def keep_alive_of(request: pb.GenerateRequest | pb.LoadModelRequest) -> float | None:
@@ -204,4 +218,5 @@ def model_info_to_proto(entry: ModelEntry, status: ModelStatus, size_bytes: int,
         load_count=status.load_count,
         expires_unix_ms=_ms(status.expires_at),
         active_requests=status.active_requests,
+        kind=entry.kind,
     )

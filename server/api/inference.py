@@ -19,7 +19,7 @@ import grpc
 from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
-from tokenwire.server.engine.requests import build_request, check_shape
+from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence, TokenEvent
 from tokenwire.server.models.manager import ModelManager
@@ -30,6 +30,7 @@ from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 from . import convert
 from .auth import Authenticator, Identity
 from .chat_turns import commit_turn, plan_turn
+from .embeddings import embed
 from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
 
 log = logging.getLogger("tokenwire.server")
@@ -80,6 +81,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         params = convert.params_from_proto(request, identity.name if by_key else request.user,
                                            cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
+            convert.check_request_id(request.request_id)
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
             plan = None
             if request.chat_id and self.chats is not None and identity is not None:
@@ -91,6 +93,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             else:
                 check_shape(params, self.config.max_request_bytes)
                 entry = await loop.run_in_executor(None, self.models.resolve, params.model)
+            if entry.kind == "embedding":
+                raise InvalidRequest(f"model {entry.id} makes embeddings and generates no text: use Embed "
+                                     "(/v1/embeddings, /api/embed)", "model")
             model = await self.models.acquire_async(entry)  # a lease, released below
             if plan is not None:
                 gen_request, dropped = await loop.run_in_executor(
@@ -155,6 +160,11 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         return await asyncio.get_running_loop().run_in_executor(None, list_models, self.models)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        identity = await self.auth.identity(context) if self.auth is not None else None
+        keep_alive = self._keep_alive_for(identity, request.keep_alive_s if request.HasField("keep_alive_s") else None)
+        return await embed(self.models, request, context, keep_alive)
 
     def _keep_alive_for(self, identity: Identity | None, asked: float | None) -> float | None:
         """A key holder without the admin role may shorten a model's keep-alive, not pin it: their

@@ -253,10 +253,15 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
     """Builds catalogue model NAME into the store; returns the id its alias points to.
 
     `device="cuda"` builds the int4 graph in the CUDA layout (fp16 KV cache)."""
+    from .embedding_pull import EMBEDDING_CATALOGUE, pull_embedding
+
+    if name in EMBEDDING_CATALOGUE:
+        return pull_embedding(name, store, progress, force)
     kv_dtype = kv_dtype_for(device)
     entry = CATALOGUE.get(name)
     if entry is None:
-        raise BuildError(f"unknown model {name!r}; can pull: {', '.join(sorted(CATALOGUE))}")
+        known = sorted([*CATALOGUE, *EMBEDDING_CATALOGUE])
+        raise BuildError(f"unknown model {name!r}; can pull: {', '.join(known)}")
     fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
     fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)
     aliases = store.aliases()

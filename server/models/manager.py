@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenwire.server.engine.embedder import Embedder
 from tokenwire.server.engine.graph import open_engine
 from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.server.engine.session import DeviceUnavailable
@@ -108,8 +109,8 @@ class ModelLimits:
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    tokenizer: TokenizerBundle
-    scheduler: Scheduler
+    tokenizer: TokenizerBundle | None  # None for an embedding model (its Embedder tokenizes)
+    scheduler: Scheduler | Embedder  # a decoder's scheduler, or an embedding model's encoder
     load_seconds: float
     resident_bytes: int = 0  # measured at load, weights included
     loaded_at: float = field(default_factory=time.time)
@@ -138,8 +139,10 @@ class LoadedModel:
         return self.leases == 0 and not self.scheduler.busy
 
 
-def kv_bytes_of(scheduler: Scheduler) -> int:
-    """KV held by a scheduler: its running batch and its prefix cache."""
+def kv_bytes_of(scheduler: Scheduler | Embedder) -> int:
+    """KV held by a scheduler: its running batch and its prefix cache (an encoder holds none)."""
+    if isinstance(scheduler, Embedder):
+        return 0
     return int(scheduler.engine.kv_bytes + scheduler.prefix_cache.stats.bytes)
 
 
@@ -422,6 +425,13 @@ class ModelManager:
         process_memory.release_free_memory()  # so the growth below is what stays, not freed transients
         before = self.rss()
         say("loading", f"reading {entry.id}'s graph ({weights / 1e6:.1f} MB) into onnxruntime")
+        if entry.kind == "embedding":
+            embedder = Embedder(path, device=self.device, threads=self.threads)
+            process_memory.release_free_memory()
+            resident = max(self.rss() - before, weights)
+            seconds = time.perf_counter() - started
+            self.metrics.model_loaded(entry.id, seconds)
+            return LoadedModel(entry, None, embedder, seconds, resident)
         engine, kernels = open_engine(path, device=self.device, threads=self.threads,
                                       context_length=entry.context_length, kernels=self.kernels, model_id=entry.id)
         say("loading", kernels)

@@ -113,6 +113,11 @@ class ModelEntry:
         return str(self.manifest.get("precision", ""))
 
     @property
+    def kind(self) -> str:
+        """"generate" (a decoder: chat, completions) or "embedding" (an encoder: embeddings)."""
+        return str(self.manifest.get("kind", "") or "generate")
+
+    @property
     def context_length(self) -> int:
         """The context window the manifest records, else the one every reader assumes."""
         return int(self.manifest.get("context_length", 0) or 0) or DEFAULT_CONTEXT_LENGTH

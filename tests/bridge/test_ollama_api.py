@@ -9,6 +9,7 @@ import json
 import urllib.error
 import urllib.request
 
+import numpy as np
 import ollama
 import pytest
 from conftest import free_port, start_bridge
@@ -117,7 +118,7 @@ def test_the_error_body_is_ollamas_shape_and_curl_bodies_parse(ollama_url) -> No
         urllib.request.urlopen(bad)
     body = json.load(refused.value)
     assert refused.value.code == 400 and isinstance(body["error"], str) and "JSON" in body["error"]
-    for path, method in (("/api/pull", "POST"), ("/api/embed", "POST"), ("/api/delete", "DELETE")):
+    for path, method in (("/api/pull", "POST"), ("/api/create", "POST"), ("/api/delete", "DELETE")):
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(urllib.request.Request(ollama_url + path, method=method, data=b"{}"))
         assert missing.value.code == 501 and "tokenwire" in json.load(missing.value)["error"]
@@ -128,3 +129,14 @@ def test_a_foreign_host_is_refused(ollama_url) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request)
     assert refused.value.code == 403
+
+
+def test_embed_and_the_older_embeddings(client) -> None:
+    reply = client.embed(model="all-minilm-l6-v2", input=["A man is playing a guitar.",
+                                                            "Someone is playing an instrument.", "Taxes rose."])
+    vectors = np.array(reply.embeddings)
+    assert vectors.shape == (3, 384) and reply.prompt_eval_count > 0
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+    older = client.embeddings(model="all-minilm-l6-v2", prompt="A man is playing a guitar.")
+    assert np.allclose(older.embedding, vectors[0], atol=1e-6)
+    assert client.show("all-minilm-l6-v2").capabilities == ["embedding"]

@@ -191,7 +191,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "parameter_count", "precision", "context_length", "loaded", "state", "size_bytes", "error_message", "aliases", "is_default", "memory_bytes", "kv_cache_bytes", "last_used_unix_ms", "load_time_ms", "load_count", "expires_unix_ms", "active_requests")
+    __slots__ = ("id", "architecture", "parameter_count", "precision", "context_length", "loaded", "state", "size_bytes", "error_message", "aliases", "is_default", "memory_bytes", "kv_cache_bytes", "last_used_unix_ms", "load_time_ms", "load_count", "expires_unix_ms", "active_requests", "kind")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ModelInfo(_message.Message):
     LOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     parameter_count: int
@@ -228,7 +229,38 @@ class ModelInfo(_message.Message):
     load_count: int
     expires_unix_ms: int
     active_requests: int
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., precision: _Optional[str] = ..., context_length: _Optional[int] = ..., loaded: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., error_message: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., load_count: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    kind: str
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., precision: _Optional[str] = ..., context_length: _Optional[int] = ..., loaded: _Optional[bool] = ..., state: _Optional[_Union[ModelState, str]] = ..., size_bytes: _Optional[int] = ..., error_message: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., load_count: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., active_requests: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("model", "input", "dimensions", "keep_alive_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    input: _containers.RepeatedScalarFieldContainer[str]
+    dimensions: int
+    keep_alive_s: float
+    def __init__(self, model: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., dimensions: _Optional[int] = ..., keep_alive_s: _Optional[float] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("model", "embeddings", "prompt_tokens", "total_time_ms")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    prompt_tokens: int
+    total_time_ms: float
+    def __init__(self, model: _Optional[str] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., total_time_ms: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "memory_budget_bytes", "max_loaded_models", "memory_in_use_bytes")

@@ -45,6 +45,11 @@ class InferenceStub:
                 request_serializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/tokenwire.v1.Inference/Embed',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_stream(
                 '/tokenwire.v1.Inference/LoadModel',
                 request_serializer=tokenwire_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
@@ -92,6 +97,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Sentence embeddings from an embedding model (ModelInfo.kind "embedding"),
+        one per input text, in order; the model loads on demand like any other.
+        INVALID_ARGUMENT: no input, too many, a model that makes no embeddings, or
+        dimensions the model cannot make; NOT_FOUND: unknown model, or no
+        embedding model in the store (`tokenwire pull all-minilm-l6-v2`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadModel(self, request, context):
         """Loads a model ahead of use and streams its progress until it is ready
         (the last event has stage LOAD_STAGE_READY). Loading the model that is
@@ -125,6 +141,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.EmbedResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.LoadModel,
@@ -192,6 +213,33 @@ class Inference:
             '/tokenwire.v1.Inference/ListModels',
             tokenwire_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             tokenwire_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.Inference/Embed',
+            tokenwire_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
