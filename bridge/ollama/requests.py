@@ -5,11 +5,13 @@ repeat_penalty, presence_penalty, frequency_penalty, num_predict, stop). Options
 how Ollama's runner uses the machine (num_ctx, num_thread, num_gpu, num_batch, use_mmap, ...)
 change no output here and are accepted and ignored; options that would change the output and
 that tokenwire cannot honour (mirostat, tfs_z, typical_p away from their neutral values) are a
-400 that names them, as are features it does not have yet (format, tools, images, thinking).
+400 that names them, as are features it does not have yet (tools, images, thinking). `format`
+("json" or a JSON Schema) constrains the output (server/engine/constraints.py).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tokenwire.bridge.errors import ApiError, invalid_param
@@ -57,11 +59,20 @@ def keep_alive(p: Params) -> float | None:
                                           "or seconds") from None
 
 
-def _refuse_unsupported(p: Params) -> None:
+def output_format(p: Params, sampling: pb.SamplingParams) -> None:
+    """Ollama's `format`: "json" (any JSON object) or a JSON Schema, as a constraint on the output."""
     fmt = p.raw("format")
-    if fmt not in (None, ""):
-        raise invalid_param("format", "format (JSON output, schemas) needs constrained decoding, which this "
-                                      "tokenwire does not have yet")
+    if fmt in (None, ""):
+        return
+    if fmt == "json":
+        sampling.json_object = True
+    elif isinstance(fmt, dict):
+        sampling.json_schema = json.dumps(fmt)
+    else:
+        raise invalid_param("format", f"format must be \"json\" or a JSON Schema object, got {json_type(fmt)}")
+
+
+def _refuse_unsupported(p: Params) -> None:
     if p.raw("tools"):
         raise invalid_param("tools", "tools need tool calling, which this tokenwire does not have yet")
     if p.raw("think") not in (None, False):
@@ -137,6 +148,7 @@ def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
     sampling, max_tokens, stop = options(p)
     request = generate_request(request_id=request_id, model=model_name(p), messages=chat_messages(p),
                                max_tokens=max_tokens, stop=stop, sampling=sampling)
+    output_format(p, request.sampling)
     if (seconds := keep_alive(p)) is not None:
         request.keep_alive_s = seconds
     return request
@@ -164,6 +176,7 @@ def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
         messages.append(pb.ChatMessage(role="user", content=prompt))
         request = generate_request(request_id=request_id, model=name, messages=messages, max_tokens=max_tokens,
                                    stop=stop, sampling=sampling)
+    output_format(p, request.sampling)
     if (seconds := keep_alive(p)) is not None:
         request.keep_alive_s = seconds
     return request

@@ -7,12 +7,14 @@ alike), store records to History messages, model state to ModelInfo.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from tokenwire.server.chats.store import ChatInfo, MessageInfo, SearchResult
+from tokenwire.server.engine.constraints import OutputConstraint
 from tokenwire.server.engine.records import FinishReason, ReplyStatus, Usage
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest
 from tokenwire.server.engine.sampling import SamplingConfig
@@ -83,7 +85,20 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         ignore_eos=request.ignore_eos,
         user=user,
         cache_scope=cache_scope,
+        constraint=constraint_from_proto(request.sampling),
     )
+
+
+def constraint_from_proto(sampling: pb.SamplingParams) -> OutputConstraint | None:
+    """SamplingParams' `constraint` oneof as the engine's OutputConstraint (None when unset)."""
+    kind = sampling.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return OutputConstraint("json_object") if sampling.json_object else None
+    if kind == "choice":
+        return OutputConstraint("choice", json.dumps(list(sampling.choice.options)))
+    return OutputConstraint(kind, getattr(sampling, kind))
 
 
 # The ids the bridge passes on (bridge/proto_request.py's rule): printable, no spaces or newlines.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .constraints import ConstraintError, OutputConstraint, RowConstraint
 from .records import ROLES
 from .sampling import SamplingConfig, SamplingError
 from .sequence import GenerationRequest
@@ -55,6 +56,7 @@ class GenerateParams:
     ignore_eos: bool = False
     user: str = ""  # who is asking, for fair turns ("" is one shared anonymous user)
     cache_scope: str = ""  # whose prefix-cache entries it may reuse (the key's user; "" without keys)
+    constraint: OutputConstraint | None = None  # structured output: what the text must match
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
@@ -87,6 +89,11 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
         params.sampling.validate()
     except SamplingError as exc:
         raise InvalidRequest(str(exc), exc.field) from exc
+    if params.constraint is not None:
+        try:
+            params.constraint.grammar()  # a malformed schema or regex is refused before any model loads
+        except ConstraintError as exc:
+            raise InvalidRequest(str(exc), f"sampling.{params.constraint.kind}", "CONSTRAINT_INVALID") from exc
 
 
 def build_request(
@@ -115,6 +122,14 @@ def build_request(
             f"max_tokens {params.max_tokens} is past the context window: the prompt takes {len(ids)} of "
             f"{window} tokens, leaving {room}", "max_tokens", "CONTEXT_LENGTH_EXCEEDED")
     max_tokens = params.max_tokens or min(default_max_tokens, room)
+    constraint = None
+    if params.constraint is not None:
+        try:
+            constraint = RowConstraint(params.constraint.grammar(), model.tokenizer.grammar)
+        except ConstraintError as exc:
+            kind = params.constraint.kind
+            message = str(exc) if str(exc).startswith(kind) else f"{kind}: {exc}"
+            raise InvalidRequest(message, f"sampling.{kind}", "CONSTRAINT_INVALID") from exc
     return GenerationRequest(
         prompt_ids=ids,
         max_tokens=max_tokens,
@@ -125,4 +140,5 @@ def build_request(
         user=params.user,
         cache_scope=params.cache_scope,
         received_at=received_at,
+        constraint=constraint,
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .batch_engine import BatchEngine
+from .constraints import RowConstraint
 from .records import FinishReason, Usage
 from .sampling import SamplingConfig, TokenHistory, sample
 from .text_stream import TextStream
@@ -38,6 +39,8 @@ class GenerationRequest:
     # identity when the server has API keys, "" (everyone's) when it has none.
     cache_scope: str = ""
     received_at: float = field(default_factory=time.perf_counter)
+    # Structured output: the row's grammar matcher (constraints.py); None: unconstrained.
+    constraint: RowConstraint | None = None
 
 
 @dataclass
@@ -105,9 +108,14 @@ class Sequence:
         req = self.request
         if self.cancelled.is_set():
             return self.finish(FinishReason.CANCELLED), None
+        constraint = req.constraint
+        if constraint is not None:
+            logits = constraint.mask(logits)  # only what keeps the output inside the grammar
         token, logprob = sample(logits, req.sampling, self._rng, self._history)
-        if token in self._eos and not req.ignore_eos:
-            return self.finish(FinishReason.STOP), None
+        if token in self._eos and (not req.ignore_eos or constraint is not None):
+            return self.finish(FinishReason.STOP), None  # (a grammar allows the end only once complete)
+        if constraint is not None:
+            constraint.consume(token)
         self._history.add(token)
         self.output_ids.append(token)
         self.count += 1
@@ -122,10 +130,13 @@ class Sequence:
             self.pieces.append(text)
             return events + self.finish(FinishReason.STOP), None
         at_limit = self.count >= req.max_tokens
-        if at_limit:
+        complete = constraint is not None and constraint.done  # the grammar allows nothing more
+        if at_limit or complete:
             text += self._stream.flush()
         self.pieces.append(text)
         events = [TokenEvent(text, token, self.count - 1, lp)]
+        if complete:
+            return events + self.finish(FinishReason.STOP), None
         if at_limit:
             return events + self.finish(FinishReason.LENGTH), None
         return events, token

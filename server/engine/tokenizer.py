@@ -11,6 +11,8 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from .constraints import GrammarTokenizer
+
 
 class ChatTemplateError(ValueError):
     """The conversation cannot be rendered by the model's template (e.g. roles out of order)."""
@@ -47,6 +49,8 @@ class TokenizerBundle:
             elif isinstance(value, list):
                 eos.update(int(v) for v in value)
         self.eos_token_ids = eos
+        # The vocabulary as the grammar engine reads it (constrained decoding), built on first use.
+        self.grammar = GrammarTokenizer(folder / "tokenizer.json", min(eos) if eos else 0)
         self.bos_token = _token_text(tok_config.get("bos_token"))
         self.eos_token = (
             self.tokenizer.id_to_token(min(eos)) if eos else _token_text(tok_config.get("eos_token"))

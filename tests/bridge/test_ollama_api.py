@@ -94,7 +94,7 @@ def test_listing_ps_show_version_and_load(client, ollama_url) -> None:
 
 @pytest.mark.parametrize(("call", "status", "words"), [
     (dict(model="no-such-model"), 404, "no-such-model"),
-    (dict(format="json"), 400, "format"),
+    (dict(format={"type": "object", "not": {}}), 400, "not"),
     (dict(options={"mirostat": 2}), 400, "options.mirostat"),
     (dict(options={"temperature": -1}), 400, "options.temperature"),
     (dict(options={"warp_speed": 9}), 400, "warp_speed"),
@@ -140,3 +140,16 @@ def test_embed_and_the_older_embeddings(client) -> None:
     older = client.embeddings(model="all-minilm-l6-v2", prompt="A man is playing a guitar.")
     assert np.allclose(older.embedding, vectors[0], atol=1e-6)
     assert client.show("all-minilm-l6-v2").capabilities == ["embedding"]
+
+
+def test_format_json_and_a_schema_constrain_the_output(client) -> None:
+    reply = client.chat(model=MODEL, messages=[{"role": "user", "content": "Describe a cat."}], format="json",
+                        options={"temperature": 0, "num_predict": 200})
+    assert isinstance(json.loads(reply.message.content), dict) and reply.done_reason == "stop"
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    generated = client.generate(model=MODEL, prompt="An animal as JSON:", format=schema,
+                                options={"temperature": 0, "num_predict": 200})
+    value = json.loads(generated.response)
+    assert set(value) == {"name", "legs"} and 0 <= value["legs"] <= 8
