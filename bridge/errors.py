@@ -51,6 +51,7 @@ _REASON_CODES = {
     "ADMIN_KEY_REQUIRED": "admin_key_required",
     "SERVER_DRAINING": "server_draining",
     "MODEL_UNLOADING": "model_unloading",
+    "CONSTRAINT_INVALID": "invalid_response_format",
     "CHAT_TOO_LARGE": "chat_too_large",
     "STORE_UNAVAILABLE": "store_unavailable",
     "REPLY_NOT_STORED": "reply_not_stored",

@@ -16,7 +16,7 @@ from tokenwire.bridge.routes.embeddings import add_embedding_docs
 from tokenwire.bridge.routes.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
 from tokenwire.bridge.routes.stream import GENERATE_FIELDS
 
-from .openapi_parts import _errors, _json, _ref
+from .openapi_parts import REQUEST_ID_HEADER, _errors, _json, _ref, _request, sse_event
 
 _OPENAI_USAGE = {"type": "object", "properties": {
     **{k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
@@ -47,12 +47,12 @@ _SCHEMAS: dict[str, Any] = {
             "active_requests": {"type": "integer"},
         },
     },
-    "GenerateRequest": {
-        "type": "object",
-        "description": "Exactly one of prompt (raw text) and messages (rendered with the model's chat template).",
-        "additionalProperties": False,
-        "properties": GENERATE_FIELDS,
-    },
+    "GenerateRequest": _request(
+        GENERATE_FIELDS,
+        description="Exactly one of prompt (raw text) and messages (rendered with the model's chat template).",
+        oneOf=[{"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+               {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}}],
+    ),
     "Usage": {
         "type": "object",
         "properties": {
@@ -71,10 +71,8 @@ _SCHEMAS: dict[str, Any] = {
         "usage": _ref("Usage"), "model": {"type": "string"},
         "matched_stop": {"type": "string", "description": "Present when a stop string ended the generation."},
         "error_message": {"type": "string", "description": "Present when finish_reason is error."}}},
-    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "additionalProperties": False,
-                              "properties": CHAT_FIELDS},
-    "CompletionRequest": {"type": "object", "required": ["prompt"], "additionalProperties": False,
-                          "properties": COMPLETION_FIELDS},
+    "ChatCompletionRequest": _request(CHAT_FIELDS, "messages"),
+    "CompletionRequest": _request(COMPLETION_FIELDS, "prompt"),
     "ChatCompletion": {"type": "object", "properties": {
         "id": {"type": "string", "pattern": "^chatcmpl-"}, "object": {"const": "chat.completion"},
         "created": {"type": "integer"}, "model": {"type": "string"}, "system_fingerprint": {"type": "string"},
@@ -107,7 +105,8 @@ _ERROR_RESPONSES = {
     "E413": "Request body larger than the bridge's limit (--max-body-bytes).",
     "E415": "Content-Type is not application/json.",
     "E429": "The server's queue is full; retry after Retry-After seconds.",
-    "E503": "The model server is unreachable, or cannot load the model (gRPC FAILED_PRECONDITION).",
+    "E503": "The model server is unreachable, cannot load the model (gRPC FAILED_PRECONDITION), or the model is "
+            "being unloaded (after a keep_alive of 0: retry in a moment).",
 }
 
 
@@ -133,7 +132,12 @@ _SSE_OPENAI = (
     "SSE comments. A failure after the stream started is a `data: {\"error\": ...}` chunk."
 )
 
-_GENERATE_ERRORS = _errors(400, 404, 413, 415, 429, 503)
+# OpenAPI 3.1 reads a text/event-stream schema as the schema of one event (schemathesis validates each).
+GENERATE_EVENTS = ("started", "queued", "token", "done", "error")
+GENERATE_EVENT = sse_event(*GENERATE_EVENTS, data="The event's object as JSON (see the description).")
+_OPENAI_EVENT = sse_event("message", data="A chunk as JSON, {\"error\": ...} if the stream fails, or [DONE].")
+# 401 wherever the gRPC server is called: once it has API keys, every call needs one.
+_GENERATE_ERRORS = _errors(400, 401, 404, 413, 415, 429, 503)
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -157,35 +161,38 @@ DOCUMENT: dict[str, Any] = {
         "/api/models": {"get": {"summary": "The server's models (ListModels).",
                                 "responses": {"200": _json({"type": "object", "properties": {
                                     "models": {"type": "array", "items": _ref("ModelInfo")}}}),
-                                    **_errors(503)}}},
+                                    **_errors(401, 503)}}},
         "/api/generate": {"post": {
             "summary": "Stream a generation as server-sent events.",
+            "parameters": [REQUEST_ID_HEADER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("GenerateRequest")}}},
             "responses": {"200": {"description": _SSE_STREAM_API, "headers": {
                 "X-Request-Id": {"schema": {"type": "string"}}},
-                "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **_GENERATE_ERRORS}}},
+                "content": {"text/event-stream": {"schema": GENERATE_EVENT}}}, **_GENERATE_ERRORS}}},
         "/v1/models": {"get": {"summary": "OpenAI: list models.", "responses": {"200": _json({
             "type": "object", "properties": {"object": {"const": "list"},
                                              "data": {"type": "array", "items": _ref("OpenAIModel")}}}),
-            **_errors(503)}}},
+            **_errors(401, 503)}}},
         "/v1/models/{model_id}": {"get": {
             "summary": "OpenAI: one model, by id or alias.",
             "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": _json(_ref("OpenAIModel")), **_errors(404, 503)}}},
+            "responses": {"200": _json(_ref("OpenAIModel")), **_errors(401, 404, 503)}}},
         "/v1/chat/completions": {"post": {
             "summary": "OpenAI: chat completion (streaming or not).",
+            "parameters": [REQUEST_ID_HEADER],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": _ref("ChatCompletionRequest")}}},
             "responses": {"200": {"description": "A ChatCompletion, or a stream of ChatCompletionChunk. " + _SSE_OPENAI,
                                   "content": {"application/json": {"schema": _ref("ChatCompletion")},
-                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                                              "text/event-stream": {"schema": _OPENAI_EVENT}}},
                           **_GENERATE_ERRORS, **_errors(500)}}},
         "/v1/completions": {"post": {
             "summary": "OpenAI: legacy text completion (streaming or not).",
+            "parameters": [REQUEST_ID_HEADER],
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CompletionRequest")}}},
             "responses": {"200": {"description": "A Completion, or a stream of them. " + _SSE_OPENAI,
                                   "content": {"application/json": {"schema": _ref("Completion")},
-                                              "text/event-stream": {"schema": {"type": "string"}}}},
+                                              "text/event-stream": {"schema": _OPENAI_EVENT}}},
                           **_GENERATE_ERRORS, **_errors(500)}}},
         "/openapi.json": {"get": {"summary": "This document.", "responses": {"200": _json({"type": "object"})}}},
         "/": {"get": {"summary": "The web page (bridge/static/index.html).", "responses": {

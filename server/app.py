@@ -16,6 +16,7 @@ from tokenwire.hosts import HostPolicy, bind_refusal, is_loopback, split_list
 from tokenwire.server.api.auth import Authenticator, AuthInterceptor
 from tokenwire.server.api.history import HistoryService
 from tokenwire.server.api.inference import InferenceService
+from tokenwire.server.api.malformed import MalformedRequests
 from tokenwire.server.chats.worker import ChatWorker
 from tokenwire.server.engine.scheduler import read_shared_prompts
 from tokenwire.server.engine.session import providers_for
@@ -71,7 +72,9 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     )
     auth = Authenticator(chats)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)],
+        # First MalformedRequests (bytes that are not the request type: INVALID_ARGUMENT, not UNKNOWN),
+        # around the key check, whose refusals it then covers too.
+        interceptors=[MalformedRequests(), AuthInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),

@@ -4,6 +4,7 @@ which answers with the reply as server-sent events in /api/generate's format, af
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,14 +13,9 @@ from aiohttp import web
 
 from tokenwire.bridge.credentials import grpc_metadata
 from tokenwire.bridge.errors import ApiError, invalid_param
-from tokenwire.bridge.fields import SAMPLING
+from tokenwire.bridge.fields import MAX_UINT32, SAMPLING, sampling, stop_strings
 from tokenwire.bridge.params import Params
-from tokenwire.bridge.proto_request import (
-    MAX_UINT32,
-    generate_request,
-    request_id_for,
-    stream_api_sampling,
-)
+from tokenwire.bridge.proto_request import generate_request, request_id_for
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
@@ -31,16 +27,25 @@ from tokenwire.v1 import inference_pb2 as pb
 from .stream import GENERATE_FIELDS, StreamEvents, usage_dict
 
 # The request fields of each endpoint, with their schemas (the OpenAPI document publishes these).
+# The server's limit on titles (chats/store.py counts them with runs of whitespace collapsed; the
+# bridge counts them as sent, which a JSON Schema can state).
+MAX_TITLE_CHARS = 200
+# Not blank: the server refuses a title or message of whitespace only. A character outside both
+# Python's whitespace (str.strip, the server's) and ECMA-262's (a JSON Schema pattern's \s): the
+# same set in either regex dialect, and the bridge checks it with this very pattern.
+_NOT_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
 CREATE_FIELDS: dict[str, Any] = {
-    "title": {"type": "string", "description": "Absent: the first user message."},
+    "title": {"type": "string", "maxLength": MAX_TITLE_CHARS,
+              "description": "Absent or blank: the first user message."},
     "model": {"type": "string"},
     "system": {"type": "string", "description": "System prompt, kept in every turn's prompt."},
 }
-RENAME_FIELDS: dict[str, Any] = {"title": {"type": "string", "minLength": 1, "maxLength": 200}}
+RENAME_FIELDS: dict[str, Any] = {"title": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE_CHARS,
+                                           "pattern": _NOT_BLANK}}
 MESSAGE_FIELDS: dict[str, Any] = {
-    "content": {"type": "string", "minLength": 1,
+    "content": {"type": "string", "minLength": 1, "pattern": _NOT_BLANK,
                 "description": "The user's new message. Absent: answer the chat's last user message again "
-                               "(after a failed or interrupted reply)."},
+                               "(after a failed or interrupted reply; 400 when the chat does not end with one)."},
     "model": {"type": "string", "description": "Model id or alias; absent: the chat's model."},
     **{name: GENERATE_FIELDS[name] for name in ("max_tokens", "stop", "keep_alive")},
     **SAMPLING,
@@ -97,7 +102,7 @@ async def create_chat(request: web.Request) -> web.Response:
     p = Params(await read_json_object(request))
     p.check_known(CREATE_FIELDS)
     chat = await _history(request, _stub(request).CreateChat, hpb.CreateChatRequest(
-        title=p.string("title") or "", model=p.string("model") or "", system_prompt=p.string("system") or ""))
+        title=_title(p) or "", model=p.string("model") or "", system_prompt=p.string("system") or ""))
     note(request, chat=chat.id)
     return web.json_response(chat_json(chat), status=201)
 
@@ -116,9 +121,11 @@ async def get_chat(request: web.Request) -> web.Response:
 async def rename_chat(request: web.Request) -> web.Response:
     p = Params(await read_json_object(request))
     p.check_known(RENAME_FIELDS)
-    title = p.string("title")
+    title = _title(p)
     if title is None:
         raise invalid_param("title", "title is required")
+    if not re.search(_NOT_BLANK, title):
+        raise invalid_param("title", "title must not be blank")
     chat = await _history(request, _stub(request).RenameChat, hpb.RenameChatRequest(
         chat_id=request.match_info["chat_id"], title=title))
     return web.json_response(chat_json(chat))
@@ -184,15 +191,15 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
     p = Params(body)
     p.check_known(MESSAGE_FIELDS)
     content = p.string("content")
-    if content is not None and not content.strip():
+    if content is not None and not re.search(_NOT_BLANK, content):
         raise invalid_param("content", "content must not be empty (leave it out to answer the last message again)")
     request = generate_request(
         request_id=request_id,
         model=p.string("model"),
         messages=[pb.ChatMessage(role="user", content=content)] if content is not None else [],
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
-        stop=p.stop(),
-        sampling=stream_api_sampling(p),
+        stop=stop_strings(p),
+        sampling=sampling(p, SAMPLING),
     )
     request.chat_id = chat_id
     keep_alive = p.number("keep_alive")
@@ -207,6 +214,13 @@ async def post_message(request: web.Request) -> web.StreamResponse:
     grpc_request = parse_message(await read_json_object(request), request.match_info["chat_id"], request_id)
     call = request.app[UPSTREAM].generate(grpc_request)
     return await relay_stream(request, call, ChatEvents(request), headers={"X-Request-Id": request_id})
+
+
+def _title(p: Params) -> str | None:
+    title = p.string("title")
+    if title is not None and len(title) > MAX_TITLE_CHARS:
+        raise invalid_param("title", f"title is {len(title)} characters; at most {MAX_TITLE_CHARS}")
+    return title
 
 
 def _query_int(request: web.Request, name: str, low: int, high: int) -> int | None:

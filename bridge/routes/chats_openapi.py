@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenwire.bridge.openapi_parts import _errors, _json, _ref
+from tokenwire.bridge.openapi_parts import REQUEST_ID_HEADER, _errors, _json, _ref, _request, sse_event
 
 from .chats import CREATE_FIELDS, MESSAGE_FIELDS, RENAME_FIELDS
 
-_CHAT_ID = {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"},
-            "description": "A chat id (16 hex characters)."}
+_CHAT_ID = {"name": "chat_id", "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+            "description": "A chat id (16 hex characters); any other string answers 404 like a missing chat."}
 _INT = {"type": "integer"}
 _NOT_FOUND = ("No chat with this id among the caller's (another user's chat answers exactly the same; "
               "code chat_not_found).")
@@ -28,10 +29,9 @@ def _schemas() -> dict[str, Any]:
                                       "interrupted: the server died while writing it."},
             "error_message": {"type": "string"}, "created_ms": _INT, "model": {"type": "string"},
             "usage": _ref("Usage"), "dropped_messages": _INT, "max_tokens": {"type": ["integer", "null"]}}},
-        "CreateChatRequest": {"type": "object", "additionalProperties": False, "properties": CREATE_FIELDS},
-        "RenameChatRequest": {"type": "object", "required": ["title"], "additionalProperties": False,
-                              "properties": RENAME_FIELDS},
-        "ChatMessageRequest": {"type": "object", "additionalProperties": False, "properties": MESSAGE_FIELDS},
+        "CreateChatRequest": _request(CREATE_FIELDS),
+        "RenameChatRequest": _request(RENAME_FIELDS, "title"),
+        "ChatMessageRequest": _request(MESSAGE_FIELDS),
         "ChatEvent": {"type": "object", "properties": {
             "chat_id": {"type": "string"}, "user_message_id": _INT, "reply_message_id": _INT,
             "dropped_messages": {**_INT, "description": "Oldest messages left out of the prompt because the chat "
@@ -65,7 +65,10 @@ def _paths() -> dict[str, Any]:
         "/api/chats/search": {"get": {
             "summary": "The caller's chats whose messages contain every word of q (the last one as a prefix), "
                        "best first, with highlighted snippets.",
-            "parameters": [{"name": "q", "in": "query", "required": True, "schema": {"type": "string"}},
+            # No pattern: a word is a Unicode letter or digit (Python's \w), which ECMA-262's \w is not.
+            "parameters": [{"name": "q", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
+                            "description": "At least one word (Unicode letters or digits; else 400); punctuation "
+                                           "is ignored."},
                            {"name": "limit", "in": "query", "schema": {**_INT, "minimum": 1, "maximum": 100}}],
             "responses": {"200": _json({"type": "object", "properties": {
                 "results": {"type": "array", "items": _ref("SearchResult")}}}), **_errors(400, 401, 503)}}},
@@ -95,13 +98,15 @@ def _paths() -> dict[str, Any]:
             "summary": "Add the user's message to a chat and stream the model's reply, with the whole chat as "
                        "context. The message is stored before generation starts; the reply when it ends, "
                        "with its status, also when the client goes away (stopped).",
-            "parameters": [_CHAT_ID],
+            "parameters": [_CHAT_ID, REQUEST_ID_HEADER],
             "requestBody": chat_body,
             "responses": {"200": {
                 "description": "text/event-stream: the events of /api/generate with a `chat` (ChatEvent) right after "
                                "`started`: `started`, `chat`, `queued`, `token`, `done` (DoneEvent), or `error`.",
                 "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
-                "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                "content": {"text/event-stream": {"schema": sse_event(
+                    "started", "chat", "queued", "token", "done", "error",
+                    data="The event's object as JSON (see the description).")}}},
                 "404": _json(_ref("Error"), _NOT_FOUND + " Or an unknown model (model_not_found)."),
                 **_errors(400, 401, 413, 415, 429, 503)}}},
     }

@@ -79,8 +79,9 @@ async def embeddings(request: web.Request) -> web.Response:
 _TEXT = {"type": "string", "minLength": 1}
 _OPTIONAL = {
     "encoding_format": {"enum": ["float", "base64"], "description": "base64: little-endian float32 bytes."},
-    "dimensions": {"type": "integer", "minimum": 1, "maximum": 1 << 16,
-                   "description": "Only the model's own size (all-MiniLM-L6-v2: 384)."},
+    "dimensions": {"type": "integer", "minimum": 1, "maximum": 384,
+                   "description": "At most the model's own size (all-MiniLM-L6-v2: 384); fewer keeps the first "
+                                  "ones, normalised again."},
     "user": {"type": "string", "description": "Accepted; changes nothing."},
 }
 REQUEST_SCHEMA: dict[str, Any] = {

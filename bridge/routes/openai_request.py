@@ -1,7 +1,8 @@
 """Validates OpenAI chat/completions request bodies and turns them into GenerateRequests.
 
 Accepted: everything tokenwire can honour, plus parameters whose given value asks for nothing
-tokenwire lacks (`tools: []`, `response_format: {"type": "text"}`, `n: 1`, `echo: false`, ...).
+tokenwire lacks (`tools: []`, `n: 1`, `echo: false`, ...). `response_format` (text, json_object,
+json_schema, and the extensions regex, choice, grammar) constrains the output token by token.
 Any other parameter or value is a 400 naming it, never silently ignored. Exceptions, accepted
 and ignored because they change nothing about the output: `metadata`, `store: false`,
 `service_tier`, `parallel_tool_calls`. `user` is passed on to the server, which shares its
@@ -14,23 +15,63 @@ takes `logprobs: true` with `top_logprobs` absent or 0, and completions take `lo
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.bridge.errors import invalid_param
-from tokenwire.bridge.fields import IGNORE_EOS, MESSAGE, MODEL, NUM, SAMPLING, STOP, USER
-from tokenwire.bridge.params import Params
-from tokenwire.bridge.proto_request import MAX_UINT32, chat_messages, generate_request
+from tokenwire.bridge.fields import (
+    IGNORE_EOS,
+    MAX_TOKENS,
+    MAX_UINT32,
+    MESSAGES,
+    MODEL,
+    NUM,
+    SAMPLING,
+    STOP,
+    USER,
+    sampling,
+    stop_strings,
+)
+from tokenwire.bridge.params import Params, json_type
+from tokenwire.bridge.proto_request import chat_messages, generate_request
 from tokenwire.v1 import inference_pb2 as pb
 
 # OpenAI's documented default for the legacy completions endpoint.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
+# Structured outputs: OpenAI's text / json_object / json_schema, and tokenwire's extensions (as vLLM's
+# structured outputs and llama.cpp's grammar): regex, choice, and a Lark or GBNF grammar.
+RESPONSE_FORMAT: dict[str, Any] = {"oneOf": [
+    {"type": "object", "required": ["type"], "additionalProperties": False,
+     "properties": {"type": {"enum": ["text", "json_object"]}}},
+    {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False, "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "description": {"type": "string"},
+            "schema": {"type": "object", "description": "A JSON Schema: the output is valid against it "
+                                                        "(constrained decoding; an unsupported keyword is a 400)."},
+            "strict": {"type": ["boolean", "null"], "description": "Always enforced, strict or not."}}}}},
+    {"type": "object", "required": ["type", "regex"], "additionalProperties": False,
+     "properties": {"type": {"const": "regex"}, "regex": {"type": "string", "minLength": 1}},
+     "description": "tokenwire extension: the whole output matches the regex."},
+    {"type": "object", "required": ["type", "choice"], "additionalProperties": False,
+     "properties": {"type": {"const": "choice"},
+                    "choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}},
+     "description": "tokenwire extension: the output is exactly one of these strings."},
+    {"type": "object", "required": ["type", "grammar"], "additionalProperties": False,
+     "properties": {"type": {"const": "grammar"}, "grammar": {"type": "string", "minLength": 1},
+                    "syntax": {"enum": ["lark", "gbnf"], "default": "lark"}},
+     "description": "tokenwire extension: a Lark grammar (llguidance's dialect) or a GBNF one (llama.cpp's)."},
+]}
+
 # The request fields of each endpoint, with their schemas (the OpenAPI document publishes these).
 _COMMON = {
     "model": MODEL,
     "stream": {"type": "boolean", "default": False},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "stream_options": {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}},
     "temperature": {**NUM, "minimum": 0, "maximum": 2, "default": 1},
     "top_p": {**NUM, "exclusiveMinimum": 0, "maximum": 1},
     "stop": {**STOP},
@@ -43,15 +84,15 @@ _COMMON = {
     "top_k": {**SAMPLING["top_k"], "description": "tokenwire extra. 0 = off."},
     "min_p": {**SAMPLING["min_p"], "description": "tokenwire extra."},
     "repetition_penalty": {**SAMPLING["repetition_penalty"], "description": "tokenwire extra."},
-    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_tokens": MAX_TOKENS,
     "ignore_eos": IGNORE_EOS,
 }
 _CHAT_ONLY = {
-    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
-    "max_completion_tokens": {"type": "integer", "minimum": 1, "description": "Preferred over max_tokens."},
+    "messages": MESSAGES,
+    "max_completion_tokens": {**MAX_TOKENS, "description": f"Preferred over max_tokens. {MAX_TOKENS['description']}"},
     "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
     "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
-    "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+    "response_format": RESPONSE_FORMAT,
     "tools": {"type": "array", "maxItems": 0, "description": "No tool calling: only [] is accepted."},
     "tool_choice": {"const": "none"},
     "parallel_tool_calls": {"type": "boolean", "description": "Accepted and ignored."},
@@ -60,16 +101,17 @@ _CHAT_ONLY = {
     "store": {"const": False},
     "metadata": {"type": "object", "description": "Accepted and ignored."},
     "service_tier": {"type": "string", "description": "Accepted and ignored."},
-    "modalities": {"type": "array", "items": {"const": "text"}},
+    "modalities": {"const": ["text"]},
 }
 _COMPLETION_ONLY = {
-    "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                                                "maxItems": 1}]},
-    "max_tokens": {"type": "integer", "minimum": 1, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
+    "prompt": {"oneOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
+    "max_tokens": {**MAX_TOKENS, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
     "logprobs": {"const": 0, "description": "0: the chosen tokens' logprobs (top_logprobs is null)."},
     "suffix": {"const": ""},
     "echo": {"const": False},
     "best_of": {"const": 1},
+    "response_format": RESPONSE_FORMAT,
 }
 
 CHAT_FIELDS: dict[str, Any] = {**_COMMON, **_CHAT_ONLY}
@@ -99,17 +141,72 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def response_format(p: Params, sampling: pb.SamplingParams) -> None:
+    """`response_format` as the request's output constraint (structured outputs)."""
+    fmt = p.raw("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise invalid_param("response_format", "response_format must be an object with a type")
+    kind = fmt["type"]
+    fields = {"text": set(), "json_object": set(), "json_schema": {"json_schema"}, "regex": {"regex"},
+              "choice": {"choice"}, "grammar": {"grammar", "syntax"}}
+    if kind not in fields:
+        raise invalid_param("response_format.type", f"response_format.type must be one of {', '.join(fields)}, "
+                            f"got {_short(kind)}")
+    for key in fmt:
+        if key != "type" and key not in fields[kind]:
+            raise invalid_param(f"response_format.{key}", f"response_format.{key} has no place in type {kind}")
+    if kind == "json_object":
+        sampling.json_object = True
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise invalid_param("response_format.json_schema", "response_format.json_schema needs a name (and a "
+                                "schema)")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", spec["name"]):
+            raise invalid_param("response_format.json_schema.name", "response_format.json_schema.name must be 1 to "
+                                "64 letters, digits, '_' or '-'")
+        for key in ("description",):
+            if key in spec and not isinstance(spec[key], str):
+                raise invalid_param(f"response_format.json_schema.{key}", f"{key} must be a string")
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise invalid_param("response_format.json_schema.strict", "strict must be true or false")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise invalid_param("response_format.json_schema.schema", "schema must be a JSON Schema object")
+        sampling.json_schema = json.dumps(schema)
+    elif kind == "regex":
+        if not isinstance(fmt.get("regex"), str) or not fmt["regex"]:
+            raise invalid_param("response_format.regex", "response_format.regex must be a non-empty string")
+        sampling.regex = fmt["regex"]
+    elif kind == "choice":
+        choice = fmt.get("choice")
+        if not (isinstance(choice, list) and choice and all(isinstance(c, str) and c for c in choice)):
+            raise invalid_param("response_format.choice", "response_format.choice must be non-empty strings")
+        sampling.choice.options.extend(choice)
+    elif kind == "grammar":
+        grammar, syntax = fmt.get("grammar"), fmt.get("syntax", "lark")
+        if not isinstance(grammar, str) or not grammar:
+            raise invalid_param("response_format.grammar", "response_format.grammar must be a non-empty string")
+        if syntax not in ("lark", "gbnf"):
+            raise invalid_param("response_format.syntax", "response_format.syntax must be lark or gbnf")
+        setattr(sampling, syntax, grammar)
+
+
 def _check_neutral_chat(p: Params) -> None:
     """Parameters accepted only with a value that asks for nothing tokenwire lacks."""
-    fmt = p.raw("response_format")
-    _require(p, "response_format", isinstance(fmt, dict) and fmt.get("type") == "text", '{"type": "text"}')
     _require(p, "tools", p.raw("tools") == [], "an empty list (no tool calling)")
     _require(p, "functions", p.raw("functions") == [], "an empty list (no function calling)")
     _require(p, "tool_choice", p.raw("tool_choice") == "none", '"none"')
     _require(p, "function_call", p.raw("function_call") == "none", '"none"')
     _require(p, "store", p.raw("store") is False, "false (the bridge stores nothing)")
     _require(p, "modalities", p.raw("modalities") == ["text"], '["text"]')
+    # Accepted and ignored, but only as what the document says they are.
     p.boolean("parallel_tool_calls")
+    p.string("service_tier")
+    if p.given("metadata") and not isinstance(p.raw("metadata"), dict):
+        raise invalid_param("metadata", f"metadata must be an object, got {json_type(p.raw('metadata'))}")
 
 
 def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
@@ -123,26 +220,17 @@ def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
     include_usage = (options or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise invalid_param("stream_options.include_usage", "stream_options.include_usage must be true or false")
-    sampling = {
-        "temperature": p.number("temperature", 0.0, 2.0),
-        "top_p": p.number("top_p", 0.0, 1.0),
-        "presence_penalty": p.number("presence_penalty", -2.0, 2.0),
-        "frequency_penalty": p.number("frequency_penalty", -2.0, 2.0),
-        "seed": p.seed(),
-        "top_k": p.integer("top_k", 0, MAX_UINT32),
-        "min_p": p.number("min_p"),
-        "repetition_penalty": p.number("repetition_penalty"),
-    }
+    values = sampling(p, _COMMON)  # OpenAI's bounds where they differ from the server's (temperature)
     opts = OpenAIOptions(model=p.string("model") or "", stream=stream, include_usage=bool(include_usage),
                          logprobs=False, ignore_eos=bool(p.boolean("ignore_eos")), user=p.string("user"))
-    return sampling, p.stop(), opts
+    return values, stop_strings(p), opts
 
 
 def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateRequest, OpenAIOptions]:
     p = Params(body)
     p.check_known(CHAT_FIELDS)
     _check_neutral_chat(p)
-    sampling, stop, opts = _common(p)
+    values, stop, opts = _common(p)
     opts.logprobs = bool(p.boolean("logprobs"))
     top = p.integer("top_logprobs", 0, 20)
     if top:
@@ -158,8 +246,9 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
     request = generate_request(
         request_id=request_id, model=opts.model, messages=chat_messages(p.raw("messages")),
         max_tokens=max_tokens, stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
-        sampling=sampling,
+        sampling=values,
     )
+    response_format(p, request.sampling)
     return request, opts
 
 
@@ -169,7 +258,7 @@ def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.Generate
     _require(p, "echo", p.raw("echo") is False, "echo=false")
     _require(p, "suffix", p.raw("suffix") == "", "an empty suffix")
     _require(p, "best_of", p.integer("best_of") == 1, "best_of=1")
-    sampling, stop, opts = _common(p)
+    values, stop, opts = _common(p)
     logprobs = p.integer("logprobs", 0)
     if logprobs:
         raise invalid_param("logprobs", "logprobs: only 0 is supported (the chosen tokens' logprobs); "
@@ -186,7 +275,8 @@ def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.Generate
         request_id=request_id, model=opts.model, prompt=prompt,
         max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
         stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
-        sampling=sampling,
+        sampling=values,
     )
+    response_format(p, request.sampling)
     return request, opts
 

@@ -7,16 +7,21 @@ from typing import Any
 from aiohttp import web
 
 from tokenwire.bridge.errors import ApiError
-from tokenwire.bridge.fields import IGNORE_EOS, KEEP_ALIVE, MESSAGE, MODEL, SAMPLING, STOP, USER
-from tokenwire.bridge.params import Params
-from tokenwire.bridge.proto_request import (
+from tokenwire.bridge.fields import (
+    IGNORE_EOS,
+    KEEP_ALIVE,
+    MAX_TOKENS,
     MAX_UINT32,
-    chat_messages,
-    finish_reason_name,
-    generate_request,
-    request_id_for,
-    stream_api_sampling,
+    MESSAGES,
+    MODEL,
+    SAMPLING,
+    STOP,
+    USER,
+    sampling,
+    stop_strings,
 )
+from tokenwire.bridge.params import Params
+from tokenwire.bridge.proto_request import chat_messages, finish_reason_name, generate_request, request_id_for
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
@@ -26,10 +31,10 @@ from tokenwire.v1 import inference_pb2 as pb
 
 # The request fields of /api/generate, with their schemas (the OpenAPI document publishes these).
 GENERATE_FIELDS: dict[str, Any] = {
-    "prompt": {"type": "string"},
-    "messages": {"type": "array", "minItems": 1, "items": MESSAGE},
+    "prompt": {"type": "string", "minLength": 1},
+    "messages": MESSAGES,
     "model": MODEL,
-    "max_tokens": {"type": "integer", "minimum": 1, "description": "Absent: the server's default."},
+    "max_tokens": {**MAX_TOKENS, "description": f"{MAX_TOKENS['description']} Absent: the server's default."},
     "stop": STOP,
     "logprobs": {"type": "boolean", "description": "Token events carry `logprob`."},
     "ignore_eos": IGNORE_EOS,
@@ -92,11 +97,11 @@ def parse_generate(body: dict[str, Any], request_id: str) -> pb.GenerateRequest:
         prompt=prompt,
         messages=chat_messages(p.raw("messages")) if prompt is None else None,
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
-        stop=p.stop(),
+        stop=stop_strings(p),
         logprobs=bool(p.boolean("logprobs")),
         ignore_eos=bool(p.boolean("ignore_eos")),
         user=p.string("user"),
-        sampling=stream_api_sampling(p),
+        sampling=sampling(p, SAMPLING),
     )
     if keep_alive is not None:
         request.keep_alive_s = keep_alive

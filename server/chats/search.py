@@ -19,8 +19,12 @@ Span = tuple[str, bool]  # (text, highlighted)
 
 
 def query_terms(text: str, limit: int = 16) -> list[str]:
-    """The words of a search box (punctuation and FTS5 syntax are ignored)."""
-    return _WORD.findall(text)[:limit]
+    """The words of a search box (punctuation and FTS5 syntax are ignored), each once (case-blind),
+    in order: a query of one word repeated costs what the word alone does."""
+    seen: dict[str, str] = {}
+    for word in _WORD.findall(text):
+        seen.setdefault(word.casefold(), word)
+    return list(seen.values())[:limit]
 
 
 def fts_query(terms: list[str]) -> str:

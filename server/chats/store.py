@@ -498,16 +498,18 @@ class ChatStore:
         return {c.id: self._info(c, c.message_count) for c in found}
 
     def _fts_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
+        """FTS5 finds and ranks the messages; the snippet is cut here, from a bounded window around
+        the first match (FTS5's snippet() is quadratic in a message's matches: one long message of
+        one repeated word held a database thread for minutes, found by tests/api/test_fuzz_grpc.py)."""
         sql = (
-            "SELECT m.chat_id, m.id, m.role, snippet(message_fts, 0, ?, ?, ?, ?) "
+            "SELECT m.chat_id, m.id, m.role, m.content "
             "FROM message_fts JOIN message AS m ON m.id = message_fts.rowid "
             "JOIN chat AS c ON c.id = m.chat_id "
             "WHERE message_fts MATCH ? AND c.owner_id = ? ORDER BY rank LIMIT ?"
         )
-        params = (chat_search.MARK_OPEN, chat_search.MARK_CLOSE, chat_search.ELLIPSIS, chat_search.SNIPPET_TOKENS,
-                  chat_search.fts_query(terms), user_id, limit * SNIPPETS_PER_CHAT * 4)
+        params = (chat_search.fts_query(terms), user_id, limit * SNIPPETS_PER_CHAT * 4)
         rows = self.db.execute_sql(sql, params).fetchall()
-        return [(chat_row, mid, role, chat_search.spans_from_marked(marked)) for chat_row, mid, role, marked in rows]
+        return [(chat_row, mid, role, chat_search.spans_by_scan(content, terms)) for chat_row, mid, role, content in rows]
 
     def _pg_hits(self, user_id: int, terms: list[str], limit: int) -> list[tuple[int, int, str, list]]:
         """PostgreSQL's own search: the GIN-indexed tsvector column, ranked, with ts_headline snippets."""

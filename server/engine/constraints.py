@@ -17,6 +17,7 @@ newlines inside JSON strings.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger("tokenwire.engine")
 KINDS = ("json_schema", "json_object", "regex", "choice", "lark", "gbnf")
 
 
@@ -124,7 +126,8 @@ class RowConstraint:
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ConstraintError(f"token {token} broke the grammar: {self._matcher.get_error()}")
+            log.warning("token %d broke the grammar: %s", token, self._matcher.get_error()[:2000])
+            raise ConstraintError(f"token {token} is not allowed by the grammar")
 
     @property
     def done(self) -> bool:

@@ -83,11 +83,13 @@ class Embedder:
 
     def embed(self, texts: list[str], dimensions: int = 0) -> tuple[np.ndarray, int]:
         """The embeddings of `texts` ([len(texts), dims] float32) and the tokens they took (each
-        text truncated to the model's max_tokens)."""
+        text truncated to the model's max_tokens). `dimensions` below the model's own keeps the first
+        ones, normalised again (as OpenAI's and Ollama's `dimensions` do; a model not trained for it,
+        as all-MiniLM-L6-v2 was not, loses more quality than one that was)."""
         native = self.spec.dimensions
-        if dimensions and dimensions != native:
-            raise EmbeddingError(f"this model makes {native}-dimensional embeddings only (it was not trained "
-                                 f"to be shortened); dimensions {dimensions} is not possible", "dimensions")
+        if dimensions > native:
+            raise EmbeddingError(f"this model makes {native}-dimensional embeddings; dimensions {dimensions} "
+                                 f"is more than it has", "dimensions")
         with self._lock:
             self._active += 1
         try:
@@ -96,7 +98,12 @@ class Embedder:
                 vectors, used = self._run(texts[start:start + BATCH])
                 out.append(vectors)
                 tokens += used
-            return np.concatenate(out) if out else np.zeros((0, native), np.float32), tokens
+            vectors = np.concatenate(out) if out else np.zeros((0, native), np.float32)
+            if dimensions and dimensions < native:  # shortened: the first `dimensions`, normalised again
+                vectors = vectors[:, :dimensions]
+                if self.spec.normalize:
+                    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            return vectors.astype(np.float32), tokens
         finally:
             with self._lock:
                 self._active -= 1

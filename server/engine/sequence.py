@@ -112,6 +112,10 @@ class Sequence:
         if constraint is not None:
             logits = constraint.mask(logits)  # only what keeps the output inside the grammar
         token, logprob = sample(logits, req.sampling, self._rng, self._history)
+        if constraint is not None and not math.isfinite(logits[token]):
+            # Extreme penalties can leave no finite probability (inf/inf): take the likeliest token
+            # the grammar allows rather than one it forbids.
+            token, logprob = int(np.argmax(logits)), math.nan
         if token in self._eos and (not req.ignore_eos or constraint is not None):
             return self.finish(FinishReason.STOP), None  # (a grammar allows the end only once complete)
         if constraint is not None:

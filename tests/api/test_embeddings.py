@@ -56,6 +56,9 @@ def test_embed_over_grpc_equals_the_float_reference(stub, reference) -> None:
     assert np.allclose(alone.embeddings[0].values, served[2], atol=1e-5)
     default = stub.Embed(pb.EmbedRequest(input=["hi"]), timeout=60)  # no model: the store's embedding model
     assert default.model == EMBEDDING_MODEL
+    short = stub.Embed(pb.EmbedRequest(input=SENTENCES[:1], dimensions=64), timeout=60).embeddings[0].values
+    expected = served[0, :64] / np.linalg.norm(served[0, :64])
+    assert len(short) == 64 and np.allclose(short, expected, atol=1e-5)
     kinds = {m.id: m.kind for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
     assert kinds[EMBEDDING_MODEL] == "embedding" and kinds["smollm2-135m:int4"] == "generate"
 
@@ -64,7 +67,7 @@ def test_embed_over_grpc_equals_the_float_reference(stub, reference) -> None:
     (pb.EmbedRequest(model="all-minilm-l6-v2"), "input"),
     (pb.EmbedRequest(model="all-minilm-l6-v2", input=["ok", ""]), "input[1]"),
     (pb.EmbedRequest(model="smollm2-135m", input=["hi"]), "model"),
-    (pb.EmbedRequest(model="all-minilm-l6-v2", input=["hi"], dimensions=128), "dimensions"),
+    (pb.EmbedRequest(model="all-minilm-l6-v2", input=["hi"], dimensions=385), "dimensions"),
 ])
 def test_embed_refusals(stub, request_, field) -> None:
     with pytest.raises(grpc.RpcError) as refused:

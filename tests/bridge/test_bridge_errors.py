@@ -36,8 +36,11 @@ CASES = [
     ("unknown parameter", CHAT, chat(frobnicate=1), JSON, 400, "frobnicate", "unsupported_parameter"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), JSON, 400, "tools",
      "unsupported_value"),
-    ("json mode", CHAT, chat(response_format={"type": "json_object"}), JSON, 400, "response_format",
-     "unsupported_value"),
+    ("unknown response format", CHAT, chat(response_format={"type": "yaml"}), JSON, 400, "response_format.type",
+     None),
+    ("schema the engine cannot enforce", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "not": {}}}}), JSON, 400, "sampling.json_schema",
+     "invalid_response_format"),
     ("logit_bias", CHAT, chat(logit_bias={"50256": -100}), JSON, 400, "logit_bias", "unsupported_value"),
     ("n=2", CHAT, chat(n=2), JSON, 400, "n", "unsupported_value"),
     ("top_logprobs", CHAT, chat(logprobs=True, top_logprobs=3), JSON, 400, "top_logprobs", "unsupported_value"),

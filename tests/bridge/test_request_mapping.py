@@ -376,7 +376,7 @@ def test_seed_must_be_an_integer(seed: Any) -> None:
     assert err.message.startswith("seed must be an integer, got ")
 
 
-@pytest.mark.parametrize(("field", "low", "high"), [("temperature", 0, 2), ("top_p", 0, 1),
+@pytest.mark.parametrize(("field", "low", "high"), [("temperature", 0, 2),
                                                      ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)])
 def test_openai_sampling_ranges(field: str, low: float, high: float) -> None:
     for value in (low, (low + high) / 2, high):
@@ -389,11 +389,23 @@ def test_openai_sampling_ranges(field: str, low: float, high: float) -> None:
                        f"{field} must be in [{low:g}, {high:g}], got {value:g}")
 
 
-def test_openai_extras_are_unbounded_but_typed() -> None:
+def test_openai_top_p_excludes_zero() -> None:
+    """The documented range (0, 1]: 0 is refused by the bridge, as the server would."""
+    assert chat(top_p=1)[0].sampling.top_p == 1.0 and chat(top_p=0.5)[0].sampling.top_p == 0.5
+    for value in (0, -0.5, 1.5):
+        assert_refused(refusal(chat, top_p=value), "top_p", f"top_p must be in (0, 1], got {float(value)!r}")
+
+
+def test_openai_extras_are_bounded_as_documented_and_typed() -> None:
+    """The server's ranges, as the OpenAPI document states them (bridge/fields.py SAMPLING), are
+    checked in the bridge since the fuzz (tests/bridge/test_fuzz_http.py): min_p [0, 1),
+    repetition_penalty (0, 10]."""
     request = chat(min_p=0.5, repetition_penalty=3, top_k=MAX_UINT32)[0]
     assert (request.sampling.min_p, request.sampling.repetition_penalty, request.sampling.top_k) == (
         0.5, 3.0, MAX_UINT32)
-    assert completion(min_p=-4, repetition_penalty=64)[0].sampling.min_p == -4.0
+    assert_refused(refusal(completion, min_p=-4), "min_p", "min_p must be in [0, 1), got -4.0")
+    assert_refused(refusal(completion, repetition_penalty=64), "repetition_penalty",
+                   "repetition_penalty must be in (0, 10], got 64.0")
     assert_refused(refusal(chat, top_k=-1), "top_k", "top_k must be >= 0, got -1")
     assert_refused(refusal(chat, top_k=MAX_UINT32 + 1), "top_k", "top_k must be <= 4294967295, got 4294967296")
     assert_refused(refusal(chat, min_p="0.1"), "min_p", "min_p must be a number, got string")
@@ -455,9 +467,6 @@ def test_chat_needs_messages() -> None:
     ("n", 0, "n=1"),
     ("logit_bias", {"50256": -100}, "an empty logit_bias"),
     ("logit_bias", [], "an empty logit_bias"),
-    ("response_format", {"type": "json_object"}, '{"type": "text"}'),
-    ("response_format", "text", '{"type": "text"}'),
-    ("response_format", {}, '{"type": "text"}'),
     ("tools", [{"type": "function", "function": {"name": "f"}}], "an empty list (no tool calling)"),
     ("tools", {}, "an empty list (no tool calling)"),
     ("functions", [{"name": "f"}], "an empty list (no function calling)"),
@@ -472,6 +481,42 @@ def test_chat_needs_messages() -> None:
 def test_chat_refuses_values_it_cannot_honour(field: str, value: Any, allowed: str) -> None:
     assert_refused(refusal(chat, **{field: value}), field,
                    f"{field}: only {allowed} is supported by tokenwire, got {value!r}", "unsupported_value")
+
+
+@pytest.mark.parametrize(("value", "param", "words"), [
+    ("text", "response_format", "must be an object with a type"),
+    ({}, "response_format", "must be an object with a type"),
+    ({"type": "yaml"}, "response_format.type", "must be one of text, json_object, json_schema"),
+    ({"type": "text", "regex": "x"}, "response_format.regex", "has no place in type text"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema", "needs a name"),
+    ({"type": "json_schema", "json_schema": {"name": "a b"}}, "response_format.json_schema.name", "1 to 64"),
+    ({"type": "choice", "choice": []}, "response_format.choice", "non-empty strings"),
+    ({"type": "grammar", "grammar": "x", "syntax": "ebnf"}, "response_format.syntax", "lark or gbnf"),
+])
+def test_response_format_shapes_are_checked(value: Any, param: str, words: str) -> None:
+    with pytest.raises(ApiError) as refused:
+        chat(response_format=value)
+    assert refused.value.param == param and words in refused.value.message
+
+
+@pytest.mark.parametrize(("value", "field", "expected"), [
+    ({"type": "text"}, None, None),
+    ({"type": "json_object"}, "json_object", True),
+    ({"type": "json_schema", "json_schema": {"name": "f", "schema": {"type": "object"}, "strict": True}},
+     "json_schema", '{"type": "object"}'),
+    ({"type": "regex", "regex": r"\d+"}, "regex", r"\d+"),
+    ({"type": "grammar", "grammar": "start: \"a\"", "syntax": "lark"}, "lark", 'start: "a"'),
+    ({"type": "grammar", "grammar": "root ::= \"a\"", "syntax": "gbnf"}, "gbnf", 'root ::= "a"'),
+])
+def test_response_format_becomes_the_constraint(value: Any, field: str | None, expected: Any) -> None:
+    request = chat(response_format=value)[0]
+    assert request.sampling.WhichOneof("constraint") == field
+    if field:
+        assert getattr(request.sampling, field) == expected
+    choice = chat(response_format={"type": "choice", "choice": ["a", "b c"]})[0]
+    assert list(choice.sampling.choice.options) == ["a", "b c"]
+    done = completion(response_format={"type": "regex", "regex": "x+"})[0]
+    assert done.sampling.regex == "x+"
 
 
 def test_n_must_be_an_integer() -> None:
@@ -574,7 +619,7 @@ def test_completion_best_of_must_be_an_integer() -> None:
     assert_refused(refusal(completion, best_of="1"), "best_of", "best_of must be an integer, got string")
 
 
-@pytest.mark.parametrize("field", ["messages", "max_completion_tokens", "top_logprobs", "tools", "response_format",
+@pytest.mark.parametrize("field", ["messages", "max_completion_tokens", "top_logprobs", "tools",
                                    "store", "keep_alive", "bogus"])
 def test_completion_refuses_unknown_parameters(field: str) -> None:
     assert_refused(refusal(completion, **{field: 1}), field, f"Unrecognized request argument supplied: {field}",

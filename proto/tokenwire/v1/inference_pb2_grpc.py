@@ -123,7 +123,9 @@ class InferenceServicer:
 
     def UnloadModel(self, request, context):
         """Unloads a model. Requests already streaming from it finish first; requests
-        that arrive meanwhile wait and load it again. Answers when it is unloaded.
+        that arrive meanwhile are refused at once with UNAVAILABLE (reason
+        MODEL_UNLOADING, a retry-after of 1 s), and load it again when retried.
+        Answers when it is unloaded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
