@@ -248,8 +248,10 @@ def _model_object(m: pb.ModelInfo) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The models, the default first: apps that pick the first entry (Open WebUI) pick it."""
     reply = await request.app[UPSTREAM].list_models()
-    return web.json_response({"object": "list", "data": [_model_object(m) for m in reply.models]})
+    models = sorted(reply.models, key=lambda m: not m.is_default)
+    return web.json_response({"object": "list", "data": [_model_object(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:

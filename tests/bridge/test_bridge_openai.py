@@ -46,6 +46,7 @@ def grpc_finish(finished: pb.Finished) -> str:
 def test_models_list_and_retrieve(client) -> None:
     ids = [m.id for m in client.models.list()]
     assert {DEFAULT_INT4, DEFAULT_FP32} <= set(ids)
+    assert ids[0] == DEFAULT_INT4, "the default model first (apps such as Open WebUI take the first)"
     assert client.models.retrieve(DEFAULT_FP32).id == DEFAULT_FP32
     assert client.models.retrieve("smollm2-135m").id == DEFAULT_INT4, "an alias names its model"
     with pytest.raises(openai.NotFoundError) as exc:
