@@ -261,8 +261,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     url = f"http://{bridge_settings.http_host}:{bridge_settings.http_port}/"
     exe_name = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "tokenwire"))
     server_flag = "" if target == "127.0.0.1:50051" else f" --server {target}"
+    ollama = (f"    Ollama API             http://{bridge_settings.http_host}:{bridge_settings.ollama_port}  "
+              "(if the port was free)\n") if bridge_settings.ollama_port else ""
     print(f"\n  tokenwire is up:\n    web chat + OpenAI API  {url}  (OpenAI base_url: {url}v1)\n"
-          f"    gRPC                   {target}\n    try: {exe_name} generate{server_flag} --chat 'Hello!'\n"
+          f"    gRPC                   {target}\n{ollama}    try: {exe_name} generate{server_flag} --chat 'Hello!'\n"
           f"    Ctrl-C stops both (replies being written get {config.drain_s:.0f}s to finish; a second Ctrl-C "
           "stops at once).\n", flush=True)
     received: list[int] = []
