@@ -92,6 +92,22 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(x.dtype)
 
 
+def _degenerate(logits: np.ndarray) -> tuple[int, float]:
+    """Logits with inf or NaN (a model's overflow, an extreme penalty): the likeliest token that is a
+    number is taken, as greedy would (NaN counts as impossible; +inf ties go to the lowest id); its
+    log-probability is 0 when it is certain (+inf), else that of the finite logits' distribution.
+    Every sampling path takes this, so none draws an impossible token or raises (found by mutation
+    testing: the untruncated path returned the last id, top_p raised IndexError on NaN)."""
+    clean = np.where(np.isnan(logits), -np.inf, logits).astype(np.float64)
+    token = int(np.argmax(clean))
+    top = clean[token]
+    if top == np.inf:
+        return token, 0.0
+    if top == -np.inf:  # nothing is possible: the first token, and say so
+        return token, -np.inf
+    return token, -float(np.log(np.exp(clean - top).sum()))
+
+
 def sample(
     logits: np.ndarray,
     config: SamplingConfig,
@@ -105,6 +121,10 @@ def sample(
     """
     if history is not None:
         logits = apply_penalties(logits, config, history)
+    # -inf is a token made impossible (a grammar's mask, a model's own): fine. NaN or +inf, or nothing
+    # possible at all, is degenerate.
+    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
+        return _degenerate(logits)
     if config.greedy:
         token = int(np.argmax(logits))
         top = float(logits[token])
