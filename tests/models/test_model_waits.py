@@ -74,7 +74,11 @@ async def test_concurrent_first_requests_share_one_load_and_cancel_gives_the_lea
         assert {m.id for m in models} == {"a:fp32"} and manager.load_count["a:fp32"] == 1
         with pytest.raises(asyncio.CancelledError):
             await first
-        wait_until(lambda: models[0].leases == 7)  # the cancelled request's lease was handed back
+        for _ in range(500):  # the hand-back runs on the event loop: yield to it while waiting
+            if models[0].leases == 7:
+                break
+            await asyncio.sleep(0.01)
+        assert models[0].leases == 7, "the cancelled request's lease was handed back"
         for m in models:
             manager.release(m, 0)
         wait_until(lambda: manager.status("a:fp32").state == "available")
