@@ -383,7 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt here whatever this process inherited: a parent that ignores
+    or blocks SIGINT (a supervisor, a test runner, nohup) would otherwise leave the chat REPL and
+    `generate` unable to stop a reply."""
+    import signal
+
+    if threading_is_main():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
+    _own_ctrl_c()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "api_key", None):
