@@ -123,7 +123,8 @@ def sample(
         logits = apply_penalties(logits, config, history)
     # -inf is a token made impossible (a grammar's mask, a model's own): fine. NaN or +inf, or nothing
     # possible at all, is degenerate.
-    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
+    # One pass: the max is NaN if any logit is, +inf if any is, -inf if all are.
+    if not np.isfinite(np.max(logits)):
         return _degenerate(logits)
     if config.greedy:
         token = int(np.argmax(logits))
