@@ -59,8 +59,8 @@ async def embeddings(request: web.Request) -> web.Response:
     fmt = p.string("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise invalid_param("encoding_format", f"encoding_format must be float or base64, got {fmt!r}")
-    reply = await embed(request, texts_of(p.raw("input")), p.string("model") or "",
-                        p.integer("dimensions", 1, 1 << 16) or 0)
+    texts = texts_of(p.raw("input"))
+    reply = await embed(request, texts, p.string("model") or "", p.integer("dimensions", 1, 1 << 16) or 0)
     note(request, model=reply.model, tokens=reply.prompt_tokens)
 
     def encoded(values: Any) -> Any:
@@ -69,7 +69,7 @@ async def embeddings(request: web.Request) -> web.Response:
         return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
 
     data = [{"object": "embedding", "index": i, "embedding": encoded(e.values)} for i, e in enumerate(reply.embeddings)]
-    if len(data) != len(texts_of(p.raw("input"))):
+    if len(data) != len(texts):
         raise ApiError(502, "the model server answered a different number of embeddings", type="server_error",
                        code="upstream_error")
     return web.json_response({"object": "list", "data": data, "model": reply.model,

@@ -20,22 +20,19 @@ MAX_INPUT_BYTES = 1 << 20  # all the texts of one request together
 
 
 def embedding_entry(models: ModelManager, name: str) -> ModelEntry:
-    """The model asked for (which must make embeddings), or the store's first embedding model."""
-    if name:
-        entry = models.resolve(name)
-        if entry.kind != "embedding":
-            raise InvalidRequest(f"model {entry.id} generates text and makes no embeddings; embedding models: "
-                                 f"{', '.join(_embedding_ids(models)) or 'none (tokenwire pull all-minilm-l6-v2)'}",
-                                 "model")
-        return entry
-    ids = _embedding_ids(models)
-    if not ids:
-        raise ModelNotFound("(default embedding model)", [e.id for e in models.store.scan()])
-    return models.resolve(ids[0])
-
-
-def _embedding_ids(models: ModelManager) -> list[str]:
-    return sorted(e.id for e in models.store.scan() if e.kind == "embedding" and not e.error)
+    """The model asked for (which must make embeddings), or the store's first embedding model
+    (one scan of the store either way)."""
+    entries = models.store.scan()
+    ids = sorted(e.id for e in entries if e.kind == "embedding" and not e.error)
+    if not name and not ids:
+        raise ModelNotFound("(default embedding model)", [e.id for e in entries])
+    entry = models.store.find(name or ids[0], entries)
+    if entry is None:
+        raise ModelNotFound(name, [e.id for e in entries])
+    if entry.kind != "embedding":
+        raise InvalidRequest(f"model {entry.id} generates text and makes no embeddings; embedding models: "
+                             f"{', '.join(ids) or 'none (tokenwire pull all-minilm-l6-v2)'}", "model")
+    return entry
 
 
 def check_inputs(request: pb.EmbedRequest) -> list[str]:

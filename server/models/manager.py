@@ -286,8 +286,7 @@ class ModelManager:
         ModelBusy or DeviceUnavailable."""
         entry = model if isinstance(model, ModelEntry) else self.resolve(model)
         say = progress or _quiet
-        if entry.error:
-            raise ModelLoadError(f"model {entry.id} is broken: {entry.error}")
+        _check_not_broken(entry)
         told_waiting = False
         while True:
             with self._cond:
@@ -295,14 +294,9 @@ class ModelManager:
                     say("waiting", f"waiting for {entry.id} to finish unloading")
                     self._cond.wait_for(lambda: entry.id not in self._unloading)
                     continue
-                model = self._loaded.get(entry.id)
+                model, pending, owner = self._claim(entry)
                 if model is not None:
-                    self._lease(model)
                     return model
-                pending = self._loading.get(entry.id)
-                owner = pending is None
-                if owner:
-                    pending = self._loading[entry.id] = _Load()
             if owner:
                 return self._load_owned(entry, pending, say)
             if not told_waiting:
@@ -317,8 +311,7 @@ class ModelManager:
         task awaits it (as do tasks that want the same model meanwhile: no thread waits for
         them); a model being unloaded raises ModelUnloading (retry shortly) instead of waiting.
         If the task is cancelled while its model loads, the lease the load takes is handed back."""
-        if entry.error:
-            raise ModelLoadError(f"model {entry.id} is broken: {entry.error}")
+        _check_not_broken(entry)
         loop = asyncio.get_running_loop()
         while True:
             with self._cond:
@@ -326,14 +319,9 @@ class ModelManager:
                     raise ModelUnloading(f"model {entry.id} is being unloaded (its running streams are "
                                          "finishing); retry in a moment and it loads again",
                                          UNLOADING_RETRY_S)
-                model = self._loaded.get(entry.id)
+                model, pending, owner = self._claim(entry)
                 if model is not None:
-                    self._lease(model)
                     return model
-                pending = self._loading.get(entry.id)
-                owner = pending is None
-                if owner:
-                    pending = self._loading[entry.id] = _Load()
             if owner:
                 job = loop.run_in_executor(self.pool, self._load_owned, entry, pending, _quiet)
                 try:
@@ -344,6 +332,19 @@ class ModelManager:
             await asyncio.shield(asyncio.wrap_future(pending.future))  # shield: others wait on it too
             if pending.error is not None:
                 raise _again(pending.error)
+
+    def _claim(self, entry: ModelEntry) -> tuple[LoadedModel | None, _Load | None, bool]:
+        """Under the lock, a model not being unloaded: (the model, leased) when it is loaded; else
+        (None, its load in flight, whether this caller owns that load and must run it)."""
+        model = self._loaded.get(entry.id)
+        if model is not None:
+            self._lease(model)
+            return model, None, False
+        pending = self._loading.get(entry.id)
+        if pending is None:
+            pending = self._loading[entry.id] = _Load()
+            return None, pending, True
+        return None, pending, False
 
     def _give_back(self, done: asyncio.Future) -> None:
         if not done.cancelled() and done.exception() is None:
@@ -620,6 +621,11 @@ class ModelManager:
         for model in models:
             model.scheduler.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_not_broken(entry: ModelEntry) -> None:
+    if entry.error:
+        raise ModelLoadError(f"model {entry.id} is broken: {entry.error}")
 
 
 def _fingerprint(folder: Path) -> tuple:
