@@ -13,11 +13,13 @@ from tokenwire.v1 import inference_pb2 as pb
 
 from .errors import ApiError, invalid_param
 from .params import Params, json_type
+from .tool_fields import openai_tool_calls
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # OpenAI's "developer" role is its newer name for "system".
 _ROLE_ALIASES = {"developer": "system"}
-_UNSUPPORTED_ROLES = {"tool": "tool messages need tool calling, which tokenwire does not support",
+_UNSUPPORTED_ROLES = {"tool": "tool messages need tool calling, which this endpoint does not do (the OpenAI "
+                              "endpoints do)",
                       "function": "function messages need function calling, which tokenwire does not support"}
 MAX_UINT32 = (1 << 32) - 1
 
@@ -43,8 +45,10 @@ def request_id_for(request: web.Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
 
 
-def chat_messages(value: Any, param: str = "messages") -> list[pb.ChatMessage]:
-    """Messages as OpenAI sends them: content is a string, null, or a list of text parts."""
+def chat_messages(value: Any, param: str = "messages", tools: bool = False) -> list[pb.ChatMessage]:
+    """Messages as OpenAI sends them: content is a string, null, or a list of text parts. With
+    `tools` (the OpenAI endpoint) assistant messages may hold `tool_calls` and "tool" messages
+    answer them."""
     if not isinstance(value, list) or not value:
         raise invalid_param(param, f"{param} must be a non-empty array of {{role, content}} objects")
     out = []
@@ -55,13 +59,29 @@ def chat_messages(value: Any, param: str = "messages") -> list[pb.ChatMessage]:
         role = message.get("role")
         if not isinstance(role, str):
             raise invalid_param(f"{where}.role", f"{where}.role must be a string")
-        if role in _UNSUPPORTED_ROLES:
+        if role in _UNSUPPORTED_ROLES and not (tools and role == "tool"):
             raise invalid_param(f"{where}.role", f"{where}.role {role!r}: {_UNSUPPORTED_ROLES[role]}")
-        for key in ("tool_calls", "function_call"):
-            if message.get(key):
-                raise invalid_param(f"{where}.{key}", f"{where}.{key}: tool calling is not supported")
-        out.append(pb.ChatMessage(role=_ROLE_ALIASES.get(role, role),
-                                  content=_content_text(message.get("content"), f"{where}.content")))
+        if message.get("function_call"):
+            raise invalid_param(f"{where}.function_call", f"{where}.function_call: the legacy function_call is "
+                                "not supported; send tool_calls")
+        converted = pb.ChatMessage(role=_ROLE_ALIASES.get(role, role),
+                                   content=_content_text(message.get("content"), f"{where}.content"))
+        if message.get("tool_calls"):
+            if not tools:
+                raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported here")
+            if role != "assistant":
+                raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: only assistant messages hold calls")
+            converted.tool_calls.extend(openai_tool_calls(message["tool_calls"], f"{where}.tool_calls"))
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise invalid_param(f"{where}.tool_call_id", f"{where}.tool_call_id: a tool message names the call "
+                                    "it answers")
+            converted.tool_call_id = call_id
+        name = message.get("name")
+        if role == "tool" and isinstance(name, str):
+            converted.name = name
+        out.append(converted)
     return out
 
 
@@ -119,5 +139,5 @@ def generate_request(
 
 
 def finish_reason_name(reason: int) -> str:
-    """"stop", "length", "cancelled", "error" (or "unspecified")."""
+    """"stop", "length", "cancelled", "error", "tool_calls" (or "unspecified")."""
     return enum_name(pb.FinishReason, reason)

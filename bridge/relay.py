@@ -58,6 +58,8 @@ async def relay_stream(
                 await translator.queued(sse, item.queued.position)
             elif kind == "token":
                 await translator.token(sse, item.token)
+            elif kind == "tool_call" and hasattr(translator, "tool_call"):  # requests with tools
+                await translator.tool_call(sse, item.tool_call)
             elif kind == "chat" and hasattr(translator, "chat"):  # streams of a stored chat start so
                 await translator.chat(sse, item.chat)
             elif kind == "finished":

@@ -9,7 +9,7 @@ from tokenwire.v1 import inference_pb2 as pb
 
 def test_names_lose_their_type_prefix() -> None:
     assert [enum_name(pb.FinishReason, v) for v in pb.FinishReason.values()] == [
-        "unspecified", "stop", "length", "cancelled", "error"]
+        "unspecified", "stop", "length", "cancelled", "error", "tool_calls"]
     assert enum_name(hpb.MessageStatus, hpb.MESSAGE_STATUS_INTERRUPTED) == "interrupted"
     assert enum_name(pb.ModelState, pb.MODEL_STATE_LOADED) == "loaded"
     assert enum_name(pb.LoadStage, pb.LOAD_STAGE_READY) == "ready"

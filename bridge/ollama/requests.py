@@ -5,8 +5,10 @@ repeat_penalty, presence_penalty, frequency_penalty, num_predict, stop). Options
 how Ollama's runner uses the machine (num_ctx, num_thread, num_gpu, num_batch, use_mmap, ...)
 change no output here and are accepted and ignored; options that would change the output and
 that tokenwire cannot honour (mirostat, tfs_z, typical_p away from their neutral values) are a
-400 that names them, as are features it does not have yet (tools, images, thinking). `format`
-("json" or a JSON Schema) constrains the output (server/engine/constraints.py).
+400 that names them, as are features it does not have yet (images, thinking). `format`
+("json" or a JSON Schema) constrains the output (server/engine/constraints.py). `tools` (chat)
+are OpenAI's; the model's calls come back in `message.tool_calls` with arguments as objects, and
+the history's calls and `tool` results (by `tool_name`) go back to the model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from tokenwire.bridge.errors import ApiError, invalid_param
 from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import MAX_UINT32, generate_request
+from tokenwire.bridge.tool_fields import tools_of
 from tokenwire.server.settings import parse_duration
 from tokenwire.v1 import inference_pb2 as pb
 
@@ -33,7 +36,7 @@ SAMPLING_OPTIONS = frozenset({"temperature", "top_p", "top_k", "min_p", "seed", 
 CHAT_FIELDS = {"model", "messages", "stream", "options", "keep_alive", "format", "tools", "think"}
 GENERATE_FIELDS = {"model", "prompt", "system", "stream", "options", "keep_alive", "format", "raw",
                    "images", "context", "suffix", "template", "think"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def model_name(p: Params) -> str:
@@ -73,8 +76,6 @@ def output_format(p: Params, sampling: pb.SamplingParams) -> None:
 
 
 def _refuse_unsupported(p: Params) -> None:
-    if p.raw("tools"):
-        raise invalid_param("tools", "tools need tool calling, which this tokenwire does not have yet")
     if p.raw("think") not in (None, False):
         raise invalid_param("think", "think: this tokenwire separates no thinking; send think false or omit it")
 
@@ -128,18 +129,53 @@ def chat_messages(p: Params) -> list[pb.ChatMessage]:
             raise invalid_param(where, f"{where} must be an object, got {json_type(m)}")
         role, content = m.get("role"), m.get("content", "")
         if role not in ROLES:
-            hint = " (tool results need tool calling, which this tokenwire does not have yet)" if role == "tool" else ""
-            raise invalid_param(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}{hint}")
+            raise invalid_param(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}")
         if content is None:
             content = ""
         if not isinstance(content, str):
             raise invalid_param(f"{where}.content", f"{where}.content must be a string, got {json_type(content)}")
         if m.get("images"):
             raise invalid_param(f"{where}.images", f"{where}.images: this tokenwire reads no images yet")
+        message = pb.ChatMessage(role=role, content=content)
         if m.get("tool_calls"):
-            raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported yet")
-        out.append(pb.ChatMessage(role=role, content=content))
+            if role != "assistant":
+                raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: only assistant messages hold calls")
+            message.tool_calls.extend(_ollama_calls(m["tool_calls"], f"{where}.tool_calls", i))
+        if role == "tool":
+            name = m.get("tool_name", m.get("name"))
+            if name is not None and not isinstance(name, str):
+                raise invalid_param(f"{where}.tool_name", f"{where}.tool_name must be a string")
+            message.name = name or ""
+            message.tool_call_id = _answered_call(out, name or "")
+        out.append(message)
     return out
+
+
+def _ollama_calls(value: Any, where: str, turn: int) -> list[pb.ToolCall]:
+    """Ollama's calls: `[{"function": {"name", "arguments": {...}}}]` (no ids: made up per turn)."""
+    if not isinstance(value, list):
+        raise invalid_param(where, f"{where} must be an array, got {json_type(value)}")
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid_param(f"{where}[{j}]", f"{where}[{j}] must be {{\"function\": {{\"name\", \"arguments\"}}}}")
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, dict):
+            raise invalid_param(f"{where}[{j}].function.arguments", f"{where}[{j}].function.arguments must be an "
+                                "object")
+        calls.append(pb.ToolCall(id=f"call_{turn}_{j}", name=function["name"], arguments_json=json.dumps(arguments)))
+    return calls
+
+
+def _answered_call(history: list[pb.ChatMessage], name: str) -> str:
+    """The id of the call a tool result answers: the latest unanswered call of that function (or any)."""
+    answered = {m.tool_call_id for m in history if m.role == "tool"}
+    for message in reversed(history):
+        for call in message.tool_calls:
+            if call.id not in answered and (not name or call.name == name):
+                return call.id
+    return "call_unknown"
 
 
 def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
@@ -148,6 +184,7 @@ def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
     sampling, max_tokens, stop = options(p)
     request = generate_request(request_id=request_id, model=model_name(p), messages=chat_messages(p),
                                max_tokens=max_tokens, stop=stop, sampling=sampling)
+    request.tools.extend(tools_of(p.raw("tools")))
     output_format(p, request.sampling)
     if (seconds := keep_alive(p)) is not None:
         request.keep_alive_s = seconds

@@ -89,6 +89,9 @@ class _Piece:
 
     def last(self, model: str, finished: pb.Finished, whole: str = "") -> dict[str, Any]:
         body = self.text(model, whole)
+        if self.chat and finished.tool_calls:  # Ollama's shape: no ids, arguments as an object
+            body["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": json.loads(c.arguments_json)}}
+                                             for c in finished.tool_calls]
         body["done"] = True
         body.update(_counters(finished))
         return body

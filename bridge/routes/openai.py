@@ -26,7 +26,7 @@ from tokenwire.v1 import inference_pb2 as pb
 from .openai_request import OpenAIOptions, parse_chat, parse_completion
 
 SYSTEM_FINGERPRINT = "tokenwire"
-_OPENAI_FINISH = {"stop": "stop", "length": "length"}
+_OPENAI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def _failure(finished: pb.Finished) -> ApiError | None:
@@ -60,6 +60,17 @@ class ChatShape:
     def __init__(self) -> None:
         self.text = ""
         self.entries: list[dict[str, Any]] = []
+        self.calls: list[pb.ToolCall] = []
+
+    @staticmethod
+    def tool_call_choice(delta: pb.ToolCallDelta) -> dict[str, Any]:
+        """A streamed call as OpenAI streams it: its id, type and name first, then its arguments."""
+        if delta.name:
+            call = {"index": delta.index, "id": delta.id, "type": "function",
+                    "function": {"name": delta.name, "arguments": delta.arguments}}
+        else:
+            call = {"index": delta.index, "function": {"arguments": delta.arguments}}
+        return {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
     def _entry(token: pb.TokenDelta) -> dict[str, Any]:
@@ -83,8 +94,13 @@ class ChatShape:
 
     def choice(self, finish: str, logprobs: bool) -> dict[str, Any]:
         lp = {"content": self.entries, "refusal": None} if logprobs else None
-        return {"index": 0, "message": {"role": "assistant", "content": self.text, "refusal": None},
-                "logprobs": lp, "finish_reason": finish}
+        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
+        if self.calls:
+            message["content"] = self.text.strip() or None
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments_json}}
+                                     for c in self.calls]
+        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
 
 
 class CompletionShape:
@@ -168,6 +184,11 @@ class OpenAIChunks:
         if token.text or choice["logprobs"] is not None:
             await sse.data(self._chunk([choice]))
 
+    async def tool_call(self, sse: SSEWriter, delta: pb.ToolCallDelta) -> None:
+        if isinstance(self.shape, ChatShape):
+            await self._start(sse)
+            await sse.data(self._chunk([self.shape.tool_call_choice(delta)]))
+
     async def finished(self, sse: SSEWriter, finished: pb.Finished) -> None:
         note(self.request, model=finished.model, finish=finish_reason_name(finished.reason),
              tokens=finished.usage.completion_tokens)
@@ -197,6 +218,8 @@ async def _collect(call: GenerateCall, shape: Shape, logprobs: bool) -> pb.Finis
                 shape.add(item.token, logprobs)
             elif kind == "finished":
                 await call.drain()
+                if isinstance(shape, ChatShape):
+                    shape.calls = list(item.finished.tool_calls)
                 return item.finished
         raise ApiError(502, "the model server ended the stream without a finish event",
                        type="server_error", code="upstream_error")

@@ -1,12 +1,13 @@
 """Validates OpenAI chat/completions request bodies and turns them into GenerateRequests.
 
 Accepted: everything tokenwire can honour, plus parameters whose given value asks for nothing
-tokenwire lacks (`tools: []`, `n: 1`, `echo: false`, ...). `response_format` (text, json_object,
+tokenwire lacks (`n: 1`, `echo: false`, ...). `response_format` (text, json_object,
 json_schema, and the extensions regex, choice, grammar) constrains the output token by token.
-Any other parameter or value is a 400 naming it, never silently ignored. Exceptions, accepted
-and ignored because they change nothing about the output: `metadata`, `store: false`,
-`service_tier`, `parallel_tool_calls`. `user` is passed on to the server, which shares its
-slots fairly between users.
+`tools`, `tool_choice` and `parallel_tool_calls` (and the legacy `functions`/`function_call`)
+go to the server, which shows the tools to the model and parses its calls. Any other parameter
+or value is a 400 naming it, never silently ignored. Exceptions, accepted and ignored because
+they change nothing about the output: `metadata`, `store: false`, `service_tier`. `user` is
+passed on to the server, which shares its slots fairly between users.
 
 Logprobs: the engine reports the logprob of the token it chose and no alternatives, so chat
 takes `logprobs: true` with `top_logprobs` absent or 0, and completions take `logprobs: 0`
@@ -36,6 +37,7 @@ from tokenwire.bridge.fields import (
 )
 from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import chat_messages, generate_request
+from tokenwire.bridge.tool_fields import FUNCTION, TOOL_CALL, TOOL_CHOICE, TOOLS, set_tool_choice, tools_of
 from tokenwire.v1 import inference_pb2 as pb
 
 # OpenAI's documented default for the legacy completions endpoint.
@@ -87,17 +89,32 @@ _COMMON = {
     "max_tokens": MAX_TOKENS,
     "ignore_eos": IGNORE_EOS,
 }
+# Chat messages may carry tool calls and their results here.
+_CHAT_MESSAGE = {**MESSAGES["items"], "properties": {
+    **MESSAGES["items"]["properties"],
+    "role": {"enum": ["system", "developer", "user", "assistant", "tool"], "description": "developer = system."},
+    "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "An assistant message's calls."},
+    "tool_call_id": {"type": "string", "minLength": 1, "description": "A tool message: the call it answers."},
+    "name": {"type": "string", "description": "A tool message: the function's name (else ignored)."}},
+    "allOf": [{"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"]}},
+              {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+               "then": {"properties": {"tool_calls": {"maxItems": 0}}}}]}
+_CHAT_MESSAGES = {**MESSAGES, "items": _CHAT_MESSAGE}
+
 _CHAT_ONLY = {
-    "messages": MESSAGES,
+    "messages": _CHAT_MESSAGES,
     "max_completion_tokens": {**MAX_TOKENS, "description": f"Preferred over max_tokens. {MAX_TOKENS['description']}"},
     "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
     "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
     "response_format": RESPONSE_FORMAT,
-    "tools": {"type": "array", "maxItems": 0, "description": "No tool calling: only [] is accepted."},
-    "tool_choice": {"const": "none"},
-    "parallel_tool_calls": {"type": "boolean", "description": "Accepted and ignored."},
-    "functions": {"type": "array", "maxItems": 0},
-    "function_call": {"const": "none"},
+    "tools": TOOLS,
+    "tool_choice": TOOL_CHOICE,
+    "parallel_tool_calls": {"type": "boolean", "default": True,
+                            "description": "Whether a reply may hold several calls."},
+    "functions": {"type": "array", "items": FUNCTION, "description": "Legacy form of tools."},
+    "function_call": {"oneOf": [{"enum": ["none", "auto"]}, {"type": "object", "required": ["name"],
+                                                             "properties": {"name": {"type": "string"}}}],
+                      "description": "Legacy form of tool_choice."},
     "store": {"const": False},
     "metadata": {"type": "object", "description": "Accepted and ignored."},
     "service_tier": {"type": "string", "description": "Accepted and ignored."},
@@ -196,14 +213,9 @@ def response_format(p: Params, sampling: pb.SamplingParams) -> None:
 
 def _check_neutral_chat(p: Params) -> None:
     """Parameters accepted only with a value that asks for nothing tokenwire lacks."""
-    _require(p, "tools", p.raw("tools") == [], "an empty list (no tool calling)")
-    _require(p, "functions", p.raw("functions") == [], "an empty list (no function calling)")
-    _require(p, "tool_choice", p.raw("tool_choice") == "none", '"none"')
-    _require(p, "function_call", p.raw("function_call") == "none", '"none"')
     _require(p, "store", p.raw("store") is False, "false (the bridge stores nothing)")
     _require(p, "modalities", p.raw("modalities") == ["text"], '["text"]')
     # Accepted and ignored, but only as what the document says they are.
-    p.boolean("parallel_tool_calls")
     p.string("service_tier")
     if p.given("metadata") and not isinstance(p.raw("metadata"), dict):
         raise invalid_param("metadata", f"metadata must be an object, got {json_type(p.raw('metadata'))}")
@@ -244,12 +256,39 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
     if max_tokens is None:
         max_tokens = legacy
     request = generate_request(
-        request_id=request_id, model=opts.model, messages=chat_messages(p.raw("messages")),
+        request_id=request_id, model=opts.model, messages=chat_messages(p.raw("messages"), tools=True),
         max_tokens=max_tokens, stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
         sampling=values,
     )
     response_format(p, request.sampling)
+    tool_use(p, request)
     return request, opts
+
+
+def tool_use(p: Params, request: pb.GenerateRequest) -> None:
+    """tools, tool_choice, parallel_tool_calls; or the legacy functions and function_call."""
+    legacy = p.raw("functions") not in (None, [])
+    if legacy and p.raw("tools") not in (None, []):
+        raise invalid_param("functions", "send tools or the legacy functions, not both")
+    if legacy:
+        functions = p.raw("functions")
+        if not isinstance(functions, list):
+            raise invalid_param("functions", f"functions must be an array, got {json_type(functions)}")
+        request.tools.extend(tools_of([{"type": "function", "function": f} for f in functions], "functions"))
+        call = p.raw("function_call")
+        set_tool_choice(request, {"type": "function", "function": call} if isinstance(call, dict) else call,
+                        "function_call")
+        request.parallel_tool_calls = False  # functions make one call at most
+    else:
+        if p.raw("function_call") not in (None, "none", "auto"):
+            raise invalid_param("function_call", "function_call goes with functions; with tools send tool_choice")
+        request.tools.extend(tools_of(p.raw("tools")))
+        set_tool_choice(request, p.raw("tool_choice"))
+        parallel = p.boolean("parallel_tool_calls")
+        if parallel is not None:
+            request.parallel_tool_calls = parallel
+    if request.tool_choice in ("required", "function") and not request.tools:
+        raise invalid_param("tool_choice", f"tool_choice {request.tool_choice!r} needs tools")
 
 
 def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateRequest, OpenAIOptions]:

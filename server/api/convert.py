@@ -19,6 +19,7 @@ from tokenwire.server.engine.records import FinishReason, ReplyStatus, Usage
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest
 from tokenwire.server.engine.sampling import SamplingConfig
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, TokenEvent
+from tokenwire.server.engine.tool_calls import CallOut, ToolCallRecord, ToolCallStream, ToolSpec, ToolUse
 from tokenwire.server.models.manager import ModelStatus
 from tokenwire.server.models.store import ModelEntry
 from tokenwire.v1 import history_pb2 as hpb
@@ -77,7 +78,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
     return GenerateParams(
         model=request.model,
         prompt=request.prompt,
-        messages=tuple({"role": m.role, "content": m.content} for m in request.messages),
+        messages=tuple(message_from_proto(m) for m in request.messages),
         sampling=sampling_from_proto(request.sampling),
         max_tokens=int(request.max_tokens),
         stop=tuple(request.stop),
@@ -86,7 +87,40 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         user=user,
         cache_scope=cache_scope,
         constraint=constraint_from_proto(request.sampling),
+        tools=tools_from_proto(request),
     )
+
+
+def message_from_proto(m: pb.ChatMessage) -> dict:
+    message: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        message["tool_calls"] = [{"id": c.id, "function": {"name": c.name, "arguments": c.arguments_json}}
+                                 for c in m.tool_calls]
+    if m.tool_call_id:
+        message["tool_call_id"] = m.tool_call_id
+    if m.name:
+        message["name"] = m.name
+    return message
+
+
+def tools_from_proto(request: pb.GenerateRequest) -> ToolUse | None:
+    """The request's tools (None when it has none and asks nothing of them)."""
+    if not request.tools and not request.tool_choice:
+        return None
+    tools = []
+    for i, t in enumerate(request.tools):
+        try:
+            parameters = json.loads(t.parameters_json) if t.parameters_json else {}
+        except ValueError as exc:
+            raise InvalidRequest(f"tools[{i}].parameters_json is not JSON: {exc}", f"tools[{i}].parameters_json") \
+                from exc
+        tools.append(ToolSpec(t.name, t.description, parameters))
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    return ToolUse(tuple(tools), request.tool_choice or "auto", request.tool_choice_name, parallel)
+
+
+def tool_call_to_proto(call: ToolCallRecord) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
 
 
 def constraint_from_proto(sampling: pb.SamplingParams) -> OutputConstraint | None:
@@ -157,6 +191,39 @@ def event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: st
         reason=FINISH_REASON[event.reason], usage=usage_to_proto(event.usage), error_message=event.error_message,
         model=model_id, matched_stop=event.matched_stop,
     ))
+
+
+def tool_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str,
+                        calls: ToolCallStream) -> list[pb.GenerateResponse]:
+    """event_to_proto for a reply that may call tools: its text goes through `calls`, which keeps
+    the calls out of the text; each call is sent as a tool_call event (id and name, then the
+    arguments) and, whole, in Finished, whose reason is then TOOL_CALLS."""
+    if isinstance(event, QueuedEvent):
+        return [event_to_proto(event, model_id)]
+    out: list[pb.GenerateResponse] = []
+    parts = calls.feed(event.text) if isinstance(event, TokenEvent) else calls.finish()
+    text = "".join(p.text for p in parts if not isinstance(p, CallOut))
+    if isinstance(event, TokenEvent):
+        delta = pb.TokenDelta(text=text, token_id=event.token_id, index=event.index)
+        if event.logprob is not None:
+            delta.logprob = event.logprob
+        out.append(pb.GenerateResponse(token=delta))
+    elif text:  # prose held back while it might have opened a call
+        out.append(pb.GenerateResponse(token=pb.TokenDelta(text=text, index=event.usage.completion_tokens)))
+    for part in parts:
+        if isinstance(part, CallOut):
+            out.append(pb.GenerateResponse(tool_call=pb.ToolCallDelta(index=part.index, id=part.call.id,
+                                                                      name=part.call.name)))
+            out.append(pb.GenerateResponse(tool_call=pb.ToolCallDelta(index=part.index,
+                                                                      arguments=part.call.arguments)))
+    if isinstance(event, FinishedEvent):
+        finished = event_to_proto(event, model_id)
+        if calls.calls and event.reason == FinishReason.STOP:
+            finished.finished.reason = pb.FINISH_REASON_TOOL_CALLS
+            finished.finished.matched_stop = ""
+        finished.finished.tool_calls.extend(tool_call_to_proto(c) for c in calls.calls)
+        out.append(finished)
+    return out
 
 
 def chat_turn_to_proto(chat_id: str, user_message_id: int, reply_message_id: int,

@@ -22,6 +22,7 @@ from tokenwire.server.engine.context_fit import build_chat_request
 from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence, TokenEvent
+from tokenwire.server.engine.tool_calls import ToolCallStream
 from tokenwire.server.models.manager import ModelManager
 from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
@@ -78,9 +79,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         # Who it is for (fair turns) and whose prefix cache it shares: the key's user; without keys
         # the request's `user` ("" is one shared anonymous user) and everyone's cache.
         by_key = identity is not None and identity.by_key
-        params = convert.params_from_proto(request, identity.name if by_key else request.user,
-                                           cache_scope=f"key-user:{identity.user_id}" if by_key else "")
         try:
+            params = convert.params_from_proto(request, identity.name if by_key else request.user,
+                                               cache_scope=f"key-user:{identity.user_id}" if by_key else "")
             convert.check_request_id(request.request_id)
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
             plan = None
@@ -122,6 +123,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     turn.finish(event)  # stores the reply, however it ended
 
             handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, on_finished)
+            tools = params.tools
+            calls = ToolCallStream(tools.callable_tools()) if tools is not None and tools.calls_allowed else None
             model.scheduler.submit(handle)
             streaming = True
         except DOMAIN_ERRORS as exc:
@@ -149,7 +152,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                         await turn.wait_committed()  # the reply is in the chat before the stream ends
                     except ReplyNotStored as exc:  # kept and retried; the stream must not say "done"
                         await abort_for(context, exc)
-                yield convert.event_to_proto(event, entry.id)
+                if calls is None:
+                    yield convert.event_to_proto(event, entry.id)
+                else:
+                    for response in convert.tool_event_to_proto(event, entry.id, calls):
+                        yield response
         finally:
             if turn is not None and not handle.sequence.done:
                 turn.note_cancel(context, self.stopping)  # before the cancel: the reply says who ended it

@@ -8,17 +8,29 @@ template, the context window). Every refusal is an InvalidRequest naming the fie
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .constraints import ConstraintError, OutputConstraint, RowConstraint
 from .records import ROLES
 from .sampling import SamplingConfig, SamplingError
 from .sequence import GenerationRequest
 from .tokenizer import ChatTemplateError, TokenizerBundle
+from .tool_calls import (
+    ToolError,
+    ToolUse,
+    args_key,
+    call_grammar,
+    generic_messages,
+    template_messages,
+    template_takes_tools,
+)
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+# A request's messages may also hold tool results (a stored chat's roles are ROLES).
+REQUEST_ROLES = (*ROLES, "tool")
 
 
 class ServedModel(Protocol):
@@ -48,7 +60,9 @@ class InvalidRequest(ValueError):
 class GenerateParams:
     model: str = ""
     prompt: str = ""
-    messages: tuple[dict[str, str], ...] = ()
+    # {"role", "content"}; an assistant message may add "tool_calls" ([{"id", "function": {"name",
+    # "arguments"}}]), a tool message "tool_call_id" and "name".
+    messages: tuple[dict[str, Any], ...] = ()
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_tokens: int = 0
     stop: tuple[str, ...] = ()
@@ -57,6 +71,7 @@ class GenerateParams:
     user: str = ""  # who is asking, for fair turns ("" is one shared anonymous user)
     cache_scope: str = ""  # whose prefix-cache entries it may reuse (the key's user; "" without keys)
     constraint: OutputConstraint | None = None  # structured output: what the text must match
+    tools: ToolUse | None = None  # functions the model may call
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
@@ -70,11 +85,14 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
     if size > max_request_bytes:
         raise InvalidRequest(f"prompt is {size} bytes; the server accepts at most {max_request_bytes}",
                              "messages" if params.messages else "prompt", "PROMPT_TOO_LARGE")
+    roles = ROLES if chat else REQUEST_ROLES
     for i, message in enumerate(params.messages):
-        if message.get("role") not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}",
+        if message.get("role") not in roles:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(roles)}, got {message.get('role')!r}",
                                  f"messages[{i}].role")
-    if params.messages and not any(m.get("content") for m in params.messages):
+        if message.get("tool_calls") and message["role"] != "assistant":
+            raise InvalidRequest(f"messages[{i}]: only assistant messages hold tool_calls", f"messages[{i}].tool_calls")
+    if params.messages and not any(m.get("content") or m.get("tool_calls") for m in params.messages):
         raise InvalidRequest("empty prompt: every message is empty", "messages")
     if params.max_tokens < 0:
         raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
@@ -94,6 +112,48 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
             params.constraint.grammar()  # a malformed schema or regex is refused before any model loads
         except ConstraintError as exc:
             raise InvalidRequest(str(exc), f"sampling.{params.constraint.kind}", "CONSTRAINT_INVALID") from exc
+    if params.tools is not None:
+        if chat and params.tools.tools:
+            raise InvalidRequest("tools are not supported on a stored chat (chat_id) yet; send the conversation "
+                                 "in messages", "tools")
+        try:
+            params.tools.check()
+        except ToolError as exc:
+            raise InvalidRequest(str(exc), exc.field) from exc
+        if params.tools.calls_allowed and params.constraint is not None and (
+                params.tools.choice != "auto" or params.constraint.kind not in ("json_schema", "json_object")):
+            raise InvalidRequest("a constraint (response_format) goes with tools only as a JSON schema or JSON "
+                                 "object, with tool_choice auto", f"sampling.{params.constraint.kind}")
+        try:  # the tools' schemas compile (an unsupported keyword is refused before any model loads)
+            tool_constraint(params.tools, "arguments", None)
+        except ConstraintError as exc:
+            raise InvalidRequest(f"tools: {exc}", "tools", "CONSTRAINT_INVALID") from exc
+
+
+def tool_constraint(use: ToolUse, key: str, constraint: OutputConstraint | None) -> str | None:
+    """The llguidance grammar of a reply that may call tools (None when no call may be made)."""
+    if not use.calls_allowed:
+        return None
+    schema: dict[str, Any] | None = None
+    if constraint is not None:
+        schema = json.loads(constraint.text) if constraint.kind == "json_schema" else {"type": "object"}
+    return OutputConstraint("lark", call_grammar(use, key, schema)).grammar()
+
+
+def chat_input(params: GenerateParams, tokenizer: TokenizerBundle) -> tuple[list[dict[str, Any]], list | None]:
+    """The messages (and tools) the template renders: as they are for an ordinary chat; for one
+    with tools, calls or results, in the template's own tool shape when it takes tools, else
+    through the generic tool prompt."""
+    messages = list(params.messages)
+    tools = params.tools.tools if params.tools is not None else ()
+    if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+        return messages, None
+    if tokenizer.has_chat_template and template_takes_tools(tokenizer.chat_template_source):
+        shown = [t.openai() for t in tools]
+        if tokenizer.holds_control_text(json.dumps(shown, ensure_ascii=False)):
+            raise InvalidRequest("tools hold the text of one of the model's control tokens", "tools")
+        return template_messages(messages), shown or None
+    return generic_messages(messages, tools), None
 
 
 def build_request(
@@ -101,8 +161,9 @@ def build_request(
 ) -> GenerationRequest:
     """Renders and tokenizes the prompt and fits the request into the model's context window."""
     if params.messages:
+        messages, tools = chat_input(params, model.tokenizer)
         try:
-            ids = model.tokenizer.encode_chat(list(params.messages), add_generation_prompt=True)
+            ids = model.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as exc:
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages",
                                  "CHAT_TEMPLATE_REFUSED") from exc
@@ -122,14 +183,19 @@ def build_request(
             f"max_tokens {params.max_tokens} is past the context window: the prompt takes {len(ids)} of "
             f"{window} tokens, leaving {room}", "max_tokens", "CONTEXT_LENGTH_EXCEEDED")
     max_tokens = params.max_tokens or min(default_max_tokens, room)
-    constraint = None
-    if params.constraint is not None:
-        try:
-            constraint = RowConstraint(params.constraint.grammar(), model.tokenizer.grammar)
-        except ConstraintError as exc:
-            kind = params.constraint.kind
-            message = str(exc) if str(exc).startswith(kind) else f"{kind}: {exc}"
-            raise InvalidRequest(message, f"sampling.{kind}", "CONSTRAINT_INVALID") from exc
+    kind, grammar, constraint = "", None, None
+    try:
+        if params.tools is not None and params.tools.calls_allowed:
+            source = model.tokenizer.chat_template_source
+            key = args_key(source) if template_takes_tools(source) else "arguments"
+            kind, grammar = "tools", tool_constraint(params.tools, key, params.constraint)
+        elif params.constraint is not None:
+            kind, grammar = params.constraint.kind, params.constraint.grammar()
+        if grammar is not None:
+            constraint = RowConstraint(grammar, model.tokenizer.grammar)
+    except ConstraintError as exc:
+        message = str(exc) if str(exc).startswith(kind) else f"{kind}: {exc}"
+        raise InvalidRequest(message, "tools" if kind == "tools" else f"sampling.{kind}", "CONSTRAINT_INVALID") from exc
     return GenerationRequest(
         prompt_ids=ids,
         max_tokens=max_tokens,

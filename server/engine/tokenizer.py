@@ -74,17 +74,22 @@ class TokenizerBundle:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The chat as the model's template writes it; `tools` (OpenAI's shape) go to templates
+        that take them (tool_calls.template_takes_tools), as Hugging Face passes them."""
         if self._template is None:
             # No template (e.g. a base model): a plain transcript the model can continue.
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except ChatTemplateError:
             raise
@@ -96,13 +101,14 @@ class TokenizerBundle:
         # (for SmolLM2 a stray <|im_start|>) would only be noise, so never add it.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The prompt ids of a chat, where only the template makes control tokens: a message that
         contains "<|im_start|>system" (or any special token's text) gets that text as plain text,
         so a user cannot forge a turn. Ordinary chats tokenize exactly as the whole rendered text."""
-        text = self.render_chat(messages, add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt, tools)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        spans = self._content_spans(messages, add_generation_prompt, text)
+        spans = self._content_spans(messages, add_generation_prompt, text, tools)
         if spans is None:  # a content holds a control token's text, and the template changed it
             raise ChatTemplateError("a message contains the text of one of the model's control tokens")
         forged = [start for (start, end), token in zip(encoding.offsets, encoding.ids, strict=True)
@@ -118,15 +124,15 @@ class TokenizerBundle:
         ids += self.tokenizer.encode(text[at:], add_special_tokens=False).ids if at < len(text) else []
         return ids
 
-    def _content_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool,
-                       text: str) -> list[tuple[int, int]] | None:
+    def _content_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                       text: str, tools: list[dict[str, Any]] | None = None) -> list[tuple[int, int]] | None:
         """Where each message's content stands in `text` (the chat rendered), found by rendering it
         again with markers in place of the contents; None when the template does not insert them
         verbatim. Empty when no content could hold a control token's text."""
         if not any(special in m.get("content", "") for m in messages for special in self._special_texts):
             return []
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        template = self.render_chat(marked, add_generation_prompt)
+        template = self.render_chat(marked, add_generation_prompt, tools)
         spans, out, at = [], 0, 0
         for i, m in enumerate(messages):
             marker = f"\ue000{i}\ue001"
@@ -142,6 +148,11 @@ class TokenizerBundle:
         if any(text[a:b] != m.get("content", "") for (a, b), m in zip(spans, messages, strict=True)):
             return None
         return spans
+
+    def holds_control_text(self, text: str) -> bool:
+        """Whether `text` holds the text of one of the model's control tokens (a tool's schema
+        rendered by the template must not forge a turn)."""
+        return any(special in text for special in self._special_texts)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -98,7 +98,7 @@ def test_listing_ps_show_version_and_load(client, ollama_url) -> None:
     (dict(options={"mirostat": 2}), 400, "options.mirostat"),
     (dict(options={"temperature": -1}), 400, "options.temperature"),
     (dict(options={"warp_speed": 9}), 400, "warp_speed"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "a b", "parameters": {}}}]), 400, "tools[0].function.name"),
 ])
 def test_refusals_are_ollama_errors(client, call, status, words) -> None:
     with pytest.raises(ollama.ResponseError) as refused:
@@ -153,3 +153,33 @@ def test_format_json_and_a_schema_constrain_the_output(client) -> None:
                                 options={"temperature": 0, "num_predict": 200})
     value = json.loads(generated.response)
     assert set(value) == {"name", "legs"} and 0 <= value["legs"] <= 8
+
+
+def test_tools_and_their_results_reach_the_model(client) -> None:
+    """Ollama has no tool_choice (the model decides): the tools and a call's result are in the prompt,
+    and whatever the model answers, a call in it is one of the tools with object arguments."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                               "parameters": {"type": "object", "required": ["city"],
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    plain = client.chat(model=MODEL, messages=ask, options={"temperature": 0, "num_predict": 1})
+    asked = client.chat(model=MODEL, messages=ask, tools=tools, options={"temperature": 0, "num_predict": 60})
+    assert asked.prompt_eval_count > plain.prompt_eval_count + 80
+    for call in asked.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    history = [*ask, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "18 degrees, sunny"}]
+    answered = client.chat(model=MODEL, messages=history, tools=tools, options={"temperature": 0, "num_predict": 5})
+    assert answered.prompt_eval_count > asked.prompt_eval_count and answered.done
+
+
+def test_a_finished_call_is_in_ollamas_shape() -> None:
+    from tokenwire.bridge.ollama.routes import _Piece
+    from tokenwire.v1 import inference_pb2 as pb
+
+    finished = pb.Finished(reason=pb.FINISH_REASON_TOOL_CALLS, tool_calls=[
+        pb.ToolCall(id="call_1", name="get_weather", arguments_json='{"city": "Paris"}')])
+    body = _Piece(chat=True).last(MODEL, finished)
+    assert body["message"]["tool_calls"] == [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert body["done"] and body["done_reason"] == "stop"

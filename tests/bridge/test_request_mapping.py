@@ -8,6 +8,7 @@ mutants. Values are ones float32 holds exactly, so the proto's floats compare wi
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -146,13 +147,14 @@ def test_the_param_name_is_the_callers() -> None:
     ([{"content": "a"}], "messages[0].role", "messages[0].role must be a string"),
     ([{"role": 3, "content": "a"}], "messages[0].role", "messages[0].role must be a string"),
     ([{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}], "messages[1].role",
-     "messages[1].role 'tool': tool messages need tool calling, which tokenwire does not support"),
+     "messages[1].role 'tool': tool messages need tool calling, which this endpoint does not do (the OpenAI "
+     "endpoints do)"),
     ([{"role": "function", "content": "42"}], "messages[0].role",
      "messages[0].role 'function': function messages need function calling, which tokenwire does not support"),
     ([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}], "messages[0].tool_calls",
-     "messages[0].tool_calls: tool calling is not supported"),
+     "messages[0].tool_calls: tool calling is not supported here"),
     ([{"role": "assistant", "content": None, "function_call": {"name": "f"}}], "messages[0].function_call",
-     "messages[0].function_call: tool calling is not supported"),
+     "messages[0].function_call: the legacy function_call is not supported; send tool_calls"),
     ([{"role": "user", "content": 7}], "messages[0].content",
      "messages[0].content must be a string or an array of text parts, got number"),
     ([{"role": "user", "content": {"type": "text", "text": "x"}}], "messages[0].content",
@@ -297,7 +299,8 @@ def test_chat_maps_every_parameter() -> None:
         messages=[pb.ChatMessage(role="system", content="sys"), pb.ChatMessage(role="user", content="hi")],
         max_tokens=9, stop=["\n\n", "END"], include_logprobs=True, ignore_eos=True, user="carol",
         sampling=pb.SamplingParams(temperature=0.5, top_p=0.75, presence_penalty=1.5, frequency_penalty=-1.5,
-                                   seed=2**64 - 2, top_k=12, min_p=0.0625, repetition_penalty=1.125))
+                                   seed=2**64 - 2, top_k=12, min_p=0.0625, repetition_penalty=1.125),
+        tool_choice="none", parallel_tool_calls=False)
     assert opts == OpenAIOptions(model="smollm2-135m", stream=True, include_usage=True, logprobs=True,
                                  ignore_eos=True, user="carol")
 
@@ -458,8 +461,8 @@ def test_chat_needs_messages() -> None:
     assert_refused(refusal(parse_chat, {"messages": None}, "r"), "messages", "messages is required")
     assert_refused(refusal(parse_chat, {"messages": []}, "r"), "messages",
                    "messages must be a non-empty array of {role, content} objects")
-    assert_refused(refusal(parse_chat, {"messages": [{"role": "tool", "content": "1"}]}, "r"), "messages[0].role",
-                   "messages[0].role 'tool': tool messages need tool calling, which tokenwire does not support")
+    assert_refused(refusal(parse_chat, {"messages": [{"role": "tool", "content": "1"}]}, "r"),
+                   "messages[0].tool_call_id", "messages[0].tool_call_id: a tool message names the call it answers")
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
@@ -467,12 +470,6 @@ def test_chat_needs_messages() -> None:
     ("n", 0, "n=1"),
     ("logit_bias", {"50256": -100}, "an empty logit_bias"),
     ("logit_bias", [], "an empty logit_bias"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "an empty list (no tool calling)"),
-    ("tools", {}, "an empty list (no tool calling)"),
-    ("functions", [{"name": "f"}], "an empty list (no function calling)"),
-    ("tool_choice", "auto", '"none"'),
-    ("tool_choice", {"type": "function"}, '"none"'),
-    ("function_call", "auto", '"none"'),
     ("store", True, "false (the bridge stores nothing)"),
     ("store", 0, "false (the bridge stores nothing)"),
     ("modalities", ["text", "audio"], '["text"]'),
@@ -524,17 +521,58 @@ def test_n_must_be_an_integer() -> None:
     assert chat(n=1.0)[0].request_id == "rid-1"
 
 
-def test_parallel_tool_calls_is_ignored_but_typed() -> None:
-    assert chat(parallel_tool_calls=True)[0] == chat()[0]
-    assert_refused(refusal(chat, parallel_tool_calls="yes"), "parallel_tool_calls",
-                   "parallel_tool_calls must be true or false, got string")
+def test_tools_map_to_the_request() -> None:
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "d", "parameters": weather}},
+             {"type": "function", "function": {"name": "noop"}}]
+    request = chat(tools=tools, tool_choice={"type": "function", "function": {"name": "noop"}},
+                   parallel_tool_calls=False)[0]
+    assert list(request.tools) == [pb.Tool(name="get_weather", description="d", parameters_json=json.dumps(weather)),
+                                   pb.Tool(name="noop")]
+    assert (request.tool_choice, request.tool_choice_name, request.parallel_tool_calls) == ("function", "noop", False)
+    assert chat(tools=tools, tool_choice="required")[0].tool_choice == "required"
+    assert not chat(tools=tools)[0].HasField("parallel_tool_calls"), "unset: the server's default (true)"
+    legacy = chat(functions=[tools[1]["function"]], function_call={"name": "noop"})[0]
+    assert (list(legacy.tools), legacy.tool_choice, legacy.tool_choice_name, legacy.parallel_tool_calls) == (
+        [pb.Tool(name="noop")], "function", "noop", False)
+
+
+def test_tool_calls_and_results_in_the_history() -> None:
+    call = {"id": "call_9", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_9", "name": "f", "content": "2"}]
+    got = chat(messages=messages)[0].messages
+    assert got[1] == pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_9", name="f",
+                                                                              arguments_json='{"a": 1}')])
+    assert got[2] == pb.ChatMessage(role="tool", content="2", tool_call_id="call_9", name="f")
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "must be true or false"),
+    ({"tools": {}}, "tools", "must be an array of tools"),
+    ({"tools": [{"type": "code", "function": {"name": "f"}}]}, "tools[0].type", "must be {"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters",
+     "JSON Schema object"),
+    ({"tool_choice": "always"}, "tool_choice", "must be"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice", "must be"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"functions": [{"name": "f"}], "tools": [{"type": "function", "function": {"name": "g"}}]}, "functions",
+     "not both"),
+    ({"function_call": {"name": "f"}}, "function_call", "goes with functions"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls[0]", "must be"),
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [{"id": "1", "function": {"name": "f"}}]}]},
+     "messages[0].tool_calls", "only assistant messages"),
+])
+def test_tool_fields_are_checked(body: dict, param: str, words: str) -> None:
+    err = refusal(chat, **body)
+    assert err.param == param and words in err.message, err.message
 
 
 def test_a_long_refused_value_is_shortened() -> None:
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "x" * 100}}]
-    err = refusal(chat, tools=tools)
-    shown = err.message.removeprefix("tools: only an empty list (no tool calling) is supported by tokenwire, got ")
-    assert shown == repr(tools)[:57] + "..." and len(shown) == 60
+    modalities = ["text", "x" * 100]
+    err = refusal(chat, modalities=modalities)
+    shown = err.message.removeprefix('modalities: only ["text"] is supported by tokenwire, got ')
+    assert shown == repr(modalities)[:57] + "..." and len(shown) == 60
     assert _short("x" * 58) == repr("x" * 58)  # 60 characters with the quotes: kept whole
     assert _short("x" * 59) == "'" + "x" * 56 + "..."
     assert _short([1, 2], limit=5) == "[1..."
