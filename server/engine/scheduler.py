@@ -38,7 +38,7 @@ class SchedulerUnavailable(RuntimeError):
 
 
 class QueueFull(RuntimeError):
-    def __init__(self, queue_size: int, retry_after_s: int = 1, message: str = "") -> None:
+    def __init__(self, queue_size: int = 0, retry_after_s: int = 1, message: str = "") -> None:
         super().__init__(message or
                          f"the server is busy: {queue_size} requests are already waiting for this model; retry shortly")
         self.retry_after_s = retry_after_s
@@ -66,7 +66,8 @@ def read_shared_prompts(path: str) -> tuple[str, ...]:
     """The prompts of a --shared-prefix-file: blocks separated by lines holding only ---."""
     if not path:
         return ()
-    with open(path, encoding="utf-8") as f:
+    # pragma: the encoding's mutants (None, "UTF-8") read the same on a UTF-8 locale
+    with open(path, encoding="utf-8") as f:  # pragma: no mutate
         text = f.read()
     blocks, current = [], []
     for line in text.splitlines():
@@ -89,7 +90,8 @@ def shared_prefix_ids(prompts: tuple[str, ...], tokenizer: TokenizerBundle | Non
     """The token sequences a prompt starting with one of `prompts` begins with: the prompt as a
     chat's system message (as the model's template renders it) and as raw text; longest first."""
     found: set[tuple[int, ...]] = set()
-    for text in prompts if tokenizer is not None else ():
+    # pragma: without a tokenizer every encode fails and is skipped below: `or True` finds nothing too
+    for text in prompts if tokenizer is not None else ():  # pragma: no mutate
         for encode in (lambda t=text: tokenizer.encode_chat([{"role": "system", "content": t}],
                                                             add_generation_prompt=False),
                        lambda t=text: tokenizer.encode(t)):
@@ -112,11 +114,12 @@ class SequenceHandle:
         self._queue: asyncio.Queue[Event | QueuedEvent] = asyncio.Queue()
         self._on_finished = on_finished
         self.position = 0
-        # Prefill progress (scheduler thread only).
+        # Prefill progress (scheduler thread only). pragma: _prefill_step sets prefilled and shared,
+        # and the join sets next_token, before any of them is read; these are declarations.
         self.prefill: PrefillState | None = None
-        self.prefilled = 0
-        self.next_token: int | None = None
-        self.shared = 0  # tokens of its prompt that are an operator-marked shared prefix
+        self.prefilled = 0  # pragma: no mutate
+        self.next_token: int | None = None  # pragma: no mutate
+        self.shared = 0  # pragma: no mutate  (tokens of its prompt that are an operator-marked shared prefix)
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -179,8 +182,9 @@ class Scheduler:
         self._running_per_user: dict[str, int] = {}
         self._prefilling: deque[SequenceHandle] = deque()
         self._rows: list[SequenceHandle] = []
-        self._stop = False
-        self._dead = ""  # why the loop stopped after an unexpected error ("" while healthy)
+        # pragma: both are only tested for truth; None reads as False and "" alike
+        self._stop = False  # pragma: no mutate
+        self._dead = ""  # pragma: no mutate  (why the loop stopped after an unexpected error; "" while healthy)
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -196,30 +200,31 @@ class Scheduler:
             mine = len(self._waiting.get(handle.user, ()))
             limit = self.config.max_queued_per_user
             if limit and mine >= limit:
-                raise QueueFull(self.config.queue_size, message=f"you already have {mine} requests waiting for model "
+                raise QueueFull(message=f"you already have {mine} requests waiting for model "
                                 f"{self.name} (at most {limit} per user); retry when one has started")
             # The next step admits up to `free` waiting requests; the rest count against the queue.
             free = max(0, self.config.max_batch - self.running)
             if self._n_waiting >= self.config.queue_size + free:
-                self._make_room(handle.user, mine)
+                self._make_room(mine)
             self._waiting.setdefault(handle.user, deque()).append(handle)
             self._n_waiting += 1
             self.metrics.queue_length(self.name, self._n_waiting)
             self._cond.notify()
 
-    def _make_room(self, user: str, mine: int) -> None:
+    def _make_room(self, mine: int) -> None:
         """A full queue: the user who holds most of it gives up their newest waiting request for a
-        user with fewer; when that is the newcomer themself (or no one holds more), the newcomer is
-        refused. So one user's flood cannot keep everyone else out."""
+        user with fewer (`mine`: the newcomer's waiting requests); when that is the newcomer themself
+        (who holds `mine`, no more than mine + 1) or no one holds more, the newcomer is refused. So
+        one user's flood cannot keep everyone else out."""
         heaviest = max(self._waiting, key=lambda u: len(self._waiting[u]), default=None)
-        if heaviest is None or heaviest == user or len(self._waiting[heaviest]) <= mine + 1:
+        if heaviest is None or len(self._waiting[heaviest]) <= mine + 1:
             raise QueueFull(self.config.queue_size)
         queue = self._waiting[heaviest]
         victim = queue.pop()
         if not queue:
             del self._waiting[heaviest]
         self._n_waiting -= 1
-        victim.refuse(QueueFull(self.config.queue_size, message=(
+        victim.refuse(QueueFull(message=(
             f"the server is busy: the queue of model {self.name} is full and this user holds the most of it "
             f"({len(queue) + 1} requests); retry shortly")))
         self._notify_positions()
@@ -240,13 +245,12 @@ class Scheduler:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=30)  # pragma: no mutate  (a bound against a hung engine; any bound will do)
 
     # ---- admission (under self._cond) ----------------------------------------------------------
 
     def _has_free_slot(self, user: str) -> bool:
-        if self.running >= self.config.max_batch:
-            return False
+        """Whether the user may start another stream (the batch's own room is _admit's check)."""
         limit = self.config.max_streams_per_user
         return not limit or self._running_per_user.get(user, 0) < limit
 
@@ -264,7 +268,9 @@ class Scheduler:
         return order
 
     def _admit(self) -> None:
-        admitted = False
+        # pragma: only its truth is read, and with it True the positions are sent once more, which
+        # sends nothing (a handle is told only a place that changed)
+        admitted = False  # pragma: no mutate
         while self._n_waiting and self.running < self.config.max_batch:
             picked = None
             for user in list(self._waiting):
@@ -298,7 +304,7 @@ class Scheduler:
                 self._notify_positions()
 
     def _drop_cancelled_waiting(self) -> None:
-        changed = False
+        changed = False  # pragma: no mutate  (only its truth is read: None is False)
         for user in list(self._waiting):
             queue = self._waiting[user]
             for handle in [h for h in queue if h.sequence.cancelled.is_set()]:
@@ -312,7 +318,7 @@ class Scheduler:
             self._notify_positions()
             self.metrics.queue_length(self.name, self._n_waiting)
 
-    def _release_user(self, handle: SequenceHandle, locked: bool = False) -> None:
+    def _release_user(self, handle: SequenceHandle, locked: bool) -> None:
         if not locked:
             with self._cond:
                 self._release_user(handle, locked=True)
@@ -371,21 +377,22 @@ class Scheduler:
     def _drop_cancelled_prefilling(self) -> None:
         """Admitted sequences cancelled while waiting for their prefill free their slot now."""
         gone = [h for i, h in enumerate(self._prefilling) if i > 0 and h.sequence.cancelled.is_set()]
-        for handle in gone:
+        for handle in gone:  # not the head: none of them began its prefill
             self._prefilling.remove(handle)
-            handle.prefill = None
-            self._finish(handle, handle.sequence.finish(FinishReason.CANCELLED), locked=True)
+            # pragma: `locked` only saves taking self._cond again, and it is reentrant (an RLock)
+            self._finish(handle, handle.sequence.finish(FinishReason.CANCELLED), locked=True)  # pragma: no mutate
         if gone:
             self._notify_positions()
 
-    def _finish(self, handle: SequenceHandle, events: list, locked: bool = False) -> None:
+    # pragma: `locked` only saves taking self._cond again, and it is reentrant (an RLock)
+    def _finish(self, handle: SequenceHandle, events: list, locked: bool = False) -> None:  # pragma: no mutate
         handle.emit(events)
         finished = handle.sequence.finished
         if finished is not None:
             key = finished.reason.value
             self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
             self.metrics.request_finished(self.name, key)
-        self._release_user(handle, locked)
+        self._release_user(handle, locked)  # pragma: no mutate
 
     def _prefill_chunk(self) -> None:
         handle = self._prefilling[0]
@@ -397,17 +404,17 @@ class Scheduler:
             self._prefill_step(handle)
         except Exception as exc:  # this sequence's failure is its own: the batch goes on
             log.exception("prefill of a sequence on %s failed", self.name)
-            if handle.sequence.done:  # it finished before the failure (e.g. in join)
-                self._leave_prefill(handle, [])
+            if handle.sequence.done:  # it finished before the failure (a metrics hook): its end, unsent
+                self._leave_prefill(handle, [handle.sequence.finished])
             else:
                 self._leave_prefill(handle, seq.finish(FinishReason.ERROR, f"{type(exc).__name__}: {exc}"))
 
     def _leave_prefill(self, handle: SequenceHandle, events: list) -> None:
-        if self._prefilling and self._prefilling[0] is handle:
-            self._prefilling.popleft()
+        """The head of the prefill queue (`handle`) leaves it, ended with `events`."""
+        self._prefilling.popleft()
         if handle.prefill is not None:
             self.engine.end_prefill(handle.prefill)
-        handle.prefill = None
+        handle.prefill = None  # pragma: no mutate  (drops the state's arrays; "" drops them too)
         self._positions_moved()
         self._finish(handle, events)
 
@@ -417,10 +424,13 @@ class Scheduler:
         if handle.prefill is None:
             scope = seq.request.cache_scope
             reused, cached = self.prefix_cache.lookup(prompt, scope)
-            handle.shared = self._shared_length(prompt) if scope != SHARED_SCOPE else 0
+            handle.shared = self._shared_length(prompt)
             if handle.shared > reused:  # an operator-marked system prompt: every user's KV of it
-                shared, kv = self.prefix_cache.lookup(prompt[: handle.shared + 1], SHARED_SCOPE)
-                if kv is not None and shared > reused:
+                # pragma: the shared scope holds marked prompts only, none longer than handle.shared
+                # that this prompt starts with, so a longer slice finds the same entry
+                shared, kv = self.prefix_cache.lookup(prompt[: handle.shared + 1], SHARED_SCOPE)  # pragma: no mutate
+                # pragma: a miss is (0, None) and 0 > reused never holds; an equal length reuses as much
+                if kv is not None and shared > reused:  # pragma: no mutate
                     reused, cached = shared, kv
             if self.prefix_cache.enabled:
                 self.metrics.prefix_cache(self.name, cached is not None, reused)
@@ -445,7 +455,7 @@ class Scheduler:
         # In the batch before it leaves the prefill queue, so `busy` never reads False in between.
         self._rows.append(handle)
         self._prefilling.popleft()
-        handle.prefill = None
+        handle.prefill = None  # pragma: no mutate  (the engine holds it now; "" drops the reference too)
         handle.next_token = token
         self._positions_moved()
         handle.emit(events)
@@ -508,8 +518,9 @@ class Scheduler:
         self._rows = []
         self.engine.reset()
 
-def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:
+# pragma: a test helper's bound; a second more or the boundary instant changes nothing
+def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:  # pragma: no mutate
     deadline = time.monotonic() + timeout
-    while scheduler.busy and time.monotonic() < deadline:
+    while scheduler.busy and time.monotonic() < deadline:  # pragma: no mutate
         time.sleep(0.01)
     return not scheduler.busy

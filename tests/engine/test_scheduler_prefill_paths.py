@@ -54,7 +54,8 @@ async def test_a_failing_prefill_ends_its_own_sequence_with_its_error(start, tok
     assert failed.reason == FinishReason.ERROR and failed.error_message == "RuntimeError: poisoned prompt"
     assert done.reason == FinishReason.LENGTH and tokens == expected(good, 4)
     assert engine.ended_prefills == 1, "the failed prefill was given back"
-    assert any("prefill of a sequence on fake failed" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        "prefill of a sequence on fake failed"]
     again = handle_for(tok, words(9, 3))
     scheduler.submit(again)
     assert (await asyncio.wait_for(collect(again), 5))[0] == expected(words(9, 3), 4), "the scheduler goes on"
