@@ -112,14 +112,16 @@ def generate_request(
     logprobs: bool = False,
     ignore_eos: bool = False,
     user: str | None = None,
-    sampling: dict[str, float | int | None] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> pb.GenerateRequest:
     """Unset (None) sampling values stay unset, so the server's defaults apply."""
     if (prompt is None) == (messages is None):
         raise ApiError(400, "set exactly one of prompt and messages", param="prompt")
     params = pb.SamplingParams()
     for name, value in (sampling or {}).items():
-        if value is not None:
+        if name == "logit_bias":
+            params.logit_bias.update(value or {})
+        elif value is not None:
             setattr(params, name, value)
     request = pb.GenerateRequest(
         model=model or "",

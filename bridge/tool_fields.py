@@ -38,10 +38,11 @@ TOOL_CHOICE: dict[str, Any] = {"oneOf": [
         "type": {"const": "function"},
         "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}
 TOOL_CALL: dict[str, Any] = {
-    "type": "object", "required": ["id", "type", "function"], "properties": {
+    "type": "object", "required": ["function"], "properties": {
         "id": {"type": "string"}, "type": {"const": "function"},
-        "function": {"type": "object", "required": ["name", "arguments"], "properties": {
-            "name": {"type": "string"}, "arguments": {"type": "string", "description": "JSON text."}}}}}
+        "function": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"},
+            "arguments": {"type": ["string", "object"], "description": "JSON text (or the object itself)."}}}}}
 
 
 def function_tool(value: Any, where: str) -> pb.Tool:
@@ -120,5 +121,7 @@ def openai_tool_calls(value: Any, where: str) -> list[pb.ToolCall]:
         call_id = call.get("id", "")
         if not isinstance(call_id, str):
             raise invalid_param(f"{at}.id", f"{at}.id must be a string")
+        if call.get("type", "function") != "function":
+            raise invalid_param(f"{at}.type", f"{at}.type must be \"function\"")
         calls.append(pb.ToolCall(id=call_id, name=function["name"], arguments_json=arguments))
     return calls

@@ -75,7 +75,8 @@ class ChatShape:
     @staticmethod
     def _entry(token: pb.TokenDelta) -> dict[str, Any]:
         return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode()),
-                "top_logprobs": []}
+                "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+                                 for t in token.top_logprobs]}
 
     def first_choice(self) -> dict[str, Any] | None:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -115,6 +116,11 @@ class CompletionShape:
         self.tokens: list[str] = []
         self.logprobs: list[float] = []
         self.offsets: list[int] = []
+        self.tops: list[dict[str, float]] = []
+
+    @staticmethod
+    def _top(token: pb.TokenDelta) -> dict[str, float]:
+        return {t.text: t.logprob for t in token.top_logprobs}
 
     def first_choice(self) -> dict[str, Any] | None:
         return None
@@ -122,8 +128,8 @@ class CompletionShape:
     def token_choice(self, token: pb.TokenDelta, logprobs: bool) -> dict[str, Any]:
         lp = None
         if logprobs and token.HasField("logprob"):
-            lp = {"tokens": [token.text], "token_logprobs": [token.logprob], "top_logprobs": None,
-                  "text_offset": [len(self.text)]}
+            lp = {"tokens": [token.text], "token_logprobs": [token.logprob],
+                  "top_logprobs": [self._top(token)] if token.top_logprobs else None, "text_offset": [len(self.text)]}
         self.text += token.text
         return {"text": token.text, "index": 0, "logprobs": lp, "finish_reason": None}
 
@@ -135,11 +141,12 @@ class CompletionShape:
             self.tokens.append(token.text)
             self.logprobs.append(token.logprob)
             self.offsets.append(len(self.text))
+            self.tops.append(self._top(token))
         self.text += token.text
 
     def choice(self, finish: str, logprobs: bool) -> dict[str, Any]:
-        lp = ({"tokens": self.tokens, "token_logprobs": self.logprobs, "top_logprobs": None,
-               "text_offset": self.offsets} if logprobs else None)
+        lp = ({"tokens": self.tokens, "token_logprobs": self.logprobs,
+               "top_logprobs": self.tops if any(self.tops) else None, "text_offset": self.offsets} if logprobs else None)
         return {"text": self.text, "index": 0, "logprobs": lp, "finish_reason": finish}
 
 

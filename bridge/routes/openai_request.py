@@ -9,9 +9,10 @@ or value is a 400 naming it, never silently ignored. Exceptions, accepted and ig
 they change nothing about the output: `metadata`, `store: false`, `service_tier`. `user` is
 passed on to the server, which shares its slots fairly between users.
 
-Logprobs: the engine reports the logprob of the token it chose and no alternatives, so chat
-takes `logprobs: true` with `top_logprobs` absent or 0, and completions take `logprobs: 0`
-(the chosen tokens' logprobs; `top_logprobs` is null). Larger values are refused.
+Logprobs: chat takes `logprobs: true` and `top_logprobs` 0 to 20 (the likeliest alternatives at
+each position); completions take `logprobs` 0 to 5 (0: the chosen tokens' logprobs and
+`top_logprobs` null; N: the N likeliest as {token: logprob}). `logit_bias` maps token ids (as
+strings) to a bias in [-100, 100] added to their logits.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from tokenwire.v1 import inference_pb2 as pb
 
 # OpenAI's documented default for the legacy completions endpoint.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's own limit
 
 # Structured outputs: OpenAI's text / json_object / json_schema, and tokenwire's extensions (as vLLM's
 # structured outputs and llama.cpp's grammar): regex, choice, and a Lark or GBNF grammar.
@@ -81,7 +84,10 @@ _COMMON = {
     "n": {"const": 1, "description": "Only 1 is supported."},
     "presence_penalty": SAMPLING["presence_penalty"],
     "frequency_penalty": SAMPLING["frequency_penalty"],
-    "logit_bias": {"type": "object", "maxProperties": 0, "description": "Only an empty object is supported."},
+    "logit_bias": {"type": "object", "maxProperties": 1024, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                   "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                   "description": "Token id (as a string) -> bias added to its logit, in [-100, 100]; ids past the "
+                                  "model's vocabulary are a 400."},
     "user": USER,
     "top_k": {**SAMPLING["top_k"], "description": "tokenwire extra. 0 = off."},
     "min_p": {**SAMPLING["min_p"], "description": "tokenwire extra."},
@@ -94,9 +100,10 @@ _CHAT_MESSAGE = {**MESSAGES["items"], "properties": {
     **MESSAGES["items"]["properties"],
     "role": {"enum": ["system", "developer", "user", "assistant", "tool"], "description": "developer = system."},
     "tool_calls": {"type": "array", "items": TOOL_CALL, "description": "An assistant message's calls."},
-    "tool_call_id": {"type": "string", "minLength": 1, "description": "A tool message: the call it answers."},
+    "tool_call_id": {"type": "string", "description": "A tool message: the call it answers (else ignored)."},
     "name": {"type": "string", "description": "A tool message: the function's name (else ignored)."}},
-    "allOf": [{"if": {"properties": {"role": {"const": "tool"}}}, "then": {"required": ["tool_call_id"]}},
+    "allOf": [{"if": {"properties": {"role": {"const": "tool"}}},
+               "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"minLength": 1}}}},
               {"if": {"properties": {"role": {"not": {"const": "assistant"}}}},
                "then": {"properties": {"tool_calls": {"maxItems": 0}}}}]}
 _CHAT_MESSAGES = {**MESSAGES, "items": _CHAT_MESSAGE}
@@ -104,8 +111,9 @@ _CHAT_MESSAGES = {**MESSAGES, "items": _CHAT_MESSAGE}
 _CHAT_ONLY = {
     "messages": _CHAT_MESSAGES,
     "max_completion_tokens": {**MAX_TOKENS, "description": f"Preferred over max_tokens. {MAX_TOKENS['description']}"},
-    "logprobs": {"type": "boolean", "description": "The chosen token's logprob; no alternatives."},
-    "top_logprobs": {"const": 0, "description": "Only 0: the engine reports no alternatives."},
+    "logprobs": {"type": "boolean", "description": "The chosen tokens' logprobs."},
+    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS,
+                     "description": "With logprobs: the likeliest alternatives at each position."},
     "response_format": RESPONSE_FORMAT,
     "tools": TOOLS,
     "tool_choice": TOOL_CHOICE,
@@ -124,7 +132,9 @@ _COMPLETION_ONLY = {
     "prompt": {"oneOf": [{"type": "string", "minLength": 1},
                          {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
     "max_tokens": {**MAX_TOKENS, "default": COMPLETIONS_DEFAULT_MAX_TOKENS},
-    "logprobs": {"const": 0, "description": "0: the chosen tokens' logprobs (top_logprobs is null)."},
+    "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_COMPLETION_LOGPROBS,
+                 "description": "The chosen tokens' logprobs, and this many likeliest alternatives (0: "
+                                "top_logprobs is null)."},
     "suffix": {"const": ""},
     "echo": {"const": False},
     "best_of": {"const": 1},
@@ -224,7 +234,6 @@ def _check_neutral_chat(p: Params) -> None:
 def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
     """Checks the parameters both endpoints share; returns sampling values, stop strings, options."""
     _require(p, "n", p.integer("n") == 1, "n=1")
-    _require(p, "logit_bias", p.raw("logit_bias") == {}, "an empty logit_bias")
     stream = bool(p.boolean("stream"))
     options = p.raw("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -232,7 +241,8 @@ def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
     include_usage = (options or {}).get("include_usage")
     if include_usage is not None and not isinstance(include_usage, bool):
         raise invalid_param("stream_options.include_usage", "stream_options.include_usage must be true or false")
-    values = sampling(p, _COMMON)  # OpenAI's bounds where they differ from the server's (temperature)
+    values: dict[str, Any] = sampling(p, _COMMON)  # OpenAI's bounds where they differ from the server's
+    values["logit_bias"] = logit_bias(p)
     opts = OpenAIOptions(model=p.string("model") or "", stream=stream, include_usage=bool(include_usage),
                          logprobs=False, ignore_eos=bool(p.boolean("ignore_eos")), user=p.string("user"))
     return values, stop_strings(p), opts
@@ -244,10 +254,9 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
     _check_neutral_chat(p)
     values, stop, opts = _common(p)
     opts.logprobs = bool(p.boolean("logprobs"))
-    top = p.integer("top_logprobs", 0, 20)
-    if top:
-        raise invalid_param("top_logprobs", "top_logprobs: only 0 is supported; tokenwire reports the chosen "
-                            "token's logprob, not alternatives", code="unsupported_value")
+    top = p.integer("top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top and not opts.logprobs:
+        raise invalid_param("top_logprobs", "top_logprobs needs logprobs: true")
     if not p.given("messages"):
         raise invalid_param("messages", "messages is required")
     # Both are checked (a bad value is a 400 whichever wins); max_completion_tokens wins.
@@ -260,9 +269,29 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
         max_tokens=max_tokens, stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
         sampling=values,
     )
+    request.top_logprobs = top or 0
     response_format(p, request.sampling)
     tool_use(p, request)
     return request, opts
+
+
+def logit_bias(p: Params) -> dict[int, float] | None:
+    """`logit_bias`: {"token id": bias in [-100, 100]} (the server checks the ids against the model)."""
+    raw = p.raw("logit_bias")
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict):
+        raise invalid_param("logit_bias", f"logit_bias must be an object of token id -> bias, got {json_type(raw)}")
+    if len(raw) > 1024:
+        raise invalid_param("logit_bias", f"logit_bias holds at most 1024 tokens, got {len(raw)}")
+    out = {}
+    for key, bias in raw.items():
+        if not re.fullmatch(r"[0-9]{1,9}", key):
+            raise invalid_param("logit_bias", f"logit_bias keys are token ids, got {_short(key)}")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise invalid_param("logit_bias", f"logit_bias[{key}] must be a number in [-100, 100], got {_short(bias)}")
+        out[int(key)] = float(bias)
+    return out
 
 
 def tool_use(p: Params, request: pb.GenerateRequest) -> None:
@@ -298,11 +327,8 @@ def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.Generate
     _require(p, "suffix", p.raw("suffix") == "", "an empty suffix")
     _require(p, "best_of", p.integer("best_of") == 1, "best_of=1")
     values, stop, opts = _common(p)
-    logprobs = p.integer("logprobs", 0)
-    if logprobs:
-        raise invalid_param("logprobs", "logprobs: only 0 is supported (the chosen tokens' logprobs); "
-                            "tokenwire does not report alternatives", code="unsupported_value")
-    opts.logprobs = logprobs == 0
+    logprobs = p.integer("logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    opts.logprobs = logprobs is not None
     prompt = p.raw("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -316,6 +342,7 @@ def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.Generate
         stop=stop, logprobs=opts.logprobs, ignore_eos=opts.ignore_eos, user=opts.user,
         sampling=values,
     )
+    request.top_logprobs = logprobs or 0
     response_format(p, request.sampling)
     return request, opts
 

@@ -69,6 +69,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingConfig:
         presence_penalty=float(opt("presence_penalty", 0.0)),
         frequency_penalty=float(opt("frequency_penalty", 0.0)),
         seed=int(msg.seed) if msg.HasField("seed") else None,
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in msg.logit_bias.items())),
     )
 
 
@@ -83,6 +84,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         max_tokens=int(request.max_tokens),
         stop=tuple(request.stop),
         include_logprobs=request.include_logprobs,
+        top_logprobs=int(request.top_logprobs),
         ignore_eos=request.ignore_eos,
         user=user,
         cache_scope=cache_scope,
@@ -181,16 +183,22 @@ def started_to_proto(model_id: str, request_id: str) -> pb.GenerateResponse:
 
 def event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
-        delta = pb.TokenDelta(text=event.text, token_id=event.token_id, index=event.index)
-        if event.logprob is not None:
-            delta.logprob = event.logprob
-        return pb.GenerateResponse(token=delta)
+        return pb.GenerateResponse(token=token_delta(event, event.text))
     if isinstance(event, QueuedEvent):
         return pb.GenerateResponse(queued=pb.QueueStatus(position=event.position))
     return pb.GenerateResponse(finished=pb.Finished(
         reason=FINISH_REASON[event.reason], usage=usage_to_proto(event.usage), error_message=event.error_message,
         model=model_id, matched_stop=event.matched_stop,
     ))
+
+
+def token_delta(event: TokenEvent, text: str) -> pb.TokenDelta:
+    delta = pb.TokenDelta(text=text, token_id=event.token_id, index=event.index)
+    if event.logprob is not None:
+        delta.logprob = event.logprob
+    for token_id, token_text, logprob in event.top_logprobs or ():
+        delta.top_logprobs.add(token_id=token_id, text=token_text, logprob=logprob)
+    return delta
 
 
 def tool_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str,
@@ -204,10 +212,7 @@ def tool_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_i
     parts = calls.feed(event.text) if isinstance(event, TokenEvent) else calls.finish()
     text = "".join(p.text for p in parts if not isinstance(p, CallOut))
     if isinstance(event, TokenEvent):
-        delta = pb.TokenDelta(text=text, token_id=event.token_id, index=event.index)
-        if event.logprob is not None:
-            delta.logprob = event.logprob
-        out.append(pb.GenerateResponse(token=delta))
+        out.append(pb.GenerateResponse(token=token_delta(event, text)))
     elif text:  # prose held back while it might have opened a call
         out.append(pb.GenerateResponse(token=pb.TokenDelta(text=text, index=event.usage.completion_tokens)))
     for part in parts:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .constraints import ConstraintError, OutputConstraint, RowConstraint
 from .records import ROLES
-from .sampling import SamplingConfig, SamplingError
+from .sampling import MAX_TOP_LOGPROBS, SamplingConfig, SamplingError
 from .sequence import GenerationRequest
 from .tokenizer import ChatTemplateError, TokenizerBundle
 from .tool_calls import (
@@ -67,6 +67,7 @@ class GenerateParams:
     max_tokens: int = 0
     stop: tuple[str, ...] = ()
     include_logprobs: bool = False
+    top_logprobs: int = 0  # with include_logprobs: alternatives per position, at most MAX_TOP_LOGPROBS
     ignore_eos: bool = False
     user: str = ""  # who is asking, for fair turns ("" is one shared anonymous user)
     cache_scope: str = ""  # whose prefix-cache entries it may reuse (the key's user; "" without keys)
@@ -107,6 +108,8 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
         params.sampling.validate()
     except SamplingError as exc:
         raise InvalidRequest(str(exc), exc.field) from exc
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {params.top_logprobs}", "top_logprobs")
     if params.constraint is not None:
         try:
             params.constraint.grammar()  # a malformed schema or regex is refused before any model loads
@@ -183,6 +186,10 @@ def build_request(
             f"max_tokens {params.max_tokens} is past the context window: the prompt takes {len(ids)} of "
             f"{window} tokens, leaving {room}", "max_tokens", "CONTEXT_LENGTH_EXCEEDED")
     max_tokens = params.max_tokens or min(default_max_tokens, room)
+    try:
+        params.sampling.check_vocabulary(model.tokenizer.tokenizer.get_vocab_size())
+    except SamplingError as exc:
+        raise InvalidRequest(str(exc), "logit_bias") from exc
     kind, grammar, constraint = "", None, None
     try:
         if params.tools is not None and params.tools.calls_allowed:
@@ -202,6 +209,7 @@ def build_request(
         sampling=params.sampling,
         stop=list(params.stop),
         include_logprobs=params.include_logprobs,
+        top_logprobs=params.top_logprobs,
         ignore_eos=params.ignore_eos,
         user=params.user,
         cache_scope=params.cache_scope,

@@ -19,6 +19,8 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+    # (token id, bias) pairs added to the logits (OpenAI's logit_bias), each bias in [-100, 100].
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -44,9 +46,24 @@ class SamplingConfig:
             value = getattr(self, name)
             if not (-2.0 <= value <= 2.0):
                 raise SamplingError(name, f"{name} must be in [-2, 2], got {value}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingError("logit_bias", f"logit_bias holds at most {MAX_LOGIT_BIAS} tokens, got "
+                                              f"{len(self.logit_bias)}")
+        for token, bias in self.logit_bias:
+            if not (-100.0 <= bias <= 100.0):
+                raise SamplingError("logit_bias", f"logit_bias of token {token} must be in [-100, 100], got {bias}")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raises SamplingError when logit_bias names a token the model does not have."""
+        for token, _ in self.logit_bias:
+            if not 0 <= token < vocab_size:
+                raise SamplingError("logit_bias", f"logit_bias names token {token}; the model's vocabulary has "
+                                                  f"ids 0 to {vocab_size - 1}")
 
 
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingError(ValueError):
@@ -86,6 +103,40 @@ def apply_penalties(logits: np.ndarray, config: SamplingConfig, history: TokenHi
     return logits
 
 
+def apply_bias(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    """Returns logits with logit_bias added (a copy only when there is a bias)."""
+    if not config.logit_bias:
+        return logits
+    logits = logits.astype(np.float32, copy=True)
+    ids = np.fromiter((t for t, _ in config.logit_bias), dtype=np.int64)
+    logits[ids] += np.fromiter((b for _, b in config.logit_bias), dtype=np.float32)
+    return logits
+
+
+def adjusted(logits: np.ndarray, config: SamplingConfig, history: TokenHistory | None) -> np.ndarray:
+    """The logits sampling draws from, before temperature: penalties, then the bias."""
+    if history is not None:
+        logits = apply_penalties(logits, config, history)
+    return apply_bias(logits, config)
+
+
+def top_logprobs(logits: np.ndarray, config: SamplingConfig, history: TokenHistory | None,
+                 k: int) -> list[tuple[int, float]]:
+    """The k likeliest (token, logprob) of the distribution `sample` draws from (after penalties,
+    bias and temperature, before truncation: the logprobs it reports), likeliest first."""
+    scaled = adjusted(logits, config, history).astype(np.float64)
+    if not config.greedy:
+        scaled = scaled / config.temperature
+    scaled = np.where(np.isnan(scaled), -np.inf, scaled)
+    if not np.isfinite(scaled.max()):
+        return []
+    k = min(k, scaled.shape[0])
+    best = np.argpartition(-scaled, k - 1)[:k]
+    best = best[np.argsort(-scaled[best], kind="stable")]
+    lse = scaled.max() + np.log(np.exp(scaled - scaled.max()).sum())
+    return [(int(t), float(scaled[t] - lse)) for t in best if np.isfinite(scaled[t])]
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Log-probabilities over the last axis, summed in float64, in x's own dtype."""
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -119,8 +170,7 @@ def sample(
     The log-probability is that of the distribution the token was drawn from, after penalties
     and temperature but before truncation (top-k/top-p/min-p), as OpenAI reports it.
     """
-    if history is not None:
-        logits = apply_penalties(logits, config, history)
+    logits = adjusted(logits, config, history)
     # -inf is a token made impossible (a grammar's mask, a model's own): fine. NaN or +inf, or nothing
     # possible at all, is degenerate.
     # One pass: the max is NaN if any logit is, +inf if any is, -inf if all are.

@@ -21,7 +21,7 @@ import numpy as np
 from .batch_engine import BatchEngine
 from .constraints import RowConstraint
 from .records import FinishReason, Usage
-from .sampling import SamplingConfig, TokenHistory, sample
+from .sampling import SamplingConfig, TokenHistory, sample, top_logprobs
 from .text_stream import TextStream
 from .tokenizer import TokenizerBundle
 
@@ -33,6 +33,7 @@ class GenerationRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: list[str] = field(default_factory=list)
     include_logprobs: bool = False
+    top_logprobs: int = 0  # with include_logprobs: the likeliest alternatives at each position
     ignore_eos: bool = False
     user: str = ""
     # Whose prefix-cache entries this request may reuse and makes (prefix_cache.py): the caller's
@@ -49,6 +50,8 @@ class TokenEvent:
     token_id: int
     index: int
     logprob: float | None = None
+    # With top_logprobs: (token id, its text alone, logprob) of the likeliest tokens, likeliest first.
+    top_logprobs: list[tuple[int, str, float]] | None = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Sequence:
         self._rng = np.random.default_rng(request.sampling.seed)
         self._history = TokenHistory(request.prompt_ids)
         self._stream = TextStream(tokenizer.tokenizer, request.stop)
+        self._tokenizer = tokenizer
         self._eos = tokenizer.eos_token_ids
         self.started_at = 0.0
         self.first_at = 0.0
@@ -118,6 +122,10 @@ class Sequence:
             token, logprob = int(np.argmax(logits)), math.nan
         if token in self._eos and (not req.ignore_eos or constraint is not None):
             return self.finish(FinishReason.STOP), None  # (a grammar allows the end only once complete)
+        tops = None
+        if req.include_logprobs and req.top_logprobs:  # before the history takes the token, as sample saw it
+            tops = [(t, self._tokenizer.tokenizer.decode([t], skip_special_tokens=False), lp)
+                    for t, lp in top_logprobs(logits, req.sampling, self._history, req.top_logprobs)]
         if constraint is not None:
             constraint.consume(token)
         self._history.add(token)
@@ -130,7 +138,7 @@ class Sequence:
         # A logprob that is not a number (-inf for a token of probability 0) is sent as none.
         lp = logprob if req.include_logprobs and math.isfinite(logprob) else None
         if self._stream.matched_stop is not None:
-            events: list[Event] = [TokenEvent(text, token, self.count - 1, lp)] if text else []
+            events: list[Event] = [TokenEvent(text, token, self.count - 1, lp, tops)] if text else []
             self.pieces.append(text)
             return events + self.finish(FinishReason.STOP), None
         at_limit = self.count >= req.max_tokens
@@ -138,7 +146,7 @@ class Sequence:
         if at_limit or complete:
             text += self._stream.flush()
         self.pieces.append(text)
-        events = [TokenEvent(text, token, self.count - 1, lp)]
+        events = [TokenEvent(text, token, self.count - 1, lp, tops)]
         if complete:
             return events + self.finish(FinishReason.STOP), None
         if at_limit:

@@ -208,6 +208,14 @@ def random_message(cls: type[Message], rng: random.Random, depth: int = 0) -> Me
         count = rng.choice((0, 1, 2, 17, 40)) if repeated else 1
         if is_message and depth >= 3:
             continue
+        if is_message and field.message_type.GetOptions().map_entry:  # a map: random keys and values
+            key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            for _ in range(count):
+                try:
+                    getattr(msg, field.name)[_scalar(key_field, rng)] = _scalar(value_field, rng)
+                except (ValueError, TypeError, OverflowError):  # a value the message itself refuses
+                    pass
+            continue
         for _ in range(count):
             if is_message:
                 sub = random_message(message_factory.GetMessageClass(field.message_type), rng, depth + 1)

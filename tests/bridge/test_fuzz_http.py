@@ -182,12 +182,14 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_sta
             or isinstance(body.get("response_format"), dict)
             and body["response_format"].get("type") in ("json_schema", "regex", "choice", "grammar")
             or body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none", "auto")
-            or body.get("function_call") not in (None, "none", "auto")):
+            or body.get("function_call") not in (None, "none", "auto") or body.get("logit_bias")
+            or body.get("top_logprobs") and body.get("logprobs") is not True):
         # Refusals (400) the document states in words, not as a schema: a cursor is a token the server
         # gave out, a search needs a word (Unicode \w, which no JSON Schema pattern dialect shares), and
         # a response_format's schema, regex or grammar must be one the grammar engine can compile (a
         # JSON Schema cannot say which strings are valid regexes or grammars); likewise tools' parameter
-        # schemas, and a tool_choice (function_call) must name one of the request's tools (functions).
+        # schemas, and a tool_choice (function_call) must name one of the request's tools (functions);
+        # logit_bias may name only the model's own token ids; top_logprobs needs logprobs.
         checks = [c for c in checks if c is not positive_data_acceptance]
     mode = case.meta.generation.mode.value if case.meta else "explicit"
     sent = time.monotonic()

@@ -445,15 +445,33 @@ def test_model_user_and_ignore_eos_are_typed() -> None:
 
 def test_chat_logprobs_and_top_logprobs() -> None:
     request, opts = chat(logprobs=True)
-    assert request.include_logprobs and opts.logprobs is True
+    assert request.include_logprobs and opts.logprobs is True and request.top_logprobs == 0
     request, opts = chat(logprobs=False, top_logprobs=0)
     assert not request.include_logprobs and opts.logprobs is False
-    message = ("top_logprobs: only 0 is supported; tokenwire reports the chosen token's logprob, not alternatives")
-    assert_refused(refusal(chat, logprobs=True, top_logprobs=1), "top_logprobs", message, "unsupported_value")
-    assert_refused(refusal(chat, top_logprobs=20), "top_logprobs", message, "unsupported_value")
+    assert chat(logprobs=True, top_logprobs=20)[0].top_logprobs == 20
+    assert_refused(refusal(chat, top_logprobs=3), "top_logprobs", "top_logprobs needs logprobs: true")
     assert_refused(refusal(chat, top_logprobs=21), "top_logprobs", "top_logprobs must be <= 20, got 21")
     assert_refused(refusal(chat, top_logprobs=-1), "top_logprobs", "top_logprobs must be >= 0, got -1")
     assert_refused(refusal(chat, logprobs=0), "logprobs", "logprobs must be true or false, got number")
+
+
+def test_completion_logprobs_ask_for_alternatives() -> None:
+    assert (completion(logprobs=0)[0].include_logprobs, completion(logprobs=0)[0].top_logprobs) == (True, 0)
+    assert (completion(logprobs=5)[0].include_logprobs, completion(logprobs=5)[0].top_logprobs) == (True, 5)
+    assert not completion()[0].include_logprobs
+    assert_refused(refusal(completion, logprobs=6), "logprobs", "logprobs must be <= 5, got 6")
+
+
+def test_logit_bias_maps_token_ids_to_biases() -> None:
+    request = chat(logit_bias={"50": -100, "7": 2.5})[0]
+    assert dict(request.sampling.logit_bias) == {50: -100.0, 7: 2.5}
+    assert completion(logit_bias={"1": 1})[0].sampling.logit_bias[1] == 1.0
+    assert not chat(logit_bias={})[0].sampling.logit_bias
+    for value, words in [({"a": 1}, "keys are token ids"), ({"-1": 1}, "keys are token ids"),
+                         ({"1": 101}, "in [-100, 100]"), ({"1": "x"}, "in [-100, 100]"), ({"1": True}, "in [-100, 100]"),
+                         ([1], "must be an object")]:
+        err = refusal(chat, logit_bias=value)
+        assert err.param == "logit_bias" and words in err.message, (value, err.message)
 
 
 def test_chat_needs_messages() -> None:
@@ -468,8 +486,6 @@ def test_chat_needs_messages() -> None:
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("n", 2, "n=1"),
     ("n", 0, "n=1"),
-    ("logit_bias", {"50256": -100}, "an empty logit_bias"),
-    ("logit_bias", [], "an empty logit_bias"),
     ("store", True, "false (the bridge stores nothing)"),
     ("store", 0, "false (the bridge stores nothing)"),
     ("modalities", ["text", "audio"], '["text"]'),
@@ -625,11 +641,7 @@ def test_completion_logprobs() -> None:
     assert completion(logprobs=None)[1].logprobs is False
     request, opts = completion(logprobs=0)
     assert request.include_logprobs and opts.logprobs is True
-    assert_refused(refusal(completion, logprobs=1), "logprobs",
-                   "logprobs: only 0 is supported (the chosen tokens' logprobs); tokenwire does not report "
-                   "alternatives", "unsupported_value")
     assert_refused(refusal(completion, logprobs=-1), "logprobs", "logprobs must be >= 0, got -1")
-    assert_refused(refusal(completion, logprobs=True), "logprobs", "logprobs must be an integer, got boolean")
 
 
 @pytest.mark.parametrize("prompt", ["", "text", ["text"]])
@@ -646,7 +658,7 @@ def test_completion_refuses_other_prompts(prompt: Any) -> None:
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("echo", True, "echo=false"), ("suffix", "end", "an empty suffix"), ("best_of", 2, "best_of=1"),
-    ("n", 3, "n=1"), ("logit_bias", {"1": 1}, "an empty logit_bias"),
+    ("n", 3, "n=1"),
 ])
 def test_completion_refuses_values_it_cannot_honour(field: str, value: Any, allowed: str) -> None:
     assert_refused(refusal(completion, **{field: value}), field,
