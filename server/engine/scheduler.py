@@ -452,6 +452,9 @@ class Scheduler:
             self._leave_prefill(handle, events)
             return
         self.engine.join(handle.prefill)
+        if seq.request.share_prefill and self.prefix_cache.enabled:
+            # Siblings of one request (n choices) reuse this prompt's KV instead of computing it again.
+            self._store_prefix(prompt, self.engine.row_cache(len(self._rows)), seq.request.cache_scope)
         # In the batch before it leaves the prefill queue, so `busy` never reads False in between.
         self._rows.append(handle)
         self._prefilling.popleft()

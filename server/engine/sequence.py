@@ -42,6 +42,9 @@ class GenerationRequest:
     received_at: float = field(default_factory=time.perf_counter)
     # Structured output: the row's grammar matcher (constraints.py); None: unconstrained.
     constraint: RowConstraint | None = None
+    # One of several choices of one request: its prompt's KV goes to the prefix cache as soon as it
+    # is computed, so the others prefill only what the cache cannot give them.
+    share_prefill: bool = False
 
 
 @dataclass
