@@ -28,7 +28,7 @@ class StreamTranslator(Protocol):
     async def started(self, sse: SSEWriter, started: pb.Started) -> None: ...
     async def queued(self, sse: SSEWriter, position: int) -> None: ...
     async def token(self, sse: SSEWriter, token: pb.TokenDelta) -> None: ...
-    async def finished(self, sse: SSEWriter, finished: pb.Finished) -> None: ...
+    async def finished(self, sse: SSEWriter, finished: pb.Finished) -> bool | None: ...
     async def failed(self, sse: SSEWriter, error: ApiError) -> None: ...
 
 
@@ -63,9 +63,10 @@ async def relay_stream(
             elif kind == "chat" and hasattr(translator, "chat"):  # streams of a stored chat start so
                 await translator.chat(sse, item.chat)
             elif kind == "finished":
-                await translator.finished(sse, item.finished)
-                await call.drain()
-                return sse.response
+                # A request of n choices has n; the translator says when the stream is over.
+                if await translator.finished(sse, item.finished) is not False:
+                    await call.drain()
+                    return sse.response
         raise ApiError(502, "the model server ended the stream without a finish event",
                        type="server_error", code="upstream_error")
     except ApiError as exc:

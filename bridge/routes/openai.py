@@ -44,12 +44,6 @@ def _strict_json(data: Any) -> str:
     return json.dumps(data, allow_nan=False)  # NaN and Infinity are not JSON: fail loudly, never send them
 
 
-def _usage(u: pb.Usage) -> dict[str, Any]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
-
-
 class ChatShape:
     """Where chat completions put text and logprobs."""
 
@@ -57,20 +51,20 @@ class ChatShape:
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # which choice (n > 1)
         self.text = ""
         self.entries: list[dict[str, Any]] = []
         self.calls: list[pb.ToolCall] = []
 
-    @staticmethod
-    def tool_call_choice(delta: pb.ToolCallDelta) -> dict[str, Any]:
+    def tool_call_choice(self, delta: pb.ToolCallDelta) -> dict[str, Any]:
         """A streamed call as OpenAI streams it: its id, type and name first, then its arguments."""
         if delta.name:
             call = {"index": delta.index, "id": delta.id, "type": "function",
                     "function": {"name": delta.name, "arguments": delta.arguments}}
         else:
             call = {"index": delta.index, "function": {"arguments": delta.arguments}}
-        return {"index": 0, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+        return {"index": self.index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
 
     @staticmethod
     def _entry(token: pb.TokenDelta) -> dict[str, Any]:
@@ -79,14 +73,14 @@ class ChatShape:
                                  for t in token.top_logprobs]}
 
     def first_choice(self) -> dict[str, Any] | None:
-        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
     def token_choice(self, token: pb.TokenDelta, logprobs: bool) -> dict[str, Any]:
         lp = {"content": [self._entry(token)], "refusal": None} if logprobs and token.HasField("logprob") else None
-        return {"index": 0, "delta": {"content": token.text}, "logprobs": lp, "finish_reason": None}
+        return {"index": self.index, "delta": {"content": token.text}, "logprobs": lp, "finish_reason": None}
 
     def last_choice(self, finish: str) -> dict[str, Any]:
-        return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+        return {"index": self.index, "delta": {}, "logprobs": None, "finish_reason": finish}
 
     def add(self, token: pb.TokenDelta, logprobs: bool) -> None:
         self.text += token.text
@@ -101,7 +95,7 @@ class ChatShape:
             message["tool_calls"] = [{"id": c.id, "type": "function",
                                       "function": {"name": c.name, "arguments": c.arguments_json}}
                                      for c in self.calls]
-        return {"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}
+        return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish}
 
 
 class CompletionShape:
@@ -111,7 +105,8 @@ class CompletionShape:
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index  # which choice (n > 1)
         self.text = ""
         self.tokens: list[str] = []
         self.logprobs: list[float] = []
@@ -131,10 +126,10 @@ class CompletionShape:
             lp = {"tokens": [token.text], "token_logprobs": [token.logprob],
                   "top_logprobs": [self._top(token)] if token.top_logprobs else None, "text_offset": [len(self.text)]}
         self.text += token.text
-        return {"text": token.text, "index": 0, "logprobs": lp, "finish_reason": None}
+        return {"text": token.text, "index": self.index, "logprobs": lp, "finish_reason": None}
 
     def last_choice(self, finish: str) -> dict[str, Any]:
-        return {"text": "", "index": 0, "logprobs": None, "finish_reason": finish}
+        return {"text": "", "index": self.index, "logprobs": None, "finish_reason": finish}
 
     def add(self, token: pb.TokenDelta, logprobs: bool) -> None:
         if logprobs and token.HasField("logprob"):
@@ -147,21 +142,30 @@ class CompletionShape:
     def choice(self, finish: str, logprobs: bool) -> dict[str, Any]:
         lp = ({"tokens": self.tokens, "token_logprobs": self.logprobs,
                "top_logprobs": self.tops if any(self.tops) else None, "text_offset": self.offsets} if logprobs else None)
-        return {"text": self.text, "index": 0, "logprobs": lp, "finish_reason": finish}
+        return {"text": self.text, "index": self.index, "logprobs": lp, "finish_reason": finish}
 
 
 Shape = ChatShape | CompletionShape
 
 
+def _usage_of(finished: list[pb.Finished]) -> dict[str, Any]:
+    """One usage for all choices: the prompt once, every choice's tokens."""
+    u = finished[0].usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": sum(f.usage.completion_tokens for f in finished),
+            "total_tokens": u.prompt_tokens + sum(f.usage.completion_tokens for f in finished),
+            "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
+
+
 class OpenAIChunks:
     """Writes an OpenAI stream: `data: {chunk}` lines, then `data: [DONE]`."""
 
-    def __init__(self, request: web.Request, shape: Shape, opts: OpenAIOptions, completion_id: str,
+    def __init__(self, request: web.Request, shapes: list[Shape], opts: OpenAIOptions, completion_id: str,
                  model: str = "") -> None:
         self.request = request
-        self.shape = shape
+        self.shapes = shapes  # one per choice
         self.opts = opts
-        self.base = {"id": completion_id, "object": shape.chunk_object, "created": int(time.time()),
+        self.done: list[pb.Finished] = []
+        self.base = {"id": completion_id, "object": shapes[0].chunk_object, "created": int(time.time()),
                      "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
         self.opened = False
 
@@ -174,9 +178,10 @@ class OpenAIChunks:
     async def _start(self, sse: SSEWriter) -> None:
         if not self.opened:
             self.opened = True
-            first = self.shape.first_choice()
-            if first is not None:
-                await sse.data(self._chunk([first]))
+            for shape in self.shapes:
+                first = shape.first_choice()
+                if first is not None:
+                    await sse.data(self._chunk([first]))
 
     async def started(self, sse: SSEWriter, started: pb.Started) -> None:
         self.base["model"] = started.model  # the resolved model, before any chunk is written
@@ -187,47 +192,63 @@ class OpenAIChunks:
 
     async def token(self, sse: SSEWriter, token: pb.TokenDelta) -> None:
         await self._start(sse)
-        choice = self.shape.token_choice(token, self.opts.logprobs)
+        choice = self.shapes[token.choice].token_choice(token, self.opts.logprobs)
         if token.text or choice["logprobs"] is not None:
             await sse.data(self._chunk([choice]))
 
     async def tool_call(self, sse: SSEWriter, delta: pb.ToolCallDelta) -> None:
-        if isinstance(self.shape, ChatShape):
+        shape = self.shapes[delta.choice]
+        if isinstance(shape, ChatShape):
             await self._start(sse)
-            await sse.data(self._chunk([self.shape.tool_call_choice(delta)]))
+            await sse.data(self._chunk([shape.tool_call_choice(delta)]))
 
-    async def finished(self, sse: SSEWriter, finished: pb.Finished) -> None:
-        note(self.request, model=finished.model, finish=finish_reason_name(finished.reason),
-             tokens=finished.usage.completion_tokens)
+    async def finished(self, sse: SSEWriter, finished: pb.Finished) -> bool:
+        """Ends a choice; True once the stream is over (every choice ended, or one failed)."""
+        self.done.append(finished)
         error = _failure(finished)
         if error is not None:
+            note(self.request, model=finished.model, finish=finish_reason_name(finished.reason))
             await self.failed(sse, error)
-            return
+            return True
         await self._start(sse)
-        await sse.data(self._chunk([self.shape.last_choice(_OPENAI_FINISH[finish_reason_name(finished.reason)])]))
+        shape = self.shapes[finished.choice]
+        await sse.data(self._chunk([shape.last_choice(_OPENAI_FINISH[finish_reason_name(finished.reason)])]))
+        if len(self.done) < len(self.shapes):
+            return False
+        note(self.request, model=finished.model, finish=finish_reason_name(finished.reason),
+             tokens=sum(f.usage.completion_tokens for f in self.done))
         if self.opts.include_usage:
-            await sse.data({**self.base, "choices": [], "usage": _usage(finished.usage)})
+            await sse.data({**self.base, "choices": [], "usage": _usage_of(self.done)})
         await sse.data("[DONE]")
+        return True
 
     async def failed(self, sse: SSEWriter, error: ApiError) -> None:
         # The openai SDK raises APIError on a chunk with an "error" key; no [DONE] follows.
         await sse.data(error.body())
 
 
-async def _collect(call: GenerateCall, shape: Shape, logprobs: bool) -> pb.Finished:
-    """Reads a whole generation into `shape`; returns its `finished` message."""
+async def _collect(call: GenerateCall, shapes: list[Shape], logprobs: bool) -> list[pb.Finished]:
+    """Reads a whole generation into `shapes` (one per choice); returns each choice's `finished`
+    message, in choice order (at once when one failed: its error is the answer)."""
+    done: dict[int, pb.Finished] = {}
     try:
         async for item in call:
             if item is HEARTBEAT:
                 continue
             kind = item.WhichOneof("event")
             if kind == "token":
-                shape.add(item.token, logprobs)
+                shapes[item.token.choice].add(item.token, logprobs)
             elif kind == "finished":
-                await call.drain()
+                finished = item.finished
+                shape = shapes[finished.choice]
                 if isinstance(shape, ChatShape):
-                    shape.calls = list(item.finished.tool_calls)
-                return item.finished
+                    shape.calls = list(finished.tool_calls)
+                done[finished.choice] = finished
+                if _failure(finished) is not None:
+                    return [finished]
+                if len(done) == len(shapes):
+                    await call.drain()
+                    return [done[i] for i in range(len(shapes))]
         raise ApiError(502, "the model server ended the stream without a finish event",
                        type="server_error", code="upstream_error")
     finally:
@@ -237,40 +258,44 @@ async def _collect(call: GenerateCall, shape: Shape, logprobs: bool) -> pb.Finis
 Parser = Callable[[dict[str, Any], str], tuple[pb.GenerateRequest, OpenAIOptions]]
 
 
-async def _complete(request: web.Request, shape: Shape, parse: Parser) -> web.StreamResponse:
+async def _complete(request: web.Request, make: type[ChatShape] | type[CompletionShape],
+                    parse: Parser) -> web.StreamResponse:
     request_id = request_id_for(request)
     note(request, id=request_id)
     grpc_request, opts = parse(await read_json_object(request), request_id)
-    completion_id = shape.id_prefix + request_id
+    shapes: list[Shape] = [make(i) for i in range(max(grpc_request.n, 1))]
+    completion_id = make.id_prefix + request_id
     upstream = request.app[UPSTREAM]
     headers = {"X-Request-Id": request_id}
     if opts.stream:
-        chunks = OpenAIChunks(request, shape, opts, completion_id, opts.model)
+        chunks = OpenAIChunks(request, shapes, opts, completion_id, opts.model)
         return await relay_stream(request, upstream.generate(grpc_request), chunks, headers=headers)
-    finished = await _collect(upstream.generate(grpc_request), shape, opts.logprobs)
-    note(request, model=finished.model, finish=finish_reason_name(finished.reason),
-         tokens=finished.usage.completion_tokens)
-    error = _failure(finished)
+    finished = await _collect(upstream.generate(grpc_request), shapes, opts.logprobs)
+    last = finished[-1]
+    note(request, model=last.model, finish=finish_reason_name(last.reason),
+         tokens=sum(f.usage.completion_tokens for f in finished))
+    error = _failure(last)
     if error is not None:
         raise error
     body = {
         "id": completion_id,
-        "object": shape.object,
+        "object": make.object,
         "created": int(time.time()),
-        "model": finished.model,
+        "model": last.model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": [shape.choice(_OPENAI_FINISH[finish_reason_name(finished.reason)], opts.logprobs)],
-        "usage": _usage(finished.usage),
+        "choices": [shape.choice(_OPENAI_FINISH[finish_reason_name(f.reason)], opts.logprobs)
+                    for shape, f in zip(shapes, finished, strict=True)],
+        "usage": _usage_of(finished),
     }
     return web.json_response(body, headers=headers, dumps=_strict_json)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, ChatShape(), parse_chat)
+    return await _complete(request, ChatShape, parse_chat)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, CompletionShape(), parse_completion)
+    return await _complete(request, CompletionShape, parse_completion)
 
 
 def _model_object(m: pb.ModelInfo) -> dict[str, Any]:

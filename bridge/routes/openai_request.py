@@ -45,6 +45,7 @@ from tokenwire.v1 import inference_pb2 as pb
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # the legacy endpoint's own limit
+MAX_CHOICES = 8
 
 # Structured outputs: OpenAI's text / json_object / json_schema, and tokenwire's extensions (as vLLM's
 # structured outputs and llama.cpp's grammar): regex, choice, and a Lark or GBNF grammar.
@@ -81,7 +82,8 @@ _COMMON = {
     "top_p": {**NUM, "exclusiveMinimum": 0, "maximum": 1},
     "stop": {**STOP},
     "seed": SAMPLING["seed"],
-    "n": {"const": 1, "description": "Only 1 is supported."},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_CHOICES, "default": 1,
+          "description": "Choices to generate; the prompt is computed once, each choice counts as a stream."},
     "presence_penalty": SAMPLING["presence_penalty"],
     "frequency_penalty": SAMPLING["frequency_penalty"],
     "logit_bias": {"type": "object", "maxProperties": 1024, "propertyNames": {"pattern": "^[0-9]{1,9}$"},
@@ -155,6 +157,7 @@ class OpenAIOptions:
     logprobs: bool
     ignore_eos: bool
     user: str | None
+    n: int = 1
 
 
 def _require(p: Params, name: str, ok: bool, allowed: str) -> None:
@@ -233,7 +236,6 @@ def _check_neutral_chat(p: Params) -> None:
 
 def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
     """Checks the parameters both endpoints share; returns sampling values, stop strings, options."""
-    _require(p, "n", p.integer("n") == 1, "n=1")
     stream = bool(p.boolean("stream"))
     options = p.raw("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -244,7 +246,8 @@ def _common(p: Params) -> tuple[dict[str, Any], list[str], OpenAIOptions]:
     values: dict[str, Any] = sampling(p, _COMMON)  # OpenAI's bounds where they differ from the server's
     values["logit_bias"] = logit_bias(p)
     opts = OpenAIOptions(model=p.string("model") or "", stream=stream, include_usage=bool(include_usage),
-                         logprobs=False, ignore_eos=bool(p.boolean("ignore_eos")), user=p.string("user"))
+                         logprobs=False, ignore_eos=bool(p.boolean("ignore_eos")), user=p.string("user"),
+                         n=p.integer("n", 1, MAX_CHOICES) or 1)
     return values, stop_strings(p), opts
 
 
@@ -270,6 +273,7 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
         sampling=values,
     )
     request.top_logprobs = top or 0
+    request.n = opts.n if opts.n > 1 else 0
     response_format(p, request.sampling)
     tool_use(p, request)
     return request, opts
@@ -343,6 +347,7 @@ def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.Generate
         sampling=values,
     )
     request.top_logprobs = logprobs or 0
+    request.n = opts.n if opts.n > 1 else 0
     response_format(p, request.sampling)
     return request, opts
 

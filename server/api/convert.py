@@ -85,6 +85,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         stop=tuple(request.stop),
         include_logprobs=request.include_logprobs,
         top_logprobs=int(request.top_logprobs),
+        n=int(request.n) or 1,
         ignore_eos=request.ignore_eos,
         user=user,
         cache_scope=cache_scope,
@@ -190,6 +191,14 @@ def event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: st
         reason=FINISH_REASON[event.reason], usage=usage_to_proto(event.usage), error_message=event.error_message,
         model=model_id, matched_stop=event.matched_stop,
     ))
+
+
+def with_choice(response: pb.GenerateResponse, choice: int) -> pb.GenerateResponse:
+    """The event marked as choice `choice` of the request's n (0 needs no mark)."""
+    kind = response.WhichOneof("event")
+    if choice and kind in ("token", "finished", "tool_call"):
+        getattr(response, kind).choice = choice
+    return response
 
 
 def token_delta(event: TokenEvent, text: str) -> pb.TokenDelta:

@@ -19,9 +19,9 @@ import grpc
 from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
-from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape
+from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape, choices
 from tokenwire.server.engine.scheduler import SequenceHandle
-from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, Sequence, TokenEvent
+from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, RefusedEvent, Sequence, TokenEvent
 from tokenwire.server.engine.tool_calls import ToolCallStream
 from tokenwire.server.models.manager import ModelManager
 from tokenwire.server.models.store import ModelEntry, folder_size
@@ -35,6 +35,33 @@ from .embeddings import embed
 from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
 
 log = logging.getLogger("tokenwire.server")
+
+
+async def _events_of(handles: list[SequenceHandle]) -> AsyncIterator[tuple[int, object]]:
+    """(choice, event) of every handle's stream, as they come, until each has ended."""
+    if len(handles) == 1:
+        async for event in handles[0].events():
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: int, handle: SequenceHandle) -> None:
+        async for event in handle.events():
+            await queue.put((choice, event))
+        await queue.put((choice, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        live = len(tasks)
+        while live:
+            choice, event = await queue.get()
+            if event is None:
+                live -= 1
+            else:
+                yield choice, event
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 class InferenceService(pb_grpc.InferenceServicer):
@@ -75,6 +102,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         request_id = request.request_id or uuid.uuid4().hex[:12]
         loop = asyncio.get_running_loop()
         model, keep_alive, streaming, turn = None, None, False, None
+        handles: list[SequenceHandle] = []
         identity = await self.auth.identity(context) if self.auth is not None else None
         # Who it is for (fair turns) and whose prefix cache it shares: the key's user; without keys
         # the request's `user` ("" is one shared anonymous user) and everyone's cache.
@@ -122,15 +150,20 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if turn is not None:
                     turn.finish(event)  # stores the reply, however it ended
 
-            handle = SequenceHandle(Sequence(gen_request, model.tokenizer), loop, on_finished)
             tools = params.tools
-            calls = ToolCallStream(tools.callable_tools()) if tools is not None and tools.calls_allowed else None
-            model.scheduler.submit(handle)
+            calls = [ToolCallStream(tools.callable_tools()) if tools is not None and tools.calls_allowed else None
+                     for _ in range(params.n)]
+            for choice_request in choices(gen_request, params.n):
+                handle = SequenceHandle(Sequence(choice_request, model.tokenizer), loop, on_finished)
+                model.scheduler.submit(handle)  # each choice is a stream of the user's
+                handles.append(handle)
             streaming = True
         except DOMAIN_ERRORS as exc:
             await abort_for(context, exc)
         finally:
             if model is not None and not streaming:
+                for submitted in handles:  # a later choice was refused: the earlier ones go too
+                    submitted.cancel()
                 self.models.release(model, keep_alive)
             if turn is not None and not streaming:
                 turn.note_cancel(context, self.stopping)
@@ -140,11 +173,13 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield convert.started_to_proto(entry.id, request_id)
             if turn is not None:
                 yield turn.event()
-            async for event in handle.events():
+            async for choice, event in _events_of(handles):
                 if isinstance(event, RefusedEvent):  # its place in a full queue went to another user
                     if turn is not None:
                         turn.fail(event.error)
                     await abort_for(context, event.error)
+                if isinstance(event, QueuedEvent) and choice:
+                    continue  # the first choice's place speaks for the request
                 if isinstance(event, TokenEvent) and turn is not None:
                     turn.streamed(event.text)
                 if isinstance(event, FinishedEvent) and turn is not None:
@@ -152,15 +187,16 @@ class InferenceService(pb_grpc.InferenceServicer):
                         await turn.wait_committed()  # the reply is in the chat before the stream ends
                     except ReplyNotStored as exc:  # kept and retried; the stream must not say "done"
                         await abort_for(context, exc)
-                if calls is None:
-                    yield convert.event_to_proto(event, entry.id)
+                if calls[choice] is None:
+                    yield convert.with_choice(convert.event_to_proto(event, entry.id), choice)
                 else:
-                    for response in convert.tool_event_to_proto(event, entry.id, calls):
-                        yield response
+                    for response in convert.tool_event_to_proto(event, entry.id, calls[choice]):
+                        yield convert.with_choice(response, choice)
         finally:
-            if turn is not None and not handle.sequence.done:
+            if turn is not None and not handles[0].sequence.done:
                 turn.note_cancel(context, self.stopping)  # before the cancel: the reply says who ended it
-            handle.cancel()  # no-op when finished; stops the sequence when the client went away
+            for handle in handles:
+                handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
 
     # ---- models ------------------------------------------------------------------------------

@@ -115,6 +115,14 @@ class RowConstraint:
         self._bitmask = llgnp.allocate_token_bitmask(1, self._tok.vocab_size)
         self._vocab = self._tok.vocab_size
 
+    def copy(self) -> RowConstraint:
+        """A matcher of the same grammar in the same state, for another row (a request's other choices)."""
+        other = object.__new__(RowConstraint)
+        other._llgnp, other._tok, other._vocab = self._llgnp, self._tok, self._vocab
+        other._matcher = self._matcher.deep_copy()
+        other._bitmask = self._llgnp.allocate_token_bitmask(1, self._tok.vocab_size)
+        return other
+
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` [vocab] where every token the grammar forbids next is -inf."""
         self._llgnp.fill_next_token_bitmask(self._matcher, self._bitmask, 0)

@@ -9,7 +9,7 @@ template, the context window). Every refusal is an InvalidRequest naming the fie
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .constraints import ConstraintError, OutputConstraint, RowConstraint
@@ -29,6 +29,7 @@ from .tool_calls import (
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+MAX_CHOICES = 8
 # A request's messages may also hold tool results (a stored chat's roles are ROLES).
 REQUEST_ROLES = (*ROLES, "tool")
 
@@ -73,6 +74,7 @@ class GenerateParams:
     cache_scope: str = ""  # whose prefix-cache entries it may reuse (the key's user; "" without keys)
     constraint: OutputConstraint | None = None  # structured output: what the text must match
     tools: ToolUse | None = None  # functions the model may call
+    n: int = 1  # independent replies (choices) to the one prompt
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
@@ -108,6 +110,10 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
         params.sampling.validate()
     except SamplingError as exc:
         raise InvalidRequest(str(exc), exc.field) from exc
+    if not 1 <= params.n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be 1 to {MAX_CHOICES}, got {params.n}", "n")
+    if chat and params.n > 1:
+        raise InvalidRequest("n > 1 has no place on a stored chat (chat_id): a chat keeps one reply per turn", "n")
     if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {params.top_logprobs}", "top_logprobs")
     if params.constraint is not None:
@@ -216,3 +222,17 @@ def build_request(
         received_at=received_at,
         constraint=constraint,
     )
+
+
+def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The request as `n` independent choices: each with its own grammar matcher and, when a seed
+    is set, seed + i (so choices differ and a rerun repeats them); they share the prompt's prefill."""
+    if n <= 1:
+        return [request]
+    out = []
+    for i in range(n):
+        seed = request.sampling.seed
+        sampling = replace(request.sampling, seed=(seed + i) % (1 << 64)) if seed is not None else request.sampling
+        constraint = request.constraint if i == 0 or request.constraint is None else request.constraint.copy()
+        out.append(replace(request, sampling=sampling, constraint=constraint, share_prefill=True))
+    return out

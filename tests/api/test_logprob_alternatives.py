@@ -88,3 +88,31 @@ def test_openai_shapes_of_alternatives_and_bias(bridge) -> None:
         client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=1, logit_bias={"999999999": 5})
     assert caught.value.body["param"] == "logit_bias" and "vocabulary" in caught.value.body["message"]
+
+
+def test_n_choices_over_grpc_share_the_prompt_and_sample_apart(stub) -> None:
+    """n=3: three choices, each ended by its own Finished; with a seed each samples with seed + i, so
+    choice i equals a single request seeded seed + i; the prompt is computed once (the others
+    reuse all but its last token from the prefix cache)."""
+    sampling = pb.SamplingParams(temperature=1.0, seed=41)
+    request = pb.GenerateRequest(prompt="Once upon a time, in a faraway kingdom,", max_tokens=8, ignore_eos=True,
+                                 sampling=sampling, n=3)
+    texts, finished = {0: "", 1: "", 2: ""}, {}
+    for response in stub.Generate(request, timeout=120):
+        kind = response.WhichOneof("event")
+        if kind == "token":
+            texts[response.token.choice] += response.token.text
+        elif kind == "finished":
+            finished[response.finished.choice] = response.finished
+    assert sorted(finished) == [0, 1, 2] and all(f.usage.completion_tokens == 8 for f in finished.values())
+    assert len(set(texts.values())) == 3, texts
+    prompt_tokens = finished[0].usage.prompt_tokens
+    assert sorted(f.usage.cached_prompt_tokens for f in finished.values())[1:] == [prompt_tokens - 1] * 2
+    for i in range(3):
+        alone = pb.GenerateRequest(prompt=request.prompt, max_tokens=8, ignore_eos=True,
+                                   sampling=pb.SamplingParams(temperature=1.0, seed=41 + i))
+        assert "".join(r.token.text for r in stub.Generate(alone, timeout=120) if r.WhichOneof("event") == "token") \
+            == texts[i]
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(prompt="x", n=9), timeout=60))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n must be 1 to 8" in caught.value.details()

@@ -172,7 +172,7 @@ def test_stop_strings(client, stub, int4_dir: Path) -> None:
 
 def test_openai_errors_come_as_sdk_exceptions(client) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="", messages=MESSAGES, n=2)
+        client.chat.completions.create(model="", messages=MESSAGES, n=9)
     assert exc.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)

@@ -484,8 +484,6 @@ def test_chat_needs_messages() -> None:
 
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
-    ("n", 2, "n=1"),
-    ("n", 0, "n=1"),
     ("store", True, "false (the bridge stores nothing)"),
     ("store", 0, "false (the bridge stores nothing)"),
     ("modalities", ["text", "audio"], '["text"]'),
@@ -530,6 +528,12 @@ def test_response_format_becomes_the_constraint(value: Any, field: str | None, e
     assert list(choice.sampling.choice.options) == ["a", "b c"]
     done = completion(response_format={"type": "regex", "regex": "x+"})[0]
     assert done.sampling.regex == "x+"
+
+
+def test_n_asks_for_choices() -> None:
+    assert chat(n=3)[0].n == 3 and completion(n=8)[0].n == 8 and chat(n=1)[0].n == 0
+    assert_refused(refusal(chat, n=9), "n", "n must be <= 8, got 9")
+    assert_refused(refusal(completion, n=0), "n", "n must be >= 1, got 0")
 
 
 def test_n_must_be_an_integer() -> None:
@@ -658,7 +662,7 @@ def test_completion_refuses_other_prompts(prompt: Any) -> None:
 
 @pytest.mark.parametrize(("field", "value", "allowed"), [
     ("echo", True, "echo=false"), ("suffix", "end", "an empty suffix"), ("best_of", 2, "best_of=1"),
-    ("n", 3, "n=1"),
+
 ])
 def test_completion_refuses_values_it_cannot_honour(field: str, value: Any, allowed: str) -> None:
     assert_refused(refusal(completion, **{field: value}), field,
