@@ -5,7 +5,8 @@ repeat_penalty, presence_penalty, frequency_penalty, num_predict, stop). Options
 how Ollama's runner uses the machine (num_ctx, num_thread, num_gpu, num_batch, use_mmap, ...)
 change no output here and are accepted and ignored; options that would change the output and
 that tokenwire cannot honour (mirostat, tfs_z, typical_p away from their neutral values) are a
-400 that names them, as are features it does not have yet (images, thinking). `format`
+400 that names them, as are features it does not have yet (images). `think` splits a reasoning
+model's thinking into `thinking` (false turns it off where the template allows). `format`
 ("json" or a JSON Schema) constrains the output (server/engine/constraints.py). `tools` (chat)
 are OpenAI's; the model's calls come back in `message.tool_calls` with arguments as objects, and
 the history's calls and `tool` results (by `tool_name`) go back to the model.
@@ -75,9 +76,14 @@ def output_format(p: Params, sampling: pb.SamplingParams) -> None:
         raise invalid_param("format", f"format must be \"json\" or a JSON Schema object, got {json_type(fmt)}")
 
 
-def _refuse_unsupported(p: Params) -> None:
-    if p.raw("think") not in (None, False):
-        raise invalid_param("think", "think: this tokenwire separates no thinking; send think false or omit it")
+def _think(p: Params, request: pb.GenerateRequest) -> None:
+    """Ollama's `think`: true or false (the "low"/"medium"/"high" of gpt-oss have no meaning here)."""
+    think = p.raw("think")
+    if think is None:
+        return
+    if not isinstance(think, bool):
+        raise invalid_param("think", f"think must be true or false, got {json_type(think)}")
+    request.think = think
 
 
 def options(p: Params) -> tuple[dict[str, Any], int | None, list[str]]:
@@ -180,11 +186,11 @@ def _answered_call(history: list[pb.ChatMessage], name: str) -> str:
 
 def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
     p.check_known(CHAT_FIELDS)
-    _refuse_unsupported(p)
     sampling, max_tokens, stop = options(p)
     request = generate_request(request_id=request_id, model=model_name(p), messages=chat_messages(p),
                                max_tokens=max_tokens, stop=stop, sampling=sampling)
     request.tools.extend(tools_of(p.raw("tools")))
+    _think(p, request)
     output_format(p, request.sampling)
     if (seconds := keep_alive(p)) is not None:
         request.keep_alive_s = seconds
@@ -194,7 +200,6 @@ def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
 def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
     """The GenerateRequest of /api/generate; None for an empty prompt (Ollama: load or unload the model)."""
     p.check_known(GENERATE_FIELDS)
-    _refuse_unsupported(p)
     for name in ("images", "context", "suffix", "template"):
         if p.raw(name):
             raise invalid_param(name, f"{name} is not supported by this tokenwire")
@@ -206,6 +211,8 @@ def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
     if raw:  # the prompt exactly as given: no chat template
         if system:
             raise invalid_param("system", "system has no place in a raw prompt")
+        if p.raw("think") is True:
+            raise invalid_param("think", "think has no place in a raw prompt (no template marks the thinking)")
         request = generate_request(request_id=request_id, model=name, prompt=prompt, max_tokens=max_tokens,
                                    stop=stop, sampling=sampling)
     else:  # Ollama renders the prompt with the model's template, as a user turn
@@ -213,6 +220,7 @@ def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
         messages.append(pb.ChatMessage(role="user", content=prompt))
         request = generate_request(request_id=request_id, model=name, messages=messages, max_tokens=max_tokens,
                                    stop=stop, sampling=sampling)
+        _think(p, request)
     output_format(p, request.sampling)
     if (seconds := keep_alive(p)) is not None:
         request.keep_alive_s = seconds

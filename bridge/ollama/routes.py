@@ -78,17 +78,21 @@ class _Piece:
     def __init__(self, chat: bool) -> None:
         self.chat = chat
 
-    def text(self, model: str, text: str) -> dict[str, Any]:
+    def text(self, model: str, text: str, thinking: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "created_at": _now()}
         if self.chat:
             body["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                body["message"]["thinking"] = thinking
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         body["done"] = False
         return body
 
-    def last(self, model: str, finished: pb.Finished, whole: str = "") -> dict[str, Any]:
-        body = self.text(model, whole)
+    def last(self, model: str, finished: pb.Finished, whole: str = "", thinking: str = "") -> dict[str, Any]:
+        body = self.text(model, whole, thinking)
         if self.chat and finished.tool_calls:  # Ollama's shape: no ids, arguments as an object
             body["message"]["tool_calls"] = [{"function": {"name": c.name, "arguments": json.loads(c.arguments_json)}}
                                              for c in finished.tool_calls]
@@ -115,8 +119,8 @@ async def _stream(request: web.Request, call: GenerateCall, piece: _Piece, model
         async for kind, item in _events(call):
             if kind == "started":
                 model = item.started.model or model
-            elif kind == "token" and item.token.text:
-                await line(piece.text(model, item.token.text))
+            elif kind == "token" and (item.token.text or item.token.reasoning):
+                await line(piece.text(model, item.token.text, item.token.reasoning))
             elif kind == "finished":
                 note(request, model=item.finished.model, finish=finish_reason_name(item.finished.reason),
                      tokens=item.finished.usage.completion_tokens)
@@ -137,18 +141,20 @@ async def _stream(request: web.Request, call: GenerateCall, piece: _Piece, model
 
 async def _whole(call: GenerateCall, piece: _Piece, model: str) -> dict[str, Any]:
     texts: list[str] = []
+    thoughts: list[str] = []
     try:
         async for kind, item in _events(call):
             if kind == "started":
                 model = item.started.model or model
             elif kind == "token":
                 texts.append(item.token.text)
+                thoughts.append(item.token.reasoning)
             elif kind == "finished":
                 await call.drain()
                 error = _failure(item.finished)
                 if error is not None:
                     raise error
-                return piece.last(item.finished.model or model, item.finished, "".join(texts))
+                return piece.last(item.finished.model or model, item.finished, "".join(texts), "".join(thoughts))
     finally:
         await call.close()
     raise ApiError(502, "the model server ended the stream without a finish event", type="server_error")

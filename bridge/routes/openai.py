@@ -54,6 +54,7 @@ class ChatShape:
     def __init__(self, index: int = 0) -> None:
         self.index = index  # which choice (n > 1)
         self.text = ""
+        self.reasoning = ""  # a reasoning model's thinking
         self.entries: list[dict[str, Any]] = []
         self.calls: list[pb.ToolCall] = []
 
@@ -77,19 +78,25 @@ class ChatShape:
 
     def token_choice(self, token: pb.TokenDelta, logprobs: bool) -> dict[str, Any]:
         lp = {"content": [self._entry(token)], "refusal": None} if logprobs and token.HasField("logprob") else None
-        return {"index": self.index, "delta": {"content": token.text}, "logprobs": lp, "finish_reason": None}
+        delta: dict[str, Any] = {"content": token.text}
+        if token.reasoning:
+            delta = {"reasoning_content": token.reasoning, **({"content": token.text} if token.text else {})}
+        return {"index": self.index, "delta": delta, "logprobs": lp, "finish_reason": None}
 
     def last_choice(self, finish: str) -> dict[str, Any]:
         return {"index": self.index, "delta": {}, "logprobs": None, "finish_reason": finish}
 
     def add(self, token: pb.TokenDelta, logprobs: bool) -> None:
         self.text += token.text
+        self.reasoning += token.reasoning
         if logprobs and token.HasField("logprob"):
             self.entries.append(self._entry(token))
 
     def choice(self, finish: str, logprobs: bool) -> dict[str, Any]:
         lp = {"content": self.entries, "refusal": None} if logprobs else None
         message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
+        if self.reasoning:
+            message["reasoning_content"] = self.reasoning
         if self.calls:
             message["content"] = self.text.strip() or None
             message["tool_calls"] = [{"id": c.id, "type": "function",
@@ -193,7 +200,7 @@ class OpenAIChunks:
     async def token(self, sse: SSEWriter, token: pb.TokenDelta) -> None:
         await self._start(sse)
         choice = self.shapes[token.choice].token_choice(token, self.opts.logprobs)
-        if token.text or choice["logprobs"] is not None:
+        if token.text or token.reasoning or choice["logprobs"] is not None:
             await sse.data(self._chunk([choice]))
 
     async def tool_call(self, sse: SSEWriter, delta: pb.ToolCallDelta) -> None:

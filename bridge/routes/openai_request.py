@@ -129,6 +129,11 @@ _CHAT_ONLY = {
     "metadata": {"type": "object", "description": "Accepted and ignored."},
     "service_tier": {"type": "string", "description": "Accepted and ignored."},
     "modalities": {"const": ["text"]},
+    "think": {"type": "boolean", "description": "tokenwire extra, for reasoning models: false turns the thinking "
+                                               "off where the model's template allows it."},
+    "chat_template_kwargs": {"type": "object", "properties": {"enable_thinking": {"type": "boolean"}},
+                             "additionalProperties": False,
+                             "description": "vLLM's form of think: only enable_thinking is taken."},
 }
 _COMPLETION_ONLY = {
     "prompt": {"oneOf": [{"type": "string", "minLength": 1},
@@ -276,7 +281,26 @@ def parse_chat(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateReques
     request.n = opts.n if opts.n > 1 else 0
     response_format(p, request.sampling)
     tool_use(p, request)
+    think = thinking(p)
+    if think is not None:
+        request.think = think
     return request, opts
+
+
+def thinking(p: Params) -> bool | None:
+    """`think` (tokenwire's) or vLLM's `chat_template_kwargs.enable_thinking`."""
+    think = p.boolean("think")
+    kwargs = p.raw("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or set(kwargs) - {"enable_thinking"}:
+            raise invalid_param("chat_template_kwargs", "chat_template_kwargs takes only enable_thinking")
+        enable = kwargs.get("enable_thinking")
+        if enable is not None and not isinstance(enable, bool):
+            raise invalid_param("chat_template_kwargs.enable_thinking", "enable_thinking must be true or false")
+        if enable is not None and think is not None and enable != think:
+            raise invalid_param("think", "think and chat_template_kwargs.enable_thinking disagree")
+        think = enable if enable is not None else think
+    return think
 
 
 def logit_bias(p: Params) -> dict[int, float] | None:

@@ -15,11 +15,19 @@ from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 
 from tokenwire.server.chats.store import ChatInfo, MessageInfo, SearchResult
 from tokenwire.server.engine.constraints import OutputConstraint
+from tokenwire.server.engine.reasoning import ThinkSplitter
 from tokenwire.server.engine.records import FinishReason, ReplyStatus, Usage
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest
 from tokenwire.server.engine.sampling import SamplingConfig
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, TokenEvent
-from tokenwire.server.engine.tool_calls import CallOut, ToolCallRecord, ToolCallStream, ToolSpec, ToolUse
+from tokenwire.server.engine.tool_calls import (
+    CallOut,
+    TextOut,
+    ToolCallRecord,
+    ToolCallStream,
+    ToolSpec,
+    ToolUse,
+)
 from tokenwire.server.models.manager import ModelStatus
 from tokenwire.server.models.store import ModelEntry
 from tokenwire.v1 import history_pb2 as hpb
@@ -86,6 +94,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         include_logprobs=request.include_logprobs,
         top_logprobs=int(request.top_logprobs),
         n=int(request.n) or 1,
+        think=request.think if request.HasField("think") else None,
         ignore_eos=request.ignore_eos,
         user=user,
         cache_scope=cache_scope,
@@ -210,20 +219,28 @@ def token_delta(event: TokenEvent, text: str) -> pb.TokenDelta:
     return delta
 
 
-def tool_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str,
-                        calls: ToolCallStream) -> list[pb.GenerateResponse]:
-    """event_to_proto for a reply that may call tools: its text goes through `calls`, which keeps
-    the calls out of the text; each call is sent as a tool_call event (id and name, then the
-    arguments) and, whole, in Finished, whose reason is then TOOL_CALLS."""
+def shaped_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_id: str,
+                          calls: ToolCallStream | None, thinking: ThinkSplitter | None) -> list[pb.GenerateResponse]:
+    """event_to_proto for a reply that may think or call tools. Its text goes through `thinking`,
+    which sends a reasoning model's <think> block as TokenDelta.reasoning, then through `calls`,
+    which keeps the calls out of the text: each call is sent as a tool_call event (id and name, then
+    the arguments) and, whole, in Finished, whose reason is then TOOL_CALLS."""
     if isinstance(event, QueuedEvent):
         return [event_to_proto(event, model_id)]
-    out: list[pb.GenerateResponse] = []
-    parts = calls.feed(event.text) if isinstance(event, TokenEvent) else calls.finish()
+    token = isinstance(event, TokenEvent)
+    reasoning, text = "", event.text if token else ""
+    if thinking is not None:
+        reasoning, text = thinking.feed(text) if token else thinking.finish()
+    parts: list = [TextOut(text)] if calls is None else (calls.feed(text) + ([] if token else calls.finish()))
     text = "".join(p.text for p in parts if not isinstance(p, CallOut))
-    if isinstance(event, TokenEvent):
-        out.append(pb.GenerateResponse(token=token_delta(event, text)))
-    elif text:  # prose held back while it might have opened a call
-        out.append(pb.GenerateResponse(token=pb.TokenDelta(text=text, index=event.usage.completion_tokens)))
+    out: list[pb.GenerateResponse] = []
+    if token:
+        delta = token_delta(event, text)
+        delta.reasoning = reasoning
+        out.append(pb.GenerateResponse(token=delta))
+    elif text or reasoning:  # held back while it might have opened a call or a tag
+        out.append(pb.GenerateResponse(token=pb.TokenDelta(text=text, reasoning=reasoning,
+                                                           index=event.usage.completion_tokens)))
     for part in parts:
         if isinstance(part, CallOut):
             out.append(pb.GenerateResponse(tool_call=pb.ToolCallDelta(index=part.index, id=part.call.id,
@@ -232,10 +249,11 @@ def tool_event_to_proto(event: TokenEvent | QueuedEvent | FinishedEvent, model_i
                                                                       arguments=part.call.arguments)))
     if isinstance(event, FinishedEvent):
         finished = event_to_proto(event, model_id)
-        if calls.calls and event.reason == FinishReason.STOP:
+        if calls is not None and calls.calls and event.reason == FinishReason.STOP:
             finished.finished.reason = pb.FINISH_REASON_TOOL_CALLS
             finished.finished.matched_stop = ""
-        finished.finished.tool_calls.extend(tool_call_to_proto(c) for c in calls.calls)
+        if calls is not None:
+            finished.finished.tool_calls.extend(tool_call_to_proto(c) for c in calls.calls)
         out.append(finished)
     return out
 

@@ -19,6 +19,7 @@ import grpc
 from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
+from tokenwire.server.engine.reasoning import ThinkSplitter
 from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape, choices
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, RefusedEvent, Sequence, TokenEvent
@@ -153,6 +154,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             tools = params.tools
             calls = [ToolCallStream(tools.callable_tools()) if tools is not None and tools.calls_allowed else None
                      for _ in range(params.n)]
+            thinking = [ThinkSplitter(inside=gen_request.thinking == "inside") if gen_request.thinking else None
+                        for _ in range(params.n)]
             for choice_request in choices(gen_request, params.n):
                 handle = SequenceHandle(Sequence(choice_request, model.tokenizer), loop, on_finished)
                 model.scheduler.submit(handle)  # each choice is a stream of the user's
@@ -187,10 +190,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                         await turn.wait_committed()  # the reply is in the chat before the stream ends
                     except ReplyNotStored as exc:  # kept and retried; the stream must not say "done"
                         await abort_for(context, exc)
-                if calls[choice] is None:
+                if calls[choice] is None and thinking[choice] is None:
                     yield convert.with_choice(convert.event_to_proto(event, entry.id), choice)
                 else:
-                    for response in convert.tool_event_to_proto(event, entry.id, calls[choice]):
+                    for response in convert.shaped_event_to_proto(event, entry.id, calls[choice], thinking[choice]):
                         yield convert.with_choice(response, choice)
         finally:
             if turn is not None and not handles[0].sequence.done:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .constraints import ConstraintError, OutputConstraint, RowConstraint
+from .reasoning import opens_thinking, template_can_stop_thinking, template_thinks
 from .records import ROLES
 from .sampling import MAX_TOP_LOGPROBS, SamplingConfig, SamplingError
 from .sequence import GenerationRequest
@@ -75,6 +76,7 @@ class GenerateParams:
     constraint: OutputConstraint | None = None  # structured output: what the text must match
     tools: ToolUse | None = None  # functions the model may call
     n: int = 1  # independent replies (choices) to the one prompt
+    think: bool | None = None  # a reasoning model's thinking: None the template's default
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:
@@ -149,6 +151,21 @@ def tool_constraint(use: ToolUse, key: str, constraint: OutputConstraint | None)
     return OutputConstraint("lark", call_grammar(use, key, schema)).grammar()
 
 
+def thinking_of(params: GenerateParams, tokenizer: TokenizerBundle) -> tuple[str, bool | None]:
+    """("outside" when the reply's thinking is split off, else ""; the template's enable_thinking)."""
+    source = tokenizer.chat_template_source
+    if not template_thinks(source):
+        if params.think:
+            raise InvalidRequest("think: this model does not think (its chat template marks no <think>)", "think")
+        return "", None
+    if params.think is False:
+        if not template_can_stop_thinking(source):
+            raise InvalidRequest("think: this model's chat template has no switch to turn its thinking off",
+                                 "think")
+        return "outside", False
+    return "outside", None
+
+
 def chat_input(params: GenerateParams, tokenizer: TokenizerBundle) -> tuple[list[dict[str, Any]], list | None]:
     """The messages (and tools) the template renders: as they are for an ordinary chat; for one
     with tools, calls or results, in the template's own tool shape when it takes tools, else
@@ -169,10 +186,14 @@ def build_request(
     params: GenerateParams, model: ServedModel, default_max_tokens: int, received_at: float
 ) -> GenerationRequest:
     """Renders and tokenizes the prompt and fits the request into the model's context window."""
+    thinking, switch = thinking_of(params, model.tokenizer)
     if params.messages:
         messages, tools = chat_input(params, model.tokenizer)
         try:
-            ids = model.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools)
+            ids = model.tokenizer.encode_chat(messages, add_generation_prompt=True, tools=tools, enable_thinking=switch)
+            if thinking:
+                text = model.tokenizer.render_chat(messages, True, tools, switch)
+                thinking = "inside" if opens_thinking(text) else "outside"
         except ChatTemplateError as exc:
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages",
                                  "CHAT_TEMPLATE_REFUSED") from exc
@@ -221,6 +242,7 @@ def build_request(
         cache_scope=params.cache_scope,
         received_at=received_at,
         constraint=constraint,
+        thinking=thinking if params.messages else "",
     )
 
 

@@ -45,6 +45,9 @@ class GenerationRequest:
     # One of several choices of one request: its prompt's KV goes to the prefix cache as soon as it
     # is computed, so the others prefill only what the cache cannot give them.
     share_prefill: bool = False
+    # A reasoning model's reply: its <think> block is split off ("" no; "outside": the reply may
+    # open one; "inside": the prompt opened it).
+    thinking: str = ""
 
 
 @dataclass

@@ -75,14 +75,16 @@ class TokenizerBundle:
         return self._template is not None
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None) -> str:
         """The chat as the model's template writes it; `tools` (OpenAI's shape) go to templates
         that take them (tool_calls.template_takes_tools), as Hugging Face passes them."""
         if self._template is None:
             # No template (e.g. a base model): a plain transcript the model can continue.
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
-        extra = {"tools": tools} if tools else {}
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if enable_thinking is not None:  # Qwen3's switch; other templates ignore it
+            extra["enable_thinking"] = enable_thinking
         try:
             return self._template.render(
                 messages=messages,
@@ -102,13 +104,13 @@ class TokenizerBundle:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None) -> list[int]:
         """The prompt ids of a chat, where only the template makes control tokens: a message that
         contains "<|im_start|>system" (or any special token's text) gets that text as plain text,
         so a user cannot forge a turn. Ordinary chats tokenize exactly as the whole rendered text."""
-        text = self.render_chat(messages, add_generation_prompt, tools)
+        text = self.render_chat(messages, add_generation_prompt, tools, enable_thinking)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        spans = self._content_spans(messages, add_generation_prompt, text, tools)
+        spans = self._content_spans(messages, add_generation_prompt, text, tools, enable_thinking)
         if spans is None:  # a content holds a control token's text, and the template changed it
             raise ChatTemplateError("a message contains the text of one of the model's control tokens")
         forged = [start for (start, end), token in zip(encoding.offsets, encoding.ids, strict=True)
@@ -125,14 +127,15 @@ class TokenizerBundle:
         return ids
 
     def _content_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                       text: str, tools: list[dict[str, Any]] | None = None) -> list[tuple[int, int]] | None:
+                       text: str, tools: list[dict[str, Any]] | None = None,
+                       enable_thinking: bool | None = None) -> list[tuple[int, int]] | None:
         """Where each message's content stands in `text` (the chat rendered), found by rendering it
         again with markers in place of the contents; None when the template does not insert them
         verbatim. Empty when no content could hold a control token's text."""
         if not any(special in m.get("content", "") for m in messages for special in self._special_texts):
             return []
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        template = self.render_chat(marked, add_generation_prompt, tools)
+        template = self.render_chat(marked, add_generation_prompt, tools, enable_thinking)
         spans, out, at = [], 0, 0
         for i, m in enumerate(messages):
             marker = f"\ue000{i}\ue001"
