@@ -127,6 +127,20 @@ def wait_grpc_ready(target: str, proc: subprocess.Popen, log_path: Path, timeout
         channel.close()
 
 
+def linked_store(root: Path, models_dir: Path) -> Path:
+    """A model store of its own at `root` holding `models_dir`'s models: real folders whose files
+    are links (so removing a model there, as DeleteModel does, removes only links), and its aliases."""
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in models_dir.iterdir():
+        if folder.is_dir() and not folder.name.startswith("."):
+            (root / folder.name).mkdir()
+            for item in folder.iterdir():
+                (root / folder.name / item.name).symlink_to(item)
+    if (models_dir / "aliases.json").is_file():
+        (root / "aliases.json").write_text((models_dir / "aliases.json").read_text())
+    return root
+
+
 def start_server(tmp: Path, models_dir: Path, *extra: str, env: dict | None = None) -> Proc:
     port = free_port()
     metrics_port = free_port()

@@ -1,6 +1,7 @@
 """Ollama's endpoints: /api/chat and /api/generate (NDJSON streams, or one object with stream
-false), /api/tags, /api/ps, /api/show, /api/version, and clear refusals for what tokenwire does
-elsewhere (pull, delete, create, copy, push: the `tokenwire` command) or not yet (embeddings).
+false), /api/tags, /api/ps, /api/show, /api/version, /api/pull (tokenwire's pullable names,
+pulled on the server's side) and /api/delete, and clear refusals for what tokenwire does
+elsewhere (create, copy, push).
 
 Each line of a stream is one JSON object; the last has `done: true`, `done_reason` and Ollama's
 counters (durations in nanoseconds). A failure after the stream began is one line
@@ -334,6 +335,60 @@ async def root(request: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")  # what Ollama answers; clients probe it
 
 
+def _model_field(p: Params) -> str:
+    name = p.string("model") or p.string("name")  # older clients send "name"
+    if not name:
+        raise ApiError(400, "model is required", param="model")
+    return name[: -len(":latest")] if name.endswith(":latest") else name
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's /api/pull by tokenwire's pullable names (`tokenwire pull` on the server's side):
+    NDJSON {"status": ...} lines ending with {"status": "success"}, or one object with stream false."""
+    p = await _body(request)
+    name = _model_field(p)
+    stream = p.boolean("stream")
+    upstream = request.app[UPSTREAM]
+    call = upstream.stub.PullModel(pb.PullModelRequest(name=name), timeout=3600, metadata=grpc_metadata())
+    note(request, model=name)
+    if stream is False:
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            raise upstream.error(exc) from exc
+        return web.json_response({"status": "success"})
+    response: web.StreamResponse | None = None
+    try:
+        async for event in call:
+            if response is None:
+                response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+                await response.prepare(request)
+            await response.write(json.dumps({"status": event.status}).encode() + b"\n")
+    except grpc.aio.AioRpcError as exc:
+        error = upstream.error(exc)
+        if response is None:
+            raise error from exc
+        await response.write(json.dumps({"error": error.message}).encode() + b"\n")
+    finally:
+        call.cancel()
+    assert response is not None
+    await response.write_eof()
+    return response
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Ollama's /api/delete: the model leaves the store (an admin key when the server has keys)."""
+    p = await _body(request)
+    upstream = request.app[UPSTREAM]
+    try:
+        await upstream.stub.DeleteModel(pb.DeleteModelRequest(model=_model_field(p)), timeout=600,
+                                        metadata=grpc_metadata())
+    except grpc.aio.AioRpcError as exc:
+        raise upstream.error(exc) from exc
+    return web.Response(status=200)
+
+
 def _elsewhere(what: str, how: str):
     async def refuse(request: web.Request) -> web.Response:
         raise ApiError(501, f"{what} is not part of tokenwire's Ollama API: {how}", type="server_error",
@@ -352,11 +407,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/version", version)
     app.router.add_post("/api/embed", embed)
     app.router.add_post("/api/embeddings", embeddings_legacy)
+    app.router.add_post("/api/pull", pull)
+    app.router.add_delete("/api/delete", delete)
     for path, what, how in (
-            ("/api/pull", "pulling models", "run `tokenwire pull NAME` on the server's machine"),
-            ("/api/delete", "deleting models", "run `tokenwire rm NAME` on the server's machine"),
             ("/api/create", "creating models", "import one with `tokenwire import`"),
             ("/api/copy", "copying models", "aliases live in the store's aliases.json"),
             ("/api/push", "pushing models", "tokenwire keeps models local"),
             ):
-        app.router.add_route("POST" if path != "/api/delete" else "DELETE", path, _elsewhere(what, how))
+        app.router.add_post(path, _elsewhere(what, how))

@@ -25,6 +25,7 @@ from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, RefusedEvent, Sequence, TokenEvent
 from tokenwire.server.engine.tool_calls import ToolCallStream
 from tokenwire.server.models.manager import ModelManager
+from tokenwire.server.models.pull_runner import InvalidPullName, PullFailed, pull_lines
 from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
@@ -222,17 +223,38 @@ class InferenceService(pb_grpc.InferenceServicer):
             return default
         return asked if default < 0 else min(asked, default)
 
-    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+    async def _require_admin(self, context: grpc.aio.ServicerContext, what: str = "loading and unloading models") -> None:
         identity = await self.auth.identity(context) if self.auth is not None else None
         if identity is not None and identity.restricted:
             await abort_for(context, PermissionDenied(
-                f"loading and unloading models needs an admin key (user {identity.name}'s key is not one; "
+                f"{what} needs an admin key (user {identity.name}'s key is not one; "
                 "`tokenwire keys create NAME --admin`)"))
 
     async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         await self._require_admin(context)
         async for event in load_model(self.models, request, context):
             yield event
+
+    async def PullModel(self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._require_admin(context, "pulling models")
+        try:
+            async for line in pull_lines(request.name, self.models.store.root, request.force):
+                yield pb.PullModelEvent(status=line)
+        except InvalidPullName as exc:
+            await abort_for(context, InvalidRequest(str(exc), "name"))
+        except PullFailed as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        yield pb.PullModelEvent(status="success", done=True)
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+        await self._require_admin(context, "deleting models")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self.models.pool, self.models.delete,
+                                                                      request.model)
+        except DOMAIN_ERRORS as exc:
+            await abort_for(context, exc)
+        return pb.DeleteModelResponse(model=result.model_id, aliases_removed=result.aliases,
+                                      freed_bytes=result.freed_bytes)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         await self._require_admin(context)

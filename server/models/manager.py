@@ -42,7 +42,7 @@ from tokenwire.server.metrics import Metrics
 from tokenwire.server.settings import parse_bytes, parse_duration, setting
 
 from . import process_memory
-from .store import ModelEntry, ModelStore, weight_files
+from .store import ModelEntry, ModelStore, folder_size, weight_files
 
 log = logging.getLogger("tokenwire.models")
 
@@ -59,6 +59,13 @@ Progress = Callable[[str, str], None]
 
 def _quiet(stage: str, message: str) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    model_id: str
+    aliases: list[str]
+    freed_bytes: int
 
 
 class ModelNotFound(LookupError):
@@ -539,6 +546,15 @@ class ModelManager:
             pending.done.wait()  # a load in flight: let it finish, then unload it
         drained = self._finish_unload(model, "asked to")
         return UnloadResult(model_id, True, drained)
+
+    def delete(self, name: str) -> DeleteResult:
+        """Unloads a model (as unload does) and removes it from the store with its aliases."""
+        entry = self.resolve(name)
+        self.unload(entry.id)
+        aliases = sorted(a for a in self.store.aliases() if self.store.resolve(a) == entry.id)
+        size = folder_size(entry.path)
+        self.store.remove(entry.id)
+        return DeleteResult(entry.id, aliases, size)
 
     def _begin_unload(self, model: LoadedModel) -> None:
         """Under the lock: no new request gets this model from now on."""

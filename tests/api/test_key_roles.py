@@ -1,5 +1,5 @@
-"""Model management needs an admin key (Security issue, 7): a user's key may generate, not load or
-unload models, nor pin one in memory with keep_alive -1."""
+"""Model management needs an admin key (Security issue, 7): a user's key may generate, not load,
+unload, pull or delete models, nor pin one in memory with keep_alive -1."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def test_only_admin_keys_manage_models(models_dir, tmp_path) -> None:
             for call in (lambda: list(stub.LoadModel(pb.LoadModelRequest(model=DEFAULT_INT4), metadata=keys["alice"],
                                                      timeout=60)),
                          lambda: stub.UnloadModel(pb.UnloadModelRequest(model=DEFAULT_INT4), metadata=keys["alice"],
+                                                  timeout=60),
+                         # Names nothing holds: were the check gone, these would fail otherwise, touching nothing.
+                         lambda: list(stub.PullModel(pb.PullModelRequest(name="no-such-model"), metadata=keys["alice"],
+                                                     timeout=60)),
+                         lambda: stub.DeleteModel(pb.DeleteModelRequest(model="no-such-model"), metadata=keys["alice"],
                                                   timeout=60)):
                 with pytest.raises(grpc.RpcError) as info:
                     call()

@@ -118,10 +118,14 @@ def test_the_error_body_is_ollamas_shape_and_curl_bodies_parse(ollama_url) -> No
         urllib.request.urlopen(bad)
     body = json.load(refused.value)
     assert refused.value.code == 400 and isinstance(body["error"], str) and "JSON" in body["error"]
-    for path, method in (("/api/pull", "POST"), ("/api/create", "POST"), ("/api/delete", "DELETE")):
+    for path, method in (("/api/create", "POST"), ("/api/copy", "POST"), ("/api/push", "POST")):
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(urllib.request.Request(ollama_url + path, method=method, data=b"{}"))
         assert missing.value.code == 501 and "tokenwire" in json.load(missing.value)["error"]
+    for path, method in (("/api/pull", "POST"), ("/api/delete", "DELETE")):  # no model named: a 400 that says so
+        with pytest.raises(urllib.error.HTTPError) as unnamed:
+            urllib.request.urlopen(urllib.request.Request(ollama_url + path, method=method, data=b"{}"))
+        assert unnamed.value.code == 400 and "model is required" in json.load(unnamed.value)["error"]
 
 
 def test_a_foreign_host_is_refused(ollama_url) -> None:

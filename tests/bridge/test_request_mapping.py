@@ -678,3 +678,20 @@ def test_completion_best_of_must_be_an_integer() -> None:
 def test_completion_refuses_unknown_parameters(field: str) -> None:
     assert_refused(refusal(completion, **{field: 1}), field, f"Unrecognized request argument supplied: {field}",
                    "unsupported_parameter")
+
+
+def test_think_and_enable_thinking_map_to_think() -> None:
+    assert not chat()[0].HasField("think")
+    assert chat(think=False)[0].think is False and chat(think=True)[0].think is True
+    assert chat(chat_template_kwargs={"enable_thinking": False})[0].think is False
+    assert chat(chat_template_kwargs={"enable_thinking": True}, think=True)[0].think is True
+    assert not chat(chat_template_kwargs={})[0].HasField("think")
+    for body, param, words in [
+        ({"think": "no"}, "think", "must be true or false"),
+        ({"chat_template_kwargs": {"add_vision_id": True}}, "chat_template_kwargs", "takes only enable_thinking"),
+        ({"chat_template_kwargs": []}, "chat_template_kwargs", "takes only enable_thinking"),
+        ({"chat_template_kwargs": {"enable_thinking": 1}}, "chat_template_kwargs.enable_thinking", "true or false"),
+        ({"chat_template_kwargs": {"enable_thinking": True}, "think": False}, "think", "disagree"),
+    ]:
+        err = refusal(chat, **body)
+        assert err.param == param and words in err.message, (body, err.message)

@@ -414,3 +414,35 @@ class UnloadModelResponse(_message.Message):
     was_loaded: bool
     drain_ms: float
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., was_loaded: _Optional[bool] = ..., drain_ms: _Optional[float] = ...) -> None: ...
+
+class PullModelRequest(_message.Message):
+    __slots__ = ("name", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class PullModelEvent(_message.Message):
+    __slots__ = ("status", "done")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    done: bool
+    def __init__(self, status: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("model", "aliases_removed", "freed_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    aliases_removed: _containers.RepeatedScalarFieldContainer[str]
+    freed_bytes: int
+    def __init__(self, model: _Optional[str] = ..., aliases_removed: _Optional[_Iterable[str]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,16 @@ class InferenceStub:
                 request_serializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/tokenwire.v1.Inference/PullModel',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.PullModelEvent.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/tokenwire.v1.Inference/DeleteModel',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -131,6 +141,26 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullModel(self, request, context):
+        """Pulls a model into the server's store by one of `tokenwire pull`'s names
+        (what `tokenwire pull NAME` does on the server's machine), streaming its
+        progress; a model already in the store answers at once. Needs an admin
+        key when the server has keys. Errors: INVALID_ARGUMENT (a name that is
+        not pullable), FAILED_PRECONDITION (the pull failed; the message says why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Removes a model from the store (and the aliases that point to it), after
+        unloading it as UnloadModel does. Needs an admin key when the server has
+        keys. Errors: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +188,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.PullModelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.PullModelEvent.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -296,6 +336,60 @@ class Inference:
             '/tokenwire.v1.Inference/UnloadModel',
             tokenwire_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             tokenwire_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.Inference/PullModel',
+            tokenwire_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.PullModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.Inference/DeleteModel',
+            tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
