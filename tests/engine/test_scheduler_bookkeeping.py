@@ -256,3 +256,11 @@ def test_a_scheduler_is_unnamed_by_default() -> None:
         assert scheduler.name == "" and scheduler._thread.name == "scheduler-"
     finally:
         scheduler.stop()
+
+
+async def test_a_one_token_reply_ends_in_its_prefill_with_its_token(start, tok, caplog) -> None:
+    scheduler, _ = start()
+    with caplog.at_level(logging.ERROR, logger="tokenwire.scheduler"):
+        got = await events(submit(scheduler, tok, request(10, max_tokens=1)))
+    assert [e.token_id for e in got if isinstance(e, TokenEvent)] == expected(prompt(10), 1)
+    assert got[-1].reason == FinishReason.LENGTH and errors(caplog) == []
