@@ -38,7 +38,16 @@ from tokenwire.bridge.fields import (
 )
 from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import chat_messages, generate_request
-from tokenwire.bridge.tool_fields import FUNCTION, TOOL_CALL, TOOL_CHOICE, TOOLS, set_tool_choice, tools_of
+from tokenwire.bridge.tool_fields import (
+    FUNCTION,
+    MAX_TOOLS,
+    TOOL_CALL,
+    TOOL_CHOICE,
+    TOOLS,
+    function_tool,
+    set_tool_choice,
+    tools_of,
+)
 from tokenwire.v1 import inference_pb2 as pb
 
 # OpenAI's documented default for the legacy completions endpoint.
@@ -331,7 +340,9 @@ def tool_use(p: Params, request: pb.GenerateRequest) -> None:
         functions = p.raw("functions")
         if not isinstance(functions, list):
             raise invalid_param("functions", f"functions must be an array, got {json_type(functions)}")
-        request.tools.extend(tools_of([{"type": "function", "function": f} for f in functions], "functions"))
+        if len(functions) > MAX_TOOLS:
+            raise invalid_param("functions", f"functions: at most {MAX_TOOLS}, got {len(functions)}")
+        request.tools.extend(function_tool(f, f"functions[{i}]") for i, f in enumerate(functions))
         call = p.raw("function_call")
         set_tool_choice(request, {"type": "function", "function": call} if isinstance(call, dict) else call,
                         "function_call")

@@ -78,3 +78,21 @@ def test_alternatives_skip_what_cannot_be_sampled() -> None:
     assert [t for t, _ in got] == [1, 2, 5, 3] and all(np.isfinite(lp) for _, lp in got)
     assert top_logprobs(np.full(6, -np.inf, dtype=np.float32), SamplingConfig(), None, 2) == []
     assert len(top_logprobs(LOGITS, SamplingConfig(), None, 50)) == 6
+
+
+def test_bounds_and_fields_of_the_checks() -> None:
+    SamplingConfig(logit_bias=tuple((i, 1.0) for i in range(1024))).validate()  # 1024 is allowed
+    with pytest.raises(SamplingError) as caught:
+        SamplingConfig(logit_bias=((9, 1.0),)).check_vocabulary(6)
+    assert caught.value.field == "logit_bias"
+
+
+def test_alternatives_see_the_penalties_and_skip_nan() -> None:
+    history = TokenHistory([])
+    history.add(4)
+    penalised = top_logprobs(LOGITS, SamplingConfig(presence_penalty=1.5), history, 2)
+    assert [t for t, _ in penalised] == [0, 4], "token 4 falls from first (3.0) to second (1.5)"
+    assert [t for t, _ in top_logprobs(LOGITS, SamplingConfig(), None, 1)] == [4]
+    with_nan = LOGITS.copy()
+    with_nan[2] = np.nan
+    assert 2 not in [t for t, _ in top_logprobs(with_nan, SamplingConfig(), None, 6)]
