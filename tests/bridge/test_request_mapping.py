@@ -695,3 +695,12 @@ def test_think_and_enable_thinking_map_to_think() -> None:
     ]:
         err = refusal(chat, **body)
         assert err.param == param and words in err.message, (body, err.message)
+
+
+def test_a_tool_result_needs_a_string_call_id_and_only_results_keep_names() -> None:
+    err = refusal(chat_messages, [{"role": "tool", "content": "x", "tool_call_id": 5}], tools=True)
+    assert (err.param, err.message) == ("messages[0].tool_call_id",
+                                        "messages[0].tool_call_id: a tool message names the call it answers")
+    kept = chat_messages([{"role": "user", "content": "hi", "name": "ann"},
+                          {"role": "tool", "content": "2", "tool_call_id": "c", "name": "f"}], tools=True)
+    assert [m.name for m in kept] == ["", "f"]

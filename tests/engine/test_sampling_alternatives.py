@@ -95,4 +95,11 @@ def test_alternatives_see_the_penalties_and_skip_nan() -> None:
     assert [t for t, _ in top_logprobs(LOGITS, SamplingConfig(), None, 1)] == [4]
     with_nan = LOGITS.copy()
     with_nan[2] = np.nan
-    assert 2 not in [t for t, _ in top_logprobs(with_nan, SamplingConfig(), None, 6)]
+    assert [t for t, _ in top_logprobs(with_nan, SamplingConfig(), None, 6)] == [4, 0, 1, 5, 3], "NaN is impossible"
+
+
+def test_alternatives_of_a_wide_vocabulary_are_exactly_the_top_k() -> None:
+    logits = np.random.default_rng(5).standard_normal(500).astype(np.float32) * 3
+    for k in (1, 5, 20):
+        assert [t for t, _ in top_logprobs(logits, SamplingConfig(), None, k)] == [
+            int(i) for i in np.argsort(-logits, kind="stable")[:k]]
