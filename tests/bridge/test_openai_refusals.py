@@ -100,3 +100,22 @@ def test_the_values_beside_the_refusals_are_taken() -> None:
     named = chat(messages=[{"role": "user", "content": "hi", "name": "ann"}]).messages[0]
     assert named.name == "", "a name on a message other than a tool result is not passed on"
     assert parse_completion({"prompt": "x", "n": 2}, "r")[0].n == 2
+
+
+def test_the_edges_of_logit_bias_functions_and_n() -> None:
+    def chat(**body: Any):
+        return parse_chat({"messages": USER, **body}, "r")
+
+    many = {str(i): 1 for i in range(1024)}
+    assert len(chat(logit_bias=many)[0].sampling.logit_bias) == 1024
+    assert refused({"logit_bias": {**many, "5000": 1}}) == ("logit_bias", "logit_bias holds at most 1024 tokens, got 1025")
+    assert refused({"logit_bias": [1]}) == ("logit_bias", "logit_bias must be an object of token id -> bias, got array")
+    assert refused({"logit_bias": {"x": 1}}) == ("logit_bias", "logit_bias keys are token ids, got 'x'")
+    assert refused({"logit_bias": {"3": 100.5}}) == ("logit_bias", "logit_bias[3] must be a number in [-100, 100], got 100.5")
+    assert dict(chat(logit_bias={"1": -100, "2": 100})[0].sampling.logit_bias) == {1: -100.0, 2: 100.0}
+    functions = [{"name": f"f{i}"} for i in range(128)]
+    assert len(chat(functions=functions)[0].tools) == 128
+    assert refused({"functions": [*functions, {"name": "g"}]}) == ("functions", "functions: at most 128, got 129")
+    request, opts = chat(n=2)
+    assert request.n == 2 and opts.n == 2
+    assert chat()[1].logprobs is False and chat(logprobs=True)[1].logprobs is True
