@@ -41,8 +41,9 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 def model_name(p: Params) -> str:
-    """The model asked for; Ollama's implicit tag ":latest" means the name's default variant."""
-    name = p.string("model")
+    """The model asked for; Ollama's implicit tag ":latest" means the name's default variant. Older
+    clients name it "name" (/api/pull, /api/delete)."""
+    name = p.string("model") or p.string("name")
     if not name:
         raise invalid_param("model", "model is required (see GET /api/tags)")
     return name[: -len(":latest")] if name.endswith(":latest") else name

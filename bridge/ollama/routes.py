@@ -335,18 +335,11 @@ async def root(request: web.Request) -> web.Response:
     return web.Response(text="Ollama is running")  # what Ollama answers; clients probe it
 
 
-def _model_field(p: Params) -> str:
-    name = p.string("model") or p.string("name")  # older clients send "name"
-    if not name:
-        raise ApiError(400, "model is required", param="model")
-    return name[: -len(":latest")] if name.endswith(":latest") else name
-
-
 async def pull(request: web.Request) -> web.StreamResponse:
     """Ollama's /api/pull by tokenwire's pullable names (`tokenwire pull` on the server's side):
     NDJSON {"status": ...} lines ending with {"status": "success"}, or one object with stream false."""
     p = await _body(request)
-    name = _model_field(p)
+    name = ollama_requests.model_name(p)
     stream = p.boolean("stream")
     upstream = request.app[UPSTREAM]
     call = upstream.stub.PullModel(pb.PullModelRequest(name=name), timeout=3600, metadata=grpc_metadata())
@@ -382,7 +375,7 @@ async def delete(request: web.Request) -> web.Response:
     p = await _body(request)
     upstream = request.app[UPSTREAM]
     try:
-        await upstream.stub.DeleteModel(pb.DeleteModelRequest(model=_model_field(p)), timeout=600,
+        await upstream.stub.DeleteModel(pb.DeleteModelRequest(model=ollama_requests.model_name(p)), timeout=600,
                                         metadata=grpc_metadata())
     except grpc.aio.AioRpcError as exc:
         raise upstream.error(exc) from exc

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from .text_stream import held_suffix
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -52,7 +54,7 @@ class ThinkSplitter:
                     self._after_open = False
                 end = self._held.find(CLOSE)
                 if end < 0:  # hold what may be the tag, and new lines that may be the last before it
-                    body = self._held[: len(self._held) - _partial(self._held, CLOSE)]
+                    body = self._held[: len(self._held) - held_suffix(self._held, (CLOSE,))]
                     said = body.rstrip("\n")
                     thinking += said
                     self._held = self._held[len(said):]
@@ -84,11 +86,3 @@ class ThinkSplitter:
         if self._inside:
             return held, ""  # the reply ended inside its thinking
         return "", held
-
-
-def _partial(text: str, tag: str) -> int:
-    """How many of the text's last characters could begin `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0

@@ -8,6 +8,8 @@ it cannot, so a stop string split over several tokens is caught before any of it
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
@@ -49,11 +51,16 @@ class TextStream:
         return text
 
     def _held_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        return held_suffix(text, self._stop)
+
+
+def held_suffix(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `markers`: text
+    that may still become one (a stop string, a tool call's or a thinking block's tag)."""
+    best = 0
+    for s in markers:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -26,6 +26,8 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
+from .text_stream import held_suffix
+
 CHOICES = ("auto", "none", "required", "function")
 MAX_TOOLS = 128
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -285,7 +287,7 @@ class ToolCallStream:
                 self._held = self._held[at + len(marker):]
                 self._in_call = marker
                 continue
-            keep = _partial_marker(self._held)
+            keep = held_suffix(self._held, (CALL_OPEN, MISTRAL_OPEN))
             said, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep:]
             if said:
                 out.append(self._text(said))
@@ -377,12 +379,3 @@ def _split_json_calls(text: str) -> list[str]:
         while at < len(text) and text[at] in " \t\r\n;":
             at += 1
     return parts
-
-
-def _partial_marker(text: str) -> int:
-    """How many of the text's last characters could begin a call marker."""
-    for n in range(min(len(text), len(MISTRAL_OPEN)), 0, -1):
-        tail = text[-n:]
-        if CALL_OPEN.startswith(tail) or MISTRAL_OPEN.startswith(tail):
-            return n
-    return 0
