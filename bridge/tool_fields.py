@@ -125,3 +125,23 @@ def openai_tool_calls(value: Any, where: str) -> list[pb.ToolCall]:
             raise invalid_param(f"{at}.type", f"{at}.type must be \"function\"")
         calls.append(pb.ToolCall(id=call_id, name=function["name"], arguments_json=arguments))
     return calls
+
+
+PARALLEL_TOOL_CALLS: dict[str, Any] = {"type": "boolean", "default": True,
+                                       "description": "Whether a reply may hold several calls."}
+
+
+def apply_tools(request: pb.GenerateRequest, tools: Any, tool_choice: Any, parallel: bool | None) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` into the request (a choice that needs tools
+    without any is refused)."""
+    request.tools.extend(tools_of(tools))
+    set_tool_choice(request, tool_choice)
+    if parallel is not None:
+        request.parallel_tool_calls = parallel
+    if request.tool_choice in ("required", "function") and not request.tools:
+        raise invalid_param("tool_choice", f"tool_choice {request.tool_choice!r} needs tools")
+
+
+def tool_call_json(c: pb.ToolCall) -> dict[str, Any]:
+    """A call as OpenAI writes one (arguments as JSON text)."""
+    return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}

@@ -16,3 +16,22 @@ def whole_chat(stub: Any, chat_id: str, timeout: float = 30) -> Any:
         whole.messages.extend(reply.messages)
         whole.chat.CopyFrom(reply.chat)
     return whole
+
+
+def call_line(name: str, arguments_json: str, call_id: str = "") -> str:
+    """A tool call as the CLI prints it: `-> get_weather({"city": "Paris"})  [call_…]`."""
+    return f"-> {name}({arguments_json})" + (f"  [{call_id}]" if call_id else "")
+
+
+def message_body(m: Any) -> list[str]:
+    """A stored message's lines beyond its heading: its thinking, its text, the tools it called."""
+    lines = [f"[thinking] {m.reasoning}"] if m.reasoning else []
+    if m.content or not m.tool_calls:
+        lines.append(m.content)
+    lines += [call_line(c.name, c.arguments_json, c.id) for c in m.tool_calls]
+    return lines
+
+
+def message_heading(m: Any) -> str:
+    """`tool get_weather [call_…]` for a tool result, else the role."""
+    return f"tool {m.name or '?'} [{m.tool_call_id}]" if m.role == "tool" else m.role

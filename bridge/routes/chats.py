@@ -14,11 +14,19 @@ from aiohttp import web
 from tokenwire.bridge.credentials import grpc_metadata
 from tokenwire.bridge.errors import ApiError, invalid_param
 from tokenwire.bridge.fields import MAX_UINT32, SAMPLING, sampling, stop_strings
-from tokenwire.bridge.params import Params
+from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import generate_request, request_id_for
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
+from tokenwire.bridge.tool_fields import (
+    MAX_TOOLS,
+    PARALLEL_TOOL_CALLS,
+    TOOL_CHOICE,
+    TOOLS,
+    apply_tools,
+    tool_call_json,
+)
 from tokenwire.bridge.upstream import UPSTREAM
 from tokenwire.enums import enum_name
 from tokenwire.v1 import history_pb2 as hpb
@@ -47,6 +55,16 @@ MESSAGE_FIELDS: dict[str, Any] = {
                 "description": "The user's new message. Absent: answer the chat's last user message again "
                                "(after a failed or interrupted reply; 400 when the chat does not end with one)."},
     "model": {"type": "string", "description": "Model id or alias; absent: the chat's model."},
+    "tool_results": {
+        "type": "array", "maxItems": MAX_TOOLS, "description": (
+            "The results of the chat's last reply's tool calls, stored before `content` (which may then "
+            "be absent: the model answers the results)."),
+        "items": {"type": "object", "required": ["tool_call_id", "content"], "properties": {
+            "tool_call_id": {"type": "string", "minLength": 1, "description": "The id of the call it answers."},
+            "content": {"type": "string", "description": "What the tool returned."}}}},
+    "tools": TOOLS,
+    "tool_choice": TOOL_CHOICE,
+    "parallel_tool_calls": PARALLEL_TOOL_CALLS,
     **{name: GENERATE_FIELDS[name] for name in ("max_tokens", "stop", "keep_alive")},
     **SAMPLING,
 }
@@ -70,6 +88,12 @@ def message_json(m: hpb.Message) -> dict[str, Any]:
     if m.role == "assistant":
         out.update(model=m.model, usage=usage_dict(m.usage), dropped_messages=m.dropped_messages,
                    max_tokens=m.max_tokens or None)
+    if m.tool_calls:
+        out["tool_calls"] = [tool_call_json(c) for c in m.tool_calls]
+    if m.role == "tool":
+        out.update(tool_call_id=m.tool_call_id, name=m.name)
+    if m.reasoning:
+        out["reasoning"] = m.reasoning
     return out
 
 
@@ -193,19 +217,48 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
     content = p.string("content")
     if content is not None and not re.search(_NOT_BLANK, content):
         raise invalid_param("content", "content must not be empty (leave it out to answer the last message again)")
+    messages = tool_results(p.raw("tool_results"))
+    if content is not None:
+        messages.append(pb.ChatMessage(role="user", content=content))
     request = generate_request(
         request_id=request_id,
         model=p.string("model"),
-        messages=[pb.ChatMessage(role="user", content=content)] if content is not None else [],
+        messages=messages,
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
         stop=stop_strings(p),
         sampling=sampling(p, SAMPLING),
     )
     request.chat_id = chat_id
+    apply_tools(request, p.raw("tools"), p.raw("tool_choice"), p.boolean("parallel_tool_calls"))
     keep_alive = p.number("keep_alive")
     if keep_alive is not None:
         request.keep_alive_s = keep_alive
     return request
+
+
+def tool_results(value: Any) -> list[pb.ChatMessage]:
+    """`tool_results`: `[{"tool_call_id", "content"}]` as tool messages."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise invalid_param("tool_results", f"tool_results must be an array, got {json_type(value)}")
+    if len(value) > MAX_TOOLS:
+        raise invalid_param("tool_results", f"tool_results: at most {MAX_TOOLS}, got {len(value)}")
+    out = []
+    for i, result in enumerate(value):
+        where = f"tool_results[{i}]"
+        if not isinstance(result, dict):
+            raise invalid_param(where, f"{where} must be an object, got {json_type(result)}")
+        unknown = sorted(set(result) - {"tool_call_id", "content"})
+        if unknown:
+            raise invalid_param(f"{where}.{unknown[0]}", f"{where}: unknown field {unknown[0]!r}")
+        call_id, text = result.get("tool_call_id"), result.get("content")
+        if not isinstance(call_id, str) or not call_id:
+            raise invalid_param(f"{where}.tool_call_id", f"{where}.tool_call_id must be the id of a call (a string)")
+        if not isinstance(text, str):
+            raise invalid_param(f"{where}.content", f"{where}.content must be a string")
+        out.append(pb.ChatMessage(role="tool", tool_call_id=call_id, content=text))
+    return out
 
 
 async def post_message(request: web.Request) -> web.StreamResponse:

@@ -20,6 +20,7 @@ from tokenwire.bridge.proto_request import finish_reason_name, request_id_for
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
+from tokenwire.bridge.tool_fields import tool_call_json
 from tokenwire.bridge.upstream import HEARTBEAT, UPSTREAM, GenerateCall
 from tokenwire.v1 import inference_pb2 as pb
 
@@ -99,9 +100,7 @@ class ChatShape:
             message["reasoning_content"] = self.reasoning
         if self.calls:
             message["content"] = self.text.strip() or None
-            message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments_json}}
-                                     for c in self.calls]
+            message["tool_calls"] = [tool_call_json(c) for c in self.calls]
         return {"index": self.index, "message": message, "logprobs": lp, "finish_reason": finish}
 
 

@@ -41,12 +41,13 @@ from tokenwire.bridge.proto_request import chat_messages, generate_request
 from tokenwire.bridge.tool_fields import (
     FUNCTION,
     MAX_TOOLS,
+    PARALLEL_TOOL_CALLS,
     TOOL_CALL,
     TOOL_CHOICE,
     TOOLS,
+    apply_tools,
     function_tool,
     set_tool_choice,
-    tools_of,
 )
 from tokenwire.v1 import inference_pb2 as pb
 
@@ -128,8 +129,7 @@ _CHAT_ONLY = {
     "response_format": RESPONSE_FORMAT,
     "tools": TOOLS,
     "tool_choice": TOOL_CHOICE,
-    "parallel_tool_calls": {"type": "boolean", "default": True,
-                            "description": "Whether a reply may hold several calls."},
+    "parallel_tool_calls": PARALLEL_TOOL_CALLS,
     "functions": {"type": "array", "items": FUNCTION, "description": "Legacy form of tools."},
     "function_call": {"oneOf": [{"enum": ["none", "auto"]}, {"type": "object", "required": ["name"],
                                                              "properties": {"name": {"type": "string"}}}],
@@ -350,13 +350,7 @@ def tool_use(p: Params, request: pb.GenerateRequest) -> None:
     else:
         if p.raw("function_call") not in (None, "none", "auto"):
             raise invalid_param("function_call", "function_call goes with functions; with tools send tool_choice")
-        request.tools.extend(tools_of(p.raw("tools")))
-        set_tool_choice(request, p.raw("tool_choice"))
-        parallel = p.boolean("parallel_tool_calls")
-        if parallel is not None:
-            request.parallel_tool_calls = parallel
-    if request.tool_choice in ("required", "function") and not request.tools:
-        raise invalid_param("tool_choice", f"tool_choice {request.tool_choice!r} needs tools")
+        apply_tools(request, p.raw("tools"), p.raw("tool_choice"), p.boolean("parallel_tool_calls"))
 
 
 def parse_completion(body: dict[str, Any], request_id: str) -> tuple[pb.GenerateRequest, OpenAIOptions]:

@@ -25,6 +25,7 @@ from tokenwire.bridge.proto_request import chat_messages, finish_reason_name, ge
 from tokenwire.bridge.relay import note, relay_stream
 from tokenwire.bridge.request_body import read_json_object
 from tokenwire.bridge.sse import SSEWriter
+from tokenwire.bridge.tool_fields import tool_call_json
 from tokenwire.bridge.upstream import UPSTREAM
 from tokenwire.enums import enum_name
 from tokenwire.v1 import inference_pb2 as pb
@@ -125,7 +126,18 @@ class StreamEvents:
         data: dict[str, Any] = {"text": token.text, "token_id": token.token_id, "index": token.index}
         if token.HasField("logprob"):
             data["logprob"] = token.logprob
+        if token.reasoning:
+            data["reasoning"] = token.reasoning
         await sse.event("token", data)
+
+    async def tool_call(self, sse: SSEWriter, delta: pb.ToolCallDelta) -> None:
+        """A call of the request's tools: first its id and name, then fragments of its arguments."""
+        data: dict[str, Any] = {"index": delta.index}
+        if delta.id:
+            data.update(id=delta.id, name=delta.name)
+        else:
+            data["arguments"] = delta.arguments
+        await sse.event("tool_call", data)
 
     async def finished(self, sse: SSEWriter, finished: pb.Finished) -> None:
         reason = finish_reason_name(finished.reason)
@@ -134,6 +146,8 @@ class StreamEvents:
             data["matched_stop"] = finished.matched_stop
         if finished.error_message:
             data["error_message"] = finished.error_message
+        if finished.tool_calls:
+            data["tool_calls"] = [tool_call_json(c) for c in finished.tool_calls]
         note(self.request, model=finished.model, finish=reason, tokens=finished.usage.completion_tokens)
         await sse.event("done", data)
 

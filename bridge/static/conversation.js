@@ -10,7 +10,7 @@ import { loadChats, markCurrent, showListStatus, toggleHistory } from './chat-li
 import { els, element, wide } from './dom.js';
 import { finishName } from './format.js';
 import { renderMarkdown } from './markdown.js';
-import { addMessage, clearTranscript, scrollToBottom, setStatus, showError, showStoredMessage } from './messages.js';
+import { addMessage, clearTranscript, scrollToBottom, setStatus, showError, showReasoning, showStoredMessage, showToolCalls } from './messages.js';
 import { hasModels, loadModels, selectModel } from './models.js';
 import { readEvents } from './sse.js';
 import { clearStats, showQueued, showStats } from './stats.js';
@@ -153,7 +153,7 @@ async function generate(text) {
   state.controller = controller;
   setStreaming(true);
   /** @type {import('./stats.js').Generation} */
-  const gen = { startedAt: performance.now(), firstAt: null, lastAt: null, tokens: 0, text: '', finish: '', usage: null, error: '', model };
+  const gen = { startedAt: performance.now(), firstAt: null, lastAt: null, tokens: 0, text: '', reasoning: '', calls: [], finish: '', usage: null, error: '', model };
   showStats(gen, false);
 
   let frame = 0;
@@ -192,7 +192,15 @@ async function generate(text) {
       gen.lastAt = now;
       gen.tokens += 1;
       gen.text += data.text || '';
+      if (data.reasoning) {
+        gen.reasoning += data.reasoning;
+        showReasoning(node, gen.reasoning);
+      }
       schedulePaint();
+    } else if (type === 'tool_call') {
+      if (data.id) gen.calls[data.index] = { id: data.id, function: { name: data.name, arguments: '' } };
+      else if (gen.calls[data.index]) gen.calls[data.index].function.arguments += data.arguments || '';
+      showToolCalls(node, gen.calls.filter(Boolean));
     } else if (type === 'done') {
       gen.finish = finishName(data.finish_reason);
       gen.usage = data.usage || null;
@@ -232,7 +240,7 @@ async function generate(text) {
   if (gen.error) showError(node, gen.error);
   if (state.conversation !== turns) return; // "New chat" was pressed meanwhile
   loadChats(); // a new chat, a new title, a new order
-  if (gen.text) {
+  if (gen.text || gen.calls.length) {
     turns.push({ role: 'assistant', content: gen.text });
   } else if (gen.chat) {
     // The server kept the message (and an empty reply): it stays in the chat as it is.

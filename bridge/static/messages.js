@@ -44,9 +44,15 @@ export function showStoredMessage(m) {
     els.messages.append(note);
     return;
   }
+  if (m.role === 'tool') {
+    showToolResult(m);
+    return;
+  }
   const node = addMessage(m.role === 'user' ? 'user' : 'assistant', m.content);
   node.dataset.messageId = String(m.id);
   if (m.role !== 'assistant') return;
+  if (m.reasoning) showReasoning(node, m.reasoning);
+  if (m.tool_calls && m.tool_calls.length) showToolCalls(node, m.tool_calls);
   node.dataset.finish = STORED_FINISH[m.status] || m.status;
   const parts = [];
   if (m.model) parts.push(m.model);
@@ -54,6 +60,68 @@ export function showStoredMessage(m) {
   if (m.usage && m.usage.completion_tokens) parts.push(`${m.usage.completion_tokens} tokens`);
   node.querySelector('.meta').replaceChildren(element('span', '', parts.join(' · ')));
   if (m.error_message) showError(node, m.error_message);
+}
+
+/**
+ * Shows a reply's thinking above its text, folded (a reasoning model's <think> block, which the
+ * server keeps apart from the reply).
+ *
+ * @param {HTMLElement} node A .message element.
+ * @param {string} text
+ * @returns {HTMLElement} The <details> element (its .reasoning-text grows while streaming).
+ */
+export function showReasoning(node, text) {
+  let box = node.querySelector('.reasoning');
+  if (!box) {
+    box = element('details', 'reasoning');
+    box.append(element('summary', '', 'Thinking'), element('div', 'reasoning-text'));
+    node.querySelector('.bubble').insertBefore(box, node.querySelector('.content'));
+  }
+  box.querySelector('.reasoning-text').textContent = text; // the model's words, never parsed
+  return box;
+}
+
+/**
+ * Shows the tools a reply called, each as its name and its JSON arguments, below its text.
+ *
+ * @param {HTMLElement} node A .message element.
+ * @param {{id: string, function: {name: string, arguments: string}}[]} calls
+ */
+export function showToolCalls(node, calls) {
+  const list = element('div', 'tool-calls');
+  for (const call of calls) {
+    const item = element('div', 'tool-call');
+    item.dataset.testid = 'tool-call';
+    item.dataset.callId = call.id;
+    item.append(element('span', 'tool-name', `Called ${call.function.name}`), element('pre', 'tool-args', prettyJson(call.function.arguments)));
+    list.append(item);
+  }
+  const old = node.querySelector('.tool-calls');
+  if (old) old.replaceWith(list);
+  else node.querySelector('.bubble').insertBefore(list, node.querySelector('.meta'));
+}
+
+/**
+ * Shows a tool's result (a "tool" message) as a note under the call it answers.
+ *
+ * @param {{id: number, content: string, name?: string, tool_call_id?: string}} m
+ */
+export function showToolResult(m) {
+  els.empty.hidden = true;
+  const note = element('div', 'tool-result');
+  note.dataset.testid = 'tool-result';
+  note.dataset.messageId = String(m.id);
+  if (m.tool_call_id) note.dataset.callId = m.tool_call_id;
+  note.append(element('span', 'tool-name', `Result of ${m.name || 'a tool'}`), element('pre', 'tool-output', m.content));
+  els.messages.append(note);
+}
+
+function prettyJson(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
 }
 
 /**
@@ -89,7 +157,7 @@ export function setStatus(node, text) {
 
 /** Removes every message and system note from the transcript. */
 export function clearTranscript() {
-  for (const node of els.messages.querySelectorAll('.message, .system-note')) node.remove();
+  for (const node of els.messages.querySelectorAll('.message, .system-note, .tool-result')) node.remove();
 }
 
 function nearBottom() {

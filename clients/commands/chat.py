@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from tokenwire.clients.chat_pages import whole_chat
+from tokenwire.clients.chat_pages import message_body, message_heading, whole_chat
 from tokenwire.clients.connection import describe_rpc_error, open_channel, server_target
 from tokenwire.enums import enum_name
 
@@ -134,8 +134,8 @@ def cmd_history_show(args: argparse.Namespace) -> int:
         for m in reply.messages:
             status = _status_name(m.status)
             note = "" if status == "complete" else f" ({status}{': ' + m.error_message if m.error_message else ''})"
-            print(f"\n--- {m.role}{note}")
-            print(m.content)
+            print(f"\n--- {message_heading(m)}{note}")
+            print("\n".join(message_body(m)))
         return 0
 
     return _rpc(args, run)

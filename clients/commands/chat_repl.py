@@ -13,7 +13,7 @@ from typing import TextIO
 
 import grpc
 
-from tokenwire.clients.chat_pages import whole_chat
+from tokenwire.clients.chat_pages import call_line, message_body, message_heading, whole_chat
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
@@ -63,9 +63,9 @@ class ChatRepl:
         self.say(f"continuing chat {reply.chat.id}: {reply.chat.title or '(untitled)'} "
                  f"({len(reply.messages)} messages)")
         for message in [m for m in reply.messages if m.role != "system"][-2:]:
-            who = "you" if message.role == "user" else "model"
-            text = message.content if len(message.content) <= 300 else message.content[:300] + "…"
-            self.say(f"  {who}: {text}")
+            who = {"user": "you", "assistant": "model"}.get(message.role) or message_heading(message)
+            text = "\n    ".join(line for line in message_body(message) if line)
+            self.say(f"  {who}: {text if len(text) <= 300 else text[:300] + '…'}")
 
     def open_last_chat(self) -> bool:
         chats = self.history.ListChats(hpb.ListChatsRequest(page_size=1), timeout=30).chats
@@ -145,11 +145,19 @@ class ChatRepl:
             sampling=self.options.sampling, messages=[pb.ChatMessage(role="user", content=text)],
         )
         call = self.inference.Generate(request)
-        finished = None
+        finished, thinking = None, False
         try:
             for response in call:
                 kind = response.WhichOneof("event")
                 if kind == "token":
+                    if response.token.reasoning:
+                        if not thinking:
+                            self.out.write("[thinking] ")
+                        thinking = True
+                        self.out.write(response.token.reasoning)
+                    elif thinking and response.token.text:
+                        self.out.write("\n[/thinking]\n")
+                        thinking = False
                     self.out.write(response.token.text)
                     self.out.flush()
                 elif kind == "chat" and response.chat.dropped_messages:
@@ -157,6 +165,8 @@ class ChatRepl:
                              "context window and were left out]")
                 elif kind == "finished":
                     finished = response.finished
+                    for c in finished.tool_calls:
+                        self.say(("\n" if finished.tool_calls[0] is c else "") + call_line(c.name, c.arguments_json, c.id))
         except KeyboardInterrupt:
             call.cancel()
             self.say("\n[stopped]")

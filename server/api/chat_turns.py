@@ -22,8 +22,10 @@ import grpc
 from tokenwire.server.chats.store import ReplyOutcome, TurnStart
 from tokenwire.server.chats.worker import STORE_FAILURES, ChatWorker, ReplyNotStored, StoreUnavailable
 from tokenwire.server.engine.records import ReplyStatus
+from tokenwire.server.engine.reply_shape import ReplyShape
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest, check_shape
 from tokenwire.server.engine.sequence import FinishedEvent
+from tokenwire.server.engine.tool_calls import ToolCallRecord
 from tokenwire.server.models.manager import ModelManager, ModelNotFound
 from tokenwire.server.models.store import ModelEntry
 from tokenwire.v1 import inference_pb2 as pb
@@ -48,6 +50,7 @@ class ChatTurn:
         # (deadline, server shutdown). Set before the sequence is cancelled.
         self.cancelled_as = ReplyStatus.CANCELLED
         self.committed: concurrent.futures.Future | None = None
+        self.shape = ReplyShape()  # how the reply's text is read into content, reasoning and calls
         self._text: list[str] = []  # what the client has been sent so far
         self._saved_at = time.monotonic()
         self._saving: concurrent.futures.Future | None = None
@@ -62,9 +65,11 @@ class ChatTurn:
 
     def finish(self, event: FinishedEvent) -> None:
         """Stores the reply as it ended (called on the scheduler thread; never blocks)."""
+        reply = self.shape.read(event.text)
         self._store(ReplyOutcome(
-            content=event.text, status=ReplyStatus.of(event.reason, self.cancelled_as),
+            content=reply.content, status=ReplyStatus.of(event.reason, self.cancelled_as),
             error_message=event.error_message, usage=event.usage, dropped_messages=self.dropped_messages,
+            reasoning=reply.reasoning, tool_calls=[_call_dict(c) for c in reply.tool_calls],
         ))
 
     def streamed(self, text: str) -> None:
@@ -76,8 +81,9 @@ class ChatTurn:
             return
         self._saved_at = now
         if self.committed is None:
+            so_far = self.shape.read("".join(self._text), final=False)
             self._saving = self.worker.submit(self.worker.store.save_partial, self.start.reply_message_id,
-                                              "".join(self._text))
+                                              so_far.content, so_far.reasoning)
             self._saving.add_done_callback(_log_failure)
 
     def note_cancel(self, context: grpc.aio.ServicerContext, server_stopping: bool = False) -> None:
@@ -114,6 +120,10 @@ class ChatTurn:
                 pass
 
 
+def _call_dict(call: ToolCallRecord) -> dict[str, str]:
+    return {"id": call.id, "name": call.name, "arguments": call.arguments}
+
+
 def ended_by(context: grpc.aio.ServicerContext) -> ReplyStatus:
     """How a call that ends early left its reply: a passed deadline is the server's
     cancellation (CANCELLED); anything else (the client cancelled or went away) is STOPPED."""
@@ -131,7 +141,7 @@ class TurnPlan:
     """A turn checked but not committed yet: the model to answer and the context it would have."""
 
     entry: ModelEntry
-    context: list[dict[str, str]]
+    context: list[dict]
 
 
 async def plan_turn(

@@ -293,6 +293,9 @@ def message_to_proto(m: MessageInfo) -> hpb.Message:
             pass
     if m.role == "assistant":
         out.usage.CopyFrom(usage_to_proto(m.usage))
+    out.tool_calls.extend(pb.ToolCall(id=c.get("id", ""), name=c.get("name", ""), arguments_json=c.get("arguments", ""))
+                          for c in m.tool_calls)
+    out.tool_call_id, out.name, out.reasoning = m.tool_call_id, m.name, m.reasoning
     return out
 
 

@@ -100,6 +100,12 @@ class Message(BaseModel):
     queue_time_ms = pw.FloatField(default=0.0)
     cached_prompt_tokens = pw.IntegerField(default=0)  # schema 2
     writer = pw.CharField(max_length=100, default="")  # schema 4: the server writing a pending reply
+    # Schema 6: an assistant message's tool calls (JSON: [{"id", "name", "arguments"}]), a tool
+    # result's call id and function name, and a reply's thinking (kept apart from its content).
+    tool_calls = pw.TextField(default="")
+    tool_call_id = pw.CharField(max_length=100, default="")
+    name = pw.CharField(max_length=64, default="")
+    reasoning = pw.TextField(default="")
     created_ms = pw.BigIntegerField(default=now_ms)
 
     class Meta:
@@ -195,8 +201,25 @@ def _add_native_search(db: pw.Database) -> None:
             db.execute_sql(sql)
 
 
+# Schema 6's columns (see Message).
+_TOOL_COLUMNS = {"tool_calls": pw.TextField(default=""), "tool_call_id": pw.CharField(max_length=100, default=""),
+                 "name": pw.CharField(max_length=64, default=""), "reasoning": pw.TextField(default="")}
+
+
+def _add_tool_messages(db: pw.Database) -> None:
+    """Schema 6: tool calls and results in chats, and replies' thinking apart from their text."""
+    have = {c.name for c in db.get_columns("message")}
+    missing = [(name, column) for name, column in _TOOL_COLUMNS.items() if name not in have]
+    if not missing:
+        return
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    migrate(*(migrator.add_column("message", name, column) for name, column in missing))
+
+
 MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles,
-                                                   _add_reply_writers, _add_native_search]
+                                                   _add_reply_writers, _add_native_search, _add_tool_messages]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

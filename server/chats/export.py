@@ -10,7 +10,7 @@ from .store import ChatInfo, MessageInfo
 
 JSON_TYPE = "application/json"
 MARKDOWN_TYPE = "text/markdown"
-_ROLE_HEADINGS = {"system": "System", "user": "You", "assistant": "Assistant"}
+_ROLE_HEADINGS = {"system": "System", "user": "You", "assistant": "Assistant", "tool": "Tool result"}
 _STATUS_NOTES = {
     "length": "cut at the token limit",
     "stopped": "stopped by the user",
@@ -42,11 +42,19 @@ def to_markdown(chat: ChatInfo, messages: list[MessageInfo]) -> str:
     for m in messages:
         heading = _ROLE_HEADINGS.get(m.role, m.role.title())
         notes = [m.model] if m.role == "assistant" and m.model else []
+        if m.role == "tool":
+            notes.append(f"{m.name or 'call'} `{m.tool_call_id}`")
         if m.status in _STATUS_NOTES:
             notes.append(_STATUS_NOTES[m.status])
         lines.append(f"## {heading}" + (f" ({', '.join(notes)})" if notes else ""))
         lines.append("")
-        lines.append(m.content if m.content else "_(no text)_")
+        if m.reasoning:
+            lines += ["> " + line if line else ">" for line in f"_Thinking:_ {m.reasoning}".split("\n")] + [""]
+        if m.content or not m.tool_calls:
+            lines.append(m.content if m.content else "_(no text)_")
+        for call in m.tool_calls:
+            lines += ["", f"Calls `{call.get('name', '')}` (`{call.get('id', '')}`):", "", "```json",
+                      call.get("arguments", ""), "```"]
         if m.error_message:
             lines += ["", f"> error: {m.error_message}"]
         lines.append("")

@@ -101,6 +101,10 @@ class MessageInfo:
     params: dict[str, Any] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     dropped_messages: int = 0
+    tool_calls: list[dict[str, str]] = field(default_factory=list)  # [{"id", "name", "arguments"}]
+    tool_call_id: str = ""  # a tool result: the call it answers
+    name: str = ""  # a tool result: the function's name
+    reasoning: str = ""  # a reply's thinking, apart from its content
 
 
 @dataclass
@@ -108,8 +112,8 @@ class TurnStart:
     """A chat turn begun: the messages to prompt with and the ids of what was committed."""
 
     chat: ChatInfo
-    context: list[dict[str, str]]  # every message with text, oldest first, the new ones included
-    user_message_id: int
+    context: list[dict[str, Any]]  # every message with text or calls, oldest first, the new ones included
+    user_message_id: int  # the last new message committed (a user message, or a tool result); 0: none
     reply_message_id: int
 
 
@@ -122,6 +126,8 @@ class ReplyOutcome:
     error_message: str = ""
     usage: Usage = field(default_factory=Usage)
     dropped_messages: int = 0
+    reasoning: str = ""
+    tool_calls: list[dict[str, str]] = field(default_factory=list)  # [{"id", "name", "arguments"}]
 
 
 @dataclass
@@ -322,6 +328,7 @@ class ChatStore:
             id=m.id, chat_id=chat_id, role=m.role, content=m.content, status=m.status, created_ms=m.created_ms,
             error_message=m.error_message, model=m.model, params=params,
             usage=Usage(**{name: getattr(m, name) for name in _USAGE_COLUMNS}), dropped_messages=m.dropped_messages,
+            tool_calls=_stored_calls(m.tool_calls), tool_call_id=m.tool_call_id, name=m.name, reasoning=m.reasoning,
         )
 
     @staticmethod
@@ -360,6 +367,9 @@ class ChatStore:
 
     def append_message(self, user_id: int, chat_id: str, role: str, content: str) -> MessageInfo:
         self._check_role(role)
+        if role == "tool":
+            raise ChatRequestError("a tool result answers a call: send it in a turn (Generate with chat_id, "
+                                   "a message with role tool and tool_call_id)", "role")
         if not content:
             raise ChatRequestError("content must not be empty", "content")
         with write_transaction(self.db):
@@ -368,19 +378,31 @@ class ChatStore:
             message = self._add(chat, role, content)
         return self._message(message, chat_id)
 
-    def _turn_context(self, chat: Chat, existing: list[Message], new_messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    def _turn_context(self, chat: Chat, existing: list[Message], new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Checks a turn's new messages against the chat; the context it would prompt with."""
+        calls = {c["id"]: c["name"] for m in existing for c in _stored_calls(m.tool_calls)}
         for i, m in enumerate(new_messages):
             self._check_role(m.get("role", ""))
-            if not m.get("content"):
+            if m["role"] == "tool":
+                call_id = m.get("tool_call_id") or ""
+                if call_id not in calls:
+                    raise ChatRequestError(
+                        f"messages[{i}].tool_call_id {call_id!r} names no tool call of this chat" if call_id else
+                        f"messages[{i}]: a tool result needs the tool_call_id of the call it answers",
+                        f"messages[{i}].tool_call_id")
+            elif not m.get("content") and not (m["role"] == "assistant" and m.get("tool_calls")):
                 raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
+            calls.update((c["id"], c["name"]) for c in _request_calls(m))
         if any(m["role"] == "system" for m in new_messages) and existing:
             raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
-        self._check_size(chat, [m["content"] for m in new_messages], "messages")
-        context = [{"role": m.role, "content": m.content} for m in existing if m.content and m.status != "pending"]
-        context += [{"role": m["role"], "content": m["content"]} for m in new_messages]
-        if not context or context[-1]["role"] != "user":
-            raise ChatRequestError("nothing to answer: send a user message (the chat does not end with one)", "messages")
+        self._check_size(chat, [_message_text(m) for m in new_messages], "messages")
+        context = [_context_message(m.role, m.content, _stored_calls(m.tool_calls), m.tool_call_id, m.name)
+                   for m in existing if m.status != "pending" and (m.content or m.tool_calls or m.role == "tool")]
+        context += [_context_message(m["role"], m.get("content") or "", _request_calls(m), m.get("tool_call_id", ""),
+                                     m.get("name") or calls.get(m.get("tool_call_id", ""), "")) for m in new_messages]
+        if not context or context[-1]["role"] not in ("user", "tool"):
+            raise ChatRequestError("nothing to answer: send a user message or tool results (the chat ends with "
+                                   "neither)", "messages")
         return context
 
     def preview_turn(self, user_id: int, chat_id: str, new_messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -400,11 +422,11 @@ class ChatStore:
             existing = list(chat.messages.order_by(Message.seq))
             context = self._turn_context(chat, existing, new_messages)
             user_message_id = 0
-            for m in new_messages:
-                added = self._add(chat, m["role"], m["content"])
+            for m, said in zip(new_messages, context[len(context) - len(new_messages):], strict=True):
+                added = self._add(chat, m["role"], said["content"], tool_call_id=said.get("tool_call_id", ""),
+                                  name=said.get("name", ""), tool_calls=_calls_json(_request_calls(m)))
                 existing.append(added)
-                if m["role"] == "user":
-                    user_message_id = added.id
+                user_message_id = added.id
             chat.model = model
             reply = self._add(chat, "assistant", "", status="pending", model=model,
                               params=json.dumps(params or {}, sort_keys=True), writer=self.instance)
@@ -418,7 +440,8 @@ class ChatStore:
         with write_transaction(self.db):
             updated = Message.update(
                 content=outcome.content, status=ReplyStatus(outcome.status).value, error_message=outcome.error_message,
-                dropped_messages=outcome.dropped_messages,
+                dropped_messages=outcome.dropped_messages, reasoning=outcome.reasoning,
+                tool_calls=_calls_json(outcome.tool_calls),
                 **{name: getattr(outcome.usage, name) for name in _USAGE_COLUMNS},
             ).where((Message.id == reply_id) & (Message.status == ReplyStatus.PENDING.value)).execute()
             if updated:
@@ -426,11 +449,11 @@ class ChatStore:
                     Chat.id == Message.select(Message.chat).where(Message.id == reply_id)).execute()
         return bool(updated)
 
-    def save_partial(self, reply_id: int, content: str) -> bool:
+    def save_partial(self, reply_id: int, content: str, reasoning: str = "") -> bool:
         """The text of a reply still being written, so a crash loses at most what came since;
         False when it is no longer pending (finished meanwhile: the final text wins)."""
         with write_transaction(self.db):
-            return bool(Message.update(content=content).where(
+            return bool(Message.update(content=content, reasoning=reasoning).where(
                 (Message.id == reply_id) & (Message.status == ReplyStatus.PENDING.value)).execute())
 
     def renew_lease(self) -> None:
@@ -535,3 +558,49 @@ class ChatStore:
                  .order_by(Chat.updated_ms.desc(), Message.seq.desc()).limit(limit * SNIPPETS_PER_CHAT * 4))
         return [(m.chat_id, m.id, m.role, chat_search.spans_by_scan(m.content, terms)) for m in query]
 
+
+# ---- tool calls ------------------------------------------------------------------------------
+
+def _stored_calls(text: str) -> list[dict[str, str]]:
+    """A message's tool_calls column: [{"id", "name", "arguments"}] ([] when empty or unreadable)."""
+    if not text:
+        return []
+    try:
+        calls = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def _request_calls(message: dict[str, Any]) -> list[dict[str, str]]:
+    """A new message's calls (OpenAI's shape, as GenerateParams holds them) as the store keeps
+    them; a call sent without an id is given one, so a result can name it."""
+    out = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        arguments = function.get("arguments", "")
+        out.append({"id": call.get("id") or "call_" + secrets.token_hex(12), "name": function.get("name", ""),
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)})
+    return out
+
+
+def _calls_json(calls: list[dict[str, str]]) -> str:
+    return json.dumps(calls, ensure_ascii=False) if calls else ""
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    return (message.get("content") or "") + "".join(c["arguments"] for c in _request_calls(message))
+
+
+def _context_message(role: str, content: str, calls: list[dict[str, str]], tool_call_id: str,
+                     name: str) -> dict[str, Any]:
+    """One message of a turn's prompt, in the shape GenerateParams.messages holds."""
+    message: dict[str, Any] = {"role": role, "content": content}
+    if calls:
+        message["tool_calls"] = [{"id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                 for c in calls]
+    if role == "tool":
+        message["tool_call_id"] = tool_call_id
+        if name:
+            message["name"] = name
+    return message

@@ -31,8 +31,6 @@ from .tool_calls import (
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 MAX_CHOICES = 8
-# A request's messages may also hold tool results (a stored chat's roles are ROLES).
-REQUEST_ROLES = (*ROLES, "tool")
 
 
 class ServedModel(Protocol):
@@ -90,10 +88,9 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
     if size > max_request_bytes:
         raise InvalidRequest(f"prompt is {size} bytes; the server accepts at most {max_request_bytes}",
                              "messages" if params.messages else "prompt", "PROMPT_TOO_LARGE")
-    roles = ROLES if chat else REQUEST_ROLES
     for i, message in enumerate(params.messages):
-        if message.get("role") not in roles:
-            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(roles)}, got {message.get('role')!r}",
+        if message.get("role") not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}",
                                  f"messages[{i}].role")
         if message.get("tool_calls") and message["role"] != "assistant":
             raise InvalidRequest(f"messages[{i}]: only assistant messages hold tool_calls", f"messages[{i}].tool_calls")
@@ -124,9 +121,6 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
         except ConstraintError as exc:
             raise InvalidRequest(str(exc), f"sampling.{params.constraint.kind}", "CONSTRAINT_INVALID") from exc
     if params.tools is not None:
-        if chat and params.tools.tools:
-            raise InvalidRequest("tools are not supported on a stored chat (chat_id) yet; send the conversation "
-                                 "in messages", "tools")
         try:
             params.tools.check()
         except ToolError as exc:

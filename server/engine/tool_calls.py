@@ -19,10 +19,13 @@ how its calls are read back out of the text it writes.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +110,13 @@ class ToolCallRecord:
 def new_call_id() -> str:
     alphabet = string.ascii_letters + string.digits
     return "call_" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+def call_ids(seed: str) -> Callable[[], str]:
+    """Call ids for one reply, the same on every parse of it: the stream that sends the reply and
+    the chat store that keeps it read the text apart, and a tool result must name the id sent."""
+    count = itertools.count()
+    return lambda: "call_" + hashlib.sha256(f"{seed}:{next(count)}".encode()).hexdigest()[:24]
 
 
 # ---- rendering -----------------------------------------------------------------------------
@@ -251,8 +261,9 @@ class ToolCallStream:
     `feed` takes each piece of text as it comes and returns what can be said now; text that may
     open a call is held back until it is known. `finish` says the rest. `calls` lists the calls."""
 
-    def __init__(self, tools: tuple[ToolSpec, ...]) -> None:
+    def __init__(self, tools: tuple[ToolSpec, ...], ids: Callable[[], str] = new_call_id) -> None:
         self.names = {t.name for t in tools}
+        self._ids = ids
         self.calls: list[ToolCallRecord] = []
         self._held = ""  # text not yet said: it may begin a call
         self._in_call = ""  # "" (prose), CALL_OPEN, MISTRAL_OPEN or "{" (a bare JSON call)
@@ -351,7 +362,7 @@ class ToolCallStream:
             args = _loads(args)
         if not isinstance(args, dict):
             return None
-        return ToolCallRecord(new_call_id(), value["name"], json.dumps(args, ensure_ascii=False))
+        return ToolCallRecord(self._ids(), value["name"], json.dumps(args, ensure_ascii=False))
 
 
 _MISSING = object()

@@ -412,7 +412,7 @@ def test_turn_refusals_say_what_is_wrong(store: ChatStore) -> None:
     u = store.ensure_user("ann")
     chat = store.create_chat(u)
     cases = [
-        ([{"content": "x"}], "role must be one of system, user, assistant, got ''", "role"),
+        ([{"content": "x"}], "role must be one of system, user, assistant, tool, got ''", "role"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": ""}],
          "messages[1].content must not be empty", "messages[1].content"),
     ]
@@ -542,7 +542,7 @@ def test_store_defaults_counts_and_close(tmp_path: Path) -> None:
         s.append_message(u, chat.id, "assistant", "yo")
         with pytest.raises(ChatRequestError) as exc:
             s.begin_turn(u, chat.id, [], "m")
-        assert str(exc.value) == "nothing to answer: send a user message (the chat does not end with one)"
+        assert str(exc.value) == "nothing to answer: send a user message or tool results (the chat ends with neither)"
     finally:
         s.close()
     assert s.db.is_closed()
