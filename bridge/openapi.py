@@ -65,12 +65,23 @@ _SCHEMAS: dict[str, Any] = {
     "QueuedEvent": {"type": "object", "properties": {"position": {"type": "integer", "minimum": 1}}},
     "TokenEvent": {"type": "object", "required": ["text", "token_id", "index"], "properties": {
         "text": {"type": "string", "description": "May be empty (a character split over tokens, held-back stop text)."},
-        "token_id": {"type": "integer"}, "index": {"type": "integer"}, "logprob": _NUM}},
+        "token_id": {"type": "integer"}, "index": {"type": "integer"}, "logprob": _NUM,
+        "reasoning": {"type": "string", "description": "A reasoning model's thinking (its <think> block), "
+                                                       "present when the token is part of it."}}},
+    "ToolCallEvent": {"type": "object", "required": ["index"], "properties": {
+        "index": {"type": "integer", "minimum": 0}, "id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string", "description": "A fragment of the call's arguments (JSON text); the first "
+                                                       "event of a call has its id and name instead."}}},
     "DoneEvent": {"type": "object", "required": ["finish_reason", "usage", "model"], "properties": {
-        "finish_reason": {"enum": ["stop", "length", "cancelled", "error"]},
+        "finish_reason": {"enum": ["stop", "length", "cancelled", "error", "tool_calls"]},
         "usage": _ref("Usage"), "model": {"type": "string"},
         "matched_stop": {"type": "string", "description": "Present when a stop string ended the generation."},
-        "error_message": {"type": "string", "description": "Present when finish_reason is error."}}},
+        "error_message": {"type": "string", "description": "Present when finish_reason is error."},
+        "tool_calls": {"type": "array", "description": "The reply's calls of the request's tools, whole.",
+                       "items": {"type": "object", "properties": {
+                           "id": {"type": "string"}, "type": {"const": "function"},
+                           "function": {"type": "object", "properties": {
+                               "name": {"type": "string"}, "arguments": {"type": "string"}}}}}}}},
     "ChatCompletionRequest": _request(CHAT_FIELDS, "messages"),
     "CompletionRequest": _request(COMPLETION_FIELDS, "prompt"),
     "ChatCompletion": {"type": "object", "properties": {

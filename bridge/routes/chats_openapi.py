@@ -102,10 +102,12 @@ def _paths() -> dict[str, Any]:
             "requestBody": chat_body,
             "responses": {"200": {
                 "description": "text/event-stream: the events of /api/generate with a `chat` (ChatEvent) right after "
-                               "`started`: `started`, `chat`, `queued`, `token`, `done` (DoneEvent), or `error`.",
+                               "`started`: `started`, `chat`, `queued`, `token`, `tool_call` (ToolCallEvent: a call of "
+                               "the request's tools, its id and name, then its arguments), `done` (DoneEvent), or "
+                               "`error`.",
                 "headers": {"X-Request-Id": {"schema": {"type": "string"}}},
                 "content": {"text/event-stream": {"schema": sse_event(
-                    "started", "chat", "queued", "token", "done", "error",
+                    "started", "chat", "queued", "token", "tool_call", "done", "error",
                     data="The event's object as JSON (see the description).")}}},
                 "404": _json(_ref("Error"), _NOT_FOUND + " Or an unknown model (model_not_found)."),
                 **_errors(400, 401, 413, 415, 429, 503)}}},
