@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers lint browser node postgres clean
+.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers bench-cluster lint browser node postgres haproxy cluster clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,18 @@ postgres:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; }
 
+# Debian's HAProxy, the router of `make cluster` (started by it; nothing runs as a system service).
+haproxy:
+	@command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; fi; }
+
+# Replicas behind a router on this machine: PostgreSQL, REPLICAS (2) servers and their bridges, HAProxy;
+# the front doors on 127.0.0.1:8080 (HTTP) and 127.0.0.1:50050 (gRPC). Ctrl-C stops all of it.
+REPLICAS ?= 2
+cluster: model postgres haproxy
+	$(BIN)/tokenwire cluster --replicas $(REPLICAS)
+
 run: model
 	$(BIN)/tokenwire up --host $(HOST) --port $(GRPC_PORT) --http-port $(HTTP_PORT)
 
@@ -63,12 +75,12 @@ bridge: setup
 # TOKENWIRE_REQUIRE_ALL=1: a skipped test fails unless tests/skip_policy.py allows its reason (no
 # GPU, a CPU without the instruction set), so no end-to-end test passes by skipping; each tier
 # lists its skips (-rs) and its slowest tests (--durations).
-test: model node browser postgres
+test: model node browser postgres haproxy
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow"
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m slow
 
 # The fast tier alone: scheduler, sampling, stores, ... on a fake engine; no model needed.
-test-fast: setup postgres
+test-fast: setup postgres haproxy
 	$(BIN)/python -m pytest -q -m "not slow"
 
 proto: setup
@@ -103,3 +115,10 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# bench/gpu_check.sh rehearsed on this CPU (TOKENWIRE_GPU_CHECK_CPU=1: every step at small sizes, the
+# CUDA checks on the CPU provider; results in build/gpu_out/). On a GPU machine the device tool runs
+# `bash bench/gpu_check.sh` itself, with the wheels of `bash bench/gpu_wheels.sh` carried: docs/gpu.md.
+.PHONY: gpu-check
+gpu-check: setup
+	TOKENWIRE_GPU_CHECK_CPU=1 PYTHON=$(BIN)/python bash bench/gpu_check.sh

@@ -10,6 +10,7 @@ from typing import Final
 import grpc
 from aiohttp import web
 
+from tokenwire import affinity
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
@@ -135,7 +136,8 @@ class Upstream:
         return from_rpc_error(exc, self.target, self.settings.retry_after_s)
 
     def generate(self, request: pb.GenerateRequest) -> GenerateCall:
-        return GenerateCall(self.stub.Generate(request, metadata=grpc_metadata()), self.settings.heartbeat_s, self)
+        metadata = grpc_metadata(affinity.for_request(request))
+        return GenerateCall(self.stub.Generate(request, metadata=metadata), self.settings.heartbeat_s, self)
 
     async def list_models(self) -> pb.ListModelsResponse:
         try:
@@ -147,3 +149,4 @@ class Upstream:
 
 
 UPSTREAM = web.AppKey("upstream", Upstream)
+

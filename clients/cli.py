@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 from tokenwire.clients.commands.chat import add_chat_commands
+from tokenwire.clients.commands.cluster import add_cluster_command
 from tokenwire.clients.commands.models import add_model_commands
 from tokenwire.enums import enum_name
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_model_commands(sub)
     add_chat_commands(sub)
+    add_cluster_command(sub)
 
     from tokenwire.bridge.config import BridgeSettings
     from tokenwire.server import settings

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import grpc
 
+from tokenwire import affinity
+from tokenwire.v1 import inference_pb2 as pb
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -24,21 +27,23 @@ def auth_metadata() -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),) if key else ()
 
 
-class _Authorization(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every call."""
+class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call, and to Generate the affinity key that a
+    router in front of several servers hashes (see tokenwire.affinity)."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
 
-    def _details(self, details):
-        metadata = tuple(details.metadata or ()) + self.metadata
+    def _details(self, details, extra: tuple[tuple[str, str], ...] = ()):
+        metadata = tuple(details.metadata or ()) + self.metadata + extra
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._details(client_call_details), request)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
+        key = affinity.for_request(request) if isinstance(request, pb.GenerateRequest) else ""
+        return continuation(self._details(client_call_details, ((affinity.HEADER, key),) if key else ()), request)
 
 
 class _Details(grpc.ClientCallDetails):
@@ -66,8 +71,7 @@ def open_channel(target: str, ca: str | None = None) -> grpc.Channel:
         channel = grpc.secure_channel(target, credentials, options=options)
     else:
         channel = grpc.insecure_channel(target, options=options)
-    metadata = auth_metadata()
-    return grpc.intercept_channel(channel, _Authorization(metadata)) if metadata else channel
+    return grpc.intercept_channel(channel, _CallMetadata(auth_metadata()))
 
 
 def describe_rpc_error(exc: grpc.RpcError, target: str) -> str:

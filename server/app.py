@@ -47,6 +47,7 @@ class Running:
     models: ModelManager
     health: health.aio.HealthServicer
     inference: InferenceService
+    metrics: PrometheusMetrics
 
 
 async def start_server(config: ServerConfig, chats: ChatWorker | None = None) -> Running:
@@ -105,7 +106,8 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     await server.start()
     for name in ("", *service_names[:2]):  # the server, Inference, History
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, manager, health_servicer, inference)
+    metrics.ready = True
+    return Running(server, manager, health_servicer, inference, metrics)
 
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
@@ -137,6 +139,7 @@ async def drain(running: Running, grace_s: float, hurry: asyncio.Event) -> None:
     ones finish within `grace_s`, then cancels the rest: their replies are stored as far as they
     went. `hurry` (a second signal) cancels at once."""
     log.info("draining: no new calls; running ones have %.0fs to finish (a second signal stops at once)", grace_s)
+    running.metrics.ready = False
     await running.health.enter_graceful_shutdown()
     running.inference.stopping = True  # new generations: UNAVAILABLE (SERVER_DRAINING), with Retry-After
     drained = asyncio.ensure_future(running.inference.drained())

@@ -28,6 +28,7 @@ class Metrics:
     def prefix_cache(self, model: str, hit: bool, reused_tokens: int) -> None: ...
     def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None: ...
     def model_loaded(self, model: str, seconds: float) -> None: ...
+    def capacity(self, model: str, max_rows: int, prefix_budget_bytes: int) -> None: ...
 
 
 class PrometheusMetrics(Metrics):
@@ -55,12 +56,43 @@ class PrometheusMetrics(Metrics):
         self._evictions = Gauge("tokenwire_prefix_cache_evictions", "Prefixes evicted so far", ["model"], registry=r)
         self._load = Histogram("tokenwire_model_load_seconds", "Time to load a model", ["model"],
                                buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        # The replica's totals, named and typed as the Gateway API inference extension's model server
+        # protocol asks (vLLM's names with our prefix): what a router or an autoscaler reads.
+        self._models: dict[str, dict[str, float]] = {}
+        for name, what, value in (
+            ("tokenwire:num_requests_waiting", "Requests waiting for a slot, all models (TotalQueuedRequests)",
+             lambda: self._total("waiting")),
+            ("tokenwire:num_requests_running", "Sequences being decoded, all models (TotalRunningRequests)",
+             lambda: self._total("running")),
+            ("tokenwire:kv_cache_usage_perc", "Share of the loaded models' KV rows in use, 0 to 1 (KVCacheUtilization)",
+             lambda: self._share("running", "max_rows")),
+            ("tokenwire:prefix_cache_usage_perc", "Share of the prefix caches' memory budget held, 0 to 1",
+             lambda: self._share("prefix_bytes", "prefix_budget")),
+        ):
+            Gauge(name, what, registry=r).set_function(value)
+        self.ready = False  # /readyz: serving and not draining (set by the server)
+
+    def _set(self, model: str, **values: float) -> None:
+        self._models.setdefault(model, {}).update(values)
+
+    def _total(self, key: str) -> float:
+        return sum(m.get(key, 0) for m in list(self._models.values()))
+
+    def _share(self, used: str, of: str) -> float:
+        whole = self._total(of)
+        return min(1.0, self._total(used) / whole) if whole else 0.0
 
     def queue_length(self, model: str, n: int) -> None:
         self._queue.labels(model).set(n)
+        self._set(model, waiting=n)
 
     def batch_size(self, model: str, n: int) -> None:
         self._batch.labels(model).set(n)
+        self._set(model, running=n)
+
+    def capacity(self, model: str, max_rows: int, prefix_budget_bytes: int) -> None:
+        """A model's scheduler started (its rows and prefix budget) or stopped (zeros)."""
+        self._set(model, max_rows=max_rows, prefix_budget=prefix_budget_bytes)
 
     def time_to_first_token(self, model: str, seconds: float) -> None:
         self._ttft.labels(model).observe(seconds)
@@ -82,13 +114,15 @@ class PrometheusMetrics(Metrics):
     def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None:
         self._prefix_entries.labels(model).set(entries)
         self._prefix_bytes.labels(model).set(nbytes)
+        self._set(model, prefix_bytes=nbytes)
         self._evictions.labels(model).set(evictions)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self._load.labels(model).observe(seconds)
 
     def serve_http(self, host: str, port: int, policy: HostPolicy | None = None, token: str = "") -> bool:
-        """Serves /metrics on host:port, in a thread; a port in use is logged, not fatal. Requests
+        """Serves /metrics (and /readyz: 200 while the server takes calls, else 503) on host:port,
+        in a thread; a port in use is logged, not fatal. Requests
         whose Host or Origin the policy refuses get 403 (DNS rebinding); with a `token`, requests
         without `Authorization: Bearer <token>` get 401."""
         import threading
@@ -105,6 +139,11 @@ class PrometheusMetrics(Metrics):
             if why:
                 start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"), *_HEADERS])
                 return [why.encode()]
+            if environ.get("PATH_INFO") == "/readyz":  # for a router's health checks: says nothing secret
+                ready = self.ready
+                start_response("200 OK" if ready else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store"), *_HEADERS])
+                return [b"ready\n" if ready else b"not ready: starting or draining\n"]
             if not bearer_matches(environ.get("HTTP_AUTHORIZATION"), token):
                 start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
                                                     ("WWW-Authenticate", 'Bearer realm="tokenwire metrics"'), *_HEADERS])

@@ -65,7 +65,7 @@ MESSAGE_FIELDS: dict[str, Any] = {
     "tools": TOOLS,
     "tool_choice": TOOL_CHOICE,
     "parallel_tool_calls": PARALLEL_TOOL_CALLS,
-    **{name: GENERATE_FIELDS[name] for name in ("max_tokens", "stop", "keep_alive")},
+    **{name: GENERATE_FIELDS[name] for name in ("max_tokens", "stop", "keep_alive", "ignore_eos")},
     **SAMPLING,
 }
 _TIMEOUT_S = 30
@@ -226,6 +226,7 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
         messages=messages,
         max_tokens=p.integer("max_tokens", 1, MAX_UINT32),
         stop=stop_strings(p),
+        ignore_eos=bool(p.boolean("ignore_eos")),
         sampling=sampling(p, SAMPLING),
     )
     request.chat_id = chat_id

@@ -173,6 +173,7 @@ class Scheduler:
         self.config = config
         self.name = name
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes, seq_axis=self.engine.seq_axis)
+        self.metrics.capacity(name, config.max_batch, config.prefix_cache_bytes)
         self.shared_prefixes = shared_prefix_ids(read_shared_prompts(config.shared_prefix_file), tokenizer,
                                                  self.prefix_cache.min_match)
         self.stats = SchedulerStats()
@@ -246,6 +247,10 @@ class Scheduler:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)  # pragma: no mutate  (a bound against a hung engine; any bound will do)
+        for report in (self.metrics.queue_length, self.metrics.batch_size):
+            report(self.name, 0)
+        self.metrics.capacity(self.name, 0, 0)
+        self.metrics.prefix_cache_state(self.name, 0, 0, self.prefix_cache.stats.evictions)
 
     # ---- admission (under self._cond) ----------------------------------------------------------
 
