@@ -3,7 +3,9 @@ multi-turn chat with prefix reuse on and off, and an overload of 200 clients.
 
     .venv/bin/python bench/bench_concurrency.py [--levels 1,2,4,8,16] [--max-tokens 128]
 
-Prints tables and writes bench/results/concurrency.json. Runs its own servers.
+Prints tables and writes bench/results/concurrency.json. Runs its own servers: `--device`,
+`--models-dir`, `--max-batch` and `--queue-size` go to them (bench/gpu_check.sh: `--device cuda
+--levels 1,8,32,64 --max-batch 64`); `--sections` picks what to run (levels, chat, overload).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SERVER_PIDS, median, percentile, rss_mb, running_server, table, write_json  # noqa: E402
+from common import (  # noqa: E402
+    SERVER_PIDS,
+    gpu_memory_mb,
+    median,
+    percentile,
+    rss_mb,
+    running_server,
+    table,
+    write_json,
+)
 
 from tokenwire.v1 import inference_pb2 as pb  # noqa: E402
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
@@ -139,24 +150,41 @@ async def overload(stub, clients: int, max_tokens: int) -> dict:
 
 
 
+def server_flags(args) -> list[str]:
+    flags = ["--device", args.device]
+    return flags + (["--models-dir", str(args.models_dir)] if args.models_dir is not None else [])
+
+
 async def run(args) -> dict:
     out: dict = {}
-    with running_server("--max-batch", "16", "--queue-size", "32") as target:
+    flags = server_flags(args)
+    with running_server(*flags, "--max-batch", str(args.max_batch), "--queue-size", str(args.queue_size)) as target:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.InferenceStub(channel)
             await stream(stub, pb.GenerateRequest(prompt="warm up", max_tokens=4))
-            out["levels"] = [await level(stub, n, args.max_tokens) for n in args.levels]
-            out["chat_reuse_on_ttft_ms"] = await chat_turns(stub, args.reply_tokens)
-            before = rss_mb(SERVER_PIDS[target])
-            out["overload"] = await overload(stub, 200, 16)
-            out["overload"]["rss_mb_before"] = before
-            out["overload"]["rss_mb_after"] = rss_mb(SERVER_PIDS[target])
-    with running_server("--prefix-cache-bytes", "0") as target:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            await stream(stub, pb.GenerateRequest(prompt="warm up", max_tokens=4))
-            out["chat_reuse_off_ttft_ms"] = await chat_turns(stub, args.reply_tokens)
+            pid = SERVER_PIDS[target]
+            if "levels" in args.sections:
+                out["levels"] = [await level(stub, n, args.max_tokens) for n in args.levels]
+                out["memory_after_levels"] = {"rss_mb": rss_mb(pid)}
+                if args.device == "cuda":
+                    out["memory_after_levels"]["gpu_mb"] = gpu_memory_mb(pid)
+            if "chat" in args.sections:
+                out["chat_reuse_on_ttft_ms"] = await chat_turns(stub, args.reply_tokens)
+            if "overload" in args.sections:
+                before = rss_mb(pid)
+                out["overload"] = await overload(stub, args.overload_clients, 16)
+                out["overload"]["rss_mb_before"] = before
+                out["overload"]["rss_mb_after"] = rss_mb(pid)
+    if "chat" in args.sections:
+        with running_server(*flags, "--prefix-cache-bytes", "0") as target:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                await stream(stub, pb.GenerateRequest(prompt="warm up", max_tokens=4))
+                out["chat_reuse_off_ttft_ms"] = await chat_turns(stub, args.reply_tokens)
     return out
+
+
+SECTIONS = ("levels", "chat", "overload")
 
 
 def main() -> None:
@@ -164,26 +192,40 @@ def main() -> None:
     parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--reply-tokens", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="the servers' --device")
+    parser.add_argument("--models-dir", type=Path, default=None, help="the model store (default: the usual one)")
+    parser.add_argument("--max-batch", type=int, default=16, help="the first server's --max-batch")
+    parser.add_argument("--queue-size", type=int, default=32, help="the first server's --queue-size")
+    parser.add_argument("--overload-clients", type=int, default=200)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
+    args.sections = [x for x in args.sections.split(",") if x]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
     out = asyncio.run(run(args))
-    single = out["levels"][0]["aggregate_tps"]
-    rows = [[lv["n"], lv["aggregate_tps"], lv["aggregate_tps"] / single, lv["per_stream_tps"], lv["ttft_p50_ms"],
-             lv["ttft_p95_ms"], lv["itl_p50_ms"], lv["itl_p99_ms"]] for lv in out["levels"]]
-    print(f"concurrent streams, default model, {args.max_tokens} tokens each, temperature 0.8")
-    print(table(["N", "aggregate tok/s", "× N=1", "per-stream tok/s", "TTFT p50 ms", "TTFT p95 ms",
-                 "ITL p50 ms", "ITL p99 ms"], rows))
-    on, off = out["chat_reuse_on_ttft_ms"], out["chat_reuse_off_ttft_ms"]
-    print("\nmulti-turn chat, time to first token per turn (ms)")
-    print(table(["turn"] + [str(i + 1) for i in range(len(on))],
-                [["reuse on"] + on, ["reuse off"] + off]))
-    print(f"turn 10 / turn 1 with reuse: {on[-1] / on[0]:.2f}×; turn 10 without / with reuse: {off[-1] / on[-1]:.1f}×")
-    ov = out["overload"]
-    print(f"\noverload: {ov['clients']} clients, queue 32: {ov['streamed']} streamed, {ov['refused']} refused "
-          f"(slowest refusal {ov['refusal_ms_max']:.0f} ms), {ov['other']} other, "
-          f"{ov['waited_without_queue_event']} waited without a queue event; "
-          f"server RSS {ov['rss_mb_before']:.0f} MB before, {ov['rss_mb_after']:.0f} MB after")
-    path = write_json("concurrency.json", {"args": vars(args), **out})
+    if "levels" in out:
+        single = out["levels"][0]["aggregate_tps"]
+        rows = [[lv["n"], lv["aggregate_tps"], lv["aggregate_tps"] / single, lv["per_stream_tps"], lv["ttft_p50_ms"],
+                 lv["ttft_p95_ms"], lv["itl_p50_ms"], lv["itl_p99_ms"]] for lv in out["levels"]]
+        print(f"concurrent streams on {args.device}, default model, {args.max_tokens} tokens each, temperature 0.8")
+        print(table(["N", "aggregate tok/s", "× N=1", "per-stream tok/s", "TTFT p50 ms", "TTFT p95 ms",
+                     "ITL p50 ms", "ITL p99 ms"], rows))
+    if "chat_reuse_on_ttft_ms" in out:
+        on, off = out["chat_reuse_on_ttft_ms"], out["chat_reuse_off_ttft_ms"]
+        print("\nmulti-turn chat, time to first token per turn (ms)")
+        print(table(["turn"] + [str(i + 1) for i in range(len(on))],
+                    [["reuse on"] + on, ["reuse off"] + off]))
+        print(f"turn 10 / turn 1 with reuse: {on[-1] / on[0]:.2f}×; turn 10 without / with reuse: "
+              f"{off[-1] / on[-1]:.1f}×")
+    if "overload" in out:
+        ov = out["overload"]
+        print(f"\noverload: {ov['clients']} clients, queue {args.queue_size}: {ov['streamed']} streamed, "
+              f"{ov['refused']} refused (slowest refusal {ov['refusal_ms_max']:.0f} ms), {ov['other']} other, "
+              f"{ov['waited_without_queue_event']} waited without a queue event; "
+              f"server RSS {ov['rss_mb_before']:.0f} MB before, {ov['rss_mb_after']:.0f} MB after")
+    path = write_json("concurrency.json", {"args": {**vars(args), "models_dir": str(args.models_dir)}, **out})
     print(f"wrote {path}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# Where the JSON and the servers' logs go; TOKENWIRE_BENCH_RESULTS moves them (bench/gpu_check.sh).
+RESULTS = Path(os.environ.get("TOKENWIRE_BENCH_RESULTS") or ROOT / "bench" / "results")
 
 SHORT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 # A fixed long prompt: repeated paragraphs of the evaluation text, cut to a token count.
@@ -60,9 +62,45 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def gpu_memory_mb(pid: int | None = None) -> float | None:
+    """GPU memory in use, MB, from nvidia-smi: the process's own where the driver lists it, else
+    the whole device's; None without nvidia-smi."""
+    def query(what: str, fields: str) -> list[list[str]]:
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-{what}={fields}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+
+    if pid is not None:
+        for row in query("compute-apps", "pid,used_memory"):
+            if len(row) == 2 and row[0] == str(pid) and row[1].isdigit():
+                return float(row[1])
+    rows = query("gpu", "memory.used")
+    return float(rows[0][0]) if rows and rows[0][0].isdigit() else None
+
+
+def _exit_on_sigterm() -> None:
+    """A benchmark stopped by SIGTERM (`timeout` in bench/gpu_check.sh) unwinds, so the servers it
+    started are stopped rather than left running; a second SIGTERM (timeout signals the process,
+    then its group) does not interrupt that."""
+    def leave(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, leave)
+        except ValueError:  # not the main thread: leave it
+            pass
+
+
 @contextmanager
 def running_server(*extra: str):
     """Starts `tokenwire serve` on a free port; yields its target."""
+    _exit_on_sigterm()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = open(RESULTS / f"server-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "tokenwire.clients.cli", "serve", "--port", str(port), *extra],

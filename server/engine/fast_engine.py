@@ -240,7 +240,9 @@ class FastEngine(BatchEngine):
         self._lengths = []
         self._prefill_active = False
         self._scratch, self._scratch_cap = [], 0
-        self._bindings.pop("prefill", None)
+        # Dropped unread: after a failed step the device buffers hold nothing worth a copy back,
+        # and reading them could fail again (a device in an error state) inside the recovery.
+        self._bindings.clear()
         self._realloc(1, 256)
 
 

@@ -12,18 +12,24 @@ class DeviceUnavailable(RuntimeError):
     """The requested execution provider is not installed or has no device."""
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str) -> list:
+    """onnxruntime's providers for `cpu`, `cuda` or `cuda:N` (device N)."""
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if device == "cuda":
+    kind, colon, index = device.partition(":")
+    if kind == "cuda" and (index.isdigit() or not colon):
         if "CUDAExecutionProvider" not in available:
             raise DeviceUnavailable(
                 "--device cuda needs onnxruntime-gpu and an NVIDIA GPU; this onnxruntime offers "
                 + ", ".join(available)
                 + " (install the 'gpu' extra: pip install 'tokenwire[gpu]')"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # TF32 off: onnxruntime's default rounds fp32 GEMMs (prefill, the many-row MatMulNBits,
+        # the Q4_1 corrections) to a 10-bit mantissa while one-row GEMVs stay fp32, so a
+        # sequence's logits would depend on the batch it decodes in. Decode is bound by memory,
+        # not by these GEMMs: full fp32 costs ~nothing there.
+        return [("CUDAExecutionProvider", {"device_id": index or "0", "use_tf32": "0"}), "CPUExecutionProvider"]
     raise DeviceUnavailable(f"unknown device {device!r}: use cpu or cuda")
 
 
@@ -39,4 +45,12 @@ def make_session(model_path: Path, device: str = "cpu", threads: int = 0,
     else:
         opts.intra_op_num_threads = int(os.environ.get("TOKENWIRE_THREADS", "0") or 0)
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=providers_for(device))
+    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers_for(device))
+    if device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
+        # onnxruntime falls back to CPU, with a line in its log, when the CUDA provider's library
+        # cannot load (a CUDA or cuDNN library missing or of another major version).
+        raise DeviceUnavailable(
+            f"onnxruntime offers CUDAExecutionProvider but could not start it for {model_path.name} "
+            f"(it runs on {', '.join(session.get_providers())}): check that its CUDA and cuDNN "
+            "libraries are installed and match the onnxruntime-gpu build")
+    return session

@@ -52,6 +52,29 @@ def test_device_buffers_decode_exactly_like_host_buffers(int4_dir: Path) -> None
     assert device.lengths == host.lengths
 
 
+def test_reset_after_a_failed_step_reads_nothing_back(int4_dir: Path) -> None:
+    """After a failed step the scheduler resets the engine: the device buffers are dropped unread
+    (a device in an error state would fail the copy back too), and the engine serves again."""
+
+    class Unreadable:
+        def numpy(self):
+            raise RuntimeError("device in an error state")
+
+    engine = FastEngine(int4_dir, context_length=512, device_buffers=True)
+    state = engine.new_prefill()
+    engine.prefill(state, [1, 2, 3])
+    engine.join(state)
+    engine.step([4])
+    key, buffers, io, values = engine._bindings["decode"]
+    engine._bindings["decode"] = (key, buffers, io, [Unreadable()] * len(values))
+    engine.reset()
+    assert engine.lengths == [] and not engine._bindings
+    state = engine.new_prefill()
+    engine.prefill(state, [1, 2, 3])
+    engine.join(state)
+    assert np.isfinite(engine.step([4])).all()
+
+
 @pytest.fixture(scope="module")
 def fp16_kv_dir(fp32_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp16kv")
