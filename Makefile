@@ -98,6 +98,10 @@ bench: model
 # tokenwire against llama.cpp (llama-cpp-python, llama-server) and onnxruntime-genai on the same
 # weights. Builds the peers first, in a venv of their own (.venv-peers), caching the slow parts
 # (a llama-cpp-python wheel and llama-server: ~25 min on 2 cores, once) in ~/.cache/tokenwire/peers.
+# The cluster (make cluster's processes) measured: router vs direct, affinity, a replica killed under load.
+bench-cluster: model postgres haproxy
+	$(BIN)/python bench/bench_cluster.py
+
 bench-peers: model
 	bash bench/peers/setup.sh
 	$(BIN)/python bench/bench_peers.py
@@ -115,6 +119,13 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# bench/gpu_check.sh rehearsed on this CPU (TOKENWIRE_GPU_CHECK_CPU=1: every step at small sizes, the
+# CUDA checks on the CPU provider; results in build/gpu_out/). On a GPU machine the device tool runs
+# `bash bench/gpu_check.sh` itself, with the wheels of `bash bench/gpu_wheels.sh` carried: docs/gpu.md.
+.PHONY: gpu-check
+gpu-check: setup
+	TOKENWIRE_GPU_CHECK_CPU=1 PYTHON=$(BIN)/python bash bench/gpu_check.sh
 
 # bench/gpu_check.sh rehearsed on this CPU (TOKENWIRE_GPU_CHECK_CPU=1: every step at small sizes, the
 # CUDA checks on the CPU provider; results in build/gpu_out/). On a GPU machine the device tool runs

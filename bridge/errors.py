@@ -96,6 +96,11 @@ def invalid_param(param: str, message: str, code: str | None = None) -> ApiError
     return ApiError(400, message, param=param, code=code)
 
 
+# How grpc describes a stream cut by the transport rather than failed by the server.
+_STREAM_BROKEN = ("stream removed", "rst_stream", "socket closed", "connection reset", "received http2 header with "
+                  "status: 50", "goaway")
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -> ApiError:
     """The HTTP error for a failed gRPC call."""
     code = exc.code()
@@ -119,6 +124,10 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
                    f"message size, not a refusal): {details}")
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = str(_retry_after(exc) or retry_after_s)
+    elif status == 502 and any(s in details.lower() for s in _STREAM_BROKEN):
+        # Not the server's error: the connection to it broke (a replica behind a router stopped).
+        message = (f"the connection to the model server broke ({code.name}: {details}); the server may have "
+                   "stopped: a retry goes to another replica where there is one")
     elif status == 502:
         # UNKNOWN / INTERNAL carry the server's exception text: it stays in the server's log.
         message = f"the model server failed ({code.name}); its log says why"

@@ -73,6 +73,9 @@ defaults
     mode http
     log global
     option dontlognull
+    # Send each piece of a stream at once: without it HAProxy may hold small writes (a token's SSE
+    # event, a gRPC message) up to ~200 ms to merge them.
+    option http-no-delay
     timeout connect 2s
     timeout client 1h
     timeout server 1h

@@ -156,10 +156,11 @@ def test_the_cluster_routes_streams_fails_over_and_stops(cluster) -> None:
     doomed, kept = results["doomed"], results["kept"]
     assert doomed[-1][1] in ("error", "cut") and not any(e == "done" for _, e, _ in doomed), doomed[-3:]
     if doomed[-1][1] == "error":
-        assert doomed[-1][2]["error"]["message"], "the stream says why it ended"
+        assert doomed[-1][2]["error"]["message"].startswith("the connection to the model server broke"), doomed[-1]
     tokens = [t for t, e, _ in kept if e == "token"]
     assert kept[-1][1] == "done" and len(tokens) == 120, "the other replica's stream is untouched"
-    assert len({round(t, 1) for t in tokens}) >= 8, "tokens arrive spread over time, not buffered"
+    gaps = sorted(b - a for a, b in zip(tokens, tokens[1:], strict=False))
+    assert gaps[len(gaps) // 2] > 0.005, "tokens arrive one by one as decoded, not held and sent in bunches"
 
     stored = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/chats/{chat['id']}",
                                                timeout=10).read())["messages"]
