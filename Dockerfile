@@ -11,14 +11,15 @@
 # in Kubernetes a Secret gives it, see deploy/kubernetes/secrets.yaml and docs/deploy.md).
 #
 # The builder variant, for a Job that fills the model store (deploy/kubernetes/pull-models-job.yaml):
-#   docker build --build-arg EXTRAS=postgres,export -t tokenwire-builder:0.1.0 .
+#   docker build --build-arg EXTRAS=postgres,voice,vision,export -t tokenwire-builder:0.1.0 .
 # (add --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for torch's CPU wheels)
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-# postgres: the chats in PostgreSQL (psycopg2); add export to build models in the image too.
-ARG EXTRAS=postgres
+# postgres: the chats in PostgreSQL (psycopg2); voice and vision: speech to text and the text of
+# images (their models come from the store like any other); add export to build models too.
+ARG EXTRAS=postgres,voice,vision
 # pip reads it from the environment when given (torch's CPU wheels for the builder variant).
 ARG PIP_EXTRA_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH

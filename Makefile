@@ -9,23 +9,26 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers bench-cluster lint browser node postgres haproxy cluster clean
+.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers bench-cluster lint browser node postgres haproxy espeak cluster clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Installs the project (editable), the model-building extra and the dev tools.
+# Installs the project (editable), the model-building extra, speech and image reading, and the dev tools.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[export,dev]"
+	$(BIN)/pip install -q -e ".[export,voice,vision,dev]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-# Builds the default model and the embedding model into the store (idempotent: instant when present).
+# Builds the default model and the embedding model into the store, and copies in the speech and OCR
+# models (pinned sha256; idempotent: instant when present).
 model: setup
 	$(BIN)/tokenwire pull smollm2-135m
 	$(BIN)/tokenwire pull all-minilm-l6-v2
+	$(BIN)/tokenwire pull whisper-tiny-en
+	$(BIN)/tokenwire pull ppocr-v6
 
 # The Node.js client's packages, exactly as clients/node/package-lock.json pins them (node and
 # npm from Debian if missing); reinstalled only when the lockfile changes.
@@ -49,6 +52,12 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi; }
+
+# Debian's espeak-ng: the speech tests synthesise what they transcribe (tests/speech_audio.py).
+espeak:
+	@command -v espeak-ng >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; fi; }
 
 # Debian's HAProxy, the router of `make cluster` (started by it; nothing runs as a system service).
 haproxy:
@@ -75,7 +84,7 @@ bridge: setup
 # TOKENWIRE_REQUIRE_ALL=1: a skipped test fails unless tests/skip_policy.py allows its reason (no
 # GPU, a CPU without the instruction set), so no end-to-end test passes by skipping; each tier
 # lists its skips (-rs) and its slowest tests (--durations).
-test: model node browser postgres haproxy
+test: model node browser postgres haproxy espeak
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow"
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m slow
 
@@ -119,13 +128,6 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
-
-# bench/gpu_check.sh rehearsed on this CPU (TOKENWIRE_GPU_CHECK_CPU=1: every step at small sizes, the
-# CUDA checks on the CPU provider; results in build/gpu_out/). On a GPU machine the device tool runs
-# `bash bench/gpu_check.sh` itself, with the wheels of `bash bench/gpu_wheels.sh` carried: docs/gpu.md.
-.PHONY: gpu-check
-gpu-check: setup
-	TOKENWIRE_GPU_CHECK_CPU=1 PYTHON=$(BIN)/python bash bench/gpu_check.sh
 
 # bench/gpu_check.sh rehearsed on this CPU (TOKENWIRE_GPU_CHECK_CPU=1: every step at small sizes, the
 # CUDA checks on the CPU provider; results in build/gpu_out/). On a GPU machine the device tool runs

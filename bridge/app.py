@@ -12,7 +12,7 @@ from . import host_guard, metrics, openapi
 from .config import BridgeSettings
 from .credentials import forward_credentials
 from .middleware import errors_and_log
-from .routes import chats, embeddings, openai, static, stream
+from .routes import audio, chats, embeddings, openai, static, stream
 from .upstream import UPSTREAM, Upstream
 
 log = logging.getLogger("tokenwire.bridge")
@@ -69,6 +69,7 @@ def create_app(grpc_target: str | None = None, settings: BridgeSettings | None =
     chats.add_routes(app)
     openai.add_routes(app)
     embeddings.add_routes(app)
+    audio.add_routes(app)
     openapi.add_routes(app)
     static.add_routes(app, settings.static_dir)
     return app

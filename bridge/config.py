@@ -24,8 +24,8 @@ class BridgeSettings:
     # While a stream waits for the next gRPC message (queued, model loading), an SSE comment is
     # sent this often so that proxies and browsers do not drop an idle connection.
     heartbeat_s: float = setting(2.0, "SSE keep-alive comment interval while a stream waits, seconds")
-    max_body_bytes: int = setting(1 << 20, "largest request body (bytes, or 1M); bigger ones get 413",
-                                  parse=parse_bytes)
+    max_body_bytes: int = setting(6 << 20, "largest request body (bytes, or 6M: room for images, base64 in "
+                                  "JSON); bigger ones get 413", parse=parse_bytes)
     retry_after_s: int = setting(1, "Retry-After (seconds) sent with 429 when the server gives none")
     server_metrics_url: str = setting("http://127.0.0.1:9464/metrics", "the model server's Prometheus endpoint, "
                                       "appended to the bridge's /metrics; '' = bridge only")

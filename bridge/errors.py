@@ -56,7 +56,11 @@ _REASON_CODES = {
     "STORE_UNAVAILABLE": "store_unavailable",
     "REPLY_NOT_STORED": "reply_not_stored",
     "PROMPT_TOO_LARGE": "request_too_large",
+    "IMAGE_TOO_LARGE": "image_too_large",
+    "IMAGE_INVALID": "invalid_image",
 }
+# ...and those with an HTTP status of their own.
+_REASON_STATUS = {"IMAGE_TOO_LARGE": 413}
 _DETAILS_KEY = "grpc-status-details-bin"
 
 # How grpc describes a server it cannot connect to (as opposed to a status the server sent).
@@ -108,6 +112,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
     status, err_type, err_code = _STATUS.get(code, _UPSTREAM_FAILURE)
     reason, param = error_reason(exc)
     err_code = _REASON_CODES.get(reason, err_code)
+    status = _REASON_STATUS.get(reason, status)
     headers: dict[str, str] = {}
     message = details
     if code == grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _CONNECT_FAILURE):

@@ -51,6 +51,15 @@ SAMPLING = {
 }
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_IMAGE_PART = {"type": "object", "required": ["type", "image_url"], "properties": {
+    "type": {"const": "image_url"},
+    "image_url": {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string", "pattern": "^data:image/", "description": (
+            "A data: URL of a PNG, JPEG, WebP, GIF or BMP image (at most 3 MiB). Remote URLs are refused: the server "
+            "fetches nothing. The server reads the image's text (OCR) and gives it to the model; it understands "
+            "nothing else of an image.")},
+        "detail": {"description": "Accepted and ignored."}}}}}
+_PART = {"oneOf": [_TEXT_PART, _IMAGE_PART]}
 # What the handlers take as "nothing" for a field tokenwire cannot honour (bridge/proto_request.py
 # refuses any other value): null, false, 0, "", [] or {}.
 _EMPTY = {"anyOf": [{"type": "null"}, {"const": False}, {"const": 0}, {"const": ""},
@@ -60,7 +69,7 @@ MESSAGE = {
     "required": ["role"],
     "properties": {
         "role": {"enum": ["system", "developer", "user", "assistant"], "description": "developer = system."},
-        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": _TEXT_PART}]},
+        "content": {"oneOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": _PART}]},
         "name": {"description": "Accepted and ignored (any value)."},
         "tool_calls": {**_EMPTY, "description": "No tool calling: only an empty value."},
         "function_call": {**_EMPTY, "description": "No function calling: only an empty value."},
@@ -69,10 +78,11 @@ MESSAGE = {
 # A prompt needs some text: at least one message whose content (its parts joined) is not empty.
 _SAYS_SOMETHING = {"type": "object", "required": ["content"], "properties": {"content": {"anyOf": [
     {"type": "string", "minLength": 1},
-    {"type": "array", "contains": {"type": "object", "required": ["text"],
-                                   "properties": {"text": {"type": "string", "minLength": 1}}}}]}}}
+    {"type": "array", "contains": {"anyOf": [
+        {"type": "object", "required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}},
+        {"type": "object", "required": ["type"], "properties": {"type": {"const": "image_url"}}}]}}]}}}
 MESSAGES: dict[str, Any] = {"type": "array", "minItems": 1, "items": MESSAGE, "contains": _SAYS_SOMETHING,
-                            "description": "At least one message has non-empty content."}
+                            "description": "At least one message has non-empty content (text or an image)."}
 MODEL: dict[str, Any] = {"type": "string", "description": "Model id or alias; empty or absent = the server's default."}
 USER: dict[str, Any] = {"type": "string", "description": "Passed to the server: requests are admitted round-robin "
                                                          "across users."}

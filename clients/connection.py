@@ -27,7 +27,8 @@ def auth_metadata() -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),) if key else ()
 
 
-class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer <key>` to every call, and to Generate the affinity key that a
     router in front of several servers hashes (see tokenwire.affinity)."""
 
@@ -44,6 +45,9 @@ class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
     def intercept_unary_stream(self, continuation, client_call_details, request):
         key = affinity.for_request(request) if isinstance(request, pb.GenerateRequest) else ""
         return continuation(self._details(client_call_details, ((affinity.HEADER, key),) if key else ()), request)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
 
 
 class _Details(grpc.ClientCallDetails):

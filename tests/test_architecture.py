@@ -40,6 +40,10 @@ ONLY_IN = {
     "optimum": {"tokenwire.server.build"},
     "onnx": {"tokenwire.server.build"},
     "aiohttp": {"tokenwire.bridge", "tokenwire.clients"},
+    # Speech to text (the `voice` extra): the engine's transcriber only.
+    "faster_whisper": {"tokenwire.server.engine.transcriber"},
+    "ctranslate2": {"tokenwire.server.engine.transcriber"},
+    "av": {"tokenwire.server.engine.transcriber"},
 }
 
 

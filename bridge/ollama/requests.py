@@ -5,7 +5,8 @@ repeat_penalty, presence_penalty, frequency_penalty, num_predict, stop). Options
 how Ollama's runner uses the machine (num_ctx, num_thread, num_gpu, num_batch, use_mmap, ...)
 change no output here and are accepted and ignored; options that would change the output and
 that tokenwire cannot honour (mirostat, tfs_z, typical_p away from their neutral values) are a
-400 that names them, as are features it does not have yet (images). `think` splits a reasoning
+400 that names them, as are features it does not have (context, suffix, template). `images`
+(base64) are read for their text (OCR) and given to the model with it. `think` splits a reasoning
 model's thinking into `thinking` (false turns it off where the template allows). `format`
 ("json" or a JSON Schema) constrains the output (server/engine/constraints.py). `tools` (chat)
 are OpenAI's; the model's calls come back in `message.tool_calls` with arguments as objects, and
@@ -18,6 +19,7 @@ import json
 from typing import Any
 
 from tokenwire.bridge.errors import ApiError, invalid_param
+from tokenwire.bridge.image_fields import image_list
 from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import MAX_UINT32, generate_request
 from tokenwire.bridge.tool_fields import tools_of
@@ -141,9 +143,7 @@ def chat_messages(p: Params) -> list[pb.ChatMessage]:
             content = ""
         if not isinstance(content, str):
             raise invalid_param(f"{where}.content", f"{where}.content must be a string, got {json_type(content)}")
-        if m.get("images"):
-            raise invalid_param(f"{where}.images", f"{where}.images: this tokenwire reads no images yet")
-        message = pb.ChatMessage(role=role, content=content)
+        message = pb.ChatMessage(role=role, content=content, images=image_list(m.get("images"), f"{where}.images"))
         if m.get("tool_calls"):
             if role != "assistant":
                 raise invalid_param(f"{where}.tool_calls", f"{where}.tool_calls: only assistant messages hold calls")
@@ -201,15 +201,18 @@ def chat_request(p: Params, request_id: str) -> pb.GenerateRequest:
 def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
     """The GenerateRequest of /api/generate; None for an empty prompt (Ollama: load or unload the model)."""
     p.check_known(GENERATE_FIELDS)
-    for name in ("images", "context", "suffix", "template"):
+    for name in ("context", "suffix", "template"):
         if p.raw(name):
             raise invalid_param(name, f"{name} is not supported by this tokenwire")
+    images = image_list(p.raw("images"), "images")
     prompt, system, raw = p.string("prompt") or "", p.string("system") or "", p.boolean("raw") or False
     sampling, max_tokens, stop = options(p)
     name = model_name(p)
     if not prompt:
         return None
     if raw:  # the prompt exactly as given: no chat template
+        if images:
+            raise invalid_param("images", "images have no place in a raw prompt (they go in a user turn)")
         if system:
             raise invalid_param("system", "system has no place in a raw prompt")
         if p.raw("think") is True:
@@ -218,7 +221,7 @@ def generate_body(p: Params, request_id: str) -> pb.GenerateRequest | None:
                                    stop=stop, sampling=sampling)
     else:  # Ollama renders the prompt with the model's template, as a user turn
         messages = [pb.ChatMessage(role="system", content=system)] if system else []
-        messages.append(pb.ChatMessage(role="user", content=prompt))
+        messages.append(pb.ChatMessage(role="user", content=prompt, images=images))
         request = generate_request(request_id=request_id, model=name, messages=messages, max_tokens=max_tokens,
                                    stop=stop, sampling=sampling)
         _think(p, request)

@@ -14,6 +14,7 @@ from aiohttp import web
 from tokenwire.bridge.credentials import grpc_metadata
 from tokenwire.bridge.errors import ApiError, invalid_param
 from tokenwire.bridge.fields import MAX_UINT32, SAMPLING, sampling, stop_strings
+from tokenwire.bridge.image_fields import IMAGES, check_total, data_url, image_list
 from tokenwire.bridge.params import Params, json_type
 from tokenwire.bridge.proto_request import generate_request, request_id_for
 from tokenwire.bridge.relay import note, relay_stream
@@ -52,7 +53,7 @@ RENAME_FIELDS: dict[str, Any] = {"title": {"type": "string", "minLength": 1, "ma
                                            "pattern": _NOT_BLANK}}
 MESSAGE_FIELDS: dict[str, Any] = {
     "content": {"type": "string", "minLength": 1, "pattern": _NOT_BLANK,
-                "description": "The user's new message. Absent: answer the chat's last user message again "
+                "description": "The user's new message. Absent (and no images): answer the chat's last user message again "
                                "(after a failed or interrupted reply; 400 when the chat does not end with one)."},
     "model": {"type": "string", "description": "Model id or alias; absent: the chat's model."},
     "tool_results": {
@@ -62,6 +63,7 @@ MESSAGE_FIELDS: dict[str, Any] = {
         "items": {"type": "object", "required": ["tool_call_id", "content"], "properties": {
             "tool_call_id": {"type": "string", "minLength": 1, "description": "The id of the call it answers."},
             "content": {"type": "string", "description": "What the tool returned."}}}},
+    "images": IMAGES,
     "tools": TOOLS,
     "tool_choice": TOOL_CHOICE,
     "parallel_tool_calls": PARALLEL_TOOL_CALLS,
@@ -94,6 +96,9 @@ def message_json(m: hpb.Message) -> dict[str, Any]:
         out.update(tool_call_id=m.tool_call_id, name=m.name)
     if m.reasoning:
         out["reasoning"] = m.reasoning
+    if m.images:
+        out["images"] = [{"media_type": i.media_type, "text": i.text, "url": data_url(i.media_type, i.data)}
+                         for i in m.images]
     return out
 
 
@@ -218,8 +223,10 @@ def parse_message(body: dict[str, Any], chat_id: str, request_id: str) -> pb.Gen
     if content is not None and not re.search(_NOT_BLANK, content):
         raise invalid_param("content", "content must not be empty (leave it out to answer the last message again)")
     messages = tool_results(p.raw("tool_results"))
-    if content is not None:
-        messages.append(pb.ChatMessage(role="user", content=content))
+    images = image_list(p.raw("images"), "images", data_url_only=True)
+    if content is not None or images:
+        messages.append(pb.ChatMessage(role="user", content=content or "", images=images))
+    check_total(messages, "images")
     request = generate_request(
         request_id=request_id,
         model=p.string("model"),

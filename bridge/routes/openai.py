@@ -305,7 +305,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _model_object(m: pb.ModelInfo) -> dict[str, Any]:
-    return {"id": m.id, "object": "model", "created": 0, "owned_by": "tokenwire"}
+    # kind (tokenwire's): generate, embedding, speech or ocr: which endpoints the model serves.
+    return {"id": m.id, "object": "model", "created": 0, "owned_by": "tokenwire", "kind": m.kind or "generate"}
 
 
 async def list_models(request: web.Request) -> web.Response:

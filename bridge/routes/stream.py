@@ -65,6 +65,7 @@ def model_info(m: pb.ModelInfo) -> dict[str, Any]:
         "load_count": m.load_count,
         "expires_unix_ms": m.expires_unix_ms,
         "active_requests": m.active_requests,
+        "kind": m.kind or "generate",
     }
 
 

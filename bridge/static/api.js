@@ -193,3 +193,27 @@ export async function postMessage(chatId, message, signal) {
   if (!response.ok) throw new ApiError(errorMessage(await readJson(response), response), response.status);
   return response;
 }
+
+/**
+ * Speech to text: POST /v1/audio/transcriptions with a recording (the server's speech model).
+ *
+ * @param {Blob} audio The recording (webm/opus, ogg, m4a, wav…).
+ * @param {string} filename Its name, whose extension hints at the format.
+ * @returns {Promise<string>} The transcript.
+ * @throws {ApiError} On a non-2xx answer (413: too long; 400: not audio; 404: no speech model).
+ */
+export async function transcribe(audio, filename) {
+  const form = new FormData();
+  form.append('model', 'whisper-1');
+  form.append('response_format', 'json');
+  form.append('file', audio, filename);
+  const response = await fetch('/v1/audio/transcriptions', {
+    method: 'POST',
+    body: form,
+    headers: { Accept: 'application/json', ...authHeaders() },
+  });
+  const body = await readJson(response);
+  unauthorized(response);
+  if (!response.ok) throw new ApiError(errorMessage(body, response), response.status);
+  return (body && body.text) || '';
+}

@@ -14,8 +14,11 @@
 //   messages.js      the transcript's message bubbles
 //   stats.js         the status line's figures
 //   conversation.js  the open chat: send, stream the reply, stop, new chat, open a stored chat
+//   microphone.js    the microphone button: record, transcribe, into the message box
 
 import { loadChats, removeChat, searchSoon, startRename, toggleHistory } from './chat-list.js';
+import { installAttachments } from './attachments.js';
+import { installMicrophone } from './microphone.js';
 import { autosize, conversation, newChat, openChat, openChatId, stop, submit } from './conversation.js';
 import { els, wide } from './dom.js';
 import { renderMarkdown } from './markdown.js';
@@ -107,6 +110,8 @@ els.messages.addEventListener('click', (event) => {
 // -- start
 
 installSignin();
+installAttachments();
+installMicrophone();
 loadSettings();
 loadModels().then(() => {
   const linked = location.hash.match(/^#chat=([0-9a-f]+)$/);

@@ -11,6 +11,7 @@ import { els, element, wide } from './dom.js';
 import { finishName } from './format.js';
 import { renderMarkdown } from './markdown.js';
 import { addMessage, clearTranscript, scrollToBottom, setStatus, showError, showReasoning, showStoredMessage, showToolCalls } from './messages.js';
+import { hasImages, showImages, takeImages } from './attachments.js';
 import { hasModels, loadModels, selectModel } from './models.js';
 import { readEvents } from './sse.js';
 import { clearStats, showQueued, showStats } from './stats.js';
@@ -42,7 +43,7 @@ export function openChatId() {
 /** Sends the prompt box's text, unless it is empty, a reply is streaming or no model is picked. */
 export function submit() {
   const text = els.prompt.value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !hasImages()) || state.controller) return;
   if (!els.model.value && hasModels()) return;
   els.prompt.value = '';
   autosize();
@@ -137,7 +138,9 @@ async function generate(text) {
   const userTurn = { role: 'user', content: text };
   const turns = state.conversation;
   turns.push(userTurn);
+  const images = takeImages();
   const userNode = addMessage('user', text);
+  showImages(userNode, images.map((url) => ({ url })));
   const node = addMessage('assistant', '');
   node.classList.add('streaming');
   const content = node.querySelector('.content');
@@ -146,7 +149,9 @@ async function generate(text) {
 
   // Only the new message goes out: the server has the rest of the chat.
   const maxTokens = parseInt(els.maxTokens.value, 10);
-  const body = { content: text, model, temperature: Number(els.temperature.value) };
+  const body = { model, temperature: Number(els.temperature.value) };
+  if (text) body.content = text;
+  if (images.length) body.images = images;
   if (maxTokens > 0) body.max_tokens = maxTokens;
 
   const controller = new AbortController();

@@ -3,6 +3,7 @@
 
 import { els, element } from './dom.js';
 import { renderMarkdown } from './markdown.js';
+import { showImages } from './attachments.js';
 
 // A stored reply's status (GET /api/chats/{id}) as the data-finish names that a streamed reply
 // gets, and the words shown for it in the bubble's meta line ("complete" shows none).
@@ -50,6 +51,7 @@ export function showStoredMessage(m) {
   }
   const node = addMessage(m.role === 'user' ? 'user' : 'assistant', m.content);
   node.dataset.messageId = String(m.id);
+  if (m.images && m.images.length) showImages(node, m.images);
   if (m.role !== 'assistant') return;
   if (m.reasoning) showReasoning(node, m.reasoning);
   if (m.tool_calls && m.tool_calls.length) showToolCalls(node, m.tool_calls);

@@ -25,7 +25,8 @@ export function hasModels() {
  */
 export async function loadModels() {
   try {
-    models = await api.listModels();
+    // The picker offers the models that chat (kind generate): not embedding, speech or OCR models.
+    models = (await api.listModels()).filter((m) => !m.kind || m.kind === 'generate');
     renderModels();
   } catch (err) {
     if (models.length) return; // keep the list we have

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 import grpc
@@ -23,6 +24,7 @@ HELP = """commands:
   /model [NAME]   show the model, or use NAME from the next message on
   /new            start a new chat
   /history        your recent chats (continue one with: tokenwire chat --chat ID)
+  /image PATH     attach an image to your next message (its text is read for the model)
   /help           this list
   /exit           leave (or Ctrl-D); Ctrl-C stops a reply without leaving"""
 
@@ -48,6 +50,7 @@ class ChatRepl:
         self.options = options
         self.out = out
         self.chat: hpb.Chat | None = None
+        self.images: list[pb.Image] = []  # attached with /image, sent with the next message
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -111,9 +114,23 @@ class ChatRepl:
             self.model_command(arg)
         elif name == "/history":
             self.list_chats()
+        elif name == "/image":
+            self.image_command(arg)
         else:
             self.say(f"unknown command {name}; /help lists them")
         return ""
+
+    def image_command(self, path: str) -> None:
+        if not path:
+            self.say("usage: /image PATH (a PNG, JPEG, WebP, GIF or BMP file)")
+            return
+        try:
+            data = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            self.say(f"cannot read {path}: {exc.strerror or exc}")
+            return
+        self.images.append(pb.Image(data=data))
+        self.say(f"attached {Path(path).name} ({len(data) / 1024:.0f} KiB): it goes with your next message")
 
     def model_command(self, name: str) -> None:
         if not name:
@@ -142,8 +159,9 @@ class ChatRepl:
                 hpb.CreateChatRequest(model=self.options.model, system_prompt=self.options.system), timeout=30)
         request = pb.GenerateRequest(
             chat_id=self.chat.id, model=self.options.model, max_tokens=self.options.max_tokens,
-            sampling=self.options.sampling, messages=[pb.ChatMessage(role="user", content=text)],
+            sampling=self.options.sampling, messages=[pb.ChatMessage(role="user", content=text, images=self.images)],
         )
+        self.images = []
         call = self.inference.Generate(request)
         finished, thinking = None, False
         try:

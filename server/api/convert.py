@@ -112,6 +112,8 @@ def message_from_proto(m: pb.ChatMessage) -> dict:
         message["tool_call_id"] = m.tool_call_id
     if m.name:
         message["name"] = m.name
+    if m.images:
+        message["images"] = [{"data": image.data, "media_type": image.media_type} for image in m.images]
     return message
 
 
@@ -296,6 +298,8 @@ def message_to_proto(m: MessageInfo) -> hpb.Message:
     out.tool_calls.extend(pb.ToolCall(id=c.get("id", ""), name=c.get("name", ""), arguments_json=c.get("arguments", ""))
                           for c in m.tool_calls)
     out.tool_call_id, out.name, out.reasoning = m.tool_call_id, m.name, m.reasoning
+    out.images.extend(hpb.StoredImage(data=i["data"], media_type=i.get("media_type", ""), text=i.get("text", ""))
+                      for i in m.images)
     return out
 
 

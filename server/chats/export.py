@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -28,7 +29,9 @@ def _iso(ms: int) -> str:
 def to_json(chat: ChatInfo, messages: list[MessageInfo]) -> str:
     doc = {
         "chat": {**asdict(chat), "created": _iso(chat.created_ms), "updated": _iso(chat.updated_ms)},
-        "messages": [{**asdict(m), "created": _iso(m.created_ms)} for m in messages],
+        "messages": [{**asdict(m), "created": _iso(m.created_ms), "images": [
+            {"media_type": i.get("media_type", ""), "text": i.get("text", ""),
+             "data_base64": base64.b64encode(i["data"]).decode()} for i in m.images]} for m in messages],
     }
     return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
@@ -52,6 +55,9 @@ def to_markdown(chat: ChatInfo, messages: list[MessageInfo]) -> str:
             lines += ["> " + line if line else ">" for line in f"_Thinking:_ {m.reasoning}".split("\n")] + [""]
         if m.content or not m.tool_calls:
             lines.append(m.content if m.content else "_(no text)_")
+        for n, image in enumerate(m.images, start=1):
+            found = image.get("text", "").strip() or "(no text found)"
+            lines += ["", f"_Image {n} ({image.get('media_type', '')}), its text:_", "", "```text", found, "```"]
         for call in m.tool_calls:
             lines += ["", f"Calls `{call.get('name', '')}` (`{call.get('id', '')}`):", "", "```json",
                       call.get("arguments", ""), "```"]

@@ -24,6 +24,7 @@ from . import search as chat_search
 from .db import (
     Chat,
     Message,
+    MessageImage,
     ServerLease,
     User,
     describe,
@@ -105,6 +106,7 @@ class MessageInfo:
     tool_call_id: str = ""  # a tool result: the call it answers
     name: str = ""  # a tool result: the function's name
     reasoning: str = ""  # a reply's thinking, apart from its content
+    images: list[dict[str, Any]] = field(default_factory=list)  # [{"data", "media_type", "text"}]
 
 
 @dataclass
@@ -259,7 +261,9 @@ class ChatStore:
 
     def get_chat(self, user_id: int, chat_id: str) -> tuple[ChatInfo, list[MessageInfo]]:
         chat = self._chat(user_id, chat_id)
-        messages = [self._message(m, chat_id) for m in chat.messages.order_by(Message.seq)]
+        rows = list(chat.messages.order_by(Message.seq))
+        images = _images_of(rows)
+        messages = [self._message(m, chat_id, images.get(m.id)) for m in rows]
         return self._info(chat, len(messages)), messages
 
     def get_chat_page(self, user_id: int, chat_id: str, page_size: int = 0,
@@ -274,12 +278,15 @@ class ChatStore:
             query = query.where(Message.seq > after_seq)
         messages: list[MessageInfo] = []
         used, last_seq, more = 0, 0, False
-        for row in query.limit(size + 1):
-            weight = len(row.content.encode()) + len(row.error_message.encode()) + len(row.params) + 256
+        rows = list(query.limit(size + 1))
+        images = _images_of(rows)
+        for row in rows:
+            weight = (len(row.content.encode()) + len(row.error_message.encode()) + len(row.params) + 256
+                      + sum(len(i["data"]) + len(i["text"].encode()) for i in images.get(row.id, ())))
             if len(messages) == size or (messages and used + weight > MESSAGE_PAGE_BYTES):
                 more = True
                 break
-            messages.append(self._message(row, chat_id))
+            messages.append(self._message(row, chat_id, images.get(row.id)))
             used, last_seq = used + weight, row.seq
         token = encode_cursor(last_seq, messages[-1].id) if more else ""
         return self._info(chat), messages, token
@@ -319,7 +326,7 @@ class ChatStore:
     # ---- messages ------------------------------------------------------------------------------
 
     @staticmethod
-    def _message(m: Message, chat_id: str) -> MessageInfo:
+    def _message(m: Message, chat_id: str, images: list[dict[str, Any]] | None = None) -> MessageInfo:
         try:
             params = json.loads(m.params) if m.params else {}
         except json.JSONDecodeError:
@@ -329,6 +336,7 @@ class ChatStore:
             error_message=m.error_message, model=m.model, params=params,
             usage=Usage(**{name: getattr(m, name) for name in _USAGE_COLUMNS}), dropped_messages=m.dropped_messages,
             tool_calls=_stored_calls(m.tool_calls), tool_call_id=m.tool_call_id, name=m.name, reasoning=m.reasoning,
+            images=images or [],
         )
 
     @staticmethod
@@ -351,14 +359,18 @@ class ChatStore:
     def _chat_bytes(self, chat: Chat) -> int:
         length = (pw.fn.LENGTH(pw.Cast(Message.content, "BLOB")) if self.fts
                   else pw.fn.OCTET_LENGTH(Message.content))
-        return int(Message.select(pw.fn.SUM(length)).where(Message.chat == chat.id).scalar() or 0)
+        text = int(Message.select(pw.fn.SUM(length)).where(Message.chat == chat.id).scalar() or 0)
+        image_length = pw.fn.LENGTH(MessageImage.data) if self.fts else pw.fn.OCTET_LENGTH(MessageImage.data)
+        images = (MessageImage.select(pw.fn.SUM(image_length)).join(Message)
+                  .where(Message.chat == chat.id).scalar() or 0)
+        return text + int(images)
 
-    def _check_size(self, chat: Chat, adding: list[str], field_name: str) -> None:
+    def _check_size(self, chat: Chat, adding: list[str], field_name: str, image_bytes: int = 0) -> None:
         """Refuses what would take the chat past max_chat_bytes (checked as messages are added; a
         reply may pass it by its own length)."""
         if not self.max_chat_bytes:
             return
-        new = sum(len(text.encode()) for text in adding)
+        new = sum(len(text.encode()) for text in adding) + image_bytes
         used = self._chat_bytes(chat)
         if used + new > self.max_chat_bytes:
             raise ChatTooLarge(
@@ -390,16 +402,21 @@ class ChatStore:
                         f"messages[{i}].tool_call_id {call_id!r} names no tool call of this chat" if call_id else
                         f"messages[{i}]: a tool result needs the tool_call_id of the call it answers",
                         f"messages[{i}].tool_call_id")
-            elif not m.get("content") and not (m["role"] == "assistant" and m.get("tool_calls")):
+            elif not m.get("content") and not (m["role"] == "assistant" and m.get("tool_calls")) \
+                    and not (m["role"] == "user" and m.get("images")):
                 raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
             calls.update((c["id"], c["name"]) for c in _request_calls(m))
         if any(m["role"] == "system" for m in new_messages) and existing:
             raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
-        self._check_size(chat, [_message_text(m) for m in new_messages], "messages")
-        context = [_context_message(m.role, m.content, _stored_calls(m.tool_calls), m.tool_call_id, m.name)
-                   for m in existing if m.status != "pending" and (m.content or m.tool_calls or m.role == "tool")]
+        self._check_size(chat, [_message_text(m) for m in new_messages], "messages",
+                         sum(len(i["data"]) for m in new_messages for i in m.get("images") or ()))
+        kept = [m for m in existing if m.status != "pending" and (m.content or m.tool_calls or m.role == "tool")]
+        images = _images_of(kept)
+        context = [_context_message(m.role, m.content, _stored_calls(m.tool_calls), m.tool_call_id, m.name,
+                                    images.get(m.id)) for m in kept]
         context += [_context_message(m["role"], m.get("content") or "", _request_calls(m), m.get("tool_call_id", ""),
-                                     m.get("name") or calls.get(m.get("tool_call_id", ""), "")) for m in new_messages]
+                                     m.get("name") or calls.get(m.get("tool_call_id", ""), ""), m.get("images"))
+                    for m in new_messages]
         if not context or context[-1]["role"] not in ("user", "tool"):
             raise ChatRequestError("nothing to answer: send a user message or tool results (the chat ends with "
                                    "neither)", "messages")
@@ -425,6 +442,9 @@ class ChatStore:
             for m, said in zip(new_messages, context[len(context) - len(new_messages):], strict=True):
                 added = self._add(chat, m["role"], said["content"], tool_call_id=said.get("tool_call_id", ""),
                                   name=said.get("name", ""), tool_calls=_calls_json(_request_calls(m)))
+                for position, image in enumerate(m.get("images") or ()):
+                    MessageImage.create(message=added, position=position, media_type=image.get("media_type", ""),
+                                        data=image["data"], text=image.get("text", ""))
                 existing.append(added)
                 user_message_id = added.id
             chat.model = model
@@ -593,9 +613,12 @@ def _message_text(message: dict[str, Any]) -> str:
 
 
 def _context_message(role: str, content: str, calls: list[dict[str, str]], tool_call_id: str,
-                     name: str) -> dict[str, Any]:
+                     name: str, images: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One message of a turn's prompt, in the shape GenerateParams.messages holds."""
     message: dict[str, Any] = {"role": role, "content": content}
+    if images:
+        message["images"] = [{"data": i["data"], "media_type": i.get("media_type", ""), "text": i.get("text", "")}
+                             for i in images]
     if calls:
         message["tool_calls"] = [{"id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}}
                                  for c in calls]
@@ -604,3 +627,15 @@ def _context_message(role: str, content: str, calls: list[dict[str, str]], tool_
         if name:
             message["name"] = name
     return message
+
+
+def _images_of(rows: list[Message]) -> dict[int, list[dict[str, Any]]]:
+    """The images of these messages, by message id, in their order (one query)."""
+    ids = [m.id for m in rows if m.role == "user"]
+    found: dict[int, list[dict[str, Any]]] = {}
+    if not ids:
+        return found
+    for image in MessageImage.select().where(MessageImage.message.in_(ids)).order_by(MessageImage.position):
+        found.setdefault(image.message_id, []).append(
+            {"data": bytes(image.data), "media_type": image.media_type, "text": image.text})
+    return found

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from .requests import GenerateParams, ServedModel, build_request
+from .requests import GenerateParams, ServedModel, build_request, with_image_texts
 from .sequence import GenerationRequest
 from .tokenizer import ChatTemplateError
 
@@ -62,7 +62,7 @@ def build_chat_request(
 
     def count(messages: Messages) -> int:
         try:
-            return len(tokenizer.encode_chat(messages, add_generation_prompt=True))
+            return len(tokenizer.encode_chat(with_image_texts(messages), add_generation_prompt=True))
         except ChatTemplateError:
             return 0  # build_request reports the template's complaint
 

@@ -9,10 +9,12 @@ template, the context window). Every refusal is an InvalidRequest naming the fie
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .constraints import ConstraintError, OutputConstraint, RowConstraint
+from .image_text import MAX_IMAGES_PER_REQUEST, with_images
 from .reasoning import opens_thinking, template_can_stop_thinking, template_thinks
 from .records import ROLES
 from .sampling import MAX_TOP_LOGPROBS, SamplingConfig, SamplingError
@@ -94,7 +96,13 @@ def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = Fal
                                  f"messages[{i}].role")
         if message.get("tool_calls") and message["role"] != "assistant":
             raise InvalidRequest(f"messages[{i}]: only assistant messages hold tool_calls", f"messages[{i}].tool_calls")
-    if params.messages and not any(m.get("content") or m.get("tool_calls") for m in params.messages):
+    for i, message in enumerate(params.messages):
+        if message.get("images") and message["role"] != "user":
+            raise InvalidRequest(f"messages[{i}]: only user messages hold images", f"messages[{i}].images")
+    if sum(len(m.get("images") or ()) for m in params.messages) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidRequest(f"at most {MAX_IMAGES_PER_REQUEST} images in a request", "messages")
+    if params.messages and not any(m.get("content") or m.get("tool_calls") or m.get("images")
+                                   for m in params.messages):
         raise InvalidRequest("empty prompt: every message is empty", "messages")
     if params.max_tokens < 0:
         raise InvalidRequest(f"max_tokens must be >= 1, got {params.max_tokens}", "max_tokens")
@@ -160,11 +168,18 @@ def thinking_of(params: GenerateParams, tokenizer: TokenizerBundle) -> tuple[str
     return "outside", None
 
 
+def with_image_texts(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with their images' texts (read by the server) in their content, as the model
+    is given them."""
+    return [{**m, "content": with_images(m.get("content") or "", [i.get("text", "") for i in m["images"]])}
+            if m.get("images") else m for m in messages]
+
+
 def chat_input(params: GenerateParams, tokenizer: TokenizerBundle) -> tuple[list[dict[str, Any]], list | None]:
     """The messages (and tools) the template renders: as they are for an ordinary chat; for one
     with tools, calls or results, in the template's own tool shape when it takes tools, else
     through the generic tool prompt."""
-    messages = list(params.messages)
+    messages = with_image_texts(params.messages)
     tools = params.tools.tools if params.tools is not None else ()
     if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
         return messages, None

@@ -35,14 +35,16 @@ from pathlib import Path
 
 from tokenwire.server.engine.embedder import Embedder
 from tokenwire.server.engine.graph import open_engine
+from tokenwire.server.engine.image_text import ImageReader
 from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.server.engine.session import DeviceUnavailable
 from tokenwire.server.engine.tokenizer import TokenizerBundle
+from tokenwire.server.engine.transcriber import Transcriber
 from tokenwire.server.metrics import Metrics
 from tokenwire.server.settings import parse_bytes, parse_duration, setting
 
 from . import process_memory
-from .store import ModelEntry, ModelStore, folder_size, weight_files
+from .store import ModelEntry, ModelStore, folder_size, model_weight_bytes
 
 log = logging.getLogger("tokenwire.models")
 
@@ -116,8 +118,9 @@ class ModelLimits:
 @dataclass
 class LoadedModel:
     entry: ModelEntry
-    tokenizer: TokenizerBundle | None  # None for an embedding model (its Embedder tokenizes)
-    scheduler: Scheduler | Embedder  # a decoder's scheduler, or an embedding model's encoder
+    tokenizer: TokenizerBundle | None  # None for an embedding or speech model (they tokenize themselves)
+    # A decoder's scheduler, an embedding model's encoder, or a speech model's transcriber (its fair queue).
+    scheduler: Scheduler | Embedder | Transcriber | ImageReader
     load_seconds: float
     resident_bytes: int = 0  # measured at load, weights included
     loaded_at: float = field(default_factory=time.time)
@@ -146,9 +149,10 @@ class LoadedModel:
         return self.leases == 0 and not self.scheduler.busy
 
 
-def kv_bytes_of(scheduler: Scheduler | Embedder) -> int:
-    """KV held by a scheduler: its running batch and its prefix cache (an encoder holds none)."""
-    if isinstance(scheduler, Embedder):
+def kv_bytes_of(scheduler: Scheduler | Embedder | Transcriber | ImageReader) -> int:
+    """KV held by a scheduler: its running batch and its prefix cache (an encoder, a transcriber or
+    an image reader holds none that tokenwire counts)."""
+    if isinstance(scheduler, Embedder | Transcriber | ImageReader):
         return 0
     return int(scheduler.engine.kv_bytes + scheduler.prefix_cache.stats.bytes)
 
@@ -428,7 +432,7 @@ class ModelManager:
 
     def _load(self, entry: ModelEntry, say: Progress) -> LoadedModel:
         path = Path(entry.path)
-        weights = sum(weight_files(path).values())
+        weights = model_weight_bytes(entry)
         started = time.perf_counter()
         process_memory.release_free_memory()  # so the growth below is what stays, not freed transients
         before = self.rss()
@@ -440,6 +444,25 @@ class ModelManager:
             seconds = time.perf_counter() - started
             self.metrics.model_loaded(entry.id, seconds)
             return LoadedModel(entry, None, embedder, seconds, resident)
+        if entry.kind == "speech":
+            transcriber = Transcriber(path, device=self.device, threads=self.threads)
+            resident = max(self.rss() - before, weights)
+            seconds = time.perf_counter() - started
+            self.metrics.model_loaded(entry.id, seconds)
+            return LoadedModel(entry, None, transcriber, seconds, resident)
+        if entry.kind == "ocr":
+            try:
+                reader = ImageReader(path, threads=self.threads).load()
+            except ImportError as exc:
+                raise ModelLoadError(f"model {entry.id} reads images with rapidocr, which is not installed "
+                                     "(pip install 'tokenwire[vision]')") from exc
+            process_memory.release_free_memory()
+            resident = max(self.rss() - before, weights)
+            seconds = time.perf_counter() - started
+            self.metrics.model_loaded(entry.id, seconds)
+            return LoadedModel(entry, None, reader, seconds, resident)
+        if entry.kind not in ("generate", ""):
+            raise ModelLoadError(f"model {entry.id} is of kind {entry.kind!r}, which this server cannot load")
         engine, kernels = open_engine(path, device=self.device, threads=self.threads,
                                       context_length=entry.context_length, kernels=self.kernels, model_id=entry.id)
         say("loading", kernels)
@@ -458,7 +481,7 @@ class ModelManager:
             history = self._history.get(entry.id)
         if history and history.resident_bytes and history.fingerprint == _fingerprint(entry.path):
             return history.resident_bytes
-        return int(sum(weight_files(Path(entry.path)).values()) * LOAD_OVERHEAD)
+        return int(model_weight_bytes(entry) * LOAD_OVERHEAD)
 
     def _make_room(self, entry: ModelEntry, say: Progress) -> None:
         """Unloads idle models (least recently used first) until one more fits; reserves its room."""

@@ -60,12 +60,34 @@ def weight_files(folder: Path) -> dict[str, int]:
 
 
 REQUIRED_FILES = ("model.onnx", "config.json", "tokenizer.json")
+# Models that are not ONNX decoders or encoders: the files each kind needs besides the manifest.
+# (An OCR model's three graphs are named in its manifest's "files" and recorded in "weight_files".)
+KIND_FILES: dict[str, tuple[str, ...]] = {
+    "speech": ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"),  # a CTranslate2 Whisper
+    "ocr": (),
+}
+
+
+def required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    kind = str(manifest.get("kind", "") or "generate")
+    if kind in KIND_FILES:
+        return KIND_FILES[kind] + tuple(str(v) for v in (manifest.get("files") or {}).values())
+    return REQUIRED_FILES
+
+
+def model_weight_bytes(entry: ModelEntry) -> int:
+    """The bytes of a model's weights: its graph files, or what a speech or OCR model's manifest
+    recorded (its weight files that are still there)."""
+    recorded = entry.manifest.get("weight_files")
+    if entry.kind in KIND_FILES and isinstance(recorded, dict):
+        return sum((entry.path / name).stat().st_size for name in recorded if (entry.path / name).is_file())
+    return sum(weight_files(Path(entry.path)).values())
 
 
 def _check_files(folder: Path, manifest: dict[str, Any]) -> str:
     """Why the folder cannot serve ("" when it looks whole): missing files, or weights whose size
     differs from what the manifest recorded (a truncated copy, an interrupted download)."""
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    missing = [name for name in required_files(manifest) if not (folder / name).is_file()]
     if missing:
         return "missing " + ", ".join(missing)
     recorded = manifest.get("weight_files")
@@ -114,7 +136,8 @@ class ModelEntry:
 
     @property
     def kind(self) -> str:
-        """"generate" (a decoder: chat, completions) or "embedding" (an encoder: embeddings)."""
+        """"generate" (a decoder: chat, completions), "embedding" (an encoder: embeddings), "speech"
+        (speech to text: transcriptions) or "ocr" (the text in an image)."""
         return str(self.manifest.get("kind", "") or "generate")
 
     @property

@@ -43,6 +43,7 @@ from google.protobuf import descriptor, message_factory
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from speech_audio import silence
 
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
@@ -164,6 +165,11 @@ def _seeds(stack: Stack) -> dict[str, list[Message]]:
             # Valid but for its id, which the server writes into its log (a forged line, before the fix).
             pb.GenerateRequest(prompt="Hi", max_tokens=1, request_id=f"x\n{FORGED_LINE}")],
         "/tokenwire.v1.Inference/ListModels": [pb.ListModelsRequest()],
+        # A client stream: options, then the audio (here a fifth of a second of silence: no speech).
+        "/tokenwire.v1.Inference/Transcribe": [
+            pb.TranscribeRequest(options=pb.TranscribeOptions(model="whisper-tiny-en", language="en", prompt="p",
+                                                              temperature=0.2, keep_alive_s=60)),
+            pb.TranscribeRequest(audio=silence(0.2))],
         "/tokenwire.v1.Inference/LoadModel": [pb.LoadModelRequest(model=DEFAULT_INT4, keep_alive_s=300)],
         "/tokenwire.v1.Inference/UnloadModel": [pb.UnloadModelRequest(model="smollm2-135m:fp32")],
         PULL: [pb.PullModelRequest(name="no-such-model")],  # (tame() keeps real names out)

@@ -32,7 +32,7 @@ CASES = [
     ("text/plain", CHAT, chat(), {"Content-Type": "text/plain"}, 415, None, "unsupported_media_type"),
     ("form", "/api/generate", b"prompt=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415, None,
      "unsupported_media_type"),
-    ("oversize", CHAT, chat(user="x" * (1 << 20)), JSON, 413, None, "request_too_large"),
+    ("oversize", CHAT, chat(user="x" * (6 << 20)), JSON, 413, None, "request_too_large"),
     ("unknown parameter", CHAT, chat(frobnicate=1), JSON, 400, "frobnicate", "unsupported_parameter"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "a b"}}]), JSON, 400,
      "tools[0].function.name", None),
@@ -53,8 +53,8 @@ CASES = [
      "messages[0].tool_call_id", None),
     ("bad role (server check)", CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), JSON, 400,
      "messages[0].role", None),
-    ("image part", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     JSON, 400, "messages[0].content[0]", None),
+    ("image part without a URL", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {}}]}]), JSON, 400, "messages[0].content[0].image_url.url", None),
     ("unknown model", CHAT, chat(model="no-such-model"), JSON, 404, "model", "model_not_found"),
     ("context window", CHAT, chat(max_tokens=10**6), JSON, 400, "max_tokens", "context_length_exceeded"),
     ("echo", "/v1/completions", json.dumps({"prompt": "x", "echo": True}).encode(), JSON, 400, "echo",
@@ -99,8 +99,8 @@ async def test_each_bad_request_gets_its_status_and_the_bridge_carries_on(bridge
 
 async def test_oversize_chunked_body_without_content_length(bridge) -> None:
     async def body():
-        for _ in range(24):
-            yield b"x" * 65536  # 1.5 MiB in all, no Content-Length
+        for _ in range(112):
+            yield b"x" * 65536  # 7 MiB in all (past the 6 MiB limit), no Content-Length
 
     async with aiohttp.ClientSession() as http:
         async with http.post(bridge.url + CHAT, data=body(), headers=JSON) as resp:

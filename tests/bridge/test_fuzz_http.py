@@ -178,18 +178,24 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_sta
     query = case.query or {}
     body = case.body if isinstance(case.body, dict) else {}
     if (case.operation.path == "/api/chats" and query.get("cursor")
+            # The file must be audio the server can decode, and the language one the model knows
+            # (both stated in words: no schema says which bytes decode).
+            or case.operation.path == "/v1/audio/transcriptions"
             or case.operation.path == "/api/chats/search" and not re.search(r"\w", str(query.get("q", "")))
             or isinstance(body.get("response_format"), dict)
             and body["response_format"].get("type") in ("json_schema", "regex", "choice", "grammar")
             or body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none", "auto")
             or body.get("function_call") not in (None, "none", "auto") or body.get("logit_bias")
-            or body.get("top_logprobs") and body.get("logprobs") is not True):
+            or body.get("top_logprobs") and body.get("logprobs") is not True
+            or body.get("images") or body.get("tool_results") or _has_image_parts(body)):
         # Refusals (400) the document states in words, not as a schema: a cursor is a token the server
         # gave out, a search needs a word (Unicode \w, which no JSON Schema pattern dialect shares), and
         # a response_format's schema, regex or grammar must be one the grammar engine can compile (a
         # JSON Schema cannot say which strings are valid regexes or grammars); likewise tools' parameter
         # schemas, and a tool_choice (function_call) must name one of the request's tools (functions);
-        # logit_bias may name only the model's own token ids; top_logprobs needs logprobs.
+        # logit_bias may name only the model's own token ids; top_logprobs needs logprobs; an image must
+        # be one Pillow can read (and only user messages hold one); a tool result must answer a call of
+        # the chat.
         checks = [c for c in checks if c is not positive_data_acceptance]
     mode = case.meta.generation.mode.value if case.meta else "explicit"
     sent = time.monotonic()
@@ -197,6 +203,13 @@ def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_sta
     SECONDS[case.operation.label] += time.monotonic() - sent
     TRIED[(case.operation.label, mode, response.status_code)] += 1
     case.validate_response(response, checks=checks)
+
+
+def _has_image_parts(body: dict) -> bool:
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list)
+               and any(isinstance(part, dict) and part.get("type") == "image_url" for part in m["content"])
+               for m in messages)
 
 
 def test_the_server_still_serves_after_the_fuzz(fuzz_stack: Stack) -> None:

@@ -187,3 +187,17 @@ def test_a_finished_call_is_in_ollamas_shape() -> None:
     body = _Piece(chat=True).last(MODEL, finished)
     assert body["message"]["tool_calls"] == [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
     assert body["done"] and body["done_reason"] == "stop"
+
+
+def test_images_are_read_for_their_text(client) -> None:
+    """Ollama's base64 `images` on a message: the server reads their text (OCR) for the model."""
+    from images_drawn import text_image
+
+    png = text_image(["Invoice number: 48213"])
+    reply = client.chat(model="smollm2-135m", options={"temperature": 0, "num_predict": 24}, messages=[
+        {"role": "user", "content": "What is the invoice number in the image? Answer with the number only.",
+         "images": [png]}])
+    assert "48213" in reply.message.content
+    with pytest.raises(ollama.ResponseError) as exc:
+        client.generate(model="smollm2-135m", prompt="x", images=[png], raw=True)
+    assert exc.value.status_code == 400 and "images have no place in a raw prompt" in str(exc.value)

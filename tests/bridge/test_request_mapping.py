@@ -160,14 +160,23 @@ def test_the_param_name_is_the_callers() -> None:
     ([{"role": "user", "content": {"type": "text", "text": "x"}}], "messages[0].content",
      "messages[0].content must be a string or an array of text parts, got object"),
     ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}],
-     "messages[0].content[1]", "messages[0].content[1]: only text parts are supported, got 'image_url'"),
+     "messages[0].content[1].image_url.url",
+     "messages[0].content[1].image_url.url must be a data: URL string, got null"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}],
+     "messages[0].content[0].image_url.url", "messages[0].content[0].image_url.url: remote image URLs are refused "
+     "(the server fetches nothing); send the image itself as a data: URL (data:image/png;base64,...)"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "aGVsbG8="}}]}],
+     "messages[0].content[0].image_url.url",
+     "messages[0].content[0].image_url.url must be a data: URL (data:image/png;base64,...)"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "messages[0].content[0]",
+     "messages[0].content[0]: only text and image_url parts are supported, got 'input_audio'"),
     ([{"role": "user", "content": ["plain"]}], "messages[0].content[0]",
-     "messages[0].content[0]: only text parts are supported, got 'string'"),
+     "messages[0].content[0]: only text and image_url parts are supported, got 'string'"),
     ([{"role": "user", "content": [{"text": "no type"}]}], "messages[0].content[0]",
-     "messages[0].content[0]: only text parts are supported, got None"),
+     "messages[0].content[0]: only text and image_url parts are supported, got None"),
     # A text part whose text is not a string: refused, though the message names its (valid) type.
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0]",
-     "messages[0].content[0]: only text parts are supported, got 'text'"),
+     "messages[0].content[0]: only text and image_url parts are supported, got 'text'"),
 ])
 def test_message_refusals(messages: list, param: str, message: str) -> None:
     assert_refused(refusal(chat_messages, messages), param, message)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tokenwire.v1 import inference_pb2 as tokenwire_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/history.proto\x12\x0ctokenwire.v1\x1a\x1ctokenwire/v1/inference.proto\"\x88\x01\n\x04\x43hat\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x15\n\rmessage_count\x18\x06 \x01(\r\x12\r\n\x05owner\x18\x07 \x01(\t\"\x96\x03\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.tokenwire.v1.MessageStatus\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x18\n\x10\x64ropped_messages\x18\x0c \x01(\r\x12*\n\ntool_calls\x18\r \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x0e \x01(\t\x12\x0c\n\x04name\x18\x0f \x01(\t\x12\x11\n\treasoning\x18\x10 \x01(\t\"H\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListChatsResponse\x12!\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x12.tokenwire.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x0eGetChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"u\n\x0fGetChatResponse\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.tokenwire.v1.Message\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"3\n\x11RenameChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\".\n\x12\x44\x65leteChatResponse\x12\x18\n\x10\x64\x65leted_messages\x18\x01 \x01(\r\"F\n\x14\x41ppendMessageRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"2\n\x12SearchChatsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"-\n\x08TextSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bhighlighted\x18\x02 \x01(\x08\"X\n\rSearchSnippet\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\x05spans\x18\x03 \x03(\x0b\x32\x16.tokenwire.v1.TextSpan\"_\n\x0cSearchResult\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12-\n\x08snippets\x18\x02 \x03(\x0b\x32\x1b.tokenwire.v1.SearchSnippet\"B\n\x13SearchChatsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.tokenwire.v1.SearchResult\"P\n\x11\x45xportChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.tokenwire.v1.ExportFormat\"K\n\x12\x45xportChatResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t*\xf7\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x19\n\x15MESSAGE_STATUS_LENGTH\x10\x02\x12\x1a\n\x16MESSAGE_STATUS_STOPPED\x10\x03\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x04\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x05\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x06\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x07*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\xc0\x05\n\x07History\x12\x41\n\nCreateChat\x12\x1f.tokenwire.v1.CreateChatRequest\x1a\x12.tokenwire.v1.Chat\x12L\n\tListChats\x12\x1e.tokenwire.v1.ListChatsRequest\x1a\x1f.tokenwire.v1.ListChatsResponse\x12\x46\n\x07GetChat\x12\x1c.tokenwire.v1.GetChatRequest\x1a\x1d.tokenwire.v1.GetChatResponse\x12\x41\n\nRenameChat\x12\x1f.tokenwire.v1.RenameChatRequest\x1a\x12.tokenwire.v1.Chat\x12O\n\nDeleteChat\x12\x1f.tokenwire.v1.DeleteChatRequest\x1a .tokenwire.v1.DeleteChatResponse\x12J\n\rAppendMessage\x12\".tokenwire.v1.AppendMessageRequest\x1a\x15.tokenwire.v1.Message\x12R\n\x0bSearchChats\x12 .tokenwire.v1.SearchChatsRequest\x1a!.tokenwire.v1.SearchChatsResponse\x12O\n\nExportChat\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse\x12W\n\x10\x45xportChatStream\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse0\x01\x42K\n\x10\x64\x65v.tokenwire.v1B\x0cHistoryProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokenwire/v1/history.proto\x12\x0ctokenwire.v1\x1a\x1ctokenwire/v1/inference.proto\"\x88\x01\n\x04\x43hat\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x05 \x01(\x03\x12\x15\n\rmessage_count\x18\x06 \x01(\r\x12\r\n\x05owner\x18\x07 \x01(\t\"\xc1\x03\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x63hat_id\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12+\n\x06status\x18\x05 \x01(\x0e\x32\x1b.tokenwire.v1.MessageStatus\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12.\n\x08sampling\x18\t \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\"\n\x05usage\x18\x0b \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12\x18\n\x10\x64ropped_messages\x18\x0c \x01(\r\x12*\n\ntool_calls\x18\r \x03(\x0b\x32\x16.tokenwire.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x0e \x01(\t\x12\x0c\n\x04name\x18\x0f \x01(\t\x12\x11\n\treasoning\x18\x10 \x01(\t\x12)\n\x06images\x18\x11 \x03(\x0b\x32\x19.tokenwire.v1.StoredImage\"=\n\x0bStoredImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"H\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"O\n\x11ListChatsResponse\x12!\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x12.tokenwire.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"H\n\x0eGetChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"u\n\x0fGetChatResponse\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.tokenwire.v1.Message\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"3\n\x11RenameChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\".\n\x12\x44\x65leteChatResponse\x12\x18\n\x10\x64\x65leted_messages\x18\x01 \x01(\r\"F\n\x14\x41ppendMessageRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\"2\n\x12SearchChatsRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"-\n\x08TextSpan\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0bhighlighted\x18\x02 \x01(\x08\"X\n\rSearchSnippet\x12\x12\n\nmessage_id\x18\x01 \x01(\x03\x12\x0c\n\x04role\x18\x02 \x01(\t\x12%\n\x05spans\x18\x03 \x03(\x0b\x32\x16.tokenwire.v1.TextSpan\"_\n\x0cSearchResult\x12 \n\x04\x63hat\x18\x01 \x01(\x0b\x32\x12.tokenwire.v1.Chat\x12-\n\x08snippets\x18\x02 \x03(\x0b\x32\x1b.tokenwire.v1.SearchSnippet\"B\n\x13SearchChatsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.tokenwire.v1.SearchResult\"P\n\x11\x45xportChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1a.tokenwire.v1.ExportFormat\"K\n\x12\x45xportChatResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t*\xf7\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x19\n\x15MESSAGE_STATUS_LENGTH\x10\x02\x12\x1a\n\x16MESSAGE_STATUS_STOPPED\x10\x03\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x04\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x05\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x06\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x07*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02\x32\xc0\x05\n\x07History\x12\x41\n\nCreateChat\x12\x1f.tokenwire.v1.CreateChatRequest\x1a\x12.tokenwire.v1.Chat\x12L\n\tListChats\x12\x1e.tokenwire.v1.ListChatsRequest\x1a\x1f.tokenwire.v1.ListChatsResponse\x12\x46\n\x07GetChat\x12\x1c.tokenwire.v1.GetChatRequest\x1a\x1d.tokenwire.v1.GetChatResponse\x12\x41\n\nRenameChat\x12\x1f.tokenwire.v1.RenameChatRequest\x1a\x12.tokenwire.v1.Chat\x12O\n\nDeleteChat\x12\x1f.tokenwire.v1.DeleteChatRequest\x1a .tokenwire.v1.DeleteChatResponse\x12J\n\rAppendMessage\x12\".tokenwire.v1.AppendMessageRequest\x1a\x15.tokenwire.v1.Message\x12R\n\x0bSearchChats\x12 .tokenwire.v1.SearchChatsRequest\x1a!.tokenwire.v1.SearchChatsResponse\x12O\n\nExportChat\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse\x12W\n\x10\x45xportChatStream\x12\x1f.tokenwire.v1.ExportChatRequest\x1a .tokenwire.v1.ExportChatResponse0\x01\x42K\n\x10\x64\x65v.tokenwire.v1B\x0cHistoryProtoP\x01Z\x18tokenwire/v1;tokenwirev1\xaa\x02\x0cTokenwire.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,46 +33,48 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.history_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1B\014HistoryProtoP\001Z\030tokenwire/v1;tokenwirev1\252\002\014Tokenwire.V1'
-  _globals['_MESSAGESTATUS']._serialized_start=1754
-  _globals['_MESSAGESTATUS']._serialized_end=2001
-  _globals['_EXPORTFORMAT']._serialized_start=2003
-  _globals['_EXPORTFORMAT']._serialized_end=2100
+  _globals['_MESSAGESTATUS']._serialized_start=1860
+  _globals['_MESSAGESTATUS']._serialized_end=2107
+  _globals['_EXPORTFORMAT']._serialized_start=2109
+  _globals['_EXPORTFORMAT']._serialized_end=2206
   _globals['_CHAT']._serialized_start=75
   _globals['_CHAT']._serialized_end=211
   _globals['_MESSAGE']._serialized_start=214
-  _globals['_MESSAGE']._serialized_end=620
-  _globals['_CREATECHATREQUEST']._serialized_start=622
-  _globals['_CREATECHATREQUEST']._serialized_end=694
-  _globals['_LISTCHATSREQUEST']._serialized_start=696
-  _globals['_LISTCHATSREQUEST']._serialized_end=753
-  _globals['_LISTCHATSRESPONSE']._serialized_start=755
-  _globals['_LISTCHATSRESPONSE']._serialized_end=834
-  _globals['_GETCHATREQUEST']._serialized_start=836
-  _globals['_GETCHATREQUEST']._serialized_end=908
-  _globals['_GETCHATRESPONSE']._serialized_start=910
-  _globals['_GETCHATRESPONSE']._serialized_end=1027
-  _globals['_RENAMECHATREQUEST']._serialized_start=1029
-  _globals['_RENAMECHATREQUEST']._serialized_end=1080
-  _globals['_DELETECHATREQUEST']._serialized_start=1082
-  _globals['_DELETECHATREQUEST']._serialized_end=1118
-  _globals['_DELETECHATRESPONSE']._serialized_start=1120
-  _globals['_DELETECHATRESPONSE']._serialized_end=1166
-  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1168
-  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1238
-  _globals['_SEARCHCHATSREQUEST']._serialized_start=1240
-  _globals['_SEARCHCHATSREQUEST']._serialized_end=1290
-  _globals['_TEXTSPAN']._serialized_start=1292
-  _globals['_TEXTSPAN']._serialized_end=1337
-  _globals['_SEARCHSNIPPET']._serialized_start=1339
-  _globals['_SEARCHSNIPPET']._serialized_end=1427
-  _globals['_SEARCHRESULT']._serialized_start=1429
-  _globals['_SEARCHRESULT']._serialized_end=1524
-  _globals['_SEARCHCHATSRESPONSE']._serialized_start=1526
-  _globals['_SEARCHCHATSRESPONSE']._serialized_end=1592
-  _globals['_EXPORTCHATREQUEST']._serialized_start=1594
-  _globals['_EXPORTCHATREQUEST']._serialized_end=1674
-  _globals['_EXPORTCHATRESPONSE']._serialized_start=1676
-  _globals['_EXPORTCHATRESPONSE']._serialized_end=1751
-  _globals['_HISTORY']._serialized_start=2103
-  _globals['_HISTORY']._serialized_end=2807
+  _globals['_MESSAGE']._serialized_end=663
+  _globals['_STOREDIMAGE']._serialized_start=665
+  _globals['_STOREDIMAGE']._serialized_end=726
+  _globals['_CREATECHATREQUEST']._serialized_start=728
+  _globals['_CREATECHATREQUEST']._serialized_end=800
+  _globals['_LISTCHATSREQUEST']._serialized_start=802
+  _globals['_LISTCHATSREQUEST']._serialized_end=859
+  _globals['_LISTCHATSRESPONSE']._serialized_start=861
+  _globals['_LISTCHATSRESPONSE']._serialized_end=940
+  _globals['_GETCHATREQUEST']._serialized_start=942
+  _globals['_GETCHATREQUEST']._serialized_end=1014
+  _globals['_GETCHATRESPONSE']._serialized_start=1016
+  _globals['_GETCHATRESPONSE']._serialized_end=1133
+  _globals['_RENAMECHATREQUEST']._serialized_start=1135
+  _globals['_RENAMECHATREQUEST']._serialized_end=1186
+  _globals['_DELETECHATREQUEST']._serialized_start=1188
+  _globals['_DELETECHATREQUEST']._serialized_end=1224
+  _globals['_DELETECHATRESPONSE']._serialized_start=1226
+  _globals['_DELETECHATRESPONSE']._serialized_end=1272
+  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1274
+  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1344
+  _globals['_SEARCHCHATSREQUEST']._serialized_start=1346
+  _globals['_SEARCHCHATSREQUEST']._serialized_end=1396
+  _globals['_TEXTSPAN']._serialized_start=1398
+  _globals['_TEXTSPAN']._serialized_end=1443
+  _globals['_SEARCHSNIPPET']._serialized_start=1445
+  _globals['_SEARCHSNIPPET']._serialized_end=1533
+  _globals['_SEARCHRESULT']._serialized_start=1535
+  _globals['_SEARCHRESULT']._serialized_end=1630
+  _globals['_SEARCHCHATSRESPONSE']._serialized_start=1632
+  _globals['_SEARCHCHATSRESPONSE']._serialized_end=1698
+  _globals['_EXPORTCHATREQUEST']._serialized_start=1700
+  _globals['_EXPORTCHATREQUEST']._serialized_end=1780
+  _globals['_EXPORTCHATRESPONSE']._serialized_start=1782
+  _globals['_EXPORTCHATRESPONSE']._serialized_end=1857
+  _globals['_HISTORY']._serialized_start=2209
+  _globals['_HISTORY']._serialized_end=2913
 # @@protoc_insertion_point(module_scope)

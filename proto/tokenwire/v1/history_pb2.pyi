@@ -55,7 +55,7 @@ class Chat(_message.Message):
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., model: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., message_count: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "chat_id", "role", "content", "status", "error_message", "created_unix_ms", "model", "sampling", "max_tokens", "usage", "dropped_messages", "tool_calls", "tool_call_id", "name", "reasoning")
+    __slots__ = ("id", "chat_id", "role", "content", "status", "error_message", "created_unix_ms", "model", "sampling", "max_tokens", "usage", "dropped_messages", "tool_calls", "tool_call_id", "name", "reasoning", "images")
     ID_FIELD_NUMBER: _ClassVar[int]
     CHAT_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Message(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REASONING_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     id: int
     chat_id: str
     role: str
@@ -88,7 +89,18 @@ class Message(_message.Message):
     tool_call_id: str
     name: str
     reasoning: str
-    def __init__(self, id: _Optional[int] = ..., chat_id: _Optional[str] = ..., role: _Optional[str] = ..., content: _Optional[str] = ..., status: _Optional[_Union[MessageStatus, str]] = ..., error_message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., usage: _Optional[_Union[_inference_pb2.Usage, _Mapping]] = ..., dropped_messages: _Optional[int] = ..., tool_calls: _Optional[_Iterable[_Union[_inference_pb2.ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., reasoning: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[StoredImage]
+    def __init__(self, id: _Optional[int] = ..., chat_id: _Optional[str] = ..., role: _Optional[str] = ..., content: _Optional[str] = ..., status: _Optional[_Union[MessageStatus, str]] = ..., error_message: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., usage: _Optional[_Union[_inference_pb2.Usage, _Mapping]] = ..., dropped_messages: _Optional[int] = ..., tool_calls: _Optional[_Iterable[_Union[_inference_pb2.ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., reasoning: _Optional[str] = ..., images: _Optional[_Iterable[_Union[StoredImage, _Mapping]]] = ...) -> None: ...
+
+class StoredImage(_message.Message):
+    __slots__ = ("data", "media_type", "text")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    media_type: str
+    text: str
+    def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class CreateChatRequest(_message.Message):
     __slots__ = ("title", "model", "system_prompt")

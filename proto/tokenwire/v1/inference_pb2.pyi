@@ -49,18 +49,28 @@ LOAD_STAGE_LOADING: LoadStage
 LOAD_STAGE_READY: LoadStage
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content", "tool_calls", "tool_call_id", "name")
+    __slots__ = ("role", "content", "tool_calls", "tool_call_id", "name", "images")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     role: str
     content: str
     tool_calls: _containers.RepeatedCompositeFieldContainer[ToolCall]
     tool_call_id: str
     name: str
-    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_call_id: _Optional[str] = ..., name: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "media_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    media_type: str
+    def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters_json")
@@ -446,3 +456,83 @@ class DeleteModelResponse(_message.Message):
     aliases_removed: _containers.RepeatedScalarFieldContainer[str]
     freed_bytes: int
     def __init__(self, model: _Optional[str] = ..., aliases_removed: _Optional[_Iterable[str]] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class TranscribeOptions(_message.Message):
+    __slots__ = ("model", "language", "prompt", "temperature", "user", "keep_alive_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    language: str
+    prompt: str
+    temperature: float
+    user: str
+    keep_alive_s: float
+    def __init__(self, model: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., temperature: _Optional[float] = ..., user: _Optional[str] = ..., keep_alive_s: _Optional[float] = ...) -> None: ...
+
+class TranscribeRequest(_message.Message):
+    __slots__ = ("options", "audio")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    options: TranscribeOptions
+    audio: bytes
+    def __init__(self, options: _Optional[_Union[TranscribeOptions, _Mapping]] = ..., audio: _Optional[bytes] = ...) -> None: ...
+
+class TranscribeStarted(_message.Message):
+    __slots__ = ("model", "duration_s", "language")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    duration_s: float
+    language: str
+    def __init__(self, model: _Optional[str] = ..., duration_s: _Optional[float] = ..., language: _Optional[str] = ...) -> None: ...
+
+class TranscriptSegment(_message.Message):
+    __slots__ = ("index", "start_s", "end_s", "text", "avg_logprob", "no_speech_prob", "compression_ratio", "temperature", "tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    AVG_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    NO_SPEECH_PROB_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    start_s: float
+    end_s: float
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    temperature: float
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., text: _Optional[str] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., temperature: _Optional[float] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TranscribeFinished(_message.Message):
+    __slots__ = ("text", "duration_s", "language", "segments", "processing_ms")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_MS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    duration_s: float
+    language: str
+    segments: int
+    processing_ms: float
+    def __init__(self, text: _Optional[str] = ..., duration_s: _Optional[float] = ..., language: _Optional[str] = ..., segments: _Optional[int] = ..., processing_ms: _Optional[float] = ...) -> None: ...
+
+class TranscribeResponse(_message.Message):
+    __slots__ = ("started", "segment", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: TranscribeStarted
+    segment: TranscriptSegment
+    finished: TranscribeFinished
+    def __init__(self, started: _Optional[_Union[TranscribeStarted, _Mapping]] = ..., segment: _Optional[_Union[TranscriptSegment, _Mapping]] = ..., finished: _Optional[_Union[TranscribeFinished, _Mapping]] = ...) -> None: ...

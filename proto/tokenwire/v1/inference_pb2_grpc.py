@@ -70,6 +70,11 @@ class InferenceStub:
                 request_serializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.Transcribe = channel.stream_stream(
+                '/tokenwire.v1.Inference/Transcribe',
+                request_serializer=tokenwire_dot_v1_dot_inference__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.TranscribeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -161,6 +166,23 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transcribe(self, request_iterator, context):
+        """Speech to text with a speech model (ModelInfo.kind "speech"; `tokenwire
+        pull whisper-tiny-en`, English only). The first message carries the
+        options, the next ones the audio file's bytes in chunks (wav, mp3,
+        ogg/opus, webm, m4a, flac: decoded on the server, in memory). Once the
+        client half-closes, the server answers `started`, then each segment as it
+        is recognised, then `finished`. Transcriptions of one model take turns
+        round-robin across users, a segment at a time. Errors: INVALID_ARGUMENT
+        (reason AUDIO_INVALID: not decodable; AUDIO_TOO_LONG / AUDIO_TOO_LARGE:
+        over --max-audio-seconds / --max-audio-bytes; LANGUAGE_UNSUPPORTED;
+        a model that is not a speech model), NOT_FOUND (unknown model, or no
+        speech model in the store), RESOURCE_EXHAUSTED (QUEUE_FULL).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +220,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'Transcribe': grpc.stream_stream_rpc_method_handler(
+                    servicer.Transcribe,
+                    request_deserializer=tokenwire_dot_v1_dot_inference__pb2.TranscribeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.TranscribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +417,33 @@ class Inference:
             '/tokenwire.v1.Inference/DeleteModel',
             tokenwire_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
             tokenwire_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transcribe(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tokenwire.v1.Inference/Transcribe',
+            tokenwire_dot_v1_dot_inference__pb2.TranscribeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.TranscribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
