@@ -18,6 +18,7 @@ import grpc
 import pytest
 from conftest import DEFAULT_INT4, cli, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from images_drawn import text_image
 
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
@@ -31,6 +32,7 @@ SYSTEM = "You are a helpful assistant. The user will tell you their name; rememb
 INTRO = "My name is Maria."
 QUESTION = "What is my name? Answer with just my name."
 LONG_PROMPT = "Tell me a long story about a dragon who learns to bake bread."
+PICTURE_QUESTION = "What is the invoice number in the image? Answer with the number only."
 
 
 class Client:
@@ -107,6 +109,12 @@ def test_chat_survives_a_restart_and_the_next_turn_remembers(models_dir, tmp_pat
         assert reply.strip() and finished.reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
         assert turn.chat_id == chat.id and turn.dropped_messages == 0
         before = summary(c.messages(chat.id))
+        # A chat with an image: the image and the text read in it are stored with the message.
+        pictured = c.new_chat()
+        png = text_image(["Invoice number: 48213"])
+        list(c.inference.Generate(pb.GenerateRequest(
+            chat_id=pictured.id, sampling=GREEDY, max_tokens=4,
+            messages=[pb.ChatMessage(role="user", content=PICTURE_QUESTION, images=[pb.Image(data=png)])]), timeout=120))
         c.close()
     finally:
         first.stop()
@@ -117,8 +125,8 @@ def test_chat_survives_a_restart_and_the_next_turn_remembers(models_dir, tmp_pat
     try:
         c = Client(second.target)
         listed = c.h("ListChats", hpb.ListChatsRequest()).chats
-        assert [x.id for x in listed] == [chat.id]
-        assert listed[0].title == INTRO and listed[0].model == DEFAULT_INT4 and listed[0].message_count == 3
+        assert [x.id for x in listed] == [pictured.id, chat.id]  # newest first
+        assert listed[1].title == INTRO and listed[1].model == DEFAULT_INT4 and listed[1].message_count == 3
         assert summary(c.messages(chat.id)) == before
         answer, _, finished = c.turn(chat.id, QUESTION)
         assert "Maria" in answer, answer
@@ -131,6 +139,12 @@ def test_chat_survives_a_restart_and_the_next_turn_remembers(models_dir, tmp_pat
         assert summary(stored)[-2:] == [("user", QUESTION, "complete"), ("assistant", answer, status(stored[-1]))]
         assert stored[-1].model == DEFAULT_INT4 and stored[-1].usage.completion_tokens > 0
         assert stored[-1].sampling.temperature == 0 and stored[-1].max_tokens == 24
+        # The image and its text are back after the restart, and the next turn reads the stored text.
+        user = c.messages(pictured.id)[0]
+        assert (user.content, [(i.data, i.media_type, i.text) for i in user.images]) == \
+            (PICTURE_QUESTION, [(png, "image/png", "Invoice number: 48213")])
+        repeated, _, _ = c.turn(pictured.id, "Repeat the invoice number.")
+        assert "48213" in repeated, repeated
         c.close()
     finally:
         second.stop()

@@ -1,18 +1,17 @@
 """Images in chat over gRPC on the real model (the voice-and-image issue, item 3): the server reads
-an image's text (OCR) and the model answers from it; a stored chat keeps the image and its text,
-and gives them back after a restart; bad images are INVALID_ARGUMENT with the field named."""
+an image's text (OCR) and the model answers from it; bad images are INVALID_ARGUMENT with the field
+named; the CLI sends images. (A stored chat keeping an image and its text across a restart is
+checked in test_history.py's restart test, which restarts a server anyway.)"""
 
 from __future__ import annotations
 
 import grpc
 import pytest
-from conftest import start_server
 from images_drawn import text_image
 
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
-from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 GREEDY = pb.SamplingParams(temperature=0)
 INVOICE = ["Invoice number: 48213", "Amount due: 950 EUR"]
@@ -48,36 +47,6 @@ def test_bad_images_are_refused_by_field(stub) -> None:
         answer(stub, [pb.ChatMessage(role="system", content="x", images=[pb.Image(data=text_image(["x"]))]),
                       pb.ChatMessage(role="user", content="hi")])
     assert exc.value.details() == "messages[0]: only user messages hold images"
-
-
-def test_a_stored_chat_keeps_the_image_and_its_text_across_a_restart(models_dir, tmp_path) -> None:
-    database = str(tmp_path / "chats.db")
-    png = text_image(INVOICE)
-    server = start_server(tmp_path, models_dir, "--database", database, "--metrics-port", "0")
-    channel = grpc.insecure_channel(server.target)
-    history, inference = hpb_grpc.HistoryStub(channel), pb_grpc.InferenceStub(channel)
-    chat = history.CreateChat(hpb.CreateChatRequest(), timeout=30)
-    list(inference.Generate(pb.GenerateRequest(
-        chat_id=chat.id, sampling=GREEDY, max_tokens=8,
-        messages=[pb.ChatMessage(role="user", content=QUESTION, images=[pb.Image(data=png)])]), timeout=120))
-    channel.close()
-    server.stop()
-    server = start_server(tmp_path, models_dir, "--database", database, "--metrics-port", "0")
-    try:
-        channel = grpc.insecure_channel(server.target)
-        history, inference = hpb_grpc.HistoryStub(channel), pb_grpc.InferenceStub(channel)
-        user = history.GetChat(hpb.GetChatRequest(chat_id=chat.id), timeout=30).messages[0]
-        assert (user.content, len(user.images)) == (QUESTION, 1)
-        assert user.images[0].data == png and user.images[0].media_type == "image/png"
-        assert user.images[0].text == "\n".join(INVOICE)
-        # The next turn's prompt still holds the image's text (from the store: nothing is read again).
-        events = list(inference.Generate(pb.GenerateRequest(
-            chat_id=chat.id, sampling=GREEDY, max_tokens=24,
-            messages=[pb.ChatMessage(role="user", content="Repeat the invoice number.")]), timeout=120))
-        assert "48213" in "".join(e.token.text for e in events if e.WhichOneof("event") == "token")
-        channel.close()
-    finally:
-        server.stop()
 
 
 def test_the_cli_sends_images(server, tmp_path) -> None:
