@@ -45,8 +45,9 @@ def _servers(replicas: list[Replica], grpc: bool) -> str:
     return "\n".join(lines)
 
 
-def _check(port_of_host: str) -> str:
-    return (f"    option httpchk\n    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host {port_of_host}\n"
+def _check() -> str:
+    """The active check of a backend's servers: GET /readyz (HTTP/1.1, Host 127.0.0.1) must be 200."""
+    return ("    option httpchk\n    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host 127.0.0.1\n"
             f"    http-check expect status 200\n"
             f"    default-server inter {CHECK_INTERVAL_MS} fastinter {CHECK_INTERVAL_MS} downinter 1s "
             f"fall {FALL} rise {RISE}")
@@ -92,7 +93,7 @@ frontend http_front
 
 backend bridges
     balance leastconn
-{_check("127.0.0.1")}
+{_check()}
 {_servers(replicas, grpc=False)}
 
 frontend grpc_front
@@ -103,11 +104,11 @@ frontend grpc_front
 backend servers_by_affinity
     balance hdr({header})
     hash-type consistent
-{_check("127.0.0.1")}
+{_check()}
 {_servers(replicas, grpc=True)}
 
 backend servers_by_load
     balance leastconn
-{_check("127.0.0.1")}
+{_check()}
 {_servers(replicas, grpc=True)}
 {stats}"""

@@ -393,7 +393,10 @@ class ChatStore:
     def _turn_context(self, chat: Chat, existing: list[Message], new_messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Checks a turn's new messages against the chat; the context it would prompt with."""
         calls = {c["id"]: c["name"] for m in existing for c in _stored_calls(m.tool_calls)}
-        for i, m in enumerate(new_messages):
+        # The new messages' calls, read once: a call sent without an id gets one here, and the same one
+        # in the prompt, in what a later result may name, and in what begin_turn stores.
+        new_calls = [_request_calls(m) for m in new_messages]
+        for i, (m, own) in enumerate(zip(new_messages, new_calls, strict=True)):
             self._check_role(m.get("role", ""))
             if m["role"] == "tool":
                 call_id = m.get("tool_call_id") or ""
@@ -405,18 +408,19 @@ class ChatStore:
             elif not m.get("content") and not (m["role"] == "assistant" and m.get("tool_calls")) \
                     and not (m["role"] == "user" and m.get("images")):
                 raise ChatRequestError(f"messages[{i}].content must not be empty", f"messages[{i}].content")
-            calls.update((c["id"], c["name"]) for c in _request_calls(m))
+            calls.update((c["id"], c["name"]) for c in own)
         if any(m["role"] == "system" for m in new_messages) and existing:
             raise ChatRequestError("a system message can only start a chat; this chat has messages already", "messages")
-        self._check_size(chat, [_message_text(m) for m in new_messages], "messages",
+        self._check_size(chat, [_message_text(m, own) for m, own in zip(new_messages, new_calls, strict=True)],
+                         "messages",
                          sum(len(i["data"]) for m in new_messages for i in m.get("images") or ()))
         kept = [m for m in existing if m.status != "pending" and (m.content or m.tool_calls or m.role == "tool")]
-        images = _images_of(kept)
+        images = _images_of(kept, with_data=False)  # the prompt needs an image's text, not its bytes
         context = [_context_message(m.role, m.content, _stored_calls(m.tool_calls), m.tool_call_id, m.name,
                                     images.get(m.id)) for m in kept]
-        context += [_context_message(m["role"], m.get("content") or "", _request_calls(m), m.get("tool_call_id", ""),
+        context += [_context_message(m["role"], m.get("content") or "", own, m.get("tool_call_id", ""),
                                      m.get("name") or calls.get(m.get("tool_call_id", ""), ""), m.get("images"))
-                    for m in new_messages]
+                    for m, own in zip(new_messages, new_calls, strict=True)]
         if not context or context[-1]["role"] not in ("user", "tool"):
             raise ChatRequestError("nothing to answer: send a user message or tool results (the chat ends with "
                                    "neither)", "messages")
@@ -441,7 +445,7 @@ class ChatStore:
             user_message_id = 0
             for m, said in zip(new_messages, context[len(context) - len(new_messages):], strict=True):
                 added = self._add(chat, m["role"], said["content"], tool_call_id=said.get("tool_call_id", ""),
-                                  name=said.get("name", ""), tool_calls=_calls_json(_request_calls(m)))
+                                  name=said.get("name", ""), tool_calls=_calls_json(_context_calls(said)))
                 for position, image in enumerate(m.get("images") or ()):
                     MessageImage.create(message=added, position=position, media_type=image.get("media_type", ""),
                                         data=image["data"], text=image.get("text", ""))
@@ -608,17 +612,22 @@ def _calls_json(calls: list[dict[str, str]]) -> str:
     return json.dumps(calls, ensure_ascii=False) if calls else ""
 
 
-def _message_text(message: dict[str, Any]) -> str:
-    return (message.get("content") or "") + "".join(c["arguments"] for c in _request_calls(message))
+def _message_text(message: dict[str, Any], calls: list[dict[str, str]]) -> str:
+    return (message.get("content") or "") + "".join(c["arguments"] for c in calls)
+
+
+def _context_calls(message: dict[str, Any]) -> list[dict[str, str]]:
+    """A context message's calls (OpenAI's shape) as the store keeps them."""
+    return [{"id": c["id"], "name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in message.get("tool_calls") or ()]
 
 
 def _context_message(role: str, content: str, calls: list[dict[str, str]], tool_call_id: str,
                      name: str, images: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One message of a turn's prompt, in the shape GenerateParams.messages holds."""
     message: dict[str, Any] = {"role": role, "content": content}
-    if images:
-        message["images"] = [{"data": i["data"], "media_type": i.get("media_type", ""), "text": i.get("text", "")}
-                             for i in images]
+    if images:  # what the prompt reads of each image: its text (the bytes stay in the store)
+        message["images"] = [{"media_type": i.get("media_type", ""), "text": i.get("text", "")} for i in images]
     if calls:
         message["tool_calls"] = [{"id": c["id"], "function": {"name": c["name"], "arguments": c["arguments"]}}
                                  for c in calls]
@@ -629,13 +638,18 @@ def _context_message(role: str, content: str, calls: list[dict[str, str]], tool_
     return message
 
 
-def _images_of(rows: list[Message]) -> dict[int, list[dict[str, Any]]]:
-    """The images of these messages, by message id, in their order (one query)."""
+def _images_of(rows: list[Message], with_data: bool = True) -> dict[int, list[dict[str, Any]]]:
+    """The images of these messages, by message id, in their order (one query); without their
+    bytes unless `with_data`."""
     ids = [m.id for m in rows if m.role == "user"]
     found: dict[int, list[dict[str, Any]]] = {}
     if not ids:
         return found
-    for image in MessageImage.select().where(MessageImage.message.in_(ids)).order_by(MessageImage.position):
-        found.setdefault(image.message_id, []).append(
-            {"data": bytes(image.data), "media_type": image.media_type, "text": image.text})
+    columns = [MessageImage.message, MessageImage.media_type, MessageImage.text]
+    query = MessageImage.select(*columns, *([MessageImage.data] if with_data else []))
+    for image in query.where(MessageImage.message.in_(ids)).order_by(MessageImage.position):
+        item = {"media_type": image.media_type, "text": image.text}
+        if with_data:
+            item["data"] = bytes(image.data)
+        found.setdefault(image.message_id, []).append(item)
     return found

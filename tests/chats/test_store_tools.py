@@ -54,6 +54,10 @@ def test_a_reply_s_calls_and_a_result_prompt_the_next_turn(store) -> None:
     own_call = store.preview_turn(user, chat_id, [*own, {"role": "user", "content": "and the time?"}])[-2]
     assert own_call["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
     assert own_call["tool_calls"][0]["id"].startswith("call_"), "a call sent without an id is given one"
+    later = store.begin_turn(user, chat_id, [*own, {"role": "user", "content": "and the time?"}], "m")
+    prompted = later.context[-2]["tool_calls"][0]["id"]
+    stored = store.get_chat(user, chat_id)[1][-3]
+    assert stored.tool_calls[0]["id"] == prompted, "the id the prompt showed is the one stored"
 
 
 def test_results_must_answer_a_call_of_the_chat(store) -> None:
