@@ -20,7 +20,6 @@ import grpc
 from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
-from tokenwire.server.engine.reasoning import ThinkSplitter
 from tokenwire.server.engine.reply_shape import ReplyShape
 from tokenwire.server.engine.requests import (
     GenerateParams,
@@ -31,7 +30,6 @@ from tokenwire.server.engine.requests import (
 )
 from tokenwire.server.engine.scheduler import SequenceHandle
 from tokenwire.server.engine.sequence import FinishedEvent, QueuedEvent, RefusedEvent, Sequence, TokenEvent
-from tokenwire.server.engine.tool_calls import call_ids
 from tokenwire.server.models.manager import ModelManager, ModelNotFound
 from tokenwire.server.models.pull_runner import InvalidPullName, PullFailed, pull_lines
 from tokenwire.server.models.store import ModelEntry, folder_size
@@ -188,9 +186,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             shapes = [ReplyShape(gen_request.thinking,
                                  tools.callable_tools() if tools is not None and tools.calls_allowed else None,
                                  secrets.token_hex(8)) for _ in range(params.n)]
-            calls = [shape.calls_stream(call_ids(shape.seed)) for shape in shapes]
-            thinking = [ThinkSplitter(inside=gen_request.thinking == "inside") if gen_request.thinking else None
-                        for _ in range(params.n)]
+            calls = [shape.calls_stream() for shape in shapes]
+            thinking = [shape.think_splitter() for shape in shapes]
             if turn is not None:
                 turn.shape = shapes[0]  # the reply is stored in the parts its stream sends
             for choice_request in choices(gen_request, params.n):

@@ -8,7 +8,6 @@ thread, also when the client has gone) or as far as it went. Given the same call
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .reasoning import ThinkSplitter
@@ -31,21 +30,26 @@ class ReplyShape:
     tools: tuple[ToolSpec, ...] | None = None
     seed: str = ""
 
-    def calls_stream(self, ids: Callable[[], str]) -> ToolCallStream | None:
-        return ToolCallStream(self.tools, ids) if self.tools is not None else None
+    def calls_stream(self) -> ToolCallStream | None:
+        """A reader of this reply's calls (None when no call may be made), with this reply's ids."""
+        return ToolCallStream(self.tools, call_ids(self.seed)) if self.tools is not None else None
+
+    def think_splitter(self) -> ThinkSplitter | None:
+        """A reader of this reply's thinking (None when its model does not think)."""
+        return ThinkSplitter(inside=self.thinking == "inside") if self.thinking else None
 
     def read(self, text: str, final: bool = True) -> ShapedReply:
         """The reply's parts; not `final`: what could be said so far of a reply still being written."""
         if not self.thinking and self.tools is None:
             return ShapedReply(text)
         reasoning = ""
-        if self.thinking:
-            splitter = ThinkSplitter(inside=self.thinking == "inside")
+        splitter = self.think_splitter()
+        if splitter is not None:
             reasoning, text = splitter.feed(text)
             if final:
                 more_reasoning, rest = splitter.finish()
                 reasoning, text = reasoning + more_reasoning, text + rest
-        calls = self.calls_stream(call_ids(self.seed))
+        calls = self.calls_stream()
         if calls is None:
             return ShapedReply(text, reasoning)
         parts = calls.feed(text) + (calls.finish() if final else [])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tokenwire.server.engine.reasoning import ThinkSplitter
 from tokenwire.server.engine.reply_shape import ReplyShape
-from tokenwire.server.engine.tool_calls import CallOut, ToolSpec, call_ids
+from tokenwire.server.engine.tool_calls import CallOut, ToolCallStream, ToolSpec, call_ids
 
 TOOLS = (ToolSpec("get_weather", "", {"type": "object"}), ToolSpec("get_time", "", {"type": "object"}))
 TEXT = ('<think>\nThe user wants two things.\n</think>\n\nLet me check. <tool_call>{"name": "get_weather", '
@@ -14,7 +14,7 @@ TEXT = ('<think>\nThe user wants two things.\n</think>\n\nLet me check. <tool_ca
 
 def streamed(shape: ReplyShape, text: str, size: int) -> tuple[str, str, list]:
     splitter = ThinkSplitter(inside=shape.thinking == "inside")
-    calls = shape.calls_stream(call_ids(shape.seed))
+    calls = ToolCallStream(shape.tools, call_ids(shape.seed))  # as the stream makes its own
     thinking, prose = [], []
     pieces = [text[i:i + size] for i in range(0, len(text), size)]
     for piece in [*pieces, None]:
