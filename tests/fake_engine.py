@@ -31,7 +31,8 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
 from tokenwire.server.engine.batch_engine import BatchEngine, KVCache, PrefillState
-from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
+from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig, SequenceHandle
+from tokenwire.server.engine.sequence import FinishedEvent, RefusedEvent, TokenEvent
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 
 EOS = 0
@@ -163,6 +164,9 @@ class FakeEngine(BatchEngine):
     def kv_bytes(self) -> int:
         return sum(layer.nbytes for kv, _ in self._rows for layer in kv)
 
+    def kv_bytes_for(self, tokens: int) -> int:
+        return tokens * LAYERS * KV_HEADS * HEAD_DIM * np.dtype(np.float32).itemsize
+
     @property
     def lengths(self) -> list[int]:
         return [kv[0].shape[2] for kv, _ in self._rows]
@@ -243,3 +247,18 @@ def start():
     for scheduler in started:
         scheduler.engine.release()
         scheduler.stop()
+
+
+async def outcome(handle: SequenceHandle, timeout: float = 5):
+    """(token ids, the last event: FinishedEvent or RefusedEvent) of one stream."""
+
+    async def run():
+        tokens = []
+        async for event in handle.events():
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token_id)
+            elif isinstance(event, FinishedEvent | RefusedEvent):
+                return tokens, event
+        raise AssertionError("no last event")
+
+    return await asyncio.wait_for(run(), timeout)

@@ -12,8 +12,9 @@ them to HTTP without reading the message text.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -23,7 +24,7 @@ from grpc_status import rpc_status
 from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
 from tokenwire.server.chats.worker import ReplyNotStored, StoreUnavailable
 from tokenwire.server.engine.requests import InvalidRequest
-from tokenwire.server.engine.scheduler import QueueFull, SchedulerUnavailable
+from tokenwire.server.engine.scheduler import KVBudgetExceeded, QueueFull, SchedulerUnavailable
 from tokenwire.server.engine.session import DeviceUnavailable
 from tokenwire.server.models.manager import (
     ModelBusy,
@@ -33,7 +34,10 @@ from tokenwire.server.models.manager import (
     ModelUnloading,
 )
 
+from .live_replies import MessageNotFound, ReplyNotLive
+
 DOMAIN = "tokenwire.dev"
+T = TypeVar("T")
 
 
 class Unauthenticated(Exception):
@@ -66,7 +70,10 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (ChatRequestError, Refusal(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")),
     (ModelNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "model")),
     (ChatNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "CHAT_NOT_FOUND", "chat_id")),
+    (MessageNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "MESSAGE_NOT_FOUND", "message_id")),
+    (ReplyNotLive, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "REPLY_FINISHED", "message_id")),
     (QueueFull, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")),
+    (KVBudgetExceeded, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV_BUDGET_EXCEEDED", "max_tokens")),
     (ModelUnloading, Refusal(grpc.StatusCode.UNAVAILABLE, "MODEL_UNLOADING", "model")),
     (ModelBusy, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_BUSY", "model")),
     (ModelTooLarge, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_TOO_LARGE", "model")),
@@ -125,6 +132,15 @@ class _Status(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple
+
+
+async def with_statuses(stream: AsyncIterator[T], context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+    """Relays a stream to a call; the domain error that ends it early ends the call with its status."""
+    try:
+        async for item in stream:
+            yield item
+    except DOMAIN_ERRORS as exc:
+        await abort_for(context, exc)
 
 
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:

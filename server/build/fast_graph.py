@@ -220,7 +220,7 @@ def build_fast_graph(
         if native:
             node("Attention",
                  [f"qkv3_{i}", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                  "cos_cache", "sin_cache"],
+                  "cos_cache", "sin_cache", "kv_pages"],
                  [f"attn3_{i}", f"present.{i}.key", f"present.{i}.value"],
                  domain=NATIVE_DOMAIN, num_heads=n_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
         else:
@@ -265,11 +265,16 @@ def build_fast_graph(
     head = weight_of(next(n.name for n in src.graph.node if "logits" in n.output))
     linear("hidden_last", head, "logits", "lm_head", 4, lm_head=True)
 
-    kv_shape = ["batch_size", kv_heads, "capacity", head_dim]
+    # The native graph's cache is a pool of pages ([pages, kv_heads, page size, head_dim]) with a
+    # page table per row (kv_pages); onnxruntime's GroupQueryAttention needs a dense row each.
+    kv_shape = ["kv_pages_total", kv_heads, "page_size", head_dim] if native else ["batch_size", kv_heads, "capacity",
+                                                                                  head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     ]
+    if native:
+        inputs.append(helper.make_tensor_value_info("kv_pages", TensorProto.INT32, ["batch_size", "pages_per_row"]))
     logits_len = 1 if last_only else "sequence_length"
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, head.shape[1]])]
     for i in range(layers):
@@ -303,9 +308,13 @@ def full_logits(model_dir: Path, tokens: list[int], native: bool = False) -> np.
     io = session.io_binding()
     io.bind_cpu_input("input_ids", np.asarray([tokens], dtype=np.int64))
     io.bind_cpu_input("attention_mask", np.ones((1, len(tokens)), dtype=np.int64))
+    capacity = len(tokens)
+    if any(i.name == "kv_pages" for i in session.get_inputs()):  # one page holding the whole text
+        capacity = -(-len(tokens) // 16) * 16
+        io.bind_cpu_input("kv_pages", np.zeros((1, 1), dtype=np.int32))
     for i in range(config.layers):
         for kind in ("key", "value"):
-            zeros = np.zeros((1, config.kv_heads, len(tokens), config.head_dim), kv_numpy_dtype(session))
+            zeros = np.zeros((1, config.kv_heads, capacity, config.head_dim), kv_numpy_dtype(session))
             value = ort.OrtValue.ortvalue_from_numpy(zeros)
             io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
             io.bind_ortvalue_output(f"present.{i}.{kind}", value)

@@ -45,7 +45,7 @@ MODEL_FILES = (
 )
 MIN_TOP1_FOR_INT4 = 0.95
 # Bumped when pull's output changes, so `pull` rebuilds stores made by older versions.
-BUILD_VERSION = 6
+BUILD_VERSION = 7  # 7: the native graph's KV cache in pages (a page table input, kv_pages)
 
 Progress = Callable[[str], None]
 
@@ -212,7 +212,7 @@ def build_int4(fp32_dir: Path, out_dir: Path, kv_dtype: str = "float32") -> dict
         if native_kernels_wanted(kv_dtype) and not native_unfit(ModelConfig.read(fp32_dir)):
             build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype, native=True)
             extra["kernels"] = {"native": {"graph": NATIVE_GRAPH, "activations": "int16 per block of 32",
-                                           "kv_dtype": "float16"}}
+                                           "kv_dtype": "float16", "kv_layout": "paged"}}
         return extra
     except FastGraphUnsupported:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -5,6 +5,8 @@ sequence together. `BatchEngine` is what it needs:
 
 * `OptimumEngine` (optimum_engine.py) — the compatible path, for any optimum export: past
   and present are separate tensors (the graph concatenates), the batch is left-padded.
+* `PagedEngine` (paged_engine.py) — the native graph's: one pool of KV pages per layer and a
+  page table per row, so each sequence holds only the pages its own length needs.
 * `FastEngine` (fast_engine.py) — for graphs from build/fast_graph.py: one KV buffer per layer, shared by past
   and present through IO binding, written in place by GroupQueryAttention. Rows are kept
   dense ([0, B) of a buffer with spare rows), right-padded, and grow by doubling: no
@@ -43,6 +45,10 @@ class BatchEngine(ABC):
     @abstractmethod
     def kv_bytes(self) -> int:
         """Memory held by KV buffers (allocated, for engines that preallocate)."""
+
+    @abstractmethod
+    def kv_bytes_for(self, tokens: int) -> int:
+        """Memory one sequence of `tokens` positions takes in this engine's cache."""
 
     @property
     @abstractmethod

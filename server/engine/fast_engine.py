@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .batch_engine import BatchEngine, KVCache, PrefillState
-from .graph import choose_kernels, kv_numpy_dtype, open_graph
+from .graph import choose_kernels, kv_numpy_dtype, native_kv_layout, open_graph
 from .model_config import ModelConfig
 
 
@@ -30,9 +30,25 @@ class FastEngine(BatchEngine):
     the host copies are synced only around row bookkeeping (join, remove, grow, export).
     """
 
+    def __new__(cls, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 0,
+                device_buffers: bool | None = None, kernels: str | None = None):
+        """A PagedEngine when the native kernels run a paged native graph (the default model's
+        layout since build 7), else this dense-row engine."""
+        if (cls is FastEngine and not device_buffers and native_kv_layout(Path(model_dir)) == "paged"
+                and choose_kernels(Path(model_dir), device, kernels)[0] == "native"):
+            from .paged_engine import PagedEngine
+
+            return super().__new__(PagedEngine)
+        return super().__new__(cls)
+
     def __init__(self, model_dir: Path, device: str = "cpu", threads: int = 0, context_length: int = 0,
                  device_buffers: bool | None = None, kernels: str | None = None) -> None:
         self.kernels, self.kernels_note = choose_kernels(model_dir, device, kernels)
+        if self.kernels == "native" and type(self) is FastEngine and native_kv_layout(Path(model_dir)) == "paged":
+            # Dense rows asked for (device buffers) over a paged native graph: onnxruntime's graph has them.
+            self.kernels, self.kernels_note = "onnxruntime", "dense KV rows asked for; the native graph is paged"
+            if kernels == "native":
+                raise ValueError("the native graph keeps its KV in pages: it cannot run with device buffers")
         self.session = open_graph(model_dir, self.kernels == "native", device, threads)
         self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.device_id = int(device.split(":", 1)[1]) if ":" in device else 0
@@ -146,10 +162,14 @@ class FastEngine(BatchEngine):
             buf[:rows] = value.numpy()
 
     def _run(self, purpose: str, ids: np.ndarray, mask: np.ndarray, buffers: list[np.ndarray],
-             logits: np.ndarray) -> np.ndarray:
-        io = self._binding(purpose, buffers, ids.shape[0])
+             logits: np.ndarray, pages: np.ndarray | None = None) -> np.ndarray:
+        """One run over `buffers` (their first rows for the batch; all of a paged pool, whose
+        page table is `pages`)."""
+        io = self._binding(purpose, buffers, ids.shape[0] if pages is None else buffers[0].shape[0])
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
+        if pages is not None:
+            io.bind_cpu_input("kv_pages", pages)
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(io)
         return logits
@@ -163,6 +183,9 @@ class FastEngine(BatchEngine):
     @property
     def kv_bytes(self) -> int:
         return sum(b.nbytes for b in self._kv) + sum(b.nbytes for b in self._scratch)
+
+    def kv_bytes_for(self, tokens: int) -> int:
+        return tokens * len(self.names) * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     def new_prefill(self, prefix: KVCache | None = None, prefix_length: int = 0) -> PrefillState:
         state = PrefillState()

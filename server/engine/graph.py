@@ -64,6 +64,17 @@ def choose_kernels(model_dir: Path, device: str = "cpu", kernels: str | None = N
     return "onnxruntime", why
 
 
+def native_kv_layout(model_dir: Path) -> str:
+    """How a fast model's NATIVE_GRAPH keeps its cache: "paged" (a pool of pages and a page table
+    per row, build 7 on) or "dense" (a row of the longest sequence's capacity each, older builds)."""
+    try:
+        manifest = json.loads((model_dir / "tokenwire.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "dense"
+    native = manifest.get("kernels", {}).get("native", {})
+    return native.get("kv_layout", "dense") if isinstance(native, dict) else "dense"
+
+
 def is_fast_graph(model_dir: Path) -> bool:
     try:
         manifest = json.loads((model_dir / "tokenwire.json").read_text())
@@ -76,8 +87,8 @@ def open_engine(model_dir: Path, device: str = "cpu", threads: int = 0, context_
                 kernels: str | None = None, model_id: str = "") -> tuple[BatchEngine, str]:
     """The engine for a model folder, and a line saying what it computes on (also logged).
 
-    Fast graphs get FastEngine on the kernels `choose_kernels` picks; any other graph is an
-    optimum export, run by OptimumEngine."""
+    Fast graphs get FastEngine on the kernels `choose_kernels` picks (a PagedEngine when the
+    native graph is paged); any other graph is an optimum export, run by OptimumEngine."""
     from .fast_engine import FastEngine
     from .optimum_engine import OptimumEngine
 
@@ -90,6 +101,8 @@ def open_engine(model_dir: Path, device: str = "cpu", threads: int = 0, context_
                             kernels=kernels)
         if engine.kernels == "native":
             note = f"linears and attention on tokenwire's native kernels ({native_kernels.library().isa})"
+            if native_kv_layout(model_dir) == "paged":
+                note += ", KV in pages"
         else:
             note = f"linears and attention on onnxruntime's kernels ({engine.kernels_note})"
     log.info("%s: %s", model_id or model_dir.name, note)

@@ -130,6 +130,13 @@ class OptimumEngine(BatchEngine):
     def kv_bytes(self) -> int:
         return sum(t.nbytes for t in self._cache)
 
+    def kv_bytes_for(self, tokens: int) -> int:
+        per_token = 0
+        for spec in self.kv:
+            dims = [d for axis, d in enumerate(spec.shape) if axis not in (spec.seq_axis, spec.batch_axis)]
+            per_token += int(np.prod([d if isinstance(d, int) else 1 for d in dims])) * np.dtype(spec.dtype).itemsize
+        return tokens * per_token
+
     @property
     def _width(self) -> int:
         return self.cache_length(self._cache)

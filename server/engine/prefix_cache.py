@@ -96,6 +96,13 @@ class PrefixCache:
         head = [np.ascontiguousarray(np.take(t, np.arange(length), axis=self.seq_axis)) for t in kv]
         self.store(list(key[1]), head, scope)
 
+    def shrink_to(self, nbytes: int) -> None:
+        """Drops the least recently used entries until the cache holds at most `nbytes`."""
+        with self._lock:
+            while self.stats.bytes > nbytes and self._entries:
+                self._drop(next(iter(self._entries)))
+                self.stats.evictions += 1
+
     def _drop(self, key: tuple[str, tuple[int, ...]]) -> None:
         kv = self._entries.pop(key)
         self.stats.bytes -= sum(t.nbytes for t in kv)

@@ -10,7 +10,9 @@ One thread per model runs the loop below; onnxruntime releases the GIL while it 
   (PrefixCache), then prefills the rest alone in chunks of `prefill_chunk` tokens, one chunk
   between decode steps so running streams keep flowing.
 * Decode: every running sequence advances one token per batched forward pass (BatchEngine.step).
-  Finished, stopped and cancelled sequences leave at once; their KV goes to the prefix cache.
+  Finished, stopped and cancelled sequences leave at once; their KV goes to the prefix cache and,
+  for a chat's turn (request.kv_key), to the disk tier (kv_disk.py), which a later turn of that
+  chat restores from when the memory cache misses.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenwire.server.metrics import Metrics
 from tokenwire.server.settings import parse_bytes, setting
 
 from .batch_engine import BatchEngine, KVCache, PrefillState
+from .kv_disk import KVDiskStore
 from .prefix_cache import PrefixCache
 from .sequence import Event, FinishedEvent, FinishReason, QueuedEvent, RefusedEvent, Sequence
 from .tokenizer import TokenizerBundle
@@ -35,6 +39,15 @@ log = logging.getLogger("tokenwire.scheduler")
 
 class SchedulerUnavailable(RuntimeError):
     """The model's scheduler is unloading or stopped after an internal error."""
+
+
+class KVBudgetExceeded(RuntimeError):
+    """A sequence's KV cache cannot fit in what the memory budget leaves, even with nothing else running."""
+
+
+# What the memory budget leaves for one model's KV (its running sequences and its prefix cache), in
+# bytes, asked before each admission; None: no budget. The model manager provides it.
+KVRoom = Callable[[], int | None]
 
 
 class QueueFull(RuntimeError):
@@ -120,6 +133,7 @@ class SequenceHandle:
         self.prefilled = 0  # pragma: no mutate
         self.next_token: int | None = None  # pragma: no mutate
         self.shared = 0  # pragma: no mutate  (tokens of its prompt that are an operator-marked shared prefix)
+        self.kv_reserved = 0  # KV bytes held for it from admission to its end (its prompt + max_tokens)
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -167,8 +181,13 @@ class Scheduler:
         name: str = "",
         metrics: Metrics | None = None,
         tokenizer: TokenizerBundle | None = None,
+        kv_room: KVRoom | None = None,
+        kv_disk: KVDiskStore | None = None,
     ) -> None:
         self.engine = engine
+        self.kv_disk = kv_disk  # chats' KV on disk, behind the prefix cache (kv_disk.py); None: off
+        self.kv_room = kv_room
+        self._kv_reserved = 0  # the sum of the running sequences' kv_reserved
         self.metrics = metrics or Metrics()
         self.config = config
         self.name = name
@@ -284,11 +303,21 @@ class Scheduler:
                     break
             if picked is None:
                 break
+            need = self._kv_need(self._waiting[picked][0])
+            fits = self._kv_fits(need)
+            if not fits and self.running:
+                break  # it waits, first in line, until running sequences give their KV back
             queue = self._waiting.pop(picked)
             handle = queue.popleft()
             if queue:
                 self._waiting[picked] = queue  # back of the rotation
             self._n_waiting -= 1
+            if not fits:
+                handle.refuse(self._kv_refusal(handle, need))
+                admitted = True  # pragma: no mutate  (positions behind it moved)
+                continue
+            handle.kv_reserved = need
+            self._kv_reserved += need
             self._running_per_user[picked] = self._running_per_user.get(picked, 0) + 1
             handle.sequence.start()
             self._prefilling.append(handle)
@@ -296,6 +325,30 @@ class Scheduler:
         if admitted or any(h.position == 0 for q in self._waiting.values() for h in q):
             self._notify_positions()
         self.metrics.queue_length(self.name, self._n_waiting)
+
+    def _kv_need(self, handle: SequenceHandle) -> int:
+        request = handle.sequence.request
+        return self.engine.kv_bytes_for(len(request.prompt_ids) + request.max_tokens)
+
+    def _kv_fits(self, need: int) -> bool:
+        """Whether a sequence needing `need` KV bytes fits beside the running ones in what the budget
+        leaves this model; the prefix cache gives way first (its oldest entries are dropped)."""
+        room = self.kv_room() if self.kv_room is not None else None
+        if room is None:
+            return True
+        spare = room - self._kv_reserved - need
+        if spare < self.prefix_cache.stats.bytes:
+            self.prefix_cache.shrink_to(max(spare, 0))
+        return spare >= 0
+
+    def _kv_refusal(self, handle: SequenceHandle, need: int) -> KVBudgetExceeded:
+        request = handle.sequence.request
+        room = self.kv_room() if self.kv_room is not None else 0
+        return KVBudgetExceeded(
+            f"the KV cache of this request ({len(request.prompt_ids)} prompt tokens + max_tokens "
+            f"{request.max_tokens}: {need / 1e6:.1f} MB) does not fit in the memory budget, which leaves "
+            f"{max(room or 0, 0) / 1e6:.1f} MB for model {self.name}'s KV after the loaded models' weights "
+            "(--memory-budget-bytes); ask for fewer tokens or raise the budget")
 
     def _notify_positions(self) -> None:
         for position, handle in enumerate(self._admission_order(), start=1):
@@ -397,6 +450,8 @@ class Scheduler:
             key = finished.reason.value
             self.stats.finished[key] = self.stats.finished.get(key, 0) + 1
             self.metrics.request_finished(self.name, key)
+        self._kv_reserved -= handle.kv_reserved
+        handle.kv_reserved = 0
         self._release_user(handle, locked)  # pragma: no mutate
 
     def _prefill_chunk(self) -> None:
@@ -439,6 +494,10 @@ class Scheduler:
                     reused, cached = shared, kv
             if self.prefix_cache.enabled:
                 self.metrics.prefix_cache(self.name, cached is not None, reused)
+            if self.kv_disk is not None and seq.request.kv_key:  # a chat's turn: its KV may be on disk
+                on_disk, kv = self.kv_disk.lookup(scope, seq.request.kv_key, prompt, better_than=reused)
+                if kv is not None:
+                    reused, cached = on_disk, kv
             handle.prefill = self.engine.new_prefill(cached, reused)
             handle.prefilled = reused
             seq.cached_prompt_tokens = reused
@@ -491,7 +550,9 @@ class Scheduler:
                 length = self.engine.lengths[row]
                 if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
                     tokens, kv = (seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row)
-                    self._store_prefix(tokens, kv, seq.request.cache_scope)
+                    self._store_prefix(tokens, kv, seq.request.cache_scope, leaving=handle.kv_reserved)
+                    if self.kv_disk is not None and seq.request.kv_key:  # written behind the turn
+                        self.kv_disk.put(seq.request.cache_scope, seq.request.kv_key, tokens, kv)
                     if handle.shared:
                         self.prefix_cache.store_prefix(tokens, kv, handle.shared, SHARED_SCOPE)
                 self._finish(handle, events)
@@ -513,8 +574,13 @@ class Scheduler:
                 return len(ids)
         return 0
 
-    def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str) -> None:
+    def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str, leaving: int = 0) -> None:
+        """Caches a sequence's KV; `leaving`: the KV reservation of the sequence it came from when
+        that sequence is finishing (its room is about to be free)."""
         self.prefix_cache.store(tokens, kv, scope)
+        room = self.kv_room() if self.kv_room is not None else None
+        if room is not None:  # what running sequences hold comes first
+            self.prefix_cache.shrink_to(max(room - self._kv_reserved + leaving, 0))
         st = self.prefix_cache.stats
         self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
 

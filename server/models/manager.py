@@ -36,6 +36,7 @@ from pathlib import Path
 from tokenwire.server.engine.embedder import Embedder
 from tokenwire.server.engine.graph import open_engine
 from tokenwire.server.engine.image_text import ImageReader
+from tokenwire.server.engine.kv_disk import KVDiskTier, graph_fingerprint
 from tokenwire.server.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.server.engine.session import DeviceUnavailable
 from tokenwire.server.engine.tokenizer import TokenizerBundle
@@ -212,8 +213,10 @@ class ModelManager:
         kernels: str = "auto",
         limits: ModelLimits | None = None,
         metrics: Metrics | None = None,
+        kv_disk: KVDiskTier | None = None,
     ) -> None:
         self.store = store
+        self.kv_disk = kv_disk  # where chats' KV outlives the server (engine/kv_disk.py); None: nowhere
         self.metrics = metrics or Metrics()
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.device = device
@@ -468,12 +471,27 @@ class ModelManager:
         say("loading", kernels)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
-        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics, tokenizer=tokenizer)
+        scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics, tokenizer=tokenizer,
+                              kv_room=lambda: self.kv_room(entry.id),
+                              kv_disk=self.kv_disk.for_model(entry.id, graph_fingerprint(path, engine),
+                                                             engine.seq_axis) if self.kv_disk is not None else None)
         process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started
         self.metrics.model_loaded(entry.id, seconds)
         return LoadedModel(entry, tokenizer, scheduler, seconds, resident)
+
+    def kv_room(self, model_id: str) -> int | None:
+        """What the memory budget leaves for one model's KV: the budget less every loaded model's
+        weights and the other models' KV (None without a budget). Asked by that model's scheduler
+        before it admits a sequence, so KV is counted against --memory-budget-bytes as weights are."""
+        budget = self.limits.memory_budget_bytes
+        if not budget:
+            return None
+        used = 0
+        for model in list(self._loaded.values()):
+            used += model.resident_bytes + (model.kv_bytes if model.id != model_id else 0)
+        return budget - used
 
     def estimate_bytes(self, entry: ModelEntry) -> int:
         """Memory a load of this model is expected to add: measured at its last load, else estimated."""

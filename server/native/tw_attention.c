@@ -91,11 +91,10 @@ void tw_attention_store_with(const TwAttention *a, int64_t b, int64_t s,
             float *q = a->q + ((b * a->seq + s) * h + head) * d;
             for (int64_t i = 0; i < d; i++) q[i] = rotated[i] * a->scale;
         } else {
-            store_half(rotated, d, a->key + ((b * g + head - h) * a->capacity + pos) * d);
+            store_half(rotated, d, a->key + tw_kv_offset(a, b, head - h, pos));
         }
     }
-    for (int64_t kv = 0; kv < g; kv++)
-        store_half(row + (h + g + kv) * d, d, a->value + ((b * g + kv) * a->capacity + pos) * d);
+    for (int64_t kv = 0; kv < g; kv++) store_half(row + (h + g + kv) * d, d, a->value + tw_kv_offset(a, b, kv, pos));
 }
 
 TW_TARGET static inline __m512 load_half(const uint16_t *p) {
@@ -107,13 +106,13 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
     TwTask t;
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
-    const uint16_t *keys = t.keys, *values = t.values;
     float *state = t.state;
     const int64_t slot = d + 2;
     if (j_begin >= j_end) return;
     float weights[TW_KEY_TILE];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KEY_TILE) {
         const int64_t n = j_end - j0 < TW_KEY_TILE ? j_end - j0 : TW_KEY_TILE;
+        const uint16_t *keys = a->key + tw_kv_offset(a, b, kv, j0), *values = a->value + tw_kv_offset(a, b, kv, j0);
         /* Keys and values are converted from fp16 where they are used: a converted copy of the
            tile costs more in stores than converting again for each head of the group. */
         for (int64_t s = s0; s < s1; s++) {
@@ -131,7 +130,7 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
                         dots[k] = _mm512_setzero_ps();
                         continue;
                     }
-                    const uint16_t *kr = keys + (j0 + k) * d;
+                    const uint16_t *kr = keys + k * d;
                     __m512 acc = _mm512_mul_ps(q[0], load_half(kr));
                     for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[c], load_half(kr + 16 * c), acc);
                     dots[k] = acc;
@@ -151,7 +150,7 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
                 for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), corr);
                 for (int64_t k = 0; k < visible; k++) {
                     const __m512 w = _mm512_set1_ps(weights[k]);
-                    const uint16_t *vr = values + (j0 + k) * d;
+                    const uint16_t *vr = values + k * d;
                     for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_fmadd_ps(w, load_half(vr + 16 * c), out[c]);
                 }
                 for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + 16 * c, out[c]);
@@ -172,8 +171,6 @@ void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t) {
     t->j_begin = a->key_chunks > 1 ? kc * TW_KEY_CHUNK : 0;
     t->j_end = a->key_chunks > 1 ? t->j_begin + TW_KEY_CHUNK : total;
     if (t->j_end > t->first + t->s1) t->j_end = t->first + t->s1; /* the block's last query sees keys < first + s1 */
-    t->keys = a->key + (t->b * a->kv_heads + t->kv) * a->capacity * d;
-    t->values = a->value + (t->b * a->kv_heads + t->kv) * a->capacity * d;
     t->state = a->partial + task * a->partial_stride; /* per (query, head): max, sum, acc[d] */
     const int64_t slot = d + 2;
     for (int64_t i = 0; i < (t->s1 - t->s0) * group; i++) {

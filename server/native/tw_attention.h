@@ -1,11 +1,12 @@
 /* Grouped-query attention over an fp16 KV cache (see tw_attention.c). */
 #ifndef TW_ATTENTION_H
 #define TW_ATTENTION_H
+#include <stddef.h>
 #include <stdint.h>
 
 #define TW_QUERY_BLOCK 32  /* query rows per prefill task */
 #define TW_KEY_CHUNK 256   /* keys per decode task (a row's keys are split over tasks) */
-#define TW_KEY_TILE 16     /* keys scored together */
+#define TW_KEY_TILE 16     /* keys scored together (a page holds a multiple of them) */
 #define TW_MAX_HEAD_DIM 128
 #define TW_MAX_GROUP 8      /* query heads per KV head */
 
@@ -13,7 +14,11 @@ typedef struct {
     int64_t batch, seq, heads, kv_heads, head_dim, capacity, max_pos;
     float scale;
     const float *qkv;       /* [batch, seq, (heads + 2 kv_heads) * head_dim] */
-    uint16_t *key, *value;  /* fp16 [batch, kv_heads, capacity, head_dim], updated in place */
+    uint16_t *key, *value;  /* fp16 [batch, kv_heads, capacity, head_dim], updated in place; paged:
+                               [pages, kv_heads, capacity = page size, head_dim] */
+    const int32_t *pages;   /* NULL (dense), or [batch, pages_per_row]: row b's position p lives in
+                               page pages[b * pages_per_row + p / capacity] at p % capacity */
+    int64_t pages_per_row;
     const int32_t *seqlens; /* [batch]: valid positions after this call, minus one */
     const float *cos, *sin; /* [max_pos, head_dim / 2] */
     float *out;             /* [batch, seq, heads * head_dim] */
@@ -26,9 +31,16 @@ typedef struct {
    its partial state (reset by tw_task_begin). */
 typedef struct {
     int64_t b, kv, s0, s1, first, j_begin, j_end;
-    const uint16_t *keys, *values;
     float *state;
 } TwTask;
+
+/* Where position pos of row b, KV head kv starts in the key (or value) buffer, in halves.
+   Positions [16 i, 16 i + 16) are contiguous in both layouts (a page holds a multiple of 16). */
+static inline int64_t tw_kv_offset(const TwAttention *a, int64_t b, int64_t kv, int64_t pos) {
+    if (a->pages == NULL) return ((b * a->kv_heads + kv) * a->capacity + pos) * a->head_dim;
+    const int64_t page = a->pages[b * a->pages_per_row + pos / a->capacity];
+    return ((page * a->kv_heads + kv) * a->capacity + pos % a->capacity) * a->head_dim;
+}
 
 void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t);
 /* Rotates and stores with the given fp16 row writer (the ISA-specific part of storing). */

@@ -49,13 +49,13 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
     TwTask t;
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
-    const uint16_t *keys = t.keys, *values = t.values;
     float *state = t.state;
     const int64_t slot = d + 2;
     const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     float weights[TILE8];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TILE8) {
         const int64_t n = j_end - j0 < TILE8 ? j_end - j0 : TILE8;
+        const uint16_t *keys = a->key + tw_kv_offset(a, b, kv, j0), *values = a->value + tw_kv_offset(a, b, kv, j0);
         for (int64_t s = s0; s < s1; s++) {
             const int64_t pos = first + s;
             const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
@@ -70,7 +70,7 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
                         dots[k] = _mm256_setzero_ps();
                         continue;
                     }
-                    const uint16_t *kr = keys + (j0 + k) * d;
+                    const uint16_t *kr = keys + k * d;
                     __m256 acc = _mm256_mul_ps(q[0], load_half8(kr));
                     for (int64_t c = 1; c < chunks; c++) acc = _mm256_fmadd_ps(q[c], load_half8(kr + 8 * c), acc);
                     dots[k] = acc;
@@ -90,7 +90,7 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
                 for (int64_t c = 0; c < chunks; c++) out[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), corr);
                 for (int64_t k = 0; k < visible; k++) {
                     const __m256 w = _mm256_set1_ps(weights[k]);
-                    const uint16_t *vr = values + (j0 + k) * d;
+                    const uint16_t *vr = values + k * d;
                     for (int64_t c = 0; c < chunks; c++) out[c] = _mm256_fmadd_ps(w, load_half8(vr + 8 * c), out[c]);
                 }
                 for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(acc + 8 * c, out[c]);

@@ -193,8 +193,11 @@ static const TwCustomOp linear_op = TW_OP(linear);
 /* ---- Attention ---------------------------------------------------------------------------
    Inputs: qkv float [B, S, (H + 2G) D], past_key / past_value fp16 [B, G, capacity, D],
    seqlens_k int32 [B] (valid positions after this call, minus one), cos / sin float
-   [max_pos, D/2]. Outputs: attention float [B, S, H D], present_key / present_value (the past
-   buffers when bound to the same memory, as FastEngine does; else a copy is made first).
+   [max_pos, D/2], and optionally kv_pages int32 [B, pages_per_row]: then the caches are a pool
+   of pages, [pages, G, page size, D] (page size a multiple of 16), and row b's position p is in
+   page kv_pages[b, p / page size], so each row holds only the pages its length needs.
+   Outputs: attention float [B, S, H D], present_key / present_value (the past buffers when bound
+   to the same memory, as the engine does; else a copy is made first).
    Attributes: num_heads, kv_num_heads, scale. */
 
 typedef struct {
@@ -249,8 +252,10 @@ static OrtStatus *parallel(const OrtApi *api, OrtKernelContext *ctx, void (*fn)(
 static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     const AttentionKernel *kernel = opaque;
     const OrtApi *api = kernel->api;
-    const OrtValue *in[6];
-    for (size_t i = 0; i < 6; i++) TRY(TW_API(api, KernelContext_GetInput)(ctx, i, &in[i]));
+    const OrtValue *in[7] = {NULL};
+    size_t inputs = 0;
+    TRY(TW_API(api, KernelContext_GetInputCount)(ctx, &inputs));
+    for (size_t i = 0; i < 7 && i < inputs; i++) TRY(TW_API(api, KernelContext_GetInput)(ctx, i, &in[i]));
     int64_t qdims[8], kdims[8], vdims[8], ldims[8], cdims[8], sdims[8];
     size_t qr, kr, vr, lr, cr, sr, count;
     TRY(tensor_shape(api, in[0], qdims, &qr, &count));
@@ -268,8 +273,23 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     if (d <= 0 || d % 16 || d > TW_MAX_HEAD_DIM)
         return fail(api, "tokenwire Attention: head size must be a multiple of 16, at most 128");
     if (qdims[2] != (a.heads + 2 * a.kv_heads) * d) return fail(api, "tokenwire Attention: qkv width is not (H + 2G) * D");
-    if (kdims[0] != a.batch || kdims[1] != a.kv_heads || memcmp(kdims, vdims, 4 * sizeof(int64_t)) != 0)
+    if (kdims[1] != a.kv_heads || memcmp(kdims, vdims, 4 * sizeof(int64_t)) != 0)
         return fail(api, "tokenwire Attention: past key/value must both be [B, kv_num_heads, capacity, D]");
+    int64_t span = a.capacity; /* positions a row can hold */
+    if (in[6] != NULL) {
+        int64_t pdims[8];
+        size_t pr;
+        void *p_pages = NULL;
+        TRY(tensor_shape(api, in[6], pdims, &pr, &count));
+        if (pr != 2 || pdims[0] != a.batch || a.capacity % TW_KEY_TILE)
+            return fail(api, "tokenwire Attention: kv_pages must be [B, pages_per_row] over pages of a multiple of 16");
+        TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[6], &p_pages));
+        a.pages = p_pages;
+        a.pages_per_row = pdims[1];
+        span = a.pages_per_row * a.capacity;
+    } else if (kdims[0] != a.batch) {
+        return fail(api, "tokenwire Attention: past key/value must have one row per batch row");
+    }
     if (ldims[0] != a.batch) return fail(api, "tokenwire Attention: seqlens_k must have one entry per row");
     if (cdims[1] != d / 2 || sdims[0] != cdims[0] || sdims[1] != cdims[1])
         return fail(api, "tokenwire Attention: cos/sin caches must be [max_pos, D/2]");
@@ -278,8 +298,12 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     a.seqlens = p;
     for (int64_t b = 0; b < a.batch; b++) {
         const int64_t total = (int64_t)a.seqlens[b] + 1;
-        if (total < a.seq || total > a.capacity || total > a.max_pos)
+        if (total < a.seq || total > span || total > a.max_pos)
             return fail(api, "tokenwire Attention: seqlens_k out of range (fewer than the new tokens, or past capacity)");
+        if (a.pages != NULL)
+            for (int64_t i = 0; i < (total + a.capacity - 1) / a.capacity; i++)
+                if (a.pages[b * a.pages_per_row + i] < 0 || a.pages[b * a.pages_per_row + i] >= kdims[0])
+                    return fail(api, "tokenwire Attention: kv_pages names a page outside the pool");
     }
     TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[0], &p));
     a.qkv = p;
@@ -294,7 +318,7 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     TRY(TW_API(api, KernelContext_GetOutput)(ctx, 2, vdims, 4, &present_v));
     TRY(TW_API(api, GetTensorMutableData)(out, &p));
     a.out = p;
-    const size_t cache_bytes = (size_t)(a.batch * a.kv_heads * a.capacity * d) * sizeof(uint16_t);
+    const size_t cache_bytes = (size_t)(kdims[0] * a.kv_heads * a.capacity * d) * sizeof(uint16_t);
     void *past = NULL;
     TRY(TW_API(api, GetTensorMutableData)(present_k, &p));
     TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[1], &past));
@@ -322,14 +346,26 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
 static const char *attention_name(const TwCustomOp *op) { (void)op; return "Attention"; }
 static int attention_input_type(const TwCustomOp *op, size_t i) {
     (void)op;
-    return i == 1 || i == 2 ? TW_TENSOR_FLOAT16 : i == 3 ? TW_TENSOR_INT32 : TW_TENSOR_FLOAT;
+    return i == 1 || i == 2 ? TW_TENSOR_FLOAT16 : i == 3 || i == 6 ? TW_TENSOR_INT32 : TW_TENSOR_FLOAT;
 }
-static size_t attention_input_count(const TwCustomOp *op) { (void)op; return 6; }
+static size_t attention_input_count(const TwCustomOp *op) { (void)op; return 7; }
+/* kv_pages (input 6) is optional: a graph without it keeps one dense row per sequence. */
+static int attention_input_characteristic(const TwCustomOp *op, size_t i) { (void)op; return i == 6 ? 1 : 0; }
 static int attention_output_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_FLOAT : TW_TENSOR_FLOAT16; }
 static size_t attention_output_count(const TwCustomOp *op) { (void)op; return 3; }
 
 TW_CREATE_V1(attention)
-static const TwCustomOp attention_op = TW_OP(attention);
+static const TwCustomOp attention_op = {
+    .version = 16, .CreateKernel = create_v1_attention, .GetName = attention_name,
+    .GetExecutionProviderType = op_provider, .GetInputType = attention_input_type,
+    .GetInputTypeCount = attention_input_count, .GetOutputType = attention_output_type,
+    .GetOutputTypeCount = attention_output_count, .KernelCompute = compute_v1,
+    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = attention_input_characteristic,
+    .GetOutputCharacteristic = required, .GetInputMemoryType = default_memory,
+    .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
+    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
+    .CreateKernelV2 = attention_create, .KernelComputeV2 = attention_compute,
+};
 
 /* Entry point onnxruntime calls from SessionOptions.register_custom_ops_library. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {

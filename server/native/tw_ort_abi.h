@@ -42,6 +42,7 @@ enum {
     TW_SLOT_GetTensorTypeAndShape = 65,
     TW_SLOT_KernelInfoGetAttribute_float = 85,
     TW_SLOT_KernelInfoGetAttribute_int64 = 86,
+    TW_SLOT_KernelContext_GetInputCount = 88,
     TW_SLOT_KernelContext_GetInput = 90,
     TW_SLOT_KernelContext_GetOutput = 91,
     TW_SLOT_ReleaseStatus = 93,
@@ -60,6 +61,7 @@ typedef OrtStatus *(*tw_GetTensorShapeElementCount)(const OrtTensorTypeAndShapeI
 typedef OrtStatus *(*tw_GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
 typedef OrtStatus *(*tw_KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*tw_KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef OrtStatus *(*tw_KernelContext_GetInputCount)(const OrtKernelContext *ctx, size_t *out);
 typedef OrtStatus *(*tw_KernelContext_GetInput)(const OrtKernelContext *ctx, size_t index, const OrtValue **out);
 typedef OrtStatus *(*tw_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims,
                                                  size_t count, OrtValue **out);

@@ -381,17 +381,18 @@ async def test_one_sequence_failing_ends_only_that_sequence(model) -> None:
         scheduler.stop()
 
 
-def test_fast_engine_gives_memory_back(int4_dir: Path) -> None:
-    engine = FastEngine(int4_dir, context_length=8192)
+@pytest.mark.parametrize("kernels", ["auto", "onnxruntime"])  # paged pool (native), dense rows
+def test_fast_engine_gives_memory_back(int4_dir: Path, kernels: str) -> None:
+    engine = FastEngine(int4_dir, context_length=8192, kernels=kernels)
     small = engine.kv_bytes
     state = engine.new_prefill()
     engine.prefill(state, [5] * 1400)
     engine.join(state)
     engine.step([5])
     grown = engine.kv_bytes
-    assert grown > 4 * small
+    assert grown >= engine.kv_bytes_for(1401) > small
     engine.remove([0])
-    assert engine.kv_bytes < grown / 4, "buffers sized for a 1,400-token sequence must be released"
+    assert engine.kv_bytes <= small, "buffers sized for a 1,400-token sequence must be released"
 
 
 async def test_cancel_while_waiting_for_prefill_frees_the_slot_at_once(model) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fake_engine import FakeEngine, expected, prompt
+from fake_engine import FakeEngine, expected, outcome, prompt
 
 from tokenwire.server.engine.sampling import SamplingConfig
 from tokenwire.server.engine.scheduler import QueueFull, SequenceHandle, wait_idle
@@ -16,7 +16,6 @@ from tokenwire.server.engine.sequence import (
     GenerationRequest,
     RefusedEvent,
     Sequence,
-    TokenEvent,
 )
 
 TIMEOUT = 5
@@ -34,16 +33,7 @@ def submit(scheduler, tok, req, on_finished=None) -> SequenceHandle:
 
 
 async def consume(handle: SequenceHandle):
-    async def run():
-        tokens = []
-        async for event in handle.events():
-            if isinstance(event, TokenEvent):
-                tokens.append(event.token_id)
-            elif isinstance(event, FinishedEvent | RefusedEvent):
-                return tokens, event
-        raise AssertionError("no last event")
-
-    return await asyncio.wait_for(run(), TIMEOUT)
+    return await outcome(handle, TIMEOUT)
 
 
 def steps(engine: FakeEngine) -> list[tuple[int, ...]]:

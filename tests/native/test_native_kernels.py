@@ -303,13 +303,11 @@ def test_native_session_loads_with_threads_setting(int4_dir: Path) -> None:
 
 # ---- Attention ------------------------------------------------------------------------------
 
-def _attention_session(heads: int, kv_heads: int, scale: float) -> ort.InferenceSession:
-    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, None),
-              helper.make_tensor_value_info("past_key", TensorProto.FLOAT16, None),
-              helper.make_tensor_value_info("past_value", TensorProto.FLOAT16, None),
-              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, None),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, None),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, None)]
+def _attention_session(heads: int, kv_heads: int, scale: float, paged: bool = False) -> ort.InferenceSession:
+    """The op alone; `paged`: with its optional seventh input, kv_pages (the caches are a pool of pages)."""
+    specs = [("qkv", TensorProto.FLOAT), ("past_key", TensorProto.FLOAT16), ("past_value", TensorProto.FLOAT16),
+             ("seqlens_k", TensorProto.INT32), ("cos", TensorProto.FLOAT), ("sin", TensorProto.FLOAT)]
+    inputs = [helper.make_tensor_value_info(n, t, None) for n, t in specs + [("kv_pages", TensorProto.INT32)] * paged]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
                helper.make_tensor_value_info("present_key", TensorProto.FLOAT16, None),
                helper.make_tensor_value_info("present_value", TensorProto.FLOAT16, None)]
@@ -391,3 +389,61 @@ def test_attention_op_refuses_rows_beyond_the_cache() -> None:
         session.run(None, feeds)
     feeds["seqlens_k"] = np.asarray([7], np.int32)
     assert session.run(None, feeds)[0].shape == (1, 1, 32)
+
+
+@pytest.mark.parametrize(("page", "seq", "lengths"), [(16, 1, (9, 1, 600)), (32, 37, (50,)), (16, 1, (300, 17))])
+def test_paged_attention_equals_dense(page: int, seq: int, lengths: tuple[int, ...]) -> None:
+    """Rows whose positions live in scattered pages of one pool compute exactly what the dense
+    layout computes (bit for bit), and the new positions land in the right pages."""
+    heads, kv_heads, d = 6, 2, 32
+    batch = len(lengths)
+    per_row = -(-max(lengths) // page)
+    cap = per_row * page
+    rng = np.random.default_rng(page + seq)
+    qkv = rng.standard_normal((batch, seq, (heads + 2 * kv_heads) * d)).astype(np.float32)
+    qkv[..., :heads * d] *= 3
+    dense_k = rng.standard_normal((batch, kv_heads, cap, d)).astype(np.float16)
+    dense_v = rng.standard_normal((batch, kv_heads, cap, d)).astype(np.float16)
+    seqlens = np.asarray([n - 1 for n in lengths], dtype=np.int32)
+    angles = np.outer(np.arange(1024), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    # Each row takes only the pages its length needs, in a shuffled order, with spare pages.
+    needed = [-(-n // page) for n in lengths]
+    order = rng.permutation(sum(needed) + 3)
+    table = np.zeros((batch, per_row), dtype=np.int32)
+    pool_k = np.zeros((len(order), kv_heads, page, d), np.float16)
+    pool_v = np.zeros_like(pool_k)
+    at = 0
+    for row, n in enumerate(needed):
+        for i in range(n):
+            table[row, i] = order[at]
+            pool_k[order[at]] = dense_k[row, :, i * page:(i + 1) * page]
+            pool_v[order[at]] = dense_v[row, :, i * page:(i + 1) * page]
+            at += 1
+    scale = d ** -0.5
+    dense = _attention_session(heads, kv_heads, scale).run(None, {
+        "qkv": qkv, "past_key": dense_k, "past_value": dense_v, "seqlens_k": seqlens, "cos": cos, "sin": sin})
+    paged = _attention_session(heads, kv_heads, scale, paged=True).run(None, {
+        "qkv": qkv, "past_key": pool_k, "past_value": pool_v, "seqlens_k": seqlens, "cos": cos, "sin": sin,
+        "kv_pages": table})
+    assert np.array_equal(paged[0], dense[0])
+    for row, n in enumerate(lengths):
+        gathered_k = np.concatenate([paged[1][table[row, i]] for i in range(needed[row])], axis=1)[:, :n]
+        gathered_v = np.concatenate([paged[2][table[row, i]] for i in range(needed[row])], axis=1)[:, :n]
+        assert np.array_equal(gathered_k, dense[1][row, :, :n])
+        assert np.array_equal(gathered_v, dense[2][row, :, :n])
+
+
+def test_paged_attention_refuses_pages_outside_the_pool() -> None:
+    session = _attention_session(2, 1, 0.25, paged=True)
+    feeds = {"qkv": np.zeros((1, 1, 4 * 16), np.float32), "past_key": np.zeros((2, 1, 16, 16), np.float16),
+             "past_value": np.zeros((2, 1, 16, 16), np.float16), "seqlens_k": np.asarray([20], np.int32),
+             "cos": np.ones((64, 8), np.float32), "sin": np.zeros((64, 8), np.float32),
+             "kv_pages": np.asarray([[1, 2]], np.int32)}
+    with pytest.raises(Exception, match="outside the pool"):
+        session.run(None, feeds)
+    feeds["kv_pages"] = np.asarray([[1, 0]], np.int32)
+    assert session.run(None, feeds)[0].shape == (1, 1, 32)
+    feeds["seqlens_k"] = np.asarray([32], np.int32)
+    with pytest.raises(Exception, match="seqlens_k out of range"):
+        session.run(None, feeds)
