@@ -18,6 +18,7 @@ from tokenwire.server.api.history import HistoryService
 from tokenwire.server.api.inference import InferenceService
 from tokenwire.server.api.malformed import MalformedRequests
 from tokenwire.server.chats.worker import ChatWorker
+from tokenwire.server.engine.kv_disk import KVDiskTier
 from tokenwire.server.engine.scheduler import read_shared_prompts
 from tokenwire.server.engine.session import providers_for
 from tokenwire.server.models.manager import ModelManager
@@ -29,6 +30,8 @@ from .metrics import PrometheusMetrics
 
 log = logging.getLogger("tokenwire.server")
 
+KV_FLUSH_S = 10.0  # at shutdown, how long the KV files still queued may take to be written
+
 
 def open_chat_store(config: ServerConfig) -> ChatWorker:
     chats = ChatWorker.open(config.database)
@@ -37,6 +40,22 @@ def open_chat_store(config: ServerConfig) -> ChatWorker:
     log.info("chat database %s%s", chats.store.describe(),
              f" ({interrupted} unfinished replies marked interrupted)" if interrupted else "")
     return chats
+
+
+def open_kv_disk(config: ServerConfig, metrics: PrometheusMetrics) -> KVDiskTier | None:
+    """The disk tier of chats' KV, or None: turned off, or its folder cannot be made (a read-only
+    file system): then chats are served as before, recomputed after a restart, and the log says why."""
+    if config.kv_disk_budget_bytes <= 0:
+        return None
+    try:
+        tier = KVDiskTier(config.kv_root, config.kv_disk_budget_bytes, metrics)
+    except OSError as exc:
+        log.warning("chats' KV is kept in memory only: cannot use %s (%s); set --kv-dir to a writable folder",
+                    config.kv_root, exc)
+        return None
+    log.info("chats' KV kept on disk in %s (%.1f GB budget, %d files there)", tier.root,
+             config.kv_disk_budget_bytes / 1e9, tier.stats.files)
+    return tier
 
 
 @dataclass
@@ -48,6 +67,7 @@ class Running:
     health: health.aio.HealthServicer
     inference: InferenceService
     metrics: PrometheusMetrics
+    kv_disk: KVDiskTier | None = None  # chats' KV on disk (None: --kv-disk-budget-bytes 0)
 
 
 async def start_server(config: ServerConfig, chats: ChatWorker | None = None) -> Running:
@@ -67,9 +87,10 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     if config.metrics_port:
         metrics.serve_http(config.host, config.metrics_port,
                            HostPolicy(config.host, split_list(config.allowed_hosts)), token=config.metrics_token)
+    kv_disk = open_kv_disk(config, metrics)
     manager = ModelManager(
         ModelStore(config.models_dir), device=config.device, threads=config.threads, kernels=config.kernels,
-        scheduler_config=config.scheduler, metrics=metrics, limits=config.models,
+        scheduler_config=config.scheduler, metrics=metrics, limits=config.models, kv_disk=kv_disk,
     )
     auth = Authenticator(chats)
     server = grpc.aio.server(
@@ -83,7 +104,9 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     )
     inference = InferenceService(config, manager, chats, auth)
     inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
-    history_pb2_grpc.add_HistoryServicer_to_server(HistoryService(chats, auth), server)
+    # A deleted chat's KV files go with it (the engine knows no chats: the History service is told whom to call).
+    history_pb2_grpc.add_HistoryServicer_to_server(
+        HistoryService(chats, auth, on_chat_deleted=kv_disk.delete_chat if kv_disk is not None else None), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
@@ -107,7 +130,7 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
     for name in ("", *service_names[:2]):  # the server, Inference, History
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     metrics.ready = True
-    return Running(server, manager, health_servicer, inference, metrics)
+    return Running(server, manager, health_servicer, inference, metrics, kv_disk)
 
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
@@ -131,6 +154,8 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
     await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     await drain(running, config.drain_s, hurry)
     running.models.close()
+    if running.kv_disk is not None:  # the finished turns' KV still queued goes to disk first
+        running.kv_disk.close(timeout=KV_FLUSH_S)
     chats.close()  # after the last replies are stored
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenwire.server.chats.db import default_database
+from tokenwire.server.chats.db import default_database, default_database_path
 from tokenwire.server.chats.store import DEFAULT_MAX_CHAT_BYTES
 from tokenwire.server.engine.scheduler import SchedulerConfig
 from tokenwire.server.models.manager import ModelLimits
@@ -56,9 +56,24 @@ class ServerConfig:
                                        "(HTTP 413) before it is decoded", parse=parse_duration)
     max_audio_bytes: int = setting(25 << 20, "largest audio file transcribed (bytes, or 25M); bigger is refused "
                                    "(HTTP 413)", parse=parse_bytes)
+    kv_disk_budget_bytes: int = setting(2 << 30, "disk for chats' KV (bytes, or 2G): a chat's next turn after a "
+                                        "restart, or after its KV left memory, restores it instead of recomputing "
+                                        "its history; least recently used files go first; 0 = off",
+                                        parse=parse_bytes)
+    kv_dir: str = setting("", "folder of the chats' KV files (0700; files 0600, deleted with their chat); empty = "
+                          "kv/ beside the chat database (a SQLite path), else ~/.local/share/tokenwire/kv")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     models: ModelLimits = field(default_factory=ModelLimits)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def kv_root(self) -> Path:
+        """Where the disk tier keeps chats' KV: --kv-dir, else beside a SQLite database, else the data folder."""
+        if self.kv_dir:
+            return Path(self.kv_dir).expanduser()
+        if "://" not in self.database:
+            return Path(self.database).expanduser().resolve().parent / "kv"
+        return default_database_path().parent / "kv"

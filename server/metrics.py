@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server: queues, batches, latencies, tokens, prefix reuse, loads.
+"""Prometheus metrics of the server: queues, batches, latencies, tokens, prefix reuse (memory and disk), loads.
 
 The scheduler and the model manager report through a `Metrics` object (a no-op by default),
 so the domain code does not depend on how the figures are exported.
@@ -27,6 +27,9 @@ class Metrics:
     def request_finished(self, model: str, reason: str) -> None: ...
     def prefix_cache(self, model: str, hit: bool, reused_tokens: int) -> None: ...
     def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None: ...
+    def kv_disk(self, model: str, hit: bool, reused_tokens: int, seconds: float) -> None: ...
+    def kv_disk_write(self, model: str, result: str, nbytes: int) -> None: ...
+    def kv_disk_state(self, files: int, nbytes: int, evictions: int) -> None: ...
     def model_loaded(self, model: str, seconds: float) -> None: ...
     def capacity(self, model: str, max_rows: int, prefix_budget_bytes: int) -> None: ...
 
@@ -54,6 +57,22 @@ class PrometheusMetrics(Metrics):
         self._prefix_bytes = Gauge("tokenwire_prefix_cache_bytes", "Memory held by cached prefixes", ["model"],
                                    registry=r)
         self._evictions = Gauge("tokenwire_prefix_cache_evictions", "Prefixes evicted so far", ["model"], registry=r)
+        # The disk tier (engine/kv_disk.py): chats' KV kept across restarts.
+        self._kv_disk = Counter("tokenwire_kv_disk_lookups", "Disk-tier lookups (a chat turn the memory cache "
+                                "could not serve) by result", ["model", "result"], registry=r)
+        self._kv_disk_reused = Counter("tokenwire_kv_disk_reused_tokens", "Prompt tokens restored from disk, not "
+                                       "recomputed", ["model"], registry=r)
+        self._kv_disk_load = Histogram("tokenwire_kv_disk_load_seconds", "Time to find, read and check a chat's KV "
+                                       "file (hits)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self._kv_disk_writes = Counter("tokenwire_kv_disk_writes", "KV files written behind finished turns, by "
+                                       "result (written, dropped: queue full, failed)", ["model", "result"],
+                                       registry=r)
+        self._kv_disk_written = Counter("tokenwire_kv_disk_written_bytes", "Bytes of KV files written", ["model"],
+                                        registry=r)
+        self._kv_disk_files = Gauge("tokenwire_kv_disk_files", "KV files on disk", registry=r)
+        self._kv_disk_bytes = Gauge("tokenwire_kv_disk_bytes", "Disk held by KV files", registry=r)
+        self._kv_disk_evictions = Gauge("tokenwire_kv_disk_evictions", "KV files evicted by the disk budget so far",
+                                        registry=r)
         self._load = Histogram("tokenwire_model_load_seconds", "Time to load a model", ["model"],
                                buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
         # The replica's totals, named and typed as the Gateway API inference extension's model server
@@ -116,6 +135,22 @@ class PrometheusMetrics(Metrics):
         self._prefix_bytes.labels(model).set(nbytes)
         self._set(model, prefix_bytes=nbytes)
         self._evictions.labels(model).set(evictions)
+
+    def kv_disk(self, model: str, hit: bool, reused_tokens: int, seconds: float) -> None:
+        self._kv_disk.labels(model, "hit" if hit else "miss").inc()
+        if hit:
+            self._kv_disk_reused.labels(model).inc(reused_tokens)
+            self._kv_disk_load.labels(model).observe(seconds)
+
+    def kv_disk_write(self, model: str, result: str, nbytes: int) -> None:
+        self._kv_disk_writes.labels(model, result).inc()
+        if nbytes:
+            self._kv_disk_written.labels(model).inc(nbytes)
+
+    def kv_disk_state(self, files: int, nbytes: int, evictions: int) -> None:
+        self._kv_disk_files.set(files)
+        self._kv_disk_bytes.set(nbytes)
+        self._kv_disk_evictions.set(evictions)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self._load.labels(model).observe(seconds)

@@ -100,6 +100,7 @@ def params_from_proto(request: pb.GenerateRequest, user: str, cache_scope: str =
         cache_scope=cache_scope,
         constraint=constraint_from_proto(request.sampling),
         tools=tools_from_proto(request),
+        chat_id=request.chat_id,
     )
 
 

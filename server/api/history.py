@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 import grpc
 
 from tokenwire.server.chats import export as chat_export
@@ -18,10 +21,12 @@ EXPORT_CHUNK_BYTES = 1 << 20
 
 
 class HistoryService(hpb_grpc.HistoryServicer):
-    def __init__(self, worker: ChatWorker, auth: Authenticator) -> None:
+    def __init__(self, worker: ChatWorker, auth: Authenticator,
+                 on_chat_deleted: Callable[[str], object] | None = None) -> None:
         self.worker = worker
         self.chats = worker.store
         self.auth = auth
+        self.on_chat_deleted = on_chat_deleted  # what else a deleted chat takes with it (its KV files)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args, reads: bool = False):
         """fn(user_id, *args) on the store's writer thread (a reader's when it only reads), its
@@ -53,6 +58,8 @@ class HistoryService(hpb_grpc.HistoryServicer):
 
     async def DeleteChat(self, request: hpb.DeleteChatRequest, context):  # noqa: N802
         deleted = await self._run(context, self.chats.delete_chat, request.chat_id)
+        if self.on_chat_deleted is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.on_chat_deleted, request.chat_id)
         return hpb.DeleteChatResponse(deleted_messages=deleted)
 
     async def AppendMessage(self, request: hpb.AppendMessageRequest, context):  # noqa: N802

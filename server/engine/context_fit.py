@@ -54,8 +54,8 @@ def build_chat_request(
     params: GenerateParams, chat: Messages, model: ServedModel, default_max_tokens: int, received_at: float
 ) -> tuple[GenerationRequest, int]:
     """build_request for a stored chat: the prompt is `chat` (its messages, the new ones
-    included), after dropping the oldest turns that do not fit; everything else is `params`.
-    Returns the request and the number of messages left out."""
+    included), after dropping the oldest turns that do not fit; everything else is `params`, its
+    chat_id the request's kv_key. Returns the request and the number of messages left out."""
     window = model.context_length
     budget = window - reply_reserve(params.max_tokens, default_max_tokens, window)
     tokenizer = model.tokenizer
@@ -68,4 +68,6 @@ def build_chat_request(
 
     messages, dropped = fit_messages(list(chat), count, budget)
     prompt = replace(params, prompt="", messages=tuple(messages))
-    return build_request(prompt, model, default_max_tokens, received_at), dropped
+    # A chat's KV outlives the server (kv_disk.py), under its id; stateless requests keep none.
+    request = replace(build_request(prompt, model, default_max_tokens, received_at), kv_key=params.chat_id)
+    return request, dropped

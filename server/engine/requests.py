@@ -77,6 +77,7 @@ class GenerateParams:
     tools: ToolUse | None = None  # functions the model may call
     n: int = 1  # independent replies (choices) to the one prompt
     think: bool | None = None  # a reasoning model's thinking: None the template's default
+    chat_id: str = ""  # the stored chat it is a turn of ("" none): context_fit keys its KV on disk by it
 
 
 def check_shape(params: GenerateParams, max_request_bytes: int, chat: bool = False) -> None:

@@ -48,6 +48,9 @@ class GenerationRequest:
     # A reasoning model's reply: its <think> block is split off ("" no; "outside": the reply may
     # open one; "inside": the prompt opened it).
     thinking: str = ""
+    # Opaque: the key its KV is kept under on disk (kv_disk.py), a stored chat's id; "": a stateless
+    # request, whose KV is never written.
+    kv_key: str = ""
 
 
 @dataclass

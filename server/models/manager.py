@@ -471,10 +471,10 @@ class ModelManager:
         say("loading", kernels)
         say("loading", "reading the tokenizer and chat template")
         tokenizer = TokenizerBundle(path)
+        kv_disk = self.kv_disk.for_model(entry.id, graph_fingerprint(path, engine), engine.seq_axis) \
+            if self.kv_disk is not None else None
         scheduler = Scheduler(engine, self.scheduler_config, name=entry.id, metrics=self.metrics, tokenizer=tokenizer,
-                              kv_room=lambda: self.kv_room(entry.id),
-                              kv_disk=self.kv_disk.for_model(entry.id, graph_fingerprint(path, engine),
-                                                             engine.seq_axis) if self.kv_disk is not None else None)
+                              kv_room=lambda: self.kv_room(entry.id), kv_disk=kv_disk)
         process_memory.release_free_memory()  # the graph's protobuf copy is freed by now
         resident = max(self.rss() - before, weights)
         seconds = time.perf_counter() - started

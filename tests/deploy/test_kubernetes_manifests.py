@@ -4,9 +4,10 @@ Every manifest is validated against the Kubernetes schemas (kubernetes-validate,
 them: offline, strict, so a misspelt field fails too); then what no schema can see: that the
 kustomization applies every manifest, that probes and Services name ports the containers declare,
 that the servers' and bridges' arguments parse with tokenwire's own parser into settings that
-fit the probes, ports, mounts, CPU limit and termination grace, that the router's haproxy.cfg passes
-`haproxy -c` and mirrors clients/haproxy_config.py, that the autoscaler scales the server
-Deployment on a metric the server exports, and that the image does not run as root.
+fit the probes, ports, mounts (chats' KV on a writable volume), CPU limit and termination grace,
+that the router's haproxy.cfg passes `haproxy -c` and mirrors clients/haproxy_config.py, that
+the autoscaler scales the server Deployment on a metric the server exports, and that the image
+does not run as root.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import pytest
 import yaml
 
 from tokenwire import affinity
+from tokenwire.server.app import KV_FLUSH_S
+from tokenwire.server.settings import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
@@ -245,7 +248,7 @@ def test_the_server_deployment_fits_its_settings(monkeypatch) -> None:
     assert "--database" not in " ".join(c["args"]), "the database URL (a password) comes from the Secret's env"
 
     grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
-    budget = pre_stop_sleep(c) + config.drain_s + FLUSH_S
+    budget = pre_stop_sleep(c) + config.drain_s + FLUSH_S + KV_FLUSH_S
     assert grace > budget, f"terminationGracePeriodSeconds {grace} must exceed preStop + --drain + flush = {budget}"
     assert grace >= budget + POST_CANCEL_S, "and leave the cancelled replies their time to be stored"
     assert c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"] >= config.drain_s, \
@@ -259,6 +262,10 @@ def test_the_server_deployment_fits_its_settings(monkeypatch) -> None:
     assert one("PersistentVolumeClaim", "tokenwire-models")
     security = pod_spec(deployment)["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] != 0
+    # The root file system is read-only: chats' KV needs a writable volume of its own, bigger than its budget.
+    kv = next(m for m in mounts.values() if config.kv_root.is_relative_to(m["mountPath"]))
+    assert not kv.get("readOnly") and config.kv_root != Path(kv["mountPath"]), "the server makes its 0700 folder"
+    assert 0 < config.kv_disk_budget_bytes < parse_bytes(volumes[kv["name"]]["emptyDir"]["sizeLimit"].rstrip("i"))
 
 
 def test_the_database_url_names_the_postgres_service() -> None:
