@@ -2,10 +2,13 @@
 
 When a finished chat turn's KV goes to the prefix cache, the scheduler also hands it to
 `KVDiskStore.put`, which queues it for the tier's one writer thread and returns at once (a full
-queue drops the write: the scheduler thread never waits for a disk). The next turn of that chat,
-when its prompt misses the memory cache (after a restart, or an eviction), asks
-`KVDiskStore.lookup`: the chat's newest file, if it is this model build's, this owner's and its
-tokens start the prompt, is read back (one read, one digest) and only the rest is prefilled.
+queue drops the write: the scheduler thread never waits for a disk; with the memory cache off,
+`--prefix-cache-bytes 0`, nothing is written either). The next turn of that chat, when its
+prompt misses the memory cache (after a restart, or an eviction), asks `KVDiskStore.lookup`:
+the chat's newest file, if it is this model build's, this owner's and its tokens start the
+prompt, is read back (one read, one digest) and only the rest is prefilled. That read is on the
+scheduler thread (about 40-100 ms for 1,600 positions of the default model, 38 MB, against
+seconds to recompute them), so it holds up the running streams' next step once per restored turn.
 
     <root>/<model>/<chat>/<sha256(scope, tokens)>.kv       (folders 0700, files 0600; kv_file.py)
 
