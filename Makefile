@@ -104,6 +104,7 @@ bench: model
 	$(BIN)/python bench/bench_constraints.py
 	$(BIN)/python bench/bench_shared_prefix.py
 	$(BIN)/python bench/bench_long_chat.py
+	$(BIN)/python bench/bench_kv_memory.py
 
 # tokenwire against llama.cpp (llama-cpp-python, llama-server) and onnxruntime-genai on the same
 # weights. Builds the peers first, in a venv of their own (.venv-peers), caching the slow parts

@@ -30,6 +30,7 @@ class Metrics:
     def kv_disk(self, model: str, hit: bool, reused_tokens: int, seconds: float) -> None: ...
     def kv_disk_write(self, model: str, result: str, nbytes: int) -> None: ...
     def kv_disk_state(self, files: int, nbytes: int, evictions: int) -> None: ...
+    def kv_memory(self, model: str, allocated: int, used: int, reserved: int, positions: int) -> None: ...
     def model_loaded(self, model: str, seconds: float) -> None: ...
     def capacity(self, model: str, max_rows: int, prefix_budget_bytes: int) -> None: ...
 
@@ -53,6 +54,11 @@ class PrometheusMetrics(Metrics):
                                ["model", "result"], registry=r)
         self._reused = Counter("tokenwire_prefix_cache_reused_tokens", "Prompt tokens not recomputed",
                                ["model"], registry=r)
+        self._kv = Gauge("tokenwire_kv_bytes", "KV cache of the running sequences: allocated (what the process "
+                         "holds), used (the sequences' own pages), reserved (prompt + max_tokens of each, what "
+                         "admission counts against the memory budget)", ["model", "kind"], registry=r)
+        self._kv_positions = Gauge("tokenwire_kv_positions", "Positions (tokens) the running sequences hold",
+                                   ["model"], registry=r)
         self._prefix_entries = Gauge("tokenwire_prefix_cache_entries", "Cached prefixes", ["model"], registry=r)
         self._prefix_bytes = Gauge("tokenwire_prefix_cache_bytes", "Memory held by cached prefixes", ["model"],
                                    registry=r)
@@ -129,6 +135,11 @@ class PrometheusMetrics(Metrics):
         self._prefix.labels(model, "hit" if hit else "miss").inc()
         if reused_tokens:
             self._reused.labels(model).inc(reused_tokens)
+
+    def kv_memory(self, model: str, allocated: int, used: int, reserved: int, positions: int) -> None:
+        for kind, value in (("allocated", allocated), ("used", used), ("reserved", reserved)):
+            self._kv.labels(model, kind).set(value)
+        self._kv_positions.labels(model).set(positions)
 
     def prefix_cache_state(self, model: str, entries: int, nbytes: int, evictions: int) -> None:
         self._prefix_entries.labels(model).set(entries)

@@ -566,6 +566,12 @@ class Scheduler:
             self.engine.remove(leaving)
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
         self.metrics.batch_size(self.name, len(self._rows))
+        self._report_kv()
+
+    def _report_kv(self) -> None:
+        engine = self.engine
+        self.metrics.kv_memory(self.name, engine.kv_bytes, getattr(engine, "kv_bytes_used", engine.kv_bytes),
+                               self._kv_reserved, sum(engine.lengths))
 
     def _shared_length(self, prompt: list[int]) -> int:
         """The length of the longest marked shared prefix the prompt starts with (0: none)."""

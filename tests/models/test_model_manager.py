@@ -354,3 +354,23 @@ def test_a_model_alone_over_the_budget_is_too_large(three_store) -> None:
         assert manager.state("a:fp32")[0] == "failed"
     finally:
         manager.close()
+
+
+def test_kv_is_counted_in_the_memory_budget(three_store) -> None:
+    """What a model's scheduler may admit is the budget less every loaded model's weights and the
+    other models' KV: the manager gives each scheduler that room (KVRoom), and none without a budget."""
+    w = sum(p.stat().st_size for p in (three_store / "a_fp32").glob("model.onnx*"))
+    budget = int(3.4 * w)
+    manager = manager_for(three_store, max_loaded=0, memory_budget_bytes=budget)
+    unlimited = manager_for(three_store)
+    try:
+        a, b = manager.get("a:fp32"), manager.get("b:fp32")
+        weights = a.resident_bytes + b.resident_bytes
+        assert a.scheduler.kv_room() == budget - weights - b.kv_bytes
+        b.scheduler.prefix_cache.stats.bytes += 12345  # b's cached turns hold KV: a's room shrinks by as much
+        assert a.scheduler.kv_room() == budget - weights - b.kv_bytes
+        assert manager.kv_room("a:fp32") == manager.kv_room("b:fp32") - b.kv_bytes + a.kv_bytes
+        assert unlimited.get("a:fp32").scheduler.kv_room() is None
+    finally:
+        manager.close()
+        unlimited.close()
