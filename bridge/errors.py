@@ -43,6 +43,9 @@ _REASON_CODES = {
     "CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded",
     "MODEL_NOT_FOUND": "model_not_found",
     "CHAT_NOT_FOUND": "chat_not_found",
+    "MESSAGE_NOT_FOUND": "message_not_found",
+    "REPLY_FINISHED": "reply_finished",
+    "REPLY_ON_ANOTHER_SERVER": "reply_on_another_server",
     "QUEUE_FULL": "rate_limit_exceeded",
     "MODEL_BUSY": "rate_limit_exceeded",
     "MODEL_LOAD_FAILED": "model_unavailable",
@@ -60,7 +63,8 @@ _REASON_CODES = {
     "IMAGE_INVALID": "invalid_image",
 }
 # ...and those with an HTTP status of their own.
-_REASON_STATUS = {"IMAGE_TOO_LARGE": 413}
+# A reply that is no longer being written: 409, the message's state (read it with GET /api/chats/{id}).
+_REASON_STATUS = {"IMAGE_TOO_LARGE": 413, "REPLY_FINISHED": 409}
 _DETAILS_KEY = "grpc-status-details-bin"
 
 # How grpc describes a server it cannot connect to (as opposed to a status the server sent).
@@ -112,7 +116,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, target: str, retry_after_s: int) -
     status, err_type, err_code = _STATUS.get(code, _UPSTREAM_FAILURE)
     reason, param = error_reason(exc)
     err_code = _REASON_CODES.get(reason, err_code)
-    status = _REASON_STATUS.get(reason, status)
+    if reason in _REASON_STATUS:
+        status, err_type = _REASON_STATUS[reason], "invalid_request_error"
     headers: dict[str, str] = {}
     message = details
     if code == grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _CONNECT_FAILURE):

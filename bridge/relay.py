@@ -51,6 +51,7 @@ async def relay_stream(
             if item is HEARTBEAT:
                 await sse.comment("keep-alive")
                 continue
+            sse.event_id = item.event_id or None  # a chat reply's events are numbered (resumable)
             kind = item.WhichOneof("event")
             if kind == "started":
                 await translator.started(sse, item.started)
@@ -73,11 +74,13 @@ async def relay_stream(
         if sse is None:
             raise
         note(request, stream_error=exc.code or exc.status)
+        sse.event_id = None  # the error is no event of the reply's
         with contextlib.suppress(ConnectionResetError):
             await translator.failed(sse, exc)
         return sse.response
     except ConnectionResetError:
-        # The client went away mid-stream; `finally` cancels the gRPC call.
+        # The client went away mid-stream; `finally` cancels the gRPC call (which stops a
+        # stateless generation, and only detaches a chat's reply: the server keeps writing it).
         note(request, client="gone")
         if sse is None:
             raise

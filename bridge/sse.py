@@ -20,10 +20,14 @@ def _json(data: Any) -> str:
 
 
 class SSEWriter:
-    """Writes events; a write to a client that has gone raises ConnectionResetError."""
+    """Writes events; a write to a client that has gone raises ConnectionResetError.
+
+    While `event_id` is set, every event written carries it as its `id:` (a chat reply's event
+    number, which a client sends back as Last-Event-ID to resume after it)."""
 
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
+        self.event_id: int | None = None
 
     @classmethod
     async def start(cls, request: web.Request, headers: dict[str, str] | None = None) -> SSEWriter:
@@ -33,16 +37,19 @@ class SSEWriter:
 
     async def event(self, name: str, data: Any) -> None:
         """`event: NAME` with a JSON payload (the bridge's own /api stream)."""
-        await self._send(f"event: {name}\ndata: {_json(data)}\n\n")
+        await self._send(f"{self._id()}event: {name}\ndata: {_json(data)}\n\n")
 
     async def data(self, data: Any) -> None:
         """A bare `data:` line: a JSON object, or a literal string such as "[DONE]" (OpenAI streams)."""
         text = data if isinstance(data, str) else _json(data)
-        await self._send(f"data: {text}\n\n")
+        await self._send(f"{self._id()}data: {text}\n\n")
 
     async def comment(self, text: str) -> None:
         """A comment line; clients ignore it, proxies see traffic."""
         await self._send(f": {text}\n\n")
+
+    def _id(self) -> str:
+        return f"id: {self.event_id}\n" if self.event_id is not None else ""
 
     async def _send(self, text: str) -> None:
         # StreamResponse.write hands the bytes to the transport at once (no app-level buffer);

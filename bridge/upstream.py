@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from tokenwire import affinity
+from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
 from tokenwire.v1 import inference_pb2_grpc as pb_grpc
@@ -138,6 +139,11 @@ class Upstream:
     def generate(self, request: pb.GenerateRequest) -> GenerateCall:
         metadata = grpc_metadata(affinity.for_request(request))
         return GenerateCall(self.stub.Generate(request, metadata=metadata), self.settings.heartbeat_s, self)
+
+    def watch_reply(self, request: hpb.WatchReplyRequest) -> GenerateCall:
+        """A chat reply's events again (History.WatchReply), read like a Generate stream."""
+        metadata = grpc_metadata(affinity.for_chat(request.chat_id))
+        return GenerateCall(self.history.WatchReply(request, metadata=metadata), self.settings.heartbeat_s, self)
 
     async def list_models(self) -> pb.ListModelsResponse:
         try:

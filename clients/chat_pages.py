@@ -35,3 +35,30 @@ def message_body(m: Any) -> list[str]:
 def message_heading(m: Any) -> str:
     """`tool get_weather [call_…]` for a tool result, else the role."""
     return f"tool {m.name or '?'} [{m.tool_call_id}]" if m.role == "tool" else m.role
+
+
+def in_prompt(m: Any) -> bool:
+    """Whether a turn's prompt holds this stored message, as the server counts `dropped_messages`
+    (server/chats/store.py, _turn_context): not the system prompt (always kept, never counted),
+    not a reply still being written, not an empty one (stopped before its first token)."""
+    from tokenwire.v1 import history_pb2 as hpb
+
+    if m.role == "system" or m.status == hpb.MESSAGE_STATUS_PENDING:
+        return False
+    return bool(m.content or m.tool_calls or m.role == "tool")
+
+
+def unseen_line(messages: Any, dropped: int) -> str:
+    """What the CLI says when a turn's prompt left out the chat's `dropped` oldest messages: which
+    ones the model no longer sees, by their first words ("" when none were left out)."""
+    counted = [m for m in messages if in_prompt(m)][:dropped]
+    if not counted:
+        return ""
+
+    def words(m: Any) -> str:
+        flat = " ".join((m.content or m.role).split())
+        return f"“{flat[:40]}…”" if len(flat) > 40 else f"“{flat}”"
+
+    span = words(counted[0]) if len(counted) == 1 else f"{words(counted[0])} to {words(counted[-1])}"
+    return (f"[the model no longer sees the {len(counted)} oldest message{'s' if len(counted) > 1 else ''} of this "
+            f"chat ({span}): it outgrew the context window]")

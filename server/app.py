@@ -16,6 +16,7 @@ from tokenwire.hosts import HostPolicy, bind_refusal, is_loopback, split_list
 from tokenwire.server.api.auth import Authenticator, AuthInterceptor
 from tokenwire.server.api.history import HistoryService
 from tokenwire.server.api.inference import InferenceService
+from tokenwire.server.api.live_replies import LiveReplies
 from tokenwire.server.api.malformed import MalformedRequests
 from tokenwire.server.chats.worker import ChatWorker
 from tokenwire.server.engine.kv_disk import KVDiskTier
@@ -72,6 +73,8 @@ class Running:
 
 async def start_server(config: ServerConfig, chats: ChatWorker | None = None) -> Running:
     providers_for(config.device)  # fail at start, with a clear message, when the device is missing
+    if not config.detached_reply_s >= 0:
+        raise OSError(f"--detached-reply-s must be >= 0 seconds, got {config.detached_reply_s}")
     try:
         read_shared_prompts(config.scheduler.shared_prefix_file)  # read again at each model load
     except (OSError, ValueError) as exc:
@@ -102,11 +105,13 @@ async def start_server(config: ServerConfig, chats: ChatWorker | None = None) ->
             ("grpc.max_send_message_length", config.max_message_bytes),
         ]
     )
-    inference = InferenceService(config, manager, chats, auth)
+    replies = LiveReplies()  # chat replies being written: Inference starts them, History watches and stops them
+    inference = InferenceService(config, manager, chats, auth, replies)
     inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     # A deleted chat's KV files go with it (the engine knows no chats: the History service is told whom to call).
     history_pb2_grpc.add_HistoryServicer_to_server(
-        HistoryService(chats, auth, on_chat_deleted=kv_disk.delete_chat if kv_disk is not None else None), server)
+        HistoryService(chats, auth, on_chat_deleted=kv_disk.delete_chat if kv_disk is not None else None,
+                       replies=replies), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (
@@ -161,8 +166,8 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
 
 async def drain(running: Running, grace_s: float, hurry: asyncio.Event) -> None:
     """Stops taking calls (health says NOT_SERVING, so a router sends no more), lets the running
-    ones finish within `grace_s`, then cancels the rest: their replies are stored as far as they
-    went. `hurry` (a second signal) cancels at once."""
+    ones (and chat replies nobody watches any more) finish within `grace_s`, then cancels the rest:
+    their replies are stored as far as they went. `hurry` (a second signal) cancels at once."""
     log.info("draining: no new calls; running ones have %.0fs to finish (a second signal stops at once)", grace_s)
     running.metrics.ready = False
     await running.health.enter_graceful_shutdown()
@@ -175,6 +180,7 @@ async def drain(running: Running, grace_s: float, hurry: asyncio.Event) -> None:
                  running.inference.generating)
     drained.cancel()
     hurried.cancel()
+    running.inference.stop_replies()  # chat replies, watched or not: no call's cancel would end them
     await running.server.stop(grace=None)  # cancels what is left; short calls in flight end with it
     try:  # the cancelled handlers run on this loop: let them cancel their sequences and store replies
         await asyncio.wait_for(running.inference.drained(), timeout=10)

@@ -45,6 +45,10 @@ class ServerConfig:
     drain_s: float = setting(30.0, "shutdown grace: on SIGTERM/Ctrl-C running replies may finish this long "
                              "(seconds, or 30s, 1m) before the rest are cancelled, keeping their text; a second "
                              "signal stops at once", flag="--drain", env="DRAIN", parse=parse_duration)
+    detached_reply_s: float = setting(60.0, "a chat reply whose client went away goes on this long (seconds, or "
+                                      "1m) with nobody watching (WatchReply, the page's reconnect) before it is "
+                                      "stopped, kept as far as it went; meanwhile it holds its user's stream slot",
+                                      parse=parse_duration)
     tls_cert: str = setting("", "PEM certificate (chain) to serve gRPC over TLS, with --tls-key; clients then "
                             "need --tls-ca (or a CA their system trusts)")
     tls_key: str = setting("", "PEM private key of --tls-cert")

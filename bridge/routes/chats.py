@@ -1,6 +1,10 @@
 """Stored chats over HTTP: /api/chats (the History service) and POST /api/chats/{id}/messages,
 which answers with the reply as server-sent events in /api/generate's format, after a first
-`chat` event that names the committed messages."""
+`chat` event that names the committed messages.
+
+A reply outlives its HTTP connection (the server keeps writing it when the client goes away):
+each of its events carries an `id:`, GET .../messages/{message_id}/events with Last-Event-ID
+picks it up after that event (History.WatchReply), POST .../stop ends it (History.StopReply)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from tokenwire import affinity
 from tokenwire.bridge.credentials import grpc_metadata
 from tokenwire.bridge.errors import ApiError, invalid_param
 from tokenwire.bridge.fields import MAX_UINT32, SAMPLING, sampling, stop_strings
@@ -103,12 +108,12 @@ def message_json(m: hpb.Message) -> dict[str, Any]:
 
 
 async def _history(request: web.Request, call: Callable[..., Awaitable[Any]], message: Any,
-                   params: dict[str, str] | None = None) -> Any:
+                   params: dict[str, str] | None = None, affinity_key: str = "") -> Any:
     """One History call; `params` renames the server's field names to this endpoint's (its errors'
     `param` names what the HTTP caller sent)."""
     upstream = request.app[UPSTREAM]
     try:
-        return await call(message, timeout=_TIMEOUT_S, metadata=grpc_metadata())
+        return await call(message, timeout=_TIMEOUT_S, metadata=grpc_metadata(affinity_key))
     except grpc.aio.AioRpcError as exc:
         error = upstream.error(exc)
         error.param = (params or {}).get(error.param or "", error.param)
@@ -269,6 +274,46 @@ def tool_results(value: Any) -> list[pb.ChatMessage]:
     return out
 
 
+def _message_id(request: web.Request) -> int:
+    raw = request.match_info["message_id"]
+    if not raw.isdigit() or not 0 < int(raw) < 1 << 63:
+        raise invalid_param("message_id", f"message_id must be a message's id (a positive integer), got {raw!r}")
+    return int(raw)
+
+
+def last_event_id(request: web.Request) -> int:
+    """The Last-Event-ID header (what EventSource sends when it reconnects), else the
+    `last_event_id` query parameter; 0 (from the start) when neither is given."""
+    header = request.headers.get("Last-Event-ID")
+    name, raw = ("Last-Event-ID", header) if header is not None else ("last_event_id",
+                                                                     request.query.get("last_event_id"))
+    if raw is None or raw.strip() == "":
+        return 0
+    raw = raw.strip()
+    if not raw.isdigit() or int(raw) >= 1 << 63:
+        raise invalid_param(name, f"{name} must be the id of an event of the reply (an integer >= 0), got {raw!r}")
+    return int(raw)
+
+
+async def reply_events(request: web.Request) -> web.StreamResponse:
+    """A reply's events after Last-Event-ID, then live to its end (the stream POST .../messages sent)."""
+    chat_id, message_id = request.match_info["chat_id"], _message_id(request)
+    after = last_event_id(request)
+    note(request, chat=chat_id, message=message_id, after=after)
+    call = request.app[UPSTREAM].watch_reply(hpb.WatchReplyRequest(chat_id=chat_id, message_id=message_id,
+                                                                   after_event_id=after))
+    return await relay_stream(request, call, ChatEvents(request))
+
+
+async def stop_reply(request: web.Request) -> web.Response:
+    """Stops a reply being written; answers the reply as stored (status stopped, or how it had ended)."""
+    chat_id, message_id = request.match_info["chat_id"], _message_id(request)
+    message = await _history(request, _stub(request).StopReply, hpb.StopReplyRequest(
+        chat_id=chat_id, message_id=message_id), affinity_key=affinity.for_chat(chat_id))
+    note(request, chat=chat_id, message=message_id, status=status_name(message.status))
+    return web.json_response(message_json(message))
+
+
 async def post_message(request: web.Request) -> web.StreamResponse:
     request_id = request_id_for(request)
     note(request, id=request_id)
@@ -306,3 +351,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/chats/{chat_id}", delete_chat)
     app.router.add_get("/api/chats/{chat_id}/export", export_chat)
     app.router.add_post("/api/chats/{chat_id}/messages", post_message)
+    app.router.add_get("/api/chats/{chat_id}/messages/{message_id}/events", reply_events)
+    app.router.add_post("/api/chats/{chat_id}/messages/{message_id}/stop", stop_reply)

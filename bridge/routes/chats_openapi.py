@@ -14,6 +14,9 @@ _CHAT_ID = {"name": "chat_id", "in": "path", "required": True,
 _INT = {"type": "integer"}
 _NOT_FOUND = ("No chat with this id among the caller's (another user's chat answers exactly the same; "
               "code chat_not_found).")
+_MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": {**_INT, "minimum": 1},
+               "description": "The reply: the `chat` event's reply_message_id, or a stored message's id."}
+_NO_MESSAGE = _NOT_FOUND + " Or no message of this id in the chat (code message_not_found)."
 
 
 def _schemas() -> dict[str, Any]:
@@ -25,8 +28,11 @@ def _schemas() -> dict[str, Any]:
         "StoredMessage": {"type": "object", "required": ["id", "role", "content", "status"], "properties": {
             "id": _INT, "role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"},
             "status": {"enum": ["complete", "length", "stopped", "cancelled", "error", "pending", "interrupted"],
-                       "description": "stopped: the client ended the call; cancelled: the server did (deadline); "
-                                      "interrupted: the server died while writing it."},
+                       "description": "pending: being written now (follow it with GET .../messages/{message_id}/"
+                                      "events; its content is what was saved so far); stopped: the user stopped it "
+                                      "(POST .../stop); cancelled: the server did (no client watched it for "
+                                      "--detached-reply-s, or shutdown; error_message says why); interrupted: "
+                                      "the server died while writing it."},
             "error_message": {"type": "string"}, "created_ms": _INT, "model": {"type": "string"},
             "usage": _ref("Usage"), "dropped_messages": _INT, "max_tokens": {"type": ["integer", "null"]}}},
         "CreateChatRequest": _request(CREATE_FIELDS),
@@ -94,10 +100,40 @@ def _paths() -> dict[str, Any]:
             "responses": {"200": {"description": "The file (Content-Disposition: attachment).",
                                   "content": {"application/json": {}, "text/markdown": {}}},
                           "404": _json(_ref("Error"), _NOT_FOUND), **_errors(400, 401, 503)}}},
+        "/api/chats/{chat_id}/messages/{message_id}/events": {"get": {
+            "summary": "Follow a reply being written (status pending) again, after a reload or a dropped "
+                       "connection: its events after Last-Event-ID (all of them without one), then the next ones "
+                       "as they come, to `done`; every event carries its `id:`. Watching keeps the reply going; "
+                       "leaving only stops watching. A reply that ended can be followed to its end for 30 s more.",
+            "parameters": [
+                _CHAT_ID, _MESSAGE_ID,
+                {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                 "description": "The id of the last event the client has (EventSource sends it when it reconnects)."},
+                {"name": "last_event_id", "in": "query", "schema": {**_INT, "minimum": 0},
+                 "description": "The same, for clients that cannot set the header (the header wins)."}],
+            "responses": {"200": {
+                "description": "text/event-stream: the very events POST /api/chats/{chat_id}/messages sent, with the "
+                               "same ids.",
+                "content": {"text/event-stream": {"schema": sse_event(
+                    "started", "chat", "queued", "token", "tool_call", "done", "error",
+                    data="The event's object as JSON.")}}},
+                "404": _json(_ref("Error"), _NO_MESSAGE),
+                "409": _json(_ref("Error"), "The reply is no longer being written (code reply_finished): read it "
+                                            "with GET /api/chats/{chat_id}."),
+                **_errors(400, 401, 503)}}},
+        "/api/chats/{chat_id}/messages/{message_id}/stop": {"post": {
+            "summary": "Stop a reply being written, at once. It is stored as far as it went (status stopped) "
+                       "before the answer, which is the stored reply; a reply that had ended already is answered "
+                       "as it is stored. Its streams end with `done` (finish_reason cancelled).",
+            "parameters": [_CHAT_ID, _MESSAGE_ID],
+            "responses": {"200": _json(_ref("StoredMessage")), "404": _json(_ref("Error"), _NO_MESSAGE),
+                          **_errors(400, 401, 503)}}},
         "/api/chats/{chat_id}/messages": {"post": {
             "summary": "Add the user's message to a chat and stream the model's reply, with the whole chat as "
                        "context. The message is stored before generation starts; the reply when it ends, "
-                       "with its status, also when the client goes away (stopped).",
+                       "with its status. The reply goes on when the client goes away: every event carries an "
+                       "`id:` to resume after with GET .../messages/{message_id}/events; POST .../stop stops it; "
+                       "a reply nobody follows is stopped after the server's --detached-reply-s (60 s).",
             "parameters": [_CHAT_ID, REQUEST_ID_HEADER],
             "requestBody": chat_body,
             "responses": {"200": {

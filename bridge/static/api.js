@@ -1,5 +1,6 @@
 // The bridge's HTTP API as the page uses it: the model list, the chats the server keeps, and
-// posting a message to a chat (its reply is a text/event-stream, read with sse.js).
+// posting a message to a chat (its reply is a text/event-stream, read with sse.js), following a
+// reply again and stopping it.
 // No DOM here. A non-2xx answer becomes an ApiError carrying the bridge's own error message.
 
 /** A non-2xx answer from the bridge. */
@@ -178,7 +179,8 @@ export function deleteChat(id) {
  *
  * @param {string} chatId
  * @param {{content: string, model: string, temperature: number, max_tokens?: number}} message
- * @param {AbortSignal} [signal] Aborting it cancels the generation on the server.
+ * @param {AbortSignal} [signal] Aborting it only drops the stream: the server goes on writing the
+ *   reply (follow it again with watchReply, stop it with stopReply).
  * @returns {Promise<Response>} The 2xx response; read its body with sse.js's readEvents.
  * @throws {ApiError} On a non-2xx answer.
  */
@@ -192,6 +194,40 @@ export async function postMessage(chatId, message, signal) {
   unauthorized(response);
   if (!response.ok) throw new ApiError(errorMessage(await readJson(response), response), response.status);
   return response;
+}
+
+const replyPath = (chatId, messageId) => `${chatPath(chatId)}/messages/${encodeURIComponent(messageId)}`;
+
+/**
+ * Follows a reply being written again: GET /api/chats/{id}/messages/{message_id}/events. The
+ * server keeps writing a reply when the page loses its stream; this picks it up after event
+ * `lastEventId` (0: from the start, the text so far first).
+ *
+ * @param {string} chatId
+ * @param {number} messageId The reply's message id (the `chat` event's reply_message_id).
+ * @param {number} lastEventId The `id:` of the last event the page has.
+ * @param {AbortSignal} [signal] Aborting it only stops following; the reply goes on.
+ * @returns {Promise<Response>} The 2xx response; read its body with sse.js's readEvents.
+ * @throws {ApiError} On a non-2xx answer (409: the reply has ended; read the chat).
+ */
+export async function watchReply(chatId, messageId, lastEventId, signal) {
+  const headers = { Accept: 'text/event-stream', ...authHeaders() };
+  if (lastEventId > 0) headers['Last-Event-ID'] = String(lastEventId);
+  const response = await fetch(`${replyPath(chatId, messageId)}/events`, { headers, signal });
+  unauthorized(response);
+  if (!response.ok) throw new ApiError(errorMessage(await readJson(response), response), response.status);
+  return response;
+}
+
+/**
+ * Stops a reply being written, at once: POST /api/chats/{id}/messages/{message_id}/stop.
+ *
+ * @param {string} chatId
+ * @param {number} messageId
+ * @returns {Promise<object>} The reply as stored (status "stopped", or how it had ended).
+ */
+export function stopReply(chatId, messageId) {
+  return request(`${replyPath(chatId, messageId)}/stop`, { method: 'POST' });
 }
 
 /**

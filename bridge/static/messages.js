@@ -51,6 +51,7 @@ export function showStoredMessage(m) {
   }
   const node = addMessage(m.role === 'user' ? 'user' : 'assistant', m.content);
   node.dataset.messageId = String(m.id);
+  node.dataset.inPrompt = String(inPrompt(m));
   if (m.images && m.images.length) showImages(node, m.images);
   if (m.role !== 'assistant') return;
   if (m.reasoning) showReasoning(node, m.reasoning);
@@ -113,9 +114,44 @@ export function showToolResult(m) {
   const note = element('div', 'tool-result');
   note.dataset.testid = 'tool-result';
   note.dataset.messageId = String(m.id);
+  note.dataset.inPrompt = 'true';
   if (m.tool_call_id) note.dataset.callId = m.tool_call_id;
   note.append(element('span', 'tool-name', `Result of ${m.name || 'a tool'}`), element('pre', 'tool-output', m.content));
   els.messages.append(note);
+}
+
+/**
+ * Whether a stored message is one a turn's prompt holds, as the server counts them
+ * (server/chats/store.py, _turn_context): not the system prompt (always kept, never counted),
+ * not a reply still being written, not an empty one (a reply stopped before its first token).
+ *
+ * @param {{role: string, content: string, status?: string, tool_calls?: object[]}} m
+ * @returns {boolean}
+ */
+export function inPrompt(m) {
+  if (m.role === 'system' || m.status === 'pending') return false;
+  return Boolean(m.content || (m.tool_calls && m.tool_calls.length) || m.role === 'tool');
+}
+
+/**
+ * Marks where the model's view of the chat begins. Once a chat outgrows the context window the
+ * server leaves its oldest turns out of the prompt (the reply says how many messages:
+ * `dropped_messages`); a divider goes after the last of them, among the messages marked
+ * data-in-prompt, and the one shown before goes. 0 only removes it.
+ *
+ * @param {number} dropped
+ */
+export function showContextLimit(dropped) {
+  for (const old of els.messages.querySelectorAll('.context-divider')) old.remove();
+  const counted = els.messages.querySelectorAll('[data-in-prompt="true"]');
+  const last = dropped > 0 ? counted[Math.min(dropped, counted.length) - 1] : null;
+  if (!last) return;
+  const words = dropped === 1 ? 'message' : `${dropped} messages`;
+  const divider = element('div', 'context-divider', `The model no longer sees the ${words} above: the chat outgrew its context window.`);
+  divider.dataset.testid = 'context-divider';
+  divider.dataset.dropped = String(dropped);
+  divider.setAttribute('role', 'separator');
+  last.after(divider);
 }
 
 function prettyJson(text) {
@@ -159,7 +195,7 @@ export function setStatus(node, text) {
 
 /** Removes every message and system note from the transcript. */
 export function clearTranscript() {
-  for (const node of els.messages.querySelectorAll('.message, .system-note, .tool-result')) node.remove();
+  for (const node of els.messages.querySelectorAll('.message, .system-note, .tool-result, .context-divider')) node.remove();
 }
 
 function nearBottom() {

@@ -1,11 +1,14 @@
 // Server-sent events over fetch(): EventSource cannot POST, so the page reads a text/event-stream
-// response body itself. Only the fields the bridge sends are understood: `event` and `data`
-// (`id` and `retry` are ignored); comment lines (":" heartbeats) are skipped.
+// response body itself. Only the fields the bridge sends are understood: `event`, `data` and
+// `id` (a chat reply's event number, sent back as Last-Event-ID to resume after it; `retry` is
+// ignored); comment lines (":" heartbeats) are skipped.
 
 /**
  * @typedef {object} ServerSentEvent
  * @property {string} type The `event:` field, or "message" where there was none.
  * @property {string} data The `data:` lines of the event, joined with "\n".
+ * @property {string} id The last `id:` field seen in the stream so far (as EventSource's
+ *   lastEventId), "" before any.
  */
 
 /**
@@ -59,9 +62,10 @@ export async function* readEvents(body) {
 function eventParser() {
   let type = '';
   let data = [];
+  let id = '';
   return (line) => {
     if (line === '') {
-      const event = data.length ? { type: type || 'message', data: data.join('\n') } : null;
+      const event = data.length ? { type: type || 'message', data: data.join('\n'), id } : null;
       type = '';
       data = [];
       return event;
@@ -73,6 +77,7 @@ function eventParser() {
     if (value.startsWith(' ')) value = value.slice(1);
     if (field === 'event') type = value;
     else if (field === 'data') data.push(value);
+    else if (field === 'id' && !value.includes('\0')) id = value;
     return null;
   };
 }

@@ -1,8 +1,12 @@
 """`tokenwire chat`: an interactive chat whose turns the server stores (History + Generate with chat_id).
 
-Replies stream as they are generated. Ctrl-C stops the reply being written (the gRPC call is
-cancelled; the server keeps what was written, marked stopped) and the chat goes on; Ctrl-D or
-/exit leaves. The chat is created on the server with the first message, so /new costs nothing.
+Replies stream as they are generated. Ctrl-C stops the reply being written (StopReply: the
+server keeps what was written, marked stopped) and the chat goes on; Ctrl-D or /exit leaves. A
+reply outlives the CLI (the server goes on writing it when the CLI leaves or loses its
+connection): `tokenwire chat -c` shows one still being written (WatchReply) before it prompts.
+When a chat has outgrown the model's context window, a line says which of its oldest messages
+the model no longer sees. The chat is created on the server with the first message, so /new
+costs nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import TextIO
 
 import grpc
 
-from tokenwire.clients.chat_pages import call_line, message_body, message_heading, whole_chat
+from tokenwire.clients.chat_pages import call_line, message_body, message_heading, unseen_line, whole_chat
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 from tokenwire.v1 import inference_pb2 as pb
@@ -65,10 +69,19 @@ class ChatRepl:
             self.options.model = reply.chat.model
         self.say(f"continuing chat {reply.chat.id}: {reply.chat.title or '(untitled)'} "
                  f"({len(reply.messages)} messages)")
-        for message in [m for m in reply.messages if m.role != "system"][-2:]:
+        shown = [m for m in reply.messages if m.role != "system"][-2:]
+        writing = bool(shown) and shown[-1].role == "assistant" and shown[-1].status == hpb.MESSAGE_STATUS_PENDING
+        finished = [m for m in reply.messages if m.role == "assistant" and m.status != hpb.MESSAGE_STATUS_PENDING]
+        if finished and finished[-1].dropped_messages and not writing:  # what the latest turn left out
+            self.say(unseen_line(reply.messages, finished[-1].dropped_messages))
+        for message in shown[:-1] if writing else shown:
             who = {"user": "you", "assistant": "model"}.get(message.role) or message_heading(message)
             text = "\n    ".join(line for line in message_body(message) if line)
             self.say(f"  {who}: {text if len(text) <= 300 else text[:300] + '…'}")
+        if writing:  # the server is still writing it: all of it so far, then the rest as it comes
+            self.say("  model (still writing; Ctrl-C stops it):")
+            self.follow(self.history.WatchReply(hpb.WatchReplyRequest(chat_id=reply.chat.id,
+                                                                      message_id=shown[-1].id)), shown[-1].id)
 
     def open_last_chat(self) -> bool:
         chats = self.history.ListChats(hpb.ListChatsRequest(page_size=1), timeout=30).chats
@@ -162,7 +175,22 @@ class ChatRepl:
             sampling=self.options.sampling, messages=[pb.ChatMessage(role="user", content=text, images=self.images)],
         )
         self.images = []
-        call = self.inference.Generate(request)
+        self.follow(self.inference.Generate(request), 0)
+
+    def stop_reply(self, reply_id: int) -> str:
+        """Stops a reply on the server (the call's end alone would leave it going on)."""
+        if not reply_id or self.chat is None:
+            return "[stopped]"  # it had not begun: the call's cancel leaves it unwritten
+        try:
+            self.history.StopReply(hpb.StopReplyRequest(chat_id=self.chat.id, message_id=reply_id), timeout=30)
+        except grpc.RpcError as exc:
+            return f"[could not stop the reply: {exc.code().name}: {exc.details()}]"
+        return "[stopped]"
+
+    def follow(self, call, reply_id: int) -> None:
+        """Prints a reply's stream (a Generate or WatchReply call) as it comes. Ctrl-C stops the
+        reply on the server (StopReply), once its id is known (the `chat` event, or `reply_id`);
+        before that, cancelling the call leaves it unwritten (stored as stopped)."""
         finished, thinking = None, False
         try:
             for response in call:
@@ -178,16 +206,18 @@ class ChatRepl:
                         thinking = False
                     self.out.write(response.token.text)
                     self.out.flush()
-                elif kind == "chat" and response.chat.dropped_messages:
-                    self.say(f"[the {response.chat.dropped_messages} oldest messages no longer fit the "
-                             "context window and were left out]")
+                elif kind == "chat":
+                    reply_id = response.chat.reply_message_id
+                    if response.chat.dropped_messages:
+                        self.say(unseen_line(whole_chat(self.history, response.chat.chat_id).messages,
+                                             response.chat.dropped_messages))
                 elif kind == "finished":
                     finished = response.finished
                     for c in finished.tool_calls:
                         self.say(("\n" if finished.tool_calls[0] is c else "") + call_line(c.name, c.arguments_json, c.id))
         except KeyboardInterrupt:
             call.cancel()
-            self.say("\n[stopped]")
+            self.say("\n" + self.stop_reply(reply_id))
             return
         except grpc.RpcError as exc:
             self.say(f"\n[error: {exc.code().name}: {exc.details()}]")

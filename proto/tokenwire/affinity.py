@@ -25,7 +25,9 @@ def _digest(kind: str, text: str) -> str:
 
 
 def for_chat(chat_id: str) -> str:
-    return f"chat-{chat_id}"
+    """A stored chat's key; "" for an id no chat has (it must not break the call's metadata)."""
+    key = f"chat-{chat_id}"
+    return key if valid(key) else ""
 
 
 def for_messages(messages: Iterable[tuple[str, str]]) -> str:

@@ -2,10 +2,10 @@
 
 The turn is checked first (the chat, the model, the context fitting the model's window) and
 only then are the user's message and a pending reply committed, before generation starts: a
-message the model cannot take is refused with nothing stored. The reply
-is stored when its sequence finishes, from the scheduler thread's on_finished hook, so a
-reply whose client has gone (Ctrl-C, closed tab) is stored too, as far as it went. The
-stream's `finished` message waits for that commit, so a client that reads the chat right
+message the model cannot take is refused with nothing stored. The reply outlives its call (see
+live_replies.py) and is stored when its sequence finishes, from the scheduler thread's
+on_finished hook, however it ended (StopReply, nobody watching, a deadline), as far as it went.
+The stream's `finished` message waits for that commit, so a client that reads the chat right
 after its stream ends finds the reply there.
 """
 
@@ -21,7 +21,7 @@ import grpc
 
 from tokenwire.server.chats.store import ReplyOutcome, TurnStart
 from tokenwire.server.chats.worker import STORE_FAILURES, ChatWorker, ReplyNotStored, StoreUnavailable
-from tokenwire.server.engine.records import ReplyStatus
+from tokenwire.server.engine.records import FinishReason, ReplyStatus
 from tokenwire.server.engine.reply_shape import ReplyShape
 from tokenwire.server.engine.requests import GenerateParams, InvalidRequest, check_shape
 from tokenwire.server.engine.sequence import FinishedEvent
@@ -46,9 +46,11 @@ class ChatTurn:
         self.start = start  # what was committed; start.context is the prompt
         self.entry = entry  # the model that answers
         self.dropped_messages = 0
-        # Who ended a cancelled reply: STOPPED (the client cancelled the call) or CANCELLED
-        # (deadline, server shutdown). Set before the sequence is cancelled.
+        # Who ended a cancelled reply: STOPPED (StopReply, or the call cancelled before the reply
+        # began) or CANCELLED (deadline, nobody watching, server shutdown), and why when the
+        # reply should say (cancel_note). Set before the sequence is cancelled.
         self.cancelled_as = ReplyStatus.CANCELLED
+        self.cancel_note = ""
         self.committed: concurrent.futures.Future | None = None
         self.shape = ReplyShape()  # how the reply's text is read into content, reasoning and calls
         self._text: list[str] = []  # what the client has been sent so far
@@ -68,7 +70,8 @@ class ChatTurn:
         reply = self.shape.read(event.text)
         self._store(ReplyOutcome(
             content=reply.content, status=ReplyStatus.of(event.reason, self.cancelled_as),
-            error_message=event.error_message, usage=event.usage, dropped_messages=self.dropped_messages,
+            error_message=event.error_message or (self.cancel_note if event.reason is FinishReason.CANCELLED else ""),
+            usage=event.usage, dropped_messages=self.dropped_messages,
             reasoning=reply.reasoning, tool_calls=[_call_dict(c) for c in reply.tool_calls],
         ))
 
@@ -89,6 +92,12 @@ class ChatTurn:
     def note_cancel(self, context: grpc.aio.ServicerContext, server_stopping: bool = False) -> None:
         """Before the call ends early: records who ended it (the server, when it is stopping)."""
         self.cancelled_as = ReplyStatus.CANCELLED if server_stopping else ended_by(context)
+
+    def stop(self, status: ReplyStatus, note: str, handles: list) -> None:
+        """Ends the reply's sequence; it is stored with `status` (and `note`, when cancelled)."""
+        self.cancelled_as, self.cancel_note = status, note
+        for handle in handles:
+            handle.cancel()
 
     def fail(self, exc: BaseException | None) -> None:
         """Stores the reply as failed before generation started (the model did not load, the

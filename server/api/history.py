@@ -1,8 +1,10 @@
-"""The History gRPC service: translates between protobuf and ChatStore records, nothing more."""
+"""The History gRPC service: translates between protobuf and ChatStore records, nothing more;
+WatchReply and StopReply reach the chat replies being written (live_replies.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import grpc
@@ -10,22 +12,28 @@ import grpc
 from tokenwire.server.chats import export as chat_export
 from tokenwire.server.chats.store import ChatNotFound, ChatRequestError
 from tokenwire.server.chats.worker import ChatWorker, StoreUnavailable
+from tokenwire.server.engine.records import ReplyStatus
+from tokenwire.server.engine.requests import InvalidRequest
 from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import history_pb2_grpc as hpb_grpc
 
 from .auth import Authenticator
 from .convert import chat_to_proto, message_to_proto, result_to_proto
 from .errors import abort_for
+from .live_replies import LiveReplies, LiveReply, MessageNotFound, ReplyNotLive
+from .reply_watch import watch_reply
 
 EXPORT_CHUNK_BYTES = 1 << 20
+STOP_WAIT_S = 10.0  # StopReply waits this long at most for the stopped reply to be stored
 
 
 class HistoryService(hpb_grpc.HistoryServicer):
     def __init__(self, worker: ChatWorker, auth: Authenticator,
-                 on_chat_deleted: Callable[[str], object] | None = None) -> None:
+                 on_chat_deleted: Callable[[str], object] | None = None, replies: LiveReplies | None = None) -> None:
         self.worker = worker
         self.chats = worker.store
         self.auth = auth
+        self.replies = replies or LiveReplies()  # the Inference service's: the chat replies being written
         self.on_chat_deleted = on_chat_deleted  # what else a deleted chat takes with it (its KV files)
 
     async def _run(self, context: grpc.aio.ServicerContext, fn, *args, reads: bool = False):
@@ -37,6 +45,45 @@ class HistoryService(hpb_grpc.HistoryServicer):
             return await run(fn, identity.user_id, *args)
         except (ChatNotFound, ChatRequestError, StoreUnavailable) as exc:
             await abort_for(context, exc)
+
+    async def _live(self, context: grpc.aio.ServicerContext, chat_id: str, message_id: int) -> LiveReply | None:
+        """The caller's reply being written here, or None (another user's is not theirs to see)."""
+        identity = await self.auth.identity(context)
+        return self.replies.find(identity.user_id, chat_id, message_id)
+
+    async def _stored(self, context: grpc.aio.ServicerContext, chat_id: str, message_id: int, live: bool):
+        """The stored message (NOT_FOUND when the chat is not the caller's or has no such
+        message); FAILED_PRECONDITION when it is pending but not `live` here."""
+        message = await self._run(context, self.chats.message_of, chat_id, message_id, reads=True)
+        if message is None:
+            await abort_for(context, MessageNotFound(chat_id, message_id))
+        if message.status == ReplyStatus.PENDING and not live:
+            await abort_for(context, ReplyNotLive(
+                f"reply {message_id} is being written by another server (try again: a router sends a chat's "
+                "calls to the server that writes it)", "REPLY_ON_ANOTHER_SERVER"))
+        return message
+
+    async def WatchReply(self, request: hpb.WatchReplyRequest, context):  # noqa: N802
+        live = await self._live(context, request.chat_id, request.message_id)
+        if live is None:
+            message = await self._stored(context, request.chat_id, request.message_id, live=False)
+            await abort_for(context, ReplyNotLive(
+                f"message {request.message_id} is not being written (it is stored, status {message.status}): "
+                "read it with GetChat"))
+        if request.after_event_id > len(live.events):
+            await abort_for(context, InvalidRequest(
+                f"after_event_id {request.after_event_id} is past the last event of reply {request.message_id} "
+                f"({len(live.events)})", "after_event_id"))
+        async for response in watch_reply(live, request.after_event_id, context):
+            yield response
+
+    async def StopReply(self, request: hpb.StopReplyRequest, context):  # noqa: N802
+        live = await self._live(context, request.chat_id, request.message_id)
+        if live is not None:
+            live.stop(ReplyStatus.STOPPED)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.ended.wait(), STOP_WAIT_S)
+        return message_to_proto(await self._stored(context, request.chat_id, request.message_id, live is not None))
 
     async def CreateChat(self, request: hpb.CreateChatRequest, context):  # noqa: N802
         chat = await self._run(context, self.chats.create_chat, request.title, request.model, request.system_prompt)

@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tokenwire.server.chats.worker import ChatWorker, ReplyNotStored
+from tokenwire.server.chats.worker import ChatWorker
 from tokenwire.server.config import ServerConfig
 from tokenwire.server.engine.context_fit import build_chat_request
+from tokenwire.server.engine.records import ReplyStatus
 from tokenwire.server.engine.reply_shape import ReplyShape
 from tokenwire.server.engine.requests import (
     GenerateParams,
@@ -38,10 +39,12 @@ from tokenwire.v1 import inference_pb2_grpc as pb_grpc
 
 from . import convert
 from .auth import Authenticator, Identity
-from .chat_turns import commit_turn, plan_turn
+from .chat_turns import ChatTurn, commit_turn, plan_turn
 from .embeddings import embed
-from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for
+from .errors import DOMAIN_ERRORS, PermissionDenied, ServerDraining, abort_for, with_statuses
 from .images import read_images
+from .live_replies import LiveReplies, LiveReply
+from .reply_watch import watch_reply
 from .speech import transcribe
 
 log = logging.getLogger("tokenwire.server")
@@ -74,15 +77,44 @@ async def _events_of(handles: list[SequenceHandle]) -> AsyncIterator[tuple[int, 
             task.cancel()
 
 
+async def relay_events(model_id: str, request_id: str, handles: list[SequenceHandle], calls: list, thinking: list,
+                       turn: ChatTurn | None) -> AsyncIterator[pb.GenerateResponse]:
+    """A Generate stream's responses: `started` (and `chat`), then every event as protobuf, to
+    the last `finished`. Raises the domain error that ends it early (its place in a full queue
+    went to another user; a chat's reply the database would not take)."""
+    yield convert.started_to_proto(model_id, request_id)
+    if turn is not None:
+        yield turn.event()
+    async for choice, event in _events_of(handles):
+        if isinstance(event, RefusedEvent):
+            if turn is not None:
+                turn.fail(event.error)
+            raise event.error
+        if isinstance(event, QueuedEvent) and choice:
+            continue  # the first choice's place speaks for the request
+        if isinstance(event, TokenEvent) and turn is not None:
+            turn.streamed(event.text)
+        if isinstance(event, FinishedEvent) and turn is not None:
+            # The reply is in the chat before the stream ends; ReplyNotStored (kept and retried)
+            # ends it with an error instead, as the stream must not say "done".
+            await turn.wait_committed()
+        if calls[choice] is None and thinking[choice] is None:
+            yield convert.with_choice(convert.event_to_proto(event, model_id), choice)
+        else:
+            for response in convert.shaped_event_to_proto(event, model_id, calls[choice], thinking[choice]):
+                yield convert.with_choice(response, choice)
+
+
 class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, config: ServerConfig, models: ModelManager, chats: ChatWorker | None = None,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, replies: LiveReplies | None = None) -> None:
         self.config = config
         self.models = models
         self.chats = chats  # the chat store, for requests with chat_id
         self.auth = auth  # who is calling (None: nobody is told apart)
+        self.replies = replies or LiveReplies()  # chat replies being written (History watches and stops them)
         self.stopping = False  # set by the drain: no new generations; calls cancelled now were ended by the server
-        self.generating = 0  # Generate calls in progress
+        self.generating = 0  # Generate and Transcribe calls in progress, and chat replies being written
         self._idle: asyncio.Event | None = None
 
     async def _read_images(self, params: GenerateParams, keep_alive: float | None) -> GenerateParams:
@@ -103,7 +135,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.models.release(model, keep_alive)
 
     async def drained(self) -> None:
-        """Returns once no Generate call is in progress."""
+        """Returns once no Generate call is in progress and no chat reply is being written."""
         self._idle = self._idle or asyncio.Event()
         if self.generating == 0:
             return
@@ -120,9 +152,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             async for response in self._generate(request, context):
                 yield response
         finally:
-            self.generating -= 1
-            if self.generating == 0 and self._idle is not None:
-                self._idle.set()
+            self._ended_one()
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.perf_counter()
@@ -140,6 +170,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             convert.check_request_id(request.request_id)
             params = await self._read_images(params, None)  # the OCR model keeps the server's keep-alive
             keep_alive = self._keep_alive_for(identity, convert.keep_alive_of(request))
+            detached_s = self._detached_for(request)
             plan = None
             if request.chat_id and self.chats is not None and identity is not None:
                 # A stored chat: its messages are the prompt; the new ones are committed once the
@@ -206,35 +237,50 @@ class InferenceService(pb_grpc.InferenceServicer):
                 turn.note_cancel(context, self.stopping)
                 turn.fail(sys.exc_info()[1])  # the user's message stays; the reply says why it is empty
 
+        events = relay_events(entry.id, request_id, handles, calls, thinking, turn)
+        if turn is not None:  # the reply outlives this call: start it, then watch it
+            live = self._start_reply(turn, identity, handles, model, keep_alive, events, detached_s)
+            async for response in watch_reply(live, 0, context, owns=True):
+                yield response
+            return
         try:
-            yield convert.started_to_proto(entry.id, request_id)
-            if turn is not None:
-                yield turn.event()
-            async for choice, event in _events_of(handles):
-                if isinstance(event, RefusedEvent):  # its place in a full queue went to another user
-                    if turn is not None:
-                        turn.fail(event.error)
-                    await abort_for(context, event.error)
-                if isinstance(event, QueuedEvent) and choice:
-                    continue  # the first choice's place speaks for the request
-                if isinstance(event, TokenEvent) and turn is not None:
-                    turn.streamed(event.text)
-                if isinstance(event, FinishedEvent) and turn is not None:
-                    try:
-                        await turn.wait_committed()  # the reply is in the chat before the stream ends
-                    except ReplyNotStored as exc:  # kept and retried; the stream must not say "done"
-                        await abort_for(context, exc)
-                if calls[choice] is None and thinking[choice] is None:
-                    yield convert.with_choice(convert.event_to_proto(event, entry.id), choice)
-                else:
-                    for response in convert.shaped_event_to_proto(event, entry.id, calls[choice], thinking[choice]):
-                        yield convert.with_choice(response, choice)
+            async for response in with_statuses(events, context):
+                yield response
         finally:
-            if turn is not None and not handles[0].sequence.done:
-                turn.note_cancel(context, self.stopping)  # before the cancel: the reply says who ended it
+            await events.aclose()
             for handle in handles:
                 handle.cancel()  # no-op when finished; stops the sequence when the client went away
             self.models.release(model, keep_alive)  # starts its keep-alive (0: unload once idle)
+
+    # ---- chat replies that outlive their call ------------------------------------------------
+
+    def _start_reply(self, turn: ChatTurn, identity: Identity, handles: list[SequenceHandle], model,
+                     keep_alive: float | None, events: AsyncIterator[pb.GenerateResponse],
+                     detached_s: float) -> LiveReply:
+        """Hands a chat's reply to the live replies: it counts as a generation (the drain waits
+        for it) until its events end, and then its sequence ends and its model is released."""
+        def stop(status: ReplyStatus, note: str) -> None:
+            turn.stop(status, note, handles)
+
+        def ended() -> None:
+            for handle in handles:
+                handle.cancel()
+            self.models.release(model, keep_alive)
+            self._ended_one()
+
+        live = LiveReply(turn.chat_id, turn.start.reply_message_id, identity.user_id, detached_s, stop)
+        self.generating += 1
+        self.replies.start(live, events, ended)
+        return live
+
+    def stop_replies(self) -> int:
+        """Stops every chat reply still being written (the drain's end: stored as CANCELLED)."""
+        return self.replies.stop_all(ReplyStatus.CANCELLED)
+
+    def _ended_one(self) -> None:
+        self.generating -= 1
+        if self.generating == 0 and self._idle is not None:
+            self._idle.set()
 
     # ---- models ------------------------------------------------------------------------------
 
@@ -259,9 +305,17 @@ class InferenceService(pb_grpc.InferenceServicer):
                     keep_alive_for=lambda asked: self._keep_alive_for(identity, asked)):
                 yield response
         finally:
-            self.generating -= 1
-            if self.generating == 0 and self._idle is not None:
-                self._idle.set()
+            self._ended_one()
+
+    def _detached_for(self, request: pb.GenerateRequest) -> float:
+        """How long a chat reply goes on with nobody watching: the request's detached_reply_s, at
+        most the server's --detached-reply-s."""
+        if not request.HasField("detached_reply_s"):
+            return self.config.detached_reply_s
+        asked = request.detached_reply_s
+        if not asked >= 0:  # negative, NaN
+            raise InvalidRequest(f"detached_reply_s must be >= 0 seconds, got {asked}", "detached_reply_s")
+        return min(asked, self.config.detached_reply_s)
 
     def _keep_alive_for(self, identity: Identity | None, asked: float | None) -> float | None:
         """A key holder without the admin role may shorten a model's keep-alive, not pin it: their

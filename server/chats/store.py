@@ -294,6 +294,15 @@ class ChatStore:
     def chat_info(self, user_id: int, chat_id: str) -> ChatInfo:
         return self._info(self._chat(user_id, chat_id))
 
+    def message_of(self, user_id: int, chat_id: str, message_id: int) -> MessageInfo | None:
+        """One message of one of the user's chats (ChatNotFound for another user's chat); None
+        when the chat has no such message."""
+        chat = self._chat(user_id, chat_id)
+        row = chat.messages.where(Message.id == message_id).first()
+        if row is None:
+            return None
+        return self._message(row, chat_id, _images_of([row]).get(row.id))
+
     def last_chat(self, user_id: int) -> ChatInfo | None:
         chats, _ = self.list_chats(user_id, 1)
         return chats[0] if chats else None

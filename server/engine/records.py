@@ -31,8 +31,8 @@ class ReplyStatus(StrEnum):
     PENDING = "pending"  # being generated
     COMPLETE = "complete"
     LENGTH = "length"
-    STOPPED = "stopped"  # the client ended it
-    CANCELLED = "cancelled"  # a deadline or the server ended it
+    STOPPED = "stopped"  # the user stopped it (StopReply; a call cancelled before its reply began)
+    CANCELLED = "cancelled"  # a deadline, nobody watching it (--detached-reply-s) or the server ended it
     ERROR = "error"
     INTERRUPTED = "interrupted"  # the server died while it was pending
 

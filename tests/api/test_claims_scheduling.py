@@ -179,6 +179,36 @@ async def test_per_user_stream_limit_over_the_openai_api(limited) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
 
+async def test_a_detached_chat_reply_keeps_its_users_stream_slot(limited) -> None:
+    """A chat reply whose call has ended goes on, so it still holds its user's one stream: alice's
+    next request waits (position 1) until the reply is stopped, then runs."""
+    from tokenwire.v1 import history_pb2 as hpb
+    from tokenwire.v1 import history_pb2_grpc as hpb_grpc
+
+    server, _ = limited
+    log = Log()
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub, history = pb_grpc.InferenceStub(channel), hpb_grpc.HistoryStub(channel)
+        chat = await history.CreateChat(hpb.CreateChatRequest(title="slot"), timeout=30)
+        reply = stub.Generate(pb.GenerateRequest(
+            chat_id=chat.id, messages=[pb.ChatMessage(role="user", content="Tell me a long story.")], user="alice",
+            max_tokens=4000, ignore_eos=True, sampling=GREEDY), timeout=120)
+        following = asyncio.ensure_future(log.follow_grpc("reply", reply))
+        await log.until(lambda: len(log.of("reply", "token")) >= 2)
+        reply.cancel()  # alice's client goes away; her reply does not
+        await asyncio.wait_for(following, 30)
+        second = stub.Generate(pb.GenerateRequest(prompt="Hello", max_tokens=2, user="alice", sampling=GREEDY),
+                               timeout=120)
+        waiting = asyncio.ensure_future(log.follow_grpc("a2", second))
+        await log.until(lambda: bool(log.of("a2", "queued")))
+        assert log.of("a2", "queued") == [1] and not log.of("a2", "token"), "the detached reply holds alice's slot"
+        message_id = log.of("reply", "chat")[0].reply_message_id
+        stopped = await history.StopReply(hpb.StopReplyRequest(chat_id=chat.id, message_id=message_id), timeout=30)
+        assert stopped.status == hpb.MESSAGE_STATUS_STOPPED
+        await asyncio.wait_for(waiting, 60)  # its slot is free: alice's request runs
+        assert log.of("a2", "finished")[0].reason == pb.FINISH_REASON_LENGTH
+
+
 async def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_a_running_stream(limited) -> None:
     """With --prefill-chunk 32 a ~320-token prompt takes ~10 scheduler steps, each with one decode
     step of the running stream: that stream's tokens arrive between the long request's start and

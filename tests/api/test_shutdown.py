@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -74,6 +75,9 @@ def test_a_second_signal_stops_at_once_and_keeps_the_text(models_dir, tmp_path) 
     db = str(tmp_path / "hurry.db")
     server = start_server(tmp_path, models_dir, "--database", db, "--metrics-port", "0", "--drain", "600")
     channel, chat_id, stream = start_reply(server.target, 4000)
+    # A reply whose client has gone: it goes on with nobody watching, and the drain must end it too.
+    detached_channel, detached_id, detached = start_reply(server.target, 4000)
+    detached.cancel()
     try:
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -83,7 +87,13 @@ def test_a_second_signal_stops_at_once_and_keeps_the_text(models_dir, tmp_path) 
             list(stream)
     finally:
         channel.close()
+        detached_channel.close()
         server.stop()
+    with sqlite3.connect(db) as raw:
+        status, content = raw.execute(
+            "SELECT m.status, m.content FROM message m JOIN chat c ON c.id = m.chat_id WHERE c.public_id = ? "
+            "ORDER BY m.seq DESC LIMIT 1", (detached_id,)).fetchone()
+    assert status == "cancelled" and content, "the detached reply was ended by the drain, its text kept"
     reply = reply_of(models_dir, tmp_path, db, chat_id)
     assert reply.status == hpb.MESSAGE_STATUS_CANCELLED and reply.content, "the text so far is kept"
     assert 0 < reply.usage.completion_tokens < 4000

@@ -187,3 +187,25 @@ async def test_the_bridge_passes_keys_on(keyed) -> None:
     assert reply.choices[0].message.content
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="tw_nope", max_retries=0).models.list()
+
+
+async def test_only_the_owner_may_follow_or_stop_a_reply(keyed) -> None:
+    """Another user's reply being written answers as a chat that does not exist (404), whether
+    they follow it or stop it; its owner does both."""
+    from test_reply_reattach import events, new_chat, start_reply
+
+    bridge, keys = keyed
+    alice, bob = bearer(keys["alice"]), bearer(keys["bob"])
+    async with aiohttp.ClientSession() as http:
+        chat_id = await new_chat(http, bridge.url, alice)
+        before = await start_reply(http, bridge.url, chat_id, 2000, 2, alice)  # hangs up: it goes on
+        path = f"{bridge.url}/api/chats/{chat_id}/messages/{before[1][2]['reply_message_id']}"
+        for method, suffix in (("GET", "/events"), ("POST", "/stop")):
+            async with http.request(method, path + suffix, headers=bob) as resp:
+                assert resp.status == 404 and (await resp.json())["error"]["code"] == "chat_not_found"
+        async with http.get(path + "/events", headers={**alice, "Last-Event-ID": str(before[-1][0])}) as resp:
+            assert resp.status == 200
+            more = await events(resp, 1)
+            assert more[0][0] == before[-1][0] + 1
+        async with http.post(path + "/stop", headers=alice) as resp:
+            assert resp.status == 200 and (await resp.json())["status"] == "stopped"

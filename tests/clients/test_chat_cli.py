@@ -161,3 +161,66 @@ def test_cli_sends_the_api_key(models_dir, tmp_path) -> None:
         assert "carol" in keys.stdout and key[:10] in keys.stdout and key not in keys.stdout
     finally:
         proc.stop()
+
+
+def test_chat_c_shows_a_reply_still_being_written_and_ctrl_c_stops_it(server) -> None:
+    from tokenwire.v1 import inference_pb2 as pb
+    from tokenwire.v1 import inference_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(server.target)
+    stub, inference = hpb_grpc.HistoryStub(channel), pb_grpc.InferenceStub(channel)
+    chat = stub.CreateChat(hpb.CreateChatRequest(title="still writing"))
+    call = inference.Generate(pb.GenerateRequest(
+        chat_id=chat.id, messages=[pb.ChatMessage(role="user", content="Tell me a long story about a dragon.")],
+        max_tokens=2000, ignore_eos=True, sampling=pb.SamplingParams(temperature=0)), timeout=120)
+    before = ""
+    for response in call:
+        before += response.token.text
+        if len(before) > 40:
+            break
+    call.cancel()  # this client leaves; the server goes on writing the reply
+
+    child = spawn("chat", "-c", "--server", server.target)
+    child.expect_exact(f"continuing chat {chat.id}")
+    child.expect_exact("model (still writing; Ctrl-C stops it):\r\n")
+    child.expect_exact(before.replace("\n", "\r\n"))  # the text so far, from its start...
+    printed = child.before + child.after
+    child.expect(r"\w+ \w+ \w+ \w+ \w+ \w+")  # ...then more of it, live
+    printed += child.before + child.after
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    printed += child.before
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    reply = stub.GetChat(hpb.GetChatRequest(chat_id=chat.id)).messages[-1]
+    assert reply.status == hpb.MESSAGE_STATUS_STOPPED and 10 < reply.usage.completion_tokens < 2000
+    # What it printed (the terminal echoes the ^C) is the stored reply as far as it went.
+    shown = printed.replace("\r\n", "\n").rstrip().removesuffix("^C").rstrip()
+    assert len(shown) > len(before) and reply.content.startswith(shown), (shown[-80:], reply.content[-80:])
+    channel.close()
+
+
+def test_chat_says_which_messages_the_model_no_longer_sees(server) -> None:
+    stub = history(server)
+    chat = stub.CreateChat(hpb.CreateChatRequest(title="outgrown", system_prompt="You are terse."))
+    for role, content in (("user", "word " * 9000), ("assistant", "Noted.")):  # more than the window holds
+        stub.AppendMessage(hpb.AppendMessageRequest(chat_id=chat.id, role=role, content=content))
+    child = spawn("chat", "--chat", chat.id, "--server", server.target, "-t", "0", "-n", "4")
+    child.expect_exact(PROMPT)
+    child.sendline("Say hello.")
+    # The turn's prompt left the two oldest messages out; the line names them by their first words.
+    child.expect_exact("[the model no longer sees the 2 oldest messages of this chat (“word word word word word "
+                       "word word word …” to “Noted.”): it outgrew the context window]")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    # Opened again, the chat says it before the prompt.
+    child = spawn("chat", "--chat", chat.id, "--server", server.target)
+    child.expect_exact("[the model no longer sees the 2 oldest messages")
+    child.expect_exact(PROMPT)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()

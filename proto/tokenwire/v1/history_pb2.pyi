@@ -235,3 +235,21 @@ class ExportChatResponse(_message.Message):
     media_type: str
     filename: str
     def __init__(self, content: _Optional[str] = ..., media_type: _Optional[str] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class WatchReplyRequest(_message.Message):
+    __slots__ = ("chat_id", "message_id", "after_event_id")
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    message_id: int
+    after_event_id: int
+    def __init__(self, chat_id: _Optional[str] = ..., message_id: _Optional[int] = ..., after_event_id: _Optional[int] = ...) -> None: ...
+
+class StopReplyRequest(_message.Message):
+    __slots__ = ("chat_id", "message_id")
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    message_id: int
+    def __init__(self, chat_id: _Optional[str] = ..., message_id: _Optional[int] = ...) -> None: ...

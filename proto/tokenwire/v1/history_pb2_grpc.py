@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from tokenwire.v1 import history_pb2 as tokenwire_dot_v1_dot_history__pb2
+from tokenwire.v1 import inference_pb2 as tokenwire_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -79,6 +80,16 @@ class HistoryStub:
                 '/tokenwire.v1.History/ExportChatStream',
                 request_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
+                _registered_method=True)
+        self.WatchReply = channel.unary_stream(
+                '/tokenwire.v1.History/WatchReply',
+                request_serializer=tokenwire_dot_v1_dot_history__pb2.WatchReplyRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.StopReply = channel.unary_unary(
+                '/tokenwire.v1.History/StopReply',
+                request_serializer=tokenwire_dot_v1_dot_history__pb2.StopReplyRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_history__pb2.Message.FromString,
                 _registered_method=True)
 
 
@@ -157,6 +168,34 @@ class HistoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchReply(self, request, context):
+        """Follows a reply being written (a message with status PENDING): the
+        events of its Generate stream that came after `after_event_id` (0: all of
+        them, `started` first), then the next ones as they come, to its
+        `finished`; the events are the very ones Generate sent, with the same
+        `event_id`s and errors. A reply that ended stays watchable for 30 s.
+        Watching keeps the reply from being stopped for want of watchers; this
+        call ending (even by its deadline) only stops watching.
+        NOT_FOUND: no such chat of the caller's (another user's chat answers the
+        same), or no such message in it (MESSAGE_NOT_FOUND). FAILED_PRECONDITION:
+        the reply is no longer being written (REPLY_FINISHED: read it with
+        GetChat), or another server is writing it (REPLY_ON_ANOTHER_SERVER).
+        INVALID_ARGUMENT: after_event_id past the last event sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopReply(self, request, context):
+        """Stops a reply being written, at once: it is stored as far as it went,
+        with status STOPPED, before this call answers the stored message. A reply
+        that has already ended is answered as it is stored. Errors as WatchReply's
+        (but REPLY_FINISHED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -204,6 +243,16 @@ def add_HistoryServicer_to_server(servicer, server):
                     servicer.ExportChatStream,
                     request_deserializer=tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.SerializeToString,
+            ),
+            'WatchReply': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchReply,
+                    request_deserializer=tokenwire_dot_v1_dot_history__pb2.WatchReplyRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'StopReply': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopReply,
+                    request_deserializer=tokenwire_dot_v1_dot_history__pb2.StopReplyRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_history__pb2.Message.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -450,6 +499,60 @@ class History:
             '/tokenwire.v1.History/ExportChatStream',
             tokenwire_dot_v1_dot_history__pb2.ExportChatRequest.SerializeToString,
             tokenwire_dot_v1_dot_history__pb2.ExportChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchReply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.History/WatchReply',
+            tokenwire_dot_v1_dot_history__pb2.WatchReplyRequest.SerializeToString,
+            tokenwire_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopReply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.History/StopReply',
+            tokenwire_dot_v1_dot_history__pb2.StopReplyRequest.SerializeToString,
+            tokenwire_dot_v1_dot_history__pb2.Message.FromString,
             options,
             channel_credentials,
             insecure,
