@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from tokenwire import affinity
+from tokenwire.v1 import history_pb2 as hpb
 from tokenwire.v1 import inference_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -27,10 +28,20 @@ def auth_metadata() -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),) if key else ()
 
 
+def _affinity_of(request: object) -> str:
+    """The affinity key of a call: a Generate's, and a chat's for the calls on the reply it is
+    writing (WatchReply, StopReply reach the server that writes it)."""
+    if isinstance(request, pb.GenerateRequest):
+        return affinity.for_request(request)
+    if isinstance(request, hpb.WatchReplyRequest | hpb.StopReplyRequest):
+        return affinity.for_chat(request.chat_id)
+    return ""
+
+
 class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
                     grpc.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <key>` to every call, and to Generate the affinity key that a
-    router in front of several servers hashes (see tokenwire.affinity)."""
+    """Adds `authorization: Bearer <key>` to every call, and to Generate (and the calls on a chat's
+    reply) the affinity key that a router in front of several servers hashes (see tokenwire.affinity)."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self.metadata = metadata
@@ -39,12 +50,15 @@ class _CallMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInte
         metadata = tuple(details.metadata or ()) + self.metadata + extra
         return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
 
+    def _keyed(self, details, request):
+        key = _affinity_of(request)
+        return self._details(details, ((affinity.HEADER, key),) if key else ())
+
     def intercept_unary_unary(self, continuation, client_call_details, request):
-        return continuation(self._details(client_call_details), request)
+        return continuation(self._keyed(client_call_details, request), request)
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
-        key = affinity.for_request(request) if isinstance(request, pb.GenerateRequest) else ""
-        return continuation(self._details(client_call_details, ((affinity.HEADER, key),) if key else ()), request)
+        return continuation(self._keyed(client_call_details, request), request)
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._details(client_call_details), request_iterator)

@@ -65,6 +65,14 @@ def test_affinity_keys_follow_the_conversation() -> None:
     shared = "x" * affinity.PROMPT_BYTES
     assert affinity.for_prompt(shared + "one") == affinity.for_prompt(shared + "two") != affinity.for_prompt("other")
     assert affinity.for_request(pb.GenerateRequest()) == ""
+    assert affinity.for_chat("\x84") == "", "an id no chat has gets no key (it must not break the call's metadata)"
+    # The CLI's calls on a chat's reply reach the server that writes it, as its Generate calls do.
+    from tokenwire.clients.connection import _affinity_of
+    from tokenwire.v1 import history_pb2 as hpb
+
+    assert _affinity_of(hpb.WatchReplyRequest(chat_id="ab12", message_id=3)) == "chat-ab12"
+    assert _affinity_of(hpb.StopReplyRequest(chat_id="ab12", message_id=3)) == "chat-ab12"
+    assert _affinity_of(hpb.GetChatRequest(chat_id="ab12")) == ""
     assert affinity.valid("chat-ab12") and not affinity.valid("") and not affinity.valid("é") \
         and not affinity.valid("x" * 129)
 
