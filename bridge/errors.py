@@ -41,6 +41,7 @@ _UPSTREAM_FAILURE = (502, "server_error", "upstream_error")  # UNKNOWN, INTERNAL
 # The server's ErrorInfo reasons that have an OpenAI error code of their own.
 _REASON_CODES = {
     "CONTEXT_LENGTH_EXCEEDED": "context_length_exceeded",
+    "KV_BUDGET_EXCEEDED": "kv_budget_exceeded",
     "MODEL_NOT_FOUND": "model_not_found",
     "CHAT_NOT_FOUND": "chat_not_found",
     "MESSAGE_NOT_FOUND": "message_not_found",
@@ -64,7 +65,7 @@ _REASON_CODES = {
 }
 # ...and those with an HTTP status of their own.
 # A reply that is no longer being written: 409, the message's state (read it with GET /api/chats/{id}).
-_REASON_STATUS = {"IMAGE_TOO_LARGE": 413, "REPLY_FINISHED": 409}
+_REASON_STATUS = {"IMAGE_TOO_LARGE": 413, "REPLY_FINISHED": 409, "KV_BUDGET_EXCEEDED": 400}
 _DETAILS_KEY = "grpc-status-details-bin"
 
 # How grpc describes a server it cannot connect to (as opposed to a status the server sent).

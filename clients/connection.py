@@ -30,11 +30,12 @@ def auth_metadata() -> tuple[tuple[str, str], ...]:
 
 def _affinity_of(request: object) -> str:
     """The affinity key of a call: a Generate's, and a chat's for the calls on the reply it is
-    writing (WatchReply, StopReply reach the server that writes it)."""
+    writing (WatchReply, StopReply reach the server that writes it) and for DeleteChat (that server
+    stops the reply and deletes the chat's KV files)."""
     if isinstance(request, pb.GenerateRequest):
         return affinity.for_request(request)
-    if isinstance(request, hpb.WatchReplyRequest | hpb.StopReplyRequest):
-        return affinity.for_chat(request.chat_id)
+    if isinstance(request, hpb.WatchReplyRequest | hpb.StopReplyRequest | hpb.DeleteChatRequest):
+        return affinity.for_chat(request.chat_id)  # DeleteChat: where the chat's reply and KV files are
     return ""
 
 

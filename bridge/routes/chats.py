@@ -167,7 +167,10 @@ async def rename_chat(request: web.Request) -> web.Response:
 
 async def delete_chat(request: web.Request) -> web.Response:
     chat_id = request.match_info["chat_id"]
-    reply = await _history(request, _stub(request).DeleteChat, hpb.DeleteChatRequest(chat_id=chat_id))
+    # To the server that writes the chat's replies (a router hashes the key): it stops a reply being
+    # written and deletes the chat's KV files.
+    reply = await _history(request, _stub(request).DeleteChat, hpb.DeleteChatRequest(chat_id=chat_id),
+                           affinity_key=affinity.for_chat(chat_id))
     return web.json_response({"id": chat_id, "deleted": True, "deleted_messages": reply.deleted_messages})
 
 
@@ -276,7 +279,7 @@ def tool_results(value: Any) -> list[pb.ChatMessage]:
 
 def _message_id(request: web.Request) -> int:
     raw = request.match_info["message_id"]
-    if not raw.isdigit() or not 0 < int(raw) < 1 << 63:
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or not 0 < int(raw) < 1 << 63:
         raise invalid_param("message_id", f"message_id must be a message's id (a positive integer), got {raw!r}")
     return int(raw)
 
@@ -290,7 +293,7 @@ def last_event_id(request: web.Request) -> int:
     if raw is None or raw.strip() == "":
         return 0
     raw = raw.strip()
-    if not raw.isdigit() or int(raw) >= 1 << 63:
+    if not re.fullmatch(r"[0-9]{1,19}", raw) or int(raw) >= 1 << 63:
         raise invalid_param(name, f"{name} must be the id of an event of the reply (an integer >= 0), got {raw!r}")
     return int(raw)
 

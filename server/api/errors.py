@@ -73,7 +73,8 @@ TABLE: tuple[tuple[type[BaseException], Refusal], ...] = (
     (MessageNotFound, Refusal(grpc.StatusCode.NOT_FOUND, "MESSAGE_NOT_FOUND", "message_id")),
     (ReplyNotLive, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "REPLY_FINISHED", "message_id")),
     (QueueFull, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")),
-    (KVBudgetExceeded, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV_BUDGET_EXCEEDED", "max_tokens")),
+    # Not "retry shortly": this request cannot fit even alone (fewer tokens or a bigger budget will).
+    (KVBudgetExceeded, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "KV_BUDGET_EXCEEDED", "max_tokens")),
     (ModelUnloading, Refusal(grpc.StatusCode.UNAVAILABLE, "MODEL_UNLOADING", "model")),
     (ModelBusy, Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "MODEL_BUSY", "model")),
     (ModelTooLarge, Refusal(grpc.StatusCode.FAILED_PRECONDITION, "MODEL_TOO_LARGE", "model")),

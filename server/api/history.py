@@ -105,6 +105,8 @@ class HistoryService(hpb_grpc.HistoryServicer):
 
     async def DeleteChat(self, request: hpb.DeleteChatRequest, context):  # noqa: N802
         deleted = await self._run(context, self.chats.delete_chat, request.chat_id)
+        identity = await self.auth.identity(context)
+        self.replies.stop_chat(identity.user_id, request.chat_id)  # nothing left to write it into
         if self.on_chat_deleted is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.on_chat_deleted, request.chat_id)
         return hpb.DeleteChatResponse(deleted_messages=deleted)

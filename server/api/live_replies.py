@@ -27,6 +27,9 @@ from tokenwire.v1 import inference_pb2 as pb
 log = logging.getLogger("tokenwire.server")
 
 LINGER_S = 30.0  # how long a reply that ended can still be watched (replayed to its end)
+# Replies one user may have running with nobody watching: one more stops the oldest, so a client
+# that posts messages and hangs up cannot fill the batch without holding a connection.
+MAX_DETACHED_PER_USER = 4
 
 
 class MessageNotFound(LookupError):
@@ -65,12 +68,14 @@ class LiveReply:
         self.events: list[pb.GenerateResponse] = []
         self.error: BaseException | None = None  # what ended it early, when it did not end with `finished`
         self.done = False
+        self.stopping = False  # asked to stop (done follows once its sequence has ended)
         self.ended = asyncio.Event()  # set once it is over (its outcome handed to the store)
         self._stop = stop
         self._watchers = 0
         self._loop = asyncio.get_running_loop()
         self._changed: asyncio.Future = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
+        self.on_detached: Callable[[LiveReply], None] | None = None  # set by LiveReplies.start
 
     @property
     def watchers(self) -> int:
@@ -92,6 +97,7 @@ class LiveReply:
     def stop(self, status: ReplyStatus, note: str = "") -> None:
         """Ends the reply's sequence (within one scheduler step); no-op once it is over."""
         if not self.done:
+            self.stopping = True
             self._stop(status, note)
 
     async def watch(self, after: int = 0) -> AsyncIterator[pb.GenerateResponse]:
@@ -117,6 +123,10 @@ class LiveReply:
                 self._detached()
 
     def _detached(self) -> None:
+        if self.on_detached is not None:
+            self.on_detached(self)
+        if self.done:
+            return
         if self.detached_s <= 0:
             self._abandon()
         else:
@@ -154,6 +164,7 @@ class LiveReplies:
         """Relays `events` into the reply's log on a task of its own; `on_end` runs when they
         stop, however they stop (it cancels the sequence and releases the model)."""
         self._replies[(reply.chat_id, reply.message_id)] = reply
+        reply.on_detached = self._limit_detached
         task = asyncio.create_task(self._relay(reply, events, on_end), name=f"reply-{reply.message_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -188,6 +199,24 @@ class LiveReplies:
         key = (reply.chat_id, reply.message_id)
         if self._replies.get(key) is reply:
             del self._replies[key]
+
+    def _limit_detached(self, reply: LiveReply) -> None:
+        """A reply lost its last watcher: its user keeps at most MAX_DETACHED_PER_USER unwatched
+        replies running (the oldest beyond that are stopped, as far as they went)."""
+        unwatched = [r for r in self._replies.values()
+                     if r.user_id == reply.user_id and not (r.done or r.stopping or r.watchers)]
+        for old in unwatched[: max(0, len(unwatched) - MAX_DETACHED_PER_USER)]:
+            log.info("chat %s: reply %d stopped, its user has more than %d replies nobody watches", old.chat_id,
+                     old.message_id, MAX_DETACHED_PER_USER)
+            old.stop(ReplyStatus.CANCELLED, f"stopped: more than {MAX_DETACHED_PER_USER} of this user's replies "
+                                             "were running with no client watching them")
+
+    def stop_chat(self, user_id: int, chat_id: str) -> int:
+        """Stops the user's replies being written in a chat (it is being deleted); how many."""
+        live = [r for r in self._replies.values() if r.chat_id == chat_id and r.user_id == user_id and not r.done]
+        for reply in live:
+            reply.stop(ReplyStatus.CANCELLED, "the chat was deleted")
+        return len(live)
 
     def find(self, user_id: int, chat_id: str, message_id: int) -> LiveReply | None:
         """The reply, if it is this user's and being written here (or ended within LINGER_S)."""

@@ -82,6 +82,9 @@ class BatchEngine(ABC):
     def remove(self, rows: list[int]) -> None:
         """Drops finished rows."""
 
+    def trim(self) -> None:  # noqa: B027 - optional hook: engines that keep spare KV memory give it back
+        """Gives back KV memory no sequence holds (the memory budget needs it elsewhere)."""
+
     @abstractmethod
     def reset(self) -> None:
         """Forgets every row (after a failed step)."""

@@ -48,6 +48,8 @@ class KVBudgetExceeded(RuntimeError):
 # What the memory budget leaves for one model's KV (its running sequences and its prefix cache), in
 # bytes, asked before each admission; None: no budget. The model manager provides it.
 KVRoom = Callable[[], int | None]
+# How long other users' requests that fit may pass one whose KV waits for room (then it goes first).
+KV_BYPASS_S = 5.0
 
 
 class QueueFull(RuntimeError):
@@ -134,6 +136,7 @@ class SequenceHandle:
         self.next_token: int | None = None  # pragma: no mutate
         self.shared = 0  # pragma: no mutate  (tokens of its prompt that are an operator-marked shared prefix)
         self.kv_reserved = 0  # KV bytes held for it from admission to its end (its prompt + max_tokens)
+        self.kv_blocked_since = 0.0  # when it first waited for KV room (0: never)
 
     def emit(self, events: list) -> None:
         for event in events:
@@ -269,6 +272,7 @@ class Scheduler:
         for report in (self.metrics.queue_length, self.metrics.batch_size):
             report(self.name, 0)
         self.metrics.capacity(self.name, 0, 0)
+        self.metrics.kv_memory(self.name, 0, 0, 0, 0)
         self.metrics.prefix_cache_state(self.name, 0, 0, self.prefix_cache.stats.evictions)
 
     # ---- admission (under self._cond) ----------------------------------------------------------
@@ -296,17 +300,9 @@ class Scheduler:
         # sends nothing (a handle is told only a place that changed)
         admitted = False  # pragma: no mutate
         while self._n_waiting and self.running < self.config.max_batch:
-            picked = None
-            for user in list(self._waiting):
-                if self._has_free_slot(user):
-                    picked = user
-                    break
+            picked, need, fits = self._pick()
             if picked is None:
                 break
-            need = self._kv_need(self._waiting[picked][0])
-            fits = self._kv_fits(need)
-            if not fits and self.running:
-                break  # it waits, first in line, until running sequences give their KV back
             queue = self._waiting.pop(picked)
             handle = queue.popleft()
             if queue:
@@ -326,6 +322,26 @@ class Scheduler:
             self._notify_positions()
         self.metrics.queue_length(self.name, self._n_waiting)
 
+    def _pick(self) -> tuple[str | None, int, bool]:
+        """The user whose next request starts now (round-robin over users with a free stream slot),
+        its KV need, and whether that fits (False: refuse it, it never could). A request whose KV
+        does not fit while others run waits first in line; other users' requests that fit may pass
+        it for KV_BYPASS_S, then admission stops until running sequences have made its room."""
+        now = time.monotonic()
+        for user in list(self._waiting):
+            if not self._has_free_slot(user):
+                continue
+            head = self._waiting[user][0]
+            need = self._kv_need(head)
+            if self._kv_fits(need):
+                return user, need, True
+            if not self.running:
+                return user, need, False
+            head.kv_blocked_since = head.kv_blocked_since or now
+            if now - head.kv_blocked_since >= KV_BYPASS_S:
+                break
+        return None, 0, False
+
     def _kv_need(self, handle: SequenceHandle) -> int:
         request = handle.sequence.request
         return self.engine.kv_bytes_for(len(request.prompt_ids) + request.max_tokens)
@@ -336,9 +352,11 @@ class Scheduler:
         room = self.kv_room() if self.kv_room is not None else None
         if room is None:
             return True
-        spare = room - self._kv_reserved - need
-        if spare < self.prefix_cache.stats.bytes:
-            self.prefix_cache.shrink_to(max(spare, 0))
+        # What this model's KV will hold: the pool as allocated (free pages included), or as far as
+        # the reservations grow it with this one.
+        spare = room - max(self.engine.kv_bytes, self._kv_reserved + need)
+        if 0 <= spare < self.prefix_cache.stats.bytes:  # only when that makes it fit
+            self.prefix_cache.shrink_to(spare)
         return spare >= 0
 
     def _kv_refusal(self, handle: SequenceHandle, need: int) -> KVBudgetExceeded:
@@ -452,6 +470,7 @@ class Scheduler:
             self.metrics.request_finished(self.name, key)
         self._kv_reserved -= handle.kv_reserved
         handle.kv_reserved = 0
+        self._report_kv()
         self._release_user(handle, locked)  # pragma: no mutate
 
     def _prefill_chunk(self) -> None:
@@ -477,6 +496,7 @@ class Scheduler:
         handle.prefill = None  # pragma: no mutate  (drops the state's arrays; "" drops them too)
         self._positions_moved()
         self._finish(handle, events)
+        self._fit_prefix_cache()
 
     def _prefill_step(self, handle: SequenceHandle) -> None:
         seq = handle.sequence
@@ -550,7 +570,7 @@ class Scheduler:
                 length = self.engine.lengths[row]
                 if self.prefix_cache.enabled and seq.finished is not None and seq.finished.reason != FinishReason.ERROR:
                     tokens, kv = (seq.request.prompt_ids + seq.output_ids)[:length], self.engine.row_cache(row)
-                    self._store_prefix(tokens, kv, seq.request.cache_scope, leaving=handle.kv_reserved)
+                    self._store_prefix(tokens, kv, seq.request.cache_scope)
                     if self.kv_disk is not None and seq.request.kv_key:  # written behind the turn
                         self.kv_disk.put(seq.request.cache_scope, seq.request.kv_key, tokens, kv)
                     if handle.shared:
@@ -565,6 +585,7 @@ class Scheduler:
         if leaving:
             self.engine.remove(leaving)
             self._rows = [h for i, h in enumerate(self._rows) if i not in set(leaving)]
+            self._fit_prefix_cache()
         self.metrics.batch_size(self.name, len(self._rows))
         self._report_kv()
 
@@ -580,13 +601,23 @@ class Scheduler:
                 return len(ids)
         return 0
 
-    def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str, leaving: int = 0) -> None:
-        """Caches a sequence's KV; `leaving`: the KV reservation of the sequence it came from when
-        that sequence is finishing (its room is about to be free)."""
+    def _store_prefix(self, tokens: list[int], kv: KVCache, scope: str) -> None:
         self.prefix_cache.store(tokens, kv, scope)
+        self._report_prefix_cache()
+
+    def _fit_prefix_cache(self) -> None:
+        """After sequences left: the prefix cache keeps only what the budget leaves beside the
+        engine's KV (the running reservations, or the pool as allocated); the engine first gives
+        back pages nobody holds, so cached turns are not crowded out by free pages."""
         room = self.kv_room() if self.kv_room is not None else None
-        if room is not None:  # what running sequences hold comes first
-            self.prefix_cache.shrink_to(max(room - self._kv_reserved + leaving, 0))
+        if room is None:
+            return
+        if room - max(self.engine.kv_bytes, self._kv_reserved) < self.prefix_cache.stats.bytes:
+            self.engine.trim()
+            self.prefix_cache.shrink_to(max(room - max(self.engine.kv_bytes, self._kv_reserved), 0))
+            self._report_prefix_cache()
+
+    def _report_prefix_cache(self) -> None:
         st = self.prefix_cache.stats
         self.metrics.prefix_cache_state(self.name, st.entries, st.bytes, st.evictions)
 
@@ -596,7 +627,14 @@ class Scheduler:
             if not handle.sequence.done:
                 self._finish(handle, handle.sequence.finish(FinishReason.ERROR, message))
         self._rows = []
+        # A prompt half prefilled loses its KV with the rest: it starts its prefill again (it has
+        # sent nothing yet), instead of going on over pages the reset gave back.
+        for handle in self._prefilling:
+            if handle.prefill is not None:
+                self.engine.end_prefill(handle.prefill)
+                handle.prefill, handle.prefilled = None, 0
         self.engine.reset()
+        self._report_kv()
 
 # pragma: a test helper's bound; a second more or the boundary instant changes nothing
 def wait_idle(scheduler: Scheduler, timeout: float = 30) -> bool:  # pragma: no mutate

@@ -113,6 +113,9 @@ async def test_reply_route_errors(bridge) -> None:
         base = f"{url}/api/chats/{chat_id}/messages"
         for method, path, headers, status, field in [
             ("GET", f"{base}/{user_id}/events", {"Last-Event-ID": "abc"}, 400, "Last-Event-ID"),
+            # a digit that int() refuses (U+00B2, the byte 0xB2 read as latin-1): a 400, not a 500
+            ("GET", f"{base}/{user_id}/events", {"Last-Event-ID": "\u00b2"}, 400, "Last-Event-ID"),
+            ("GET", f"{base}/%C2%B2/events", None, 400, "message_id"),
             ("GET", f"{base}/{user_id}/events?last_event_id=-1", None, 400, "last_event_id"),
             ("GET", f"{base}/x/events", None, 400, "message_id"),
             ("POST", f"{base}/0/stop", None, 400, "message_id"),
