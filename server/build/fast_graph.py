@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokenwire.server.engine import kv_int8
 from tokenwire.server.engine.graph import GRAPH, NATIVE_GRAPH, kv_numpy_dtype, open_graph
 from tokenwire.server.engine.model_config import ModelConfig
 
@@ -56,6 +57,10 @@ def _level_policy(name: str) -> int:
 
 
 KV_DTYPES = ("float32", "float16")
+# The native graph's cache formats (the Attention op's kv_format): fp16, or int8 with scales
+# (per channel over 16 positions for keys, per position for values; server/native/tw_kv8.c).
+KV_FORMATS = ("float16", "int8")
+NATIVE_KV_FORMAT = "float16"  # what pull builds (see the README's notes on where the time goes)
 
 
 def native_unfit(config: ModelConfig) -> str:
@@ -72,14 +77,14 @@ def native_unfit(config: ModelConfig) -> str:
 
 def build_fast_graph(
     fp32_dir: Path, out_dir: Path, bits: int = 4, level_for=_level_policy, last_only: bool = True,
-    kv_dtype: str = "float32", native: bool = False,
+    kv_dtype: str = "float32", native: bool = False, kv_format: str = NATIVE_KV_FORMAT,
 ) -> dict[str, int]:
     """Writes the fast graph; `last_only=False` keeps logits of every position (for evaluation).
 
     `native=True` writes NATIVE_GRAPH instead of GRAPH: every linear is one `ai.tokenwire.Linear`
     node (server/native_pack.py) in place of MatMulNBits and its correction, and attention is
     `ai.tokenwire.Attention` over an fp16 KV cache (half the bytes a long-context step reads;
-    math in fp32); the rest is the same.
+    math in fp32); the rest is the same. `kv_format` ("float16" or "int8") is that cache's format.
 
     `kv_dtype="float16"` is the CUDA layout: onnxruntime's CUDA GroupQueryAttention takes
     fp16 only, so attention (and the KV buffers) run in fp16 between two Casts while the rest
@@ -88,6 +93,8 @@ def build_fast_graph(
     """
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {KV_DTYPES}")
+    if kv_format not in KV_FORMATS:
+        raise ValueError(f"kv_format must be one of {KV_FORMATS}")
     half = kv_dtype == "float16"
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -222,7 +229,8 @@ def build_fast_graph(
                  [f"qkv3_{i}", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
                   "cos_cache", "sin_cache", "kv_pages"],
                  [f"attn3_{i}", f"present.{i}.key", f"present.{i}.value"],
-                 domain=NATIVE_DOMAIN, num_heads=n_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5))
+                 domain=NATIVE_DOMAIN, num_heads=n_heads, kv_num_heads=kv_heads, scale=float(head_dim ** -0.5),
+                 kv_format=kv_format)
         else:
             node("GroupQueryAttention",
                  [f"qkv3_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -267,8 +275,10 @@ def build_fast_graph(
 
     # The native graph's cache is a pool of pages ([pages, kv_heads, page size, head_dim]) with a
     # page table per row (kv_pages); onnxruntime's GroupQueryAttention needs a dense row each.
-    kv_shape = ["kv_pages_total", kv_heads, "page_size", head_dim] if native else ["batch_size", kv_heads, "capacity",
-                                                                                  head_dim]
+    int8 = native and kv_format == "int8"
+    row = kv_int8.row_bytes(head_dim) if int8 else head_dim  # an int8 row: codes + its share of scales
+    kv_shape = ["kv_pages_total", kv_heads, "page_size", row] if native else ["batch_size", kv_heads, "capacity",
+                                                                             head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
@@ -279,7 +289,7 @@ def build_fast_graph(
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", logits_len, head.shape[1]])]
     for i in range(layers):
         for kind in ("key", "value"):
-            kv_type = TensorProto.FLOAT16 if half or native else TensorProto.FLOAT
+            kv_type = TensorProto.UINT8 if int8 else TensorProto.FLOAT16 if half or native else TensorProto.FLOAT
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
     graph = helper.make_graph(nodes, "tokenwire_fast_decoder", inputs, outputs, initializer=em.inits + extra_inits)
@@ -312,9 +322,11 @@ def full_logits(model_dir: Path, tokens: list[int], native: bool = False) -> np.
     if any(i.name == "kv_pages" for i in session.get_inputs()):  # one page holding the whole text
         capacity = -(-len(tokens) // 16) * 16
         io.bind_cpu_input("kv_pages", np.zeros((1, 1), dtype=np.int32))
+    dtype = kv_numpy_dtype(session)
+    row = kv_int8.row_bytes(config.head_dim) if dtype == np.uint8 else config.head_dim
     for i in range(config.layers):
         for kind in ("key", "value"):
-            zeros = np.zeros((1, config.kv_heads, capacity, config.head_dim), kv_numpy_dtype(session))
+            zeros = np.zeros((1, config.kv_heads, capacity, row), dtype)
             value = ort.OrtValue.ortvalue_from_numpy(zeros)
             io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
             io.bind_ortvalue_output(f"present.{i}.{kind}", value)

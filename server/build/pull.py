@@ -11,6 +11,7 @@ fp32's top-1 tokens.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from tokenwire.server.models.store import (
     write_manifest,
 )
 
-from .fast_graph import native_unfit
+from .fast_graph import KV_FORMATS, NATIVE_KV_FORMAT, native_unfit
 
 MODEL_FILES = (
     "config.json",
@@ -210,14 +211,25 @@ def build_int4(fp32_dir: Path, out_dir: Path, kv_dtype: str = "float32") -> dict
         extra = {"graph": "gqa", "kv_dtype": kv_dtype, "quantization": {
             "routes": routes, "accuracy_levels": "linears 0, lm_head 8-bit at 4"}}
         if native_kernels_wanted(kv_dtype) and not native_unfit(ModelConfig.read(fp32_dir)):
-            build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype, native=True)
+            kv_format = native_kv_format()
+            build_fast_graph(fp32_dir, out_dir, bits=4, kv_dtype=kv_dtype, native=True, kv_format=kv_format)
             extra["kernels"] = {"native": {"graph": NATIVE_GRAPH, "activations": "int16 per block of 32",
-                                           "kv_dtype": "float16", "kv_layout": "paged"}}
+                                           "kv_dtype": "uint8" if kv_format == "int8" else "float16",
+                                           "kv_format": kv_format, "kv_layout": "paged"}}
         return extra
     except FastGraphUnsupported:
         shutil.rmtree(out_dir, ignore_errors=True)
         routes = build_quantized(fp32_dir, out_dir, bits=4)
         return {"graph": "optimum", "quantization": {"routes": routes, "accuracy_levels": "0, lm_head 8-bit at 4"}}
+
+
+def native_kv_format() -> str:
+    """The native graph's KV cache format to build: TOKENWIRE_KV_FORMAT, else NATIVE_KV_FORMAT
+    (fp16; "int8" halves the bytes a long-context step reads, see the README's notes)."""
+    chosen = os.environ.get("TOKENWIRE_KV_FORMAT") or NATIVE_KV_FORMAT
+    if chosen not in KV_FORMATS:
+        raise BuildError(f"TOKENWIRE_KV_FORMAT must be one of {', '.join(KV_FORMATS)}, not {chosen!r}")
+    return chosen
 
 
 def native_kernels_wanted(kv_dtype: str) -> bool:
@@ -240,6 +252,9 @@ def _current(folder: Path, kv_dtype: str | None = None) -> bool:
         if (native_kernels_wanted(kv_dtype) and not native_unfit(ModelConfig.read(folder))
                 and not (folder / NATIVE_GRAPH).is_file()):
             return False
+        native = manifest.get("kernels", {}).get("native")
+        if isinstance(native, dict) and native.get("kv_format", "float16") != native_kv_format():
+            return False  # built with the other cache format
     return manifest.get("build", 0) >= BUILD_VERSION
 
 

@@ -43,10 +43,11 @@ def _fast_graph_logits(reference: Path, candidate: Path, tokens: list[int], kern
 
     engine = FastEngine(candidate, context_length=len(tokens) + 1, kernels=kernels)
     native = engine.kernels == "native"
-    kv_dtype = "float32" if native else np.dtype(engine.dtype).name  # the native graph's cache is always fp16
+    kv_dtype = "float32" if native else np.dtype(engine.dtype).name  # the native graph's cache: its kv_format
+    kv_format = "int8" if engine.dtype == np.uint8 else "float16"
     with tempfile.TemporaryDirectory() as tmp:
         twin = Path(tmp)
-        build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype, native=native)
+        build_fast_graph(reference, twin, last_only=False, kv_dtype=kv_dtype, native=native, kv_format=kv_format)
         logits = full_logits(twin, tokens, native=native)
     probe = 64
     own = engine.prefill(engine.new_prefill(), tokens[:probe])

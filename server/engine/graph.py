@@ -27,8 +27,10 @@ NATIVE_GRAPH = "model_native.onnx"  # tokenwire's Linear/Attention ops (server/n
 
 def kv_numpy_dtype(session) -> type:
     """The KV buffers' element type, read from the graph: fp32 (CPU), fp16 (the CUDA layout and
-    the native graph)."""
+    the native graph), uint8 (the native graph's int8 format, engine/kv_int8.py)."""
     kinds = {i.type for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    if kinds == {"tensor(uint8)"}:
+        return np.uint8
     return np.float16 if kinds == {"tensor(float16)"} else np.float32
 
 

@@ -6,8 +6,8 @@ op finds position p of row b in page `kv_pages[b, p // PAGE]`. So 15 short chats
 one cost their own lengths, not 16 times the longest, and a sequence that joins the batch or
 leaves it moves no KV at all: its page list changes hands.
 
-The pool ([pages, kv_heads, PAGE, head_dim] fp16, one array per past input, bound zero-copy as
-both past and present) grows by an eighth (at least GROW_MIN pages) when the free pages run out,
+The pool ([pages, kv_heads, PAGE, head_dim] fp16, or [.., row bytes] uint8 in the int8 format of
+kv_int8.py; one array per past input, bound zero-copy as both past and present) grows by an eighth (at least GROW_MIN pages) when the free pages run out,
 and is compacted into a smaller array when a quarter or less of it is in use. Both copy the pool
 once; neither happens per step.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kv_int8
 from .batch_engine import KVCache, PrefillState
 from .fast_engine import FastEngine
 
@@ -49,7 +50,18 @@ class PagedEngine(FastEngine):
         self._row_pages: list[list[int]] = []
         self._prefills: list[PagedPrefill] = []  # started, not joined or ended
         super().__init__(model_dir, device, threads, context_length, device_buffers=False, kernels=kernels)
-        self.page_bytes = PAGE * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize * len(self.names)
+        self.page_bytes = PAGE * self.kv_heads * self.row_width * np.dtype(self.dtype).itemsize * len(self.names)
+
+    @property
+    def int8(self) -> bool:
+        """The cache in the int8 format (kv_int8.py), else fp16."""
+        return self.dtype == np.uint8
+
+    @property
+    def row_width(self) -> int:
+        """A position's elements per KV head in the pool: head_dim halves, or an int8 row's bytes."""
+        return kv_int8.row_bytes(self.head_dim) if self.int8 else self.head_dim
+
 
     # ---- the pool ------------------------------------------------------------------------------
 
@@ -83,7 +95,7 @@ class PagedEngine(FastEngine):
         """A pool of `total` pages; `mapping` (old page -> new page) says which pages move where
         (None: all of them stay where they are, the pool only grows)."""
         old = self._pool
-        fresh = [np.zeros((total, self.kv_heads, PAGE, self.head_dim), dtype=self.dtype) for _ in self.names]
+        fresh = [np.zeros((total, self.kv_heads, PAGE, self.row_width), dtype=self.dtype) for _ in self.names]
         if old and mapping is None:
             n = old[0].shape[0]
             for src, dst in zip(old, fresh, strict=True):
@@ -135,24 +147,34 @@ class PagedEngine(FastEngine):
             table[row, : len(pages)] = pages
         return table
 
+    def _is_key(self, index: int) -> bool:
+        return self.names[index].endswith(".key")
+
     def _scatter(self, pages: list[int], kv: KVCache, length: int) -> None:
-        """Writes a [1, kv_heads, length, head_dim] cache into the first pages of a list."""
-        full, rest = divmod(length, PAGE)
-        for buf, src in zip(self._pool, kv, strict=True):
-            s = src[0]
+        """Writes a [1, kv_heads, length, head_dim] cache (int8: kv_int8's entry arrays) into the
+        first pages of a list."""
+        for i, (buf, src) in enumerate(zip(self._pool, kv, strict=True)):
+            s, n = src[0], length
+            if self.int8 and self._is_key(i):  # whole blocks, each with its scales
+                s = kv_int8.entry_to_keys(s[:, :length], self.head_dim)
+                n = s.shape[1]
+            full, rest = divmod(n, PAGE)
             if full:
-                blocks = s[:, : full * PAGE].reshape(self.kv_heads, full, PAGE, self.head_dim)
+                blocks = s[:, : full * PAGE].reshape(self.kv_heads, full, PAGE, self.row_width)
                 buf[pages[:full]] = blocks.transpose(1, 0, 2, 3)
             if rest:
-                buf[pages[full], :, :rest] = s[:, full * PAGE : length]
+                buf[pages[full], :, :rest] = s[:, full * PAGE : n]
 
     def _gather(self, pages: list[int], length: int) -> KVCache:
         n = -(-length // PAGE)
         out = []
-        for buf in self._pool:
-            blocks = buf[pages[:n]]  # [n, kv_heads, PAGE, head_dim] (a copy)
-            out.append(blocks.transpose(1, 0, 2, 3).reshape(1, self.kv_heads, n * PAGE, self.head_dim)[:, :, :length]
-                       .copy())
+        for i, buf in enumerate(self._pool):
+            blocks = buf[pages[:n]]  # [n, kv_heads, PAGE, row_width] (a copy)
+            rows = blocks.transpose(1, 0, 2, 3).reshape(1, self.kv_heads, n * PAGE, self.row_width)
+            if self.int8 and self._is_key(i):
+                out.append(kv_int8.keys_to_entry(rows, length, self.head_dim))
+            else:
+                out.append(rows[:, :, :length].copy())
         return out
 
     # ---- BatchEngine ---------------------------------------------------------------------------

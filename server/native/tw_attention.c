@@ -74,19 +74,25 @@ TW_TARGET static void store_half_avx512(const float *x, int64_t d, uint16_t *row
         _mm256_storeu_si256((__m256i *)(row + i), _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
+void tw_rotate_head(const TwAttention *a, int64_t b, int64_t s, int64_t head, float *out) {
+    const int64_t d = a->head_dim, half = d / 2;
+    const int64_t pos = a->seqlens[b] + 1 - a->seq + s;
+    const float *x = a->qkv + ((b * a->seq + s) * (a->heads + 2 * a->kv_heads) + head) * d;
+    const float *cs = a->cos + pos * half, *sn = a->sin + pos * half;
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = x[i] * cs[i] - x[i + half] * sn[i];
+        out[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
+    }
+}
+
 void tw_attention_store_with(const TwAttention *a, int64_t b, int64_t s,
                              void (*store_half)(const float *x, int64_t d, uint16_t *row)) {
-    const int64_t d = a->head_dim, half = d / 2, h = a->heads, g = a->kv_heads;
+    const int64_t d = a->head_dim, h = a->heads, g = a->kv_heads;
     const int64_t pos = a->seqlens[b] + 1 - a->seq + s;
     const float *row = a->qkv + (b * a->seq + s) * (h + 2 * g) * d;
-    const float *cs = a->cos + pos * half, *sn = a->sin + pos * half;
     float rotated[TW_MAX_HEAD_DIM];
     for (int64_t head = 0; head < h + g; head++) {
-        const float *x = row + head * d;
-        for (int64_t i = 0; i < half; i++) {
-            rotated[i] = x[i] * cs[i] - x[i + half] * sn[i];
-            rotated[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
-        }
+        tw_rotate_head(a, b, s, head, rotated);
         if (head < h) {
             float *q = a->q + ((b * a->seq + s) * h + head) * d;
             for (int64_t i = 0; i < d; i++) q[i] = rotated[i] * a->scale;
@@ -159,6 +165,119 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
     }
 }
 
+TW_TARGET static inline __m512 load_u8(const uint8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* task_avx512 over the int8 cache (tw_kv8.c): keys a block of 16 at a time, the block's channel
+   scales folded into each query head (q * scale, once a block) and its minimums into one dot
+   product a head (q . min, where every key's score starts); values' per-position scales go into
+   the softmax weights and their minimums into one sum added to every channel. Each code vector is
+   converted once and used by every query head of the group, so the work per byte read stays
+   below fp16's. */
+/* The body, inlined per group size so that the heads' accumulators stay in registers. */
+TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(const TwAttention *a, int64_t task,
+                                                                       const int64_t group) {
+    const int64_t d = a->head_dim, chunks = d / 16, rb = a->row_bytes;
+    TwTask t;
+    tw_task_begin(a, task, &t);
+    const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
+    const int64_t slot = d + 2;
+    if (j_begin >= j_end) return;
+    float tails[2 * TW_MAX_HEAD_DIM], vs[TW_KV_BLOCK], vm[TW_KV_BLOCK], qs[TW_MAX_GROUP][TW_MAX_HEAD_DIM];
+    float weights[TW_MAX_GROUP][TW_KV_BLOCK], corr[TW_MAX_GROUP], base[TW_MAX_GROUP], shift[TW_MAX_GROUP];
+    __m512 dots[TW_MAX_GROUP][TW_KV_BLOCK];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KV_BLOCK) {
+        const int64_t n = j_end - j0 < TW_KV_BLOCK ? j_end - j0 : TW_KV_BLOCK;
+        const uint8_t *keys = a->key8 + tw_kv8_offset(a, b, kv, j0), *values = a->value8 + tw_kv8_offset(a, b, kv, j0);
+        tw_kv8_key_scales(keys, d, rb, tails);
+        const float *ks = tails, *km = tails + d;
+        for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
+            vs[k] = vm[k] = 0.0f;
+            if (k < n) tw_kv8_value_scale(values + k * rb, d, &vs[k], &vm[k]);
+        }
+        for (int64_t s = s0; s < s1; s++) {
+            const int64_t pos = first + s;
+            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
+            if (visible <= 0) continue;
+            const __mmask16 mask = (__mmask16)((1u << visible) - 1u);
+            for (int64_t hg = 0; hg < group; hg++) {
+                const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
+                __m512 at_min = _mm512_setzero_ps();
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m512 q = _mm512_loadu_ps(qp + 16 * c);
+                    _mm512_storeu_ps(qs[hg] + 16 * c, _mm512_mul_ps(q, _mm512_loadu_ps(ks + 16 * c)));
+                    at_min = _mm512_fmadd_ps(q, _mm512_loadu_ps(km + 16 * c), at_min);
+                }
+                base[hg] = _mm512_reduce_add_ps(at_min);
+            }
+            for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
+                __m512 acc[TW_MAX_GROUP];
+                for (int64_t hg = 0; hg < group; hg++) acc[hg] = _mm512_setzero_ps();
+                if (k < visible) {
+                    const uint8_t *kr = keys + k * rb;
+                    for (int64_t c = 0; c < chunks; c++) {
+                        const __m512 kf = load_u8(kr + 16 * c);
+                        for (int64_t hg = 0; hg < group; hg++)
+                            acc[hg] = _mm512_fmadd_ps(_mm512_loadu_ps(qs[hg] + 16 * c), kf, acc[hg]);
+                    }
+                }
+                for (int64_t hg = 0; hg < group; hg++) dots[hg][k] = acc[hg];
+            }
+            for (int64_t hg = 0; hg < group; hg++) {
+                const __m512 scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY),
+                                                           _mm512_add_ps(sum16(dots[hg]), _mm512_set1_ps(base[hg])));
+                float *st = t.state + ((s - s0) * group + hg) * slot;
+                const float tile_max = _mm512_reduce_max_ps(scores);
+                const float new_max = tile_max > st[0] ? tile_max : st[0];
+                corr[hg] = expf(st[0] - new_max);
+                const __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+                st[0] = new_max;
+                st[1] = st[1] * corr[hg] + _mm512_reduce_add_ps(p);
+                shift[hg] = _mm512_reduce_add_ps(_mm512_mul_ps(p, _mm512_loadu_ps(vm)));
+                _mm512_storeu_ps(weights[hg], _mm512_mul_ps(p, _mm512_loadu_ps(vs)));
+            }
+            for (int64_t c = 0; c < chunks; c++) {
+                /* even and odd keys in two sums: two FMA chains a head, not one 16 long */
+                __m512 out[TW_MAX_GROUP], odd[TW_MAX_GROUP];
+                for (int64_t hg = 0; hg < group; hg++) {
+                    const float *acc = t.state + ((s - s0) * group + hg) * slot + 2 + 16 * c;
+                    out[hg] = _mm512_fmadd_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[hg]), _mm512_set1_ps(shift[hg]));
+                    odd[hg] = _mm512_setzero_ps();
+                }
+                int64_t k = 0;
+                for (; k + 1 < visible; k += 2) {
+                    const __m512 v0 = load_u8(values + k * rb + 16 * c), v1 = load_u8(values + (k + 1) * rb + 16 * c);
+                    for (int64_t hg = 0; hg < group; hg++) {
+                        out[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k]), v0, out[hg]);
+                        odd[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k + 1]), v1, odd[hg]);
+                    }
+                }
+                if (k < visible) {
+                    const __m512 v0 = load_u8(values + k * rb + 16 * c);
+                    for (int64_t hg = 0; hg < group; hg++)
+                        out[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k]), v0, out[hg]);
+                }
+                for (int64_t hg = 0; hg < group; hg++)
+                    _mm512_storeu_ps(t.state + ((s - s0) * group + hg) * slot + 2 + 16 * c, _mm512_add_ps(out[hg], odd[hg]));
+            }
+        }
+    }
+}
+
+TW_TARGET static void task8_avx512(const TwAttention *a, int64_t task) {
+    switch (a->heads / a->kv_heads) {
+    case 1: task8_avx512_group(a, task, 1); break;
+    case 2: task8_avx512_group(a, task, 2); break;
+    case 3: task8_avx512_group(a, task, 3); break;
+    case 4: task8_avx512_group(a, task, 4); break;
+    case 5: task8_avx512_group(a, task, 5); break;
+    case 6: task8_avx512_group(a, task, 6); break;
+    case 7: task8_avx512_group(a, task, 7); break;
+    default: task8_avx512_group(a, task, 8); break; /* the op allows 1 to 8 */
+    }
+}
+
 void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t) {
     const int64_t d = a->head_dim, group = a->heads / a->kv_heads;
     const int64_t kc = task % a->key_chunks, qb = task / a->key_chunks % a->query_blocks;
@@ -185,10 +304,11 @@ void tw_attention_store(const TwAttention *a, int64_t b, int64_t s) {
 }
 
 void tw_attention_task(const TwAttention *a, int64_t task) {
-    if (tw_isa() == TW_ISA_AVX512)
-        task_avx512(a, task);
+    const int avx512 = tw_isa() == TW_ISA_AVX512;
+    if (a->kv_format == TW_KV_INT8)
+        avx512 ? task8_avx512(a, task) : tw_attention_task8_avx2(a, task);
     else
-        tw_attention_task_avx2(a, task);
+        avx512 ? task_avx512(a, task) : tw_attention_task_avx2(a, task);
 }
 
 /* Plain C on purpose: it runs on AVX2 machines too (compiled for AVX-512 it crashed them). */

@@ -1,21 +1,31 @@
-/* Grouped-query attention over an fp16 KV cache (see tw_attention.c). */
+/* Grouped-query attention over an fp16 or int8 KV cache (see tw_attention.c, tw_kv8.c). */
 #ifndef TW_ATTENTION_H
 #define TW_ATTENTION_H
+#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define TW_QUERY_BLOCK 32  /* query rows per prefill task */
 #define TW_KEY_CHUNK 256   /* keys per decode task (a row's keys are split over tasks) */
 #define TW_KEY_TILE 16     /* keys scored together (a page holds a multiple of them) */
 #define TW_MAX_HEAD_DIM 128
 #define TW_MAX_GROUP 8      /* query heads per KV head */
+#define TW_KV_BLOCK 16     /* int8 cache: positions that share a key's per-channel scales */
+
+/* The cache's format (the op's kv_format attribute). */
+enum { TW_KV_FP16 = 0, TW_KV_INT8 = 1 };
 
 typedef struct {
     int64_t batch, seq, heads, kv_heads, head_dim, capacity, max_pos;
     float scale;
     const float *qkv;       /* [batch, seq, (heads + 2 kv_heads) * head_dim] */
+    int kv_format;          /* TW_KV_FP16 (key, value) or TW_KV_INT8 (key8, value8) */
     uint16_t *key, *value;  /* fp16 [batch, kv_heads, capacity, head_dim], updated in place; paged:
                                [pages, kv_heads, capacity = page size, head_dim] */
+    uint8_t *key8, *value8; /* int8 format: the same shapes with rows of row_bytes bytes (tw_kv8.c) */
+    int64_t row_bytes;      /* int8 format: head_dim + head_dim / 4 */
+    float *k_rot;           /* int8 format, scratch [batch, seq, kv_heads, head_dim]: rotated new keys */
     const int32_t *pages;   /* NULL (dense), or [batch, pages_per_row]: row b's position p lives in
                                page pages[b * pages_per_row + p / capacity] at p % capacity */
     int64_t pages_per_row;
@@ -42,7 +52,16 @@ static inline int64_t tw_kv_offset(const TwAttention *a, int64_t b, int64_t kv, 
     return ((page * a->kv_heads + kv) * a->capacity + pos % a->capacity) * a->head_dim;
 }
 
+/* Where position pos of row b, KV head kv starts in an int8 cache, in bytes (tw_kv8.c's rows). */
+static inline int64_t tw_kv8_offset(const TwAttention *a, int64_t b, int64_t kv, int64_t pos) {
+    if (a->pages == NULL) return ((b * a->kv_heads + kv) * a->capacity + pos) * a->row_bytes;
+    const int64_t page = a->pages[b * a->pages_per_row + pos / a->capacity];
+    return ((page * a->kv_heads + kv) * a->capacity + pos % a->capacity) * a->row_bytes;
+}
+
 void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t);
+/* Head `head` (a query head, or heads + kv for a key) of row (b, s), rotated, into out[head_dim]. */
+void tw_rotate_head(const TwAttention *a, int64_t b, int64_t s, int64_t head, float *out);
 /* Rotates and stores with the given fp16 row writer (the ISA-specific part of storing). */
 void tw_attention_store_with(const TwAttention *a, int64_t b, int64_t s,
                              void (*store_half)(const float *x, int64_t d, uint16_t *row));
@@ -59,4 +78,21 @@ void tw_attention_finish(const TwAttention *a, int64_t b, int64_t s);
 /* The AVX2 versions behind tw_attention_store / tw_attention_task (see tw_isa.h). */
 void tw_store_half_avx2(const float *x, int64_t d, uint16_t *row);
 void tw_attention_task_avx2(const TwAttention *a, int64_t task);
+
+/* ---- the int8 cache (tw_kv8.c) ---- */
+/* Rotates row (b, s)'s query (into q) and keys (into k_rot); quantizes its values into the cache. */
+void tw_kv8_store_row(const TwAttention *a, int64_t b, int64_t s);
+/* Quantizes row b's new keys of KV head kv into the cache, in position order. */
+void tw_kv8_store_keys(const TwAttention *a, int64_t b, int64_t kv);
+/* The per-channel key scales (out[0, d)) and minimums (out[d, 2d)) of the key block at blk. */
+void tw_kv8_key_scales(const uint8_t *blk, int64_t d, int64_t row_bytes, float *out);
+/* A value row's scale and minimum (inline: 16 of them per block read). */
+__attribute__((target("f16c"))) static inline void tw_kv8_value_scale(const uint8_t *row, int64_t d, float *scale,
+                                                                      float *min) {
+    uint16_t h[2];
+    memcpy(h, row + d, sizeof h);
+    *scale = _cvtsh_ss(h[0]);
+    *min = _cvtsh_ss(h[1]);
+}
+void tw_attention_task8_avx2(const TwAttention *a, int64_t task);
 #endif

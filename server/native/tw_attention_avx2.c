@@ -98,3 +98,124 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
         }
     }
 }
+
+TW_AVX2 static inline __m256 load_u8x8(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* The int8 cache (tw_kv8.c), as tw_attention.c's task8_avx512: a block of 16 keys at a time, its
+   channel scales folded into the query heads (its minimums into one dot product a head), each
+   code vector converted once for the whole group. */
+/* The body, inlined per group size so that the heads' accumulators stay in registers. */
+TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx2_group(const TwAttention *a, int64_t task,
+                                                                       const int64_t group) {
+    const int64_t d = a->head_dim, chunks = d / 8, rb = a->row_bytes;
+    TwTask t;
+    tw_task_begin(a, task, &t);
+    const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
+    const int64_t slot = d + 2;
+    if (j_begin >= j_end) return;
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    float tails[2 * TW_MAX_HEAD_DIM], vs[TW_KV_BLOCK], vm[TW_KV_BLOCK], qs[TW_MAX_GROUP][TW_MAX_HEAD_DIM];
+    float weights[TW_MAX_GROUP][TW_KV_BLOCK], corr[TW_MAX_GROUP], base[TW_MAX_GROUP], shift[TW_MAX_GROUP];
+    __m256 spread[TW_MAX_GROUP][TW_KV_BLOCK]; /* each weight in all lanes: AVX2's FMA has no broadcast operand */
+    __m256 dots[TW_MAX_GROUP][TW_KV_BLOCK];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KV_BLOCK) {
+        const int64_t n = j_end - j0 < TW_KV_BLOCK ? j_end - j0 : TW_KV_BLOCK;
+        const uint8_t *keys = a->key8 + tw_kv8_offset(a, b, kv, j0), *values = a->value8 + tw_kv8_offset(a, b, kv, j0);
+        tw_kv8_key_scales(keys, d, rb, tails);
+        const float *ks = tails, *km = tails + d;
+        for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
+            vs[k] = vm[k] = 0.0f;
+            if (k < n) tw_kv8_value_scale(values + k * rb, d, &vs[k], &vm[k]);
+        }
+        for (int64_t s = s0; s < s1; s++) {
+            const int64_t pos = first + s;
+            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
+            if (visible <= 0) continue;
+            /* lanes of keys 0-7 and 8-15 that this query sees */
+            const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible), lanes));
+            const __m256 keep1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible - 8), lanes));
+            for (int64_t hg = 0; hg < group; hg++) {
+                const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
+                __m256 at_min = _mm256_setzero_ps(); /* q . minimums: every key's score starts there */
+                for (int64_t c = 0; c < chunks; c++) {
+                    const __m256 q = _mm256_loadu_ps(qp + 8 * c);
+                    _mm256_storeu_ps(qs[hg] + 8 * c, _mm256_mul_ps(q, _mm256_loadu_ps(ks + 8 * c)));
+                    at_min = _mm256_fmadd_ps(q, _mm256_loadu_ps(km + 8 * c), at_min);
+                }
+                base[hg] = hsum8(at_min);
+            }
+            for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
+                __m256 acc[TW_MAX_GROUP];
+                for (int64_t hg = 0; hg < group; hg++) acc[hg] = _mm256_setzero_ps();
+                if (k < visible) {
+                    const uint8_t *kr = keys + k * rb;
+                    for (int64_t c = 0; c < chunks; c++) {
+                        const __m256 kf = load_u8x8(kr + 8 * c);
+                        for (int64_t hg = 0; hg < group; hg++)
+                            acc[hg] = _mm256_fmadd_ps(_mm256_loadu_ps(qs[hg] + 8 * c), kf, acc[hg]);
+                    }
+                }
+                for (int64_t hg = 0; hg < group; hg++) dots[hg][k] = acc[hg];
+            }
+            for (int64_t hg = 0; hg < group; hg++) {
+                const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+                const __m256 at_min = _mm256_set1_ps(base[hg]);
+                const __m256 sc0 = _mm256_blendv_ps(minus_inf, _mm256_add_ps(sum8(dots[hg]), at_min), keep0);
+                const __m256 sc1 = _mm256_blendv_ps(minus_inf, _mm256_add_ps(sum8(dots[hg] + 8), at_min), keep1);
+                float *st = t.state + ((s - s0) * group + hg) * slot;
+                const float tile_max = hmax8(_mm256_max_ps(sc0, sc1));
+                const float new_max = tile_max > st[0] ? tile_max : st[0];
+                corr[hg] = expf(st[0] - new_max);
+                const __m256 m = _mm256_set1_ps(new_max);
+                const __m256 p0 = _mm256_and_ps(keep0, exp256(_mm256_sub_ps(sc0, m)));
+                const __m256 p1 = _mm256_and_ps(keep1, exp256(_mm256_sub_ps(sc1, m)));
+                st[0] = new_max;
+                st[1] = st[1] * corr[hg] + hsum8(_mm256_add_ps(p0, p1));
+                /* sum of p * value minimum: added to every channel of the output */
+                shift[hg] = hsum8(_mm256_fmadd_ps(p0, _mm256_loadu_ps(vm), _mm256_mul_ps(p1, _mm256_loadu_ps(vm + 8))));
+                _mm256_storeu_ps(weights[hg], _mm256_mul_ps(p0, _mm256_loadu_ps(vs)));
+                _mm256_storeu_ps(weights[hg] + 8, _mm256_mul_ps(p1, _mm256_loadu_ps(vs + 8)));
+            }
+            for (int64_t hg = 0; hg < group; hg++)
+                for (int64_t k = 0; k < visible; k++) spread[hg][k] = _mm256_set1_ps(weights[hg][k]);
+            for (int64_t c = 0; c < chunks; c++) {
+                /* even and odd keys in two sums: two FMA chains a head, not one 16 long */
+                __m256 out[TW_MAX_GROUP], odd[TW_MAX_GROUP];
+                for (int64_t hg = 0; hg < group; hg++) {
+                    const float *acc = t.state + ((s - s0) * group + hg) * slot + 2 + 8 * c;
+                    out[hg] = _mm256_fmadd_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(corr[hg]), _mm256_set1_ps(shift[hg]));
+                    odd[hg] = _mm256_setzero_ps();
+                }
+                int64_t k = 0;
+                for (; k + 1 < visible; k += 2) {
+                    const __m256 v0 = load_u8x8(values + k * rb + 8 * c), v1 = load_u8x8(values + (k + 1) * rb + 8 * c);
+                    for (int64_t hg = 0; hg < group; hg++) {
+                        out[hg] = _mm256_fmadd_ps(spread[hg][k], v0, out[hg]);
+                        odd[hg] = _mm256_fmadd_ps(spread[hg][k + 1], v1, odd[hg]);
+                    }
+                }
+                if (k < visible) {
+                    const __m256 v0 = load_u8x8(values + k * rb + 8 * c);
+                    for (int64_t hg = 0; hg < group; hg++) out[hg] = _mm256_fmadd_ps(spread[hg][k], v0, out[hg]);
+                }
+                for (int64_t hg = 0; hg < group; hg++)
+                    _mm256_storeu_ps(t.state + ((s - s0) * group + hg) * slot + 2 + 8 * c, _mm256_add_ps(out[hg], odd[hg]));
+            }
+        }
+    }
+}
+
+TW_AVX2 void tw_attention_task8_avx2(const TwAttention *a, int64_t task) {
+    switch (a->heads / a->kv_heads) {
+    case 1: tw_attention_task8_avx2_group(a, task, 1); break;
+    case 2: tw_attention_task8_avx2_group(a, task, 2); break;
+    case 3: tw_attention_task8_avx2_group(a, task, 3); break;
+    case 4: tw_attention_task8_avx2_group(a, task, 4); break;
+    case 5: tw_attention_task8_avx2_group(a, task, 5); break;
+    case 6: tw_attention_task8_avx2_group(a, task, 6); break;
+    case 7: tw_attention_task8_avx2_group(a, task, 7); break;
+    default: tw_attention_task8_avx2_group(a, task, 8); break; /* the op allows 1 to 8 */
+    }
+}

@@ -71,6 +71,14 @@ static OrtStatus *tensor_shape(const OrtApi *api, const OrtValue *value, int64_t
     return st;
 }
 
+static OrtStatus *element_type(const OrtApi *api, const OrtValue *value, int *type) {
+    OrtTensorTypeAndShapeInfo *info = NULL;
+    TRY(TW_API(api, GetTensorTypeAndShape)(value, &info));
+    OrtStatus *st = TW_API(api, GetTensorElementType)(info, type);
+    TW_API(api, ReleaseTensorTypeAndShapeInfo)(info);
+    return st;
+}
+
 static void run_chunk(void *user, size_t index) {
     const LinearJob *job = user;
     const int64_t t0 = job->tiles * (int64_t)index / job->chunks;
@@ -198,13 +206,27 @@ static const TwCustomOp linear_op = TW_OP(linear);
    page kv_pages[b, p / page size], so each row holds only the pages its length needs.
    Outputs: attention float [B, S, H D], present_key / present_value (the past buffers when bound
    to the same memory, as the engine does; else a copy is made first).
-   Attributes: num_heads, kv_num_heads, scale. */
+   Attributes: num_heads, kv_num_heads, scale, and kv_format: "float16" (the default) or "int8",
+   where the caches are uint8 with rows of D + D/4 bytes in place of D halves (tw_kv8.c). */
 
 typedef struct {
     const OrtApi *api;
     int64_t heads, kv_heads;
     float scale;
+    int kv_format;
 } AttentionKernel;
+
+/* The optional string attribute kv_format: TW_KV_FP16 when absent, -1 when not a known format. */
+static int read_kv_format(const OrtApi *api, const OrtKernelInfo *info) {
+    char name[16] = {0};
+    size_t size = sizeof name;
+    OrtStatus *st = TW_API(api, KernelInfoGetAttribute_string)(info, "kv_format", name, &size);
+    if (st != NULL) {
+        TW_API(api, ReleaseStatus)(st);
+        return size > sizeof name ? -1 : TW_KV_FP16; /* too long to be a format, or absent */
+    }
+    return strcmp(name, "float16") == 0 ? TW_KV_FP16 : strcmp(name, "int8") == 0 ? TW_KV_INT8 : -1;
+}
 
 static OrtStatus *attention_create(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
     (void)op;
@@ -223,6 +245,11 @@ static OrtStatus *attention_create(const TwCustomOp *op, const OrtApi *api, cons
         free(kernel);
         return fail(api, "tokenwire Attention: num_heads must be 1 to 8 times kv_num_heads");
     }
+    kernel->kv_format = read_kv_format(api, info);
+    if (kernel->kv_format < 0) {
+        free(kernel);
+        return fail(api, "tokenwire Attention: kv_format must be \"float16\" or \"int8\"");
+    }
     *out = kernel;
     return NULL;
 }
@@ -230,6 +257,16 @@ static OrtStatus *attention_create(const TwCustomOp *op, const OrtApi *api, cons
 static void store_rows(void *user, size_t index) {
     const TwAttention *a = user;
     tw_attention_store(a, (int64_t)index / a->seq, (int64_t)index % a->seq);
+}
+
+static void store_rows8(void *user, size_t index) {
+    const TwAttention *a = user;
+    tw_kv8_store_row(a, (int64_t)index / a->seq, (int64_t)index % a->seq);
+}
+
+static void store_keys8(void *user, size_t index) {
+    const TwAttention *a = user;
+    tw_kv8_store_keys(a, (int64_t)index / a->kv_heads, (int64_t)index % a->kv_heads);
 }
 
 static void attention_task(void *user, size_t index) { tw_attention_task(user, (int64_t)index); }
@@ -267,14 +304,31 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     if (qr != 3 || kr != 4 || vr != 4 || lr != 1 || cr != 2 || sr != 2)
         return fail(api, "tokenwire Attention: expected qkv [B,S,W], past [B,G,capacity,D], seqlens_k [B], "
                          "cos/sin [P,D/2]");
+    const int int8 = kernel->kv_format == TW_KV_INT8;
     TwAttention a = {.batch = qdims[0], .seq = qdims[1], .heads = kernel->heads, .kv_heads = kernel->kv_heads,
-                     .head_dim = kdims[3], .capacity = kdims[2], .max_pos = cdims[0], .scale = kernel->scale};
+                     .head_dim = kdims[3], .capacity = kdims[2], .max_pos = cdims[0], .scale = kernel->scale,
+                     .kv_format = kernel->kv_format};
+    if (int8) { /* rows of D + D/4 bytes: D from the qkv width */
+        const int64_t width = a.heads + 2 * a.kv_heads;
+        a.head_dim = qdims[2] % width ? 0 : qdims[2] / width;
+        a.row_bytes = a.head_dim + a.head_dim / 4;
+    }
     const int64_t d = a.head_dim;
     if (d <= 0 || d % 16 || d > TW_MAX_HEAD_DIM)
         return fail(api, "tokenwire Attention: head size must be a multiple of 16, at most 128");
     if (qdims[2] != (a.heads + 2 * a.kv_heads) * d) return fail(api, "tokenwire Attention: qkv width is not (H + 2G) * D");
     if (kdims[1] != a.kv_heads || memcmp(kdims, vdims, 4 * sizeof(int64_t)) != 0)
         return fail(api, "tokenwire Attention: past key/value must both be [B, kv_num_heads, capacity, D]");
+    int ktype = 0, vtype = 0;
+    TRY(element_type(api, in[1], &ktype));
+    TRY(element_type(api, in[2], &vtype));
+    const int want = int8 ? TW_TENSOR_UINT8 : TW_TENSOR_FLOAT16;
+    if (ktype != want || vtype != want)
+        return fail(api, int8 ? "tokenwire Attention: kv_format int8 takes uint8 caches"
+                              : "tokenwire Attention: kv_format float16 takes float16 caches");
+    if (int8 && (kdims[3] != a.row_bytes || a.capacity % TW_KV_BLOCK))
+        return fail(api, "tokenwire Attention: an int8 cache is [B or pages, kv_num_heads, capacity (a multiple of "
+                         "16), D + D/4] bytes");
     int64_t span = a.capacity; /* positions a row can hold */
     if (in[6] != NULL) {
         int64_t pdims[8];
@@ -318,25 +372,32 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     TRY(TW_API(api, KernelContext_GetOutput)(ctx, 2, vdims, 4, &present_v));
     TRY(TW_API(api, GetTensorMutableData)(out, &p));
     a.out = p;
-    const size_t cache_bytes = (size_t)(kdims[0] * a.kv_heads * a.capacity * d) * sizeof(uint16_t);
+    const size_t cache_bytes = (size_t)(kdims[0] * a.kv_heads * a.capacity) * (int8 ? (size_t)a.row_bytes : (size_t)d * 2);
     void *past = NULL;
     TRY(TW_API(api, GetTensorMutableData)(present_k, &p));
     TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[1], &past));
     if (p != past) memcpy(p, past, cache_bytes);
     a.key = p;
+    a.key8 = p;
     TRY(TW_API(api, GetTensorMutableData)(present_v, &p));
     TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[2], &past));
     if (p != past) memcpy(p, past, cache_bytes);
     a.value = p;
+    a.value8 = p;
     if (a.batch * a.seq == 0) return NULL;
 
     const int64_t partial_floats = tw_attention_plan(&a);
     const size_t q_floats = (size_t)(a.batch * a.seq * a.heads * d);
-    float *scratch = malloc(sizeof(float) * (q_floats + (size_t)partial_floats));
+    const size_t k_floats = int8 ? (size_t)(a.batch * a.seq * a.kv_heads * d) : 0;
+    float *scratch = malloc(sizeof(float) * (q_floats + k_floats + (size_t)partial_floats));
     if (scratch == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire Attention: out of memory");
     a.q = scratch;
-    a.partial = scratch + q_floats;
-    OrtStatus *st = parallel(api, ctx, store_rows, a.batch * a.seq, 16, &a);
+    a.k_rot = scratch + q_floats;
+    a.partial = scratch + q_floats + k_floats;
+    OrtStatus *st = parallel(api, ctx, int8 ? store_rows8 : store_rows, a.batch * a.seq, 16, &a);
+    /* int8 keys go in position order per (row, KV head): a block's scales depend on its earlier keys */
+    if (st == NULL && int8) /* a decode step's keys are a few hundred values: inline */
+        st = parallel(api, ctx, store_keys8, a.batch * a.kv_heads, a.batch * a.seq < 16 ? INT64_MAX : 2, &a);
     if (st == NULL) st = parallel(api, ctx, attention_task, tw_attention_tasks(&a), 2, &a);
     if (st == NULL) st = parallel(api, ctx, finish_rows, a.batch * a.seq, 16, &a);
     free(scratch);
@@ -344,28 +405,34 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
 }
 
 static const char *attention_name(const TwCustomOp *op) { (void)op; return "Attention"; }
-static int attention_input_type(const TwCustomOp *op, size_t i) {
-    (void)op;
-    return i == 1 || i == 2 ? TW_TENSOR_FLOAT16 : i == 3 || i == 6 ? TW_TENSOR_INT32 : TW_TENSOR_FLOAT;
+/* Two kernels of one op, by the caches' type: fp16 (kv_format "float16") and uint8 ("int8"). */
+static int cache_input_type(size_t i, int cache) {
+    return i == 1 || i == 2 ? cache : i == 3 || i == 6 ? TW_TENSOR_INT32 : TW_TENSOR_FLOAT;
 }
+static int attention_input_type(const TwCustomOp *op, size_t i) { (void)op; return cache_input_type(i, TW_TENSOR_FLOAT16); }
+static int attention8_input_type(const TwCustomOp *op, size_t i) { (void)op; return cache_input_type(i, TW_TENSOR_UINT8); }
 static size_t attention_input_count(const TwCustomOp *op) { (void)op; return 7; }
 /* kv_pages (input 6) is optional: a graph without it keeps one dense row per sequence. */
 static int attention_input_characteristic(const TwCustomOp *op, size_t i) { (void)op; return i == 6 ? 1 : 0; }
 static int attention_output_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_FLOAT : TW_TENSOR_FLOAT16; }
+static int attention8_output_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_FLOAT : TW_TENSOR_UINT8; }
 static size_t attention_output_count(const TwCustomOp *op) { (void)op; return 3; }
 
 TW_CREATE_V1(attention)
-static const TwCustomOp attention_op = {
-    .version = 16, .CreateKernel = create_v1_attention, .GetName = attention_name,
-    .GetExecutionProviderType = op_provider, .GetInputType = attention_input_type,
-    .GetInputTypeCount = attention_input_count, .GetOutputType = attention_output_type,
-    .GetOutputTypeCount = attention_output_count, .KernelCompute = compute_v1,
-    .KernelDestroy = destroy_kernel, .GetInputCharacteristic = attention_input_characteristic,
-    .GetOutputCharacteristic = required, .GetInputMemoryType = default_memory,
-    .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,
-    .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,
-    .CreateKernelV2 = attention_create, .KernelComputeV2 = attention_compute,
-};
+#define TW_ATTENTION_OP(INPUT_TYPE, OUTPUT_TYPE)                                                          \
+    {                                                                                                     \
+        .version = 16, .CreateKernel = create_v1_attention, .GetName = attention_name,                    \
+        .GetExecutionProviderType = op_provider, .GetInputType = INPUT_TYPE,                              \
+        .GetInputTypeCount = attention_input_count, .GetOutputType = OUTPUT_TYPE,                         \
+        .GetOutputTypeCount = attention_output_count, .KernelCompute = compute_v1,                        \
+        .KernelDestroy = destroy_kernel, .GetInputCharacteristic = attention_input_characteristic,        \
+        .GetOutputCharacteristic = required, .GetInputMemoryType = default_memory,                        \
+        .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one,                              \
+        .GetVariadicOutputMinArity = one, .GetVariadicOutputHomogeneity = one,                            \
+        .CreateKernelV2 = attention_create, .KernelComputeV2 = attention_compute,                         \
+    }
+static const TwCustomOp attention_op = TW_ATTENTION_OP(attention_input_type, attention_output_type);
+static const TwCustomOp attention8_op = TW_ATTENTION_OP(attention8_input_type, attention8_output_type);
 
 /* Entry point onnxruntime calls from SessionOptions.register_custom_ops_library. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
@@ -377,6 +444,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     TRY(TW_API(api, CreateCustomOpDomain)("ai.tokenwire", &domain));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &linear_op));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &attention_op));
+    TRY(TW_API(api, CustomOpDomain_Add)(domain, &attention8_op));
     return TW_API(api, AddCustomOpDomain)(options, domain);
 }
 

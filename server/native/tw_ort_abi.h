@@ -27,7 +27,7 @@ typedef struct OrtApiBase {
 #define TW_ORT_API_VERSION 17
 
 enum { TW_ORT_FAIL = 1, TW_ORT_INVALID_ARGUMENT = 2 };
-enum { TW_TENSOR_FLOAT = 1, TW_TENSOR_UINT8 = 2, TW_TENSOR_INT32 = 6, TW_TENSOR_FLOAT16 = 10 };
+enum { TW_TENSOR_UNDEFINED = 0, TW_TENSOR_FLOAT = 1, TW_TENSOR_UINT8 = 2, TW_TENSOR_INT32 = 6, TW_TENSOR_FLOAT16 = 10 };
 
 /* OrtApi slots. */
 enum {
@@ -36,12 +36,14 @@ enum {
     TW_SLOT_CustomOpDomain_Add = 27,
     TW_SLOT_AddCustomOpDomain = 28,
     TW_SLOT_GetTensorMutableData = 51,
+    TW_SLOT_GetTensorElementType = 60,
     TW_SLOT_GetDimensionsCount = 61,
     TW_SLOT_GetDimensions = 62,
     TW_SLOT_GetTensorShapeElementCount = 64,
     TW_SLOT_GetTensorTypeAndShape = 65,
     TW_SLOT_KernelInfoGetAttribute_float = 85,
     TW_SLOT_KernelInfoGetAttribute_int64 = 86,
+    TW_SLOT_KernelInfoGetAttribute_string = 87,
     TW_SLOT_KernelContext_GetInputCount = 88,
     TW_SLOT_KernelContext_GetInput = 90,
     TW_SLOT_KernelContext_GetOutput = 91,
@@ -55,12 +57,15 @@ typedef OrtStatus *(*tw_CreateCustomOpDomain)(const char *domain, OrtCustomOpDom
 typedef OrtStatus *(*tw_CustomOpDomain_Add)(OrtCustomOpDomain *domain, const void *op);
 typedef OrtStatus *(*tw_AddCustomOpDomain)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
 typedef OrtStatus *(*tw_GetTensorMutableData)(OrtValue *value, void **out);
+typedef OrtStatus *(*tw_GetTensorElementType)(const OrtTensorTypeAndShapeInfo *info, int *out);
 typedef OrtStatus *(*tw_GetDimensionsCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
 typedef OrtStatus *(*tw_GetDimensions)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t count);
 typedef OrtStatus *(*tw_GetTensorShapeElementCount)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
 typedef OrtStatus *(*tw_GetTensorTypeAndShape)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
 typedef OrtStatus *(*tw_KernelInfoGetAttribute_float)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*tw_KernelInfoGetAttribute_int64)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef OrtStatus *(*tw_KernelInfoGetAttribute_string)(const OrtKernelInfo *info, const char *name, char *out,
+                                                      size_t *size);
 typedef OrtStatus *(*tw_KernelContext_GetInputCount)(const OrtKernelContext *ctx, size_t *out);
 typedef OrtStatus *(*tw_KernelContext_GetInput)(const OrtKernelContext *ctx, size_t index, const OrtValue **out);
 typedef OrtStatus *(*tw_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims,

@@ -131,3 +131,22 @@ def test_pull_rebuilds_when_the_kv_layout_differs(tmp_path: Path, int4_dir: Path
     assert not _current(tmp_path, "float16")
     (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION - 1, "graph": "gqa"}))
     assert not _current(tmp_path, "float32")
+
+
+@pytest.mark.cpu_flags("avx2", "fma", "f16c")
+def test_pull_rebuilds_when_the_native_cache_format_differs(tmp_path: Path, int4_dir: Path, monkeypatch) -> None:
+    """TOKENWIRE_KV_FORMAT picks the native graph's cache format; a folder built with the other is stale."""
+    from tokenwire.server.build.pull import BuildError, native_kv_format
+
+    (tmp_path / "config.json").write_text((int4_dir / "config.json").read_text())
+    (tmp_path / NATIVE_GRAPH).write_bytes(b"")
+    native = {"graph": NATIVE_GRAPH, "kv_layout": "paged", "kv_format": "int8"}
+    (tmp_path / "tokenwire.json").write_text(json.dumps({"build": BUILD_VERSION, "graph": "gqa",
+                                                         "kernels": {"native": native}}))
+    monkeypatch.delenv("TOKENWIRE_KV_FORMAT", raising=False)
+    assert native_kv_format() == "float16" and not _current(tmp_path, "float32")
+    monkeypatch.setenv("TOKENWIRE_KV_FORMAT", "int8")
+    assert native_kv_format() == "int8" and _current(tmp_path, "float32")
+    monkeypatch.setenv("TOKENWIRE_KV_FORMAT", "int4")
+    with pytest.raises(BuildError, match="TOKENWIRE_KV_FORMAT must be one of float16, int8, not 'int4'"):
+        native_kv_format()

@@ -303,16 +303,20 @@ def test_native_session_loads_with_threads_setting(int4_dir: Path) -> None:
 
 # ---- Attention ------------------------------------------------------------------------------
 
-def _attention_session(heads: int, kv_heads: int, scale: float, paged: bool = False) -> ort.InferenceSession:
-    """The op alone; `paged`: with its optional seventh input, kv_pages (the caches are a pool of pages)."""
-    specs = [("qkv", TensorProto.FLOAT), ("past_key", TensorProto.FLOAT16), ("past_value", TensorProto.FLOAT16),
+def _attention_session(heads: int, kv_heads: int, scale: float, paged: bool = False,
+                       kv_format: str | None = None, cache_type: int | None = None) -> ort.InferenceSession:
+    """The op alone; `paged`: with its optional seventh input, kv_pages (the caches are a pool of pages);
+    `kv_format`: the attribute (absent: the op's default, fp16), its caches uint8 for "int8"."""
+    cache = cache_type or (TensorProto.UINT8 if kv_format == "int8" else TensorProto.FLOAT16)
+    specs = [("qkv", TensorProto.FLOAT), ("past_key", cache), ("past_value", cache),
              ("seqlens_k", TensorProto.INT32), ("cos", TensorProto.FLOAT), ("sin", TensorProto.FLOAT)]
     inputs = [helper.make_tensor_value_info(n, t, None) for n, t in specs + [("kv_pages", TensorProto.INT32)] * paged]
     outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
-               helper.make_tensor_value_info("present_key", TensorProto.FLOAT16, None),
-               helper.make_tensor_value_info("present_value", TensorProto.FLOAT16, None)]
+               helper.make_tensor_value_info("present_key", cache, None),
+               helper.make_tensor_value_info("present_value", cache, None)]
+    attrs = {} if kv_format is None else {"kv_format": kv_format}
     node = helper.make_node("Attention", [i.name for i in inputs], [o.name for o in outputs], domain=DOMAIN,
-                            num_heads=heads, kv_num_heads=kv_heads, scale=scale)
+                            num_heads=heads, kv_num_heads=kv_heads, scale=scale, **attrs)
     model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
     opts = ort.SessionOptions()
@@ -447,3 +451,209 @@ def test_paged_attention_refuses_pages_outside_the_pool() -> None:
     feeds["seqlens_k"] = np.asarray([32], np.int32)
     with pytest.raises(Exception, match="seqlens_k out of range"):
         session.run(None, feeds)
+
+
+# ---- the int8 cache (kv_format "int8", server/native/tw_kv8.c) -------------------------------
+
+def _f32(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def _half(x) -> np.ndarray:
+    return _f32(x).astype(np.float16).astype(np.float32)
+
+
+def _codes(x: np.ndarray, lo: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """round((x - min) / scale) clamped to 0..255, 0 where the scale is 0 (float32 arithmetic, as the C)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint((_f32(x) - lo) / scale), 0, 255)
+    return np.where(scale == 0, 0, q).astype(np.uint8)
+
+
+def _key_tail_slots(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(row, byte) of each channel's fp16 scale and of its minimum in a key block: the block's 16 row
+    tails (d/4 bytes each), read in order, hold the d scales and then the d minimums."""
+    scale_byte, min_byte = 2 * np.arange(d), 2 * d + 2 * np.arange(d)
+    per_row = d // 4
+    return scale_byte // per_row, d + scale_byte % per_row, min_byte // per_row, d + min_byte % per_row
+
+
+def _tail_halves(block: np.ndarray, rows: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return np.asarray([block[r, a:a + 2].view(np.float16)[0] for r, a in zip(rows, at, strict=True)], np.float32)
+
+
+def _model_put_key(rows: np.ndarray, pos: int, x: np.ndarray, d: int) -> None:
+    """The format's key writer in numpy: rows [capacity, d + d/4] uint8 of one (row, KV head)."""
+    j = pos % 16
+    block = rows[pos - j: pos - j + 16]
+    if j == 0:
+        block[:] = 0
+    sr, sa, mr, ma = _key_tail_slots(d)
+    scale, lo = _tail_halves(block, sr, sa), _tail_halves(block, mr, ma)
+    x = _f32(x)
+    if j == 0:
+        lo, scale = _half(x), np.zeros(d, np.float32)
+    else:
+        top = _f32(lo + np.float32(255) * scale)
+        wider = (x < lo) | (x > top)
+        new_lo = np.where(x < lo, _half(x), lo)
+        new_scale = np.where(wider, _half(_f32(np.maximum(top, x) - new_lo) / np.float32(255)), scale)
+        old = _f32(lo + scale * block[:j, :d].astype(np.float32))
+        block[:j, :d][:, wider] = _codes(old[:, wider], new_lo[wider], new_scale[wider])
+        lo, scale = new_lo.astype(np.float32), new_scale.astype(np.float32)
+    block[j, :d] = _codes(x, lo, scale)
+    for c in range(d):
+        block[sr[c], sa[c]:sa[c] + 2] = np.asarray([scale[c]], np.float16).view(np.uint8)
+        block[mr[c], ma[c]:ma[c] + 2] = np.asarray([lo[c]], np.float16).view(np.uint8)
+
+
+def _model_put_value(rows: np.ndarray, pos: int, x: np.ndarray, d: int) -> None:
+    x = _f32(x)
+    lo = _half(x.min())
+    scale = _half(_f32(x.max() - lo) / np.float32(255))
+    rows[pos] = 0
+    rows[pos, :d] = _codes(x, lo, scale)
+    rows[pos, d:d + 4] = np.asarray([scale, lo], dtype=np.float16).view(np.uint8)
+
+
+def _model_store(cache_k, cache_v, qkv, seqlens, cos, sin, heads: int, kv_heads: int) -> None:
+    """What the op writes for qkv's new positions, in the numpy model (caches [B, G, cap, R], in place)."""
+    d = qkv.shape[-1] // (heads + 2 * kv_heads)
+    half = d // 2
+    batch, seq, _ = qkv.shape
+    for row in range(batch):
+        for s in range(seq):
+            pos = int(seqlens[row]) + 1 - seq + s
+            x = qkv[row, s].reshape(heads + 2 * kv_heads, d)
+            cs, sn = cos[pos], sin[pos]
+            for g in range(kv_heads):
+                k = x[heads + g]
+                rotated = np.concatenate([k[:half] * cs - k[half:] * sn, k[half:] * cs + k[:half] * sn])
+                _model_put_key(cache_k[row, g], pos, rotated, d)
+                _model_put_value(cache_v[row, g], pos, x[heads + kv_heads + g], d)
+
+
+def _dequantized(cache_k, cache_v, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, G, cap, R] int8 caches -> float64 [B, G, cap, d] keys and values (the format read by hand)."""
+    sr, sa, mr, ma = _key_tail_slots(d)
+    blocks = cache_k.reshape(*cache_k.shape[:2], -1, 16, cache_k.shape[-1])
+
+    def per_channel(rows, at):
+        halves = [blocks[..., r, a:a + 2].copy().view(np.float16)[..., 0] for r, a in zip(rows, at, strict=True)]
+        return np.repeat(np.stack(halves, -1).astype(np.float64), 16, axis=2)
+
+    keys = per_channel(mr, ma) + cache_k[..., :d].astype(np.float64) * per_channel(sr, sa)
+    pair = cache_v[..., d:d + 4].copy().view(np.float16).astype(np.float64)
+    return keys, pair[..., 1:2] + cache_v[..., :d].astype(np.float64) * pair[..., 0:1]
+
+
+def _int8_case(batch: int, seq: int, lengths: tuple[int, ...], heads=6, kv_heads=2, d=32, cap=640, seed=0):
+    """Random qkv (keys with outlier channels) and int8 caches written by the model up to each row's past."""
+    rng = np.random.default_rng(seed)
+    width = (heads + 2 * kv_heads) * d
+    angles = np.outer(np.arange(1024), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    loud = np.ones(d, np.float32)
+    loud[[3, 17]] = 12  # outlier channels, as real keys have
+    k = np.zeros((batch, kv_heads, cap, d + d // 4), np.uint8)
+    v = np.zeros_like(k)
+    for row, n in enumerate(lengths):
+        past = rng.standard_normal((1, n - seq, width)).astype(np.float32)
+        past[..., heads * d:(heads + kv_heads) * d] *= np.tile(loud, kv_heads)
+        if n > seq:
+            _model_store(k[row:row + 1], v[row:row + 1], past, np.asarray([n - seq - 1]), cos, sin, heads, kv_heads)
+    qkv = rng.standard_normal((batch, seq, width)).astype(np.float32)
+    qkv[..., :heads * d] *= 3
+    qkv[..., heads * d:(heads + kv_heads) * d] *= np.tile(loud, kv_heads)
+    seqlens = np.asarray([n - 1 for n in lengths], dtype=np.int32)
+    return {"qkv": qkv, "past_key": k, "past_value": v, "seqlens_k": seqlens, "cos": cos, "sin": sin}
+
+
+@pytest.mark.parametrize(("batch", "seq", "lengths"), [
+    (3, 1, (9, 16, 600)), (1, 37, (50,)), (1, 5, (5,)), (2, 1, (300, 17))])
+def test_int8_attention_matches_its_format_model(batch: int, seq: int, lengths: tuple[int, ...]) -> None:
+    """The op writes exactly the bytes the numpy model of the format writes (keys re-rounded when a
+    key widens its block's range in a channel), and attends over those values as fp64 does."""
+    heads, kv_heads, d = 6, 2, 32
+    feeds = _int8_case(batch, seq, lengths, heads, kv_heads, d, seed=batch * 100 + seq)
+    out, present_k, present_v = _attention_session(heads, kv_heads, d ** -0.5, kv_format="int8").run(None, feeds)
+    want_k, want_v = feeds["past_key"].copy(), feeds["past_value"].copy()
+    _model_store(want_k, want_v, feeds["qkv"], feeds["seqlens_k"], feeds["cos"], feeds["sin"], heads, kv_heads)
+    assert np.array_equal(present_k, want_k) and np.array_equal(present_v, want_v)
+    keys, values = _dequantized(want_k, want_v, d)
+    ref = np.zeros_like(out, dtype=np.float64)
+    for row, n in enumerate(lengths):
+        x = feeds["qkv"][row].astype(np.float64).reshape(seq, heads + 2 * kv_heads, d)
+        pos = np.arange(n - seq, n)
+        q = _rotate(x[:, :heads], feeds["cos"][pos][:, None], feeds["sin"][pos][:, None]) * d ** -0.5
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            for i, p in enumerate(pos):
+                scores = keys[row, g, :p + 1] @ q[i, h]
+                w = np.exp(scores - scores.max())
+                ref[row, i, h * d:(h + 1) * d] = (w / w.sum()) @ values[row, g, :p + 1]
+    assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    # and the int8 values stay close to what they stand for (keys: per-channel scales over 16 positions)
+    x = feeds["qkv"][0, :, (heads + kv_heads) * d:].reshape(seq, kv_heads, d).transpose(1, 0, 2)
+    spread = x.max(-1, keepdims=True) - x.min(-1, keepdims=True)
+    assert (np.abs(values[0, :, lengths[0] - seq:lengths[0]] - x) <= spread / 255 * 0.51 + 1e-3).all()
+
+
+def test_int8_cache_bytes_do_not_depend_on_the_chunking() -> None:
+    """A prompt written in one call, in two chunks, or a position at a time: the same cache bytes,
+    so a prefix restored from a cache and one recomputed agree."""
+    heads, kv_heads, d = 6, 2, 32
+    feeds = _int8_case(1, 40, (40,), heads, kv_heads, d, seed=7)
+    session = _attention_session(heads, kv_heads, d ** -0.5, kv_format="int8")
+    whole = session.run(None, feeds)
+    for cuts in ([0, 23, 40], list(range(41))):
+        k, v = feeds["past_key"].copy(), feeds["past_value"].copy()
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            part = {**feeds, "qkv": feeds["qkv"][:, a:b], "past_key": k, "past_value": v,
+                    "seqlens_k": np.asarray([b - 1], np.int32)}
+            _, k, v = session.run(None, part)
+        assert np.array_equal(k, whole[1]) and np.array_equal(v, whole[2]), cuts
+
+
+@pytest.mark.parametrize(("page", "seq", "lengths"), [(16, 1, (9, 1, 600)), (32, 37, (50,))])
+def test_int8_paged_attention_equals_dense(page: int, seq: int, lengths: tuple[int, ...]) -> None:
+    heads, kv_heads, d = 6, 2, 32
+    per_row = -(-max(lengths) // page)
+    feeds = _int8_case(len(lengths), seq, lengths, heads, kv_heads, d, cap=per_row * page, seed=page)
+    rng = np.random.default_rng(page)
+    needed = [-(-n // page) for n in lengths]
+    order = rng.permutation(sum(needed) + 3)
+    table = np.zeros((len(lengths), per_row), dtype=np.int32)
+    pool_k = np.zeros((len(order), kv_heads, page, d + d // 4), np.uint8)
+    pool_v = np.zeros_like(pool_k)
+    at = 0
+    for row, n in enumerate(needed):
+        for i in range(n):
+            table[row, i] = order[at]
+            pool_k[order[at]] = feeds["past_key"][row, :, i * page:(i + 1) * page]
+            pool_v[order[at]] = feeds["past_value"][row, :, i * page:(i + 1) * page]
+            at += 1
+    dense = _attention_session(heads, kv_heads, d ** -0.5, kv_format="int8").run(None, feeds)
+    paged = _attention_session(heads, kv_heads, d ** -0.5, paged=True, kv_format="int8").run(
+        None, {**feeds, "past_key": pool_k, "past_value": pool_v, "kv_pages": table})
+    assert np.array_equal(paged[0], dense[0])
+    for row, n in enumerate(lengths):
+        gathered = np.concatenate([paged[1][table[row, i]] for i in range(needed[row])], axis=1)[:, :n]
+        assert np.array_equal(gathered, dense[1][row, :, :n])
+
+
+def test_int8_attention_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(Exception, match='kv_format must be "float16" or "int8"'):
+        _attention_session(2, 1, 0.25, kv_format="int4").run(None, {})
+    feeds = {"qkv": np.zeros((1, 1, 4 * 16), np.float32), "past_key": np.zeros((1, 1, 16, 16), np.uint8),
+             "past_value": np.zeros((1, 1, 16, 16), np.uint8), "seqlens_k": np.asarray([3], np.int32),
+             "cos": np.ones((32, 8), np.float32), "sin": np.zeros((32, 8), np.float32)}
+    session = _attention_session(2, 1, 0.25, kv_format="int8")
+    with pytest.raises(Exception, match=r"an int8 cache is .* D \+ D/4\] bytes"):
+        session.run(None, feeds)  # rows of D bytes, not D + D/4
+    feeds["past_key"] = feeds["past_value"] = np.zeros((1, 1, 16, 20), np.uint8)
+    assert session.run(None, feeds)[0].shape == (1, 1, 32)
+    fp16 = _attention_session(2, 1, 0.25, kv_format="int8", cache_type=TensorProto.FLOAT16)
+    with pytest.raises(Exception, match="kv_format int8 takes uint8 caches"):
+        fp16.run(None, {**feeds, "past_key": np.zeros((1, 1, 16, 16), np.float16),
+                        "past_value": np.zeros((1, 1, 16, 16), np.float16)})
