@@ -33,6 +33,7 @@ class PagedPrefill(PrefillState):
     def __init__(self) -> None:
         super().__init__()
         self.pages: list[int] = []
+        self.stale = False  # the engine was reset under it: its KV is gone
 
 
 class PagedEngine(FastEngine):
@@ -61,7 +62,6 @@ class PagedEngine(FastEngine):
     def row_width(self) -> int:
         """A position's elements per KV head in the pool: head_dim halves, or an int8 row's bytes."""
         return kv_int8.row_bytes(self.head_dim) if self.int8 else self.head_dim
-
 
     # ---- the pool ------------------------------------------------------------------------------
 
@@ -131,13 +131,23 @@ class PagedEngine(FastEngine):
             heapq.heappush(self._free, p)
         pages.clear()
 
+    def trim(self) -> None:
+        """Compacts the pool to the pages in use (an eighth spare, at least GROW_MIN)."""
+        used = self.pages_used
+        if self.pages_total > max(GROW_MIN, used + used // 8):
+            self._compact_to(max(GROW_MIN, used + used // 8))
+
+    def _compact_to(self, total: int) -> None:
+        """A pool of `total` pages holding the live pages first, in order (page lists renumbered)."""
+        live = [p for pages in [*self._row_pages, *(s.pages for s in self._prefills)] for p in pages]
+        self._resize(total, {p: i for i, p in enumerate(live)})
+
     def _compact_if_sparse(self) -> None:
         """Gives memory back once a quarter or less of the pool is in use."""
         total, used = self.pages_total, self.pages_used
         if total <= GROW_MIN or used > total // 4:
             return
-        live = [p for pages in [*self._row_pages, *(s.pages for s in self._prefills)] for p in pages]
-        self._resize(max(GROW_MIN, 2 * used), {p: i for i, p in enumerate(live)})
+        self._compact_to(max(GROW_MIN, 2 * used))
 
     @staticmethod
     def _table(page_lists: list[list[int]]) -> np.ndarray:
@@ -183,13 +193,19 @@ class PagedEngine(FastEngine):
         state = PagedPrefill()
         self._prefills.append(state)
         if prefix is not None:
-            self._take(state.pages, prefix_length + 1)
-            self._scatter(state.pages, prefix, prefix_length)
+            try:
+                self._take(state.pages, prefix_length + 1)
+                self._scatter(state.pages, prefix, prefix_length)
+            except BaseException:  # the caller never gets the state to end: give its pages back here
+                self.end_prefill(state)
+                raise
             state.length = prefix_length
         return state
 
     def prefill(self, state: PrefillState, tokens: list[int]) -> np.ndarray:
         assert isinstance(state, PagedPrefill)
+        if state.stale:
+            raise RuntimeError("this prefill began before the engine was reset: start it again")
         total = state.length + len(tokens)
         self._take(state.pages, total)
         ids = np.asarray([tokens], dtype=np.int64)
@@ -240,6 +256,8 @@ class PagedEngine(FastEngine):
         self._compact_if_sparse()
 
     def reset(self) -> None:
+        for state in self._prefills:  # a state kept past the reset holds no page of the new pool
+            state.pages, state.stale = [], True
         self._lengths, self._row_pages, self._prefills = [], [], []
         self._bindings.clear()
         self._pool = []

@@ -73,32 +73,44 @@ def test_memory_follows_each_sequence_s_own_length(engine_for) -> None:
     assert engine.pages_used == 0 and engine.pages_total == GROW_MIN, "an idle engine gives its pool back"
 
 
-def test_prefix_restores_exactly_and_compaction_moves_no_logit(engine_for) -> None:
+def test_prefix_restores_exactly(engine_for) -> None:
     engine, reference = engine_for(), engine_for()
     head, tail = tokens(4, 300), tokens(5, 20)
-    # The reference prefills head then tail as two chunks of one sequence.
-    ref_state = reference.new_prefill()
+    ref_state = reference.new_prefill()  # head then tail, two chunks of one sequence
     reference.prefill(ref_state, head)
     ref_logits = reference.prefill(ref_state, tail)
-    reference.join(ref_state)
-    # The engine prefills head alone, keeps its KV (as the prefix cache does), then starts over from it.
     state = engine.new_prefill()
     engine.prefill(state, head)
     engine.join(state)
-    kv = engine.row_cache(0)
+    kv = engine.row_cache(0)  # what the prefix cache keeps
     assert kv[0].shape == (1, engine.kv_heads, len(head), engine.head_dim)
-    # Fill the pool with a long row, then drop both: the restored sequence lands in a compacted pool.
-    filler = engine.new_prefill()
+    engine.remove([0])
+    restored = engine.new_prefill(kv, len(head))
+    assert np.array_equal(engine.prefill(restored, tail), ref_logits)
+
+
+def test_compaction_and_trim_move_no_logit_of_a_live_row(engine_for) -> None:
+    """A long row grows the pool and leaves: the pool compacts under a row still decoding (its pages
+    renumbered), then trim gives back the spare pages; that row's logits stay bit-identical to a
+    row that never shared an engine."""
+    engine, reference = engine_for(), engine_for()
+    head = tokens(4, 300)
+    filler = engine.new_prefill()  # the long row takes the low pages, the live row the ones after
     engine.prefill(filler, tokens(6, 1200))
     engine.join(filler)
-    grown = engine.pages_total
-    engine.remove([0, 1])
-    assert engine.pages_total < grown
-    restored = engine.new_prefill(kv, len(head))
-    logits = engine.prefill(restored, tail)
-    engine.join(restored)
-    assert np.array_equal(logits, ref_logits)
-    for _ in range(3):
-        nxt = int(np.argmax(logits))
-        logits = engine.step([nxt])[0].copy()
-        assert np.array_equal(logits, reference.step([nxt])[0])
+    logits = []
+    for e in (engine, reference):
+        state = e.new_prefill()
+        logits.append(e.prefill(state, head))
+        e.join(state)
+    grown, before = engine.pages_total, list(engine._row_pages[1])
+    engine.remove([0])
+    assert engine.pages_total < grown and engine._row_pages[0] != before, "the live row's pages moved"
+    nxt = int(np.argmax(logits[1]))
+    for step in range(20):  # 300 + 20 positions: a new page on the way
+        a, b = engine.step([nxt])[0].copy(), reference.step([nxt])[0]
+        assert np.array_equal(a, b), f"step {step}"
+        nxt = int(np.argmax(a))
+    engine.trim()
+    assert engine.pages_total == max(GROW_MIN, engine.pages_used + engine.pages_used // 8)
+    assert np.array_equal(engine.step([nxt])[0], reference.step([nxt])[0])
