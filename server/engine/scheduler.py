@@ -342,6 +342,10 @@ class Scheduler:
                 break
         return None, 0, False
 
+    def _room(self) -> int | None:
+        """What the memory budget leaves this model's KV now (None: no budget)."""
+        return self.kv_room() if self.kv_room is not None else None
+
     def _kv_need(self, handle: SequenceHandle) -> int:
         request = handle.sequence.request
         return self.engine.kv_bytes_for(len(request.prompt_ids) + request.max_tokens)
@@ -349,7 +353,7 @@ class Scheduler:
     def _kv_fits(self, need: int) -> bool:
         """Whether a sequence needing `need` KV bytes fits beside the running ones in what the budget
         leaves this model; the prefix cache gives way first (its oldest entries are dropped)."""
-        room = self.kv_room() if self.kv_room is not None else None
+        room = self._room()
         if room is None:
             return True
         # What this model's KV will hold: the pool as allocated (free pages included), or as far as
@@ -361,7 +365,7 @@ class Scheduler:
 
     def _kv_refusal(self, handle: SequenceHandle, need: int) -> KVBudgetExceeded:
         request = handle.sequence.request
-        room = self.kv_room() if self.kv_room is not None else 0
+        room = self._room()
         return KVBudgetExceeded(
             f"the KV cache of this request ({len(request.prompt_ids)} prompt tokens + max_tokens "
             f"{request.max_tokens}: {need / 1e6:.1f} MB) does not fit in the memory budget, which leaves "
@@ -609,7 +613,7 @@ class Scheduler:
         """After sequences left: the prefix cache keeps only what the budget leaves beside the
         engine's KV (the running reservations, or the pool as allocated); the engine first gives
         back pages nobody holds, so cached turns are not crowded out by free pages."""
-        room = self.kv_room() if self.kv_room is not None else None
+        room = self._room()
         if room is None:
             return
         if room - max(self.engine.kv_bytes, self._kv_reserved) < self.prefix_cache.stats.bytes:

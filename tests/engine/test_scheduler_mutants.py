@@ -14,7 +14,7 @@ from typing import cast
 
 import numpy as np
 import pytest
-from fake_engine import FakeEngine, prompt
+from fake_engine import FakeEngine, outcome, prompt
 
 from tokenwire.server.engine.batch_engine import KVCache, PrefillState
 from tokenwire.server.engine.sampling import SamplingConfig
@@ -32,7 +32,6 @@ from tokenwire.server.engine.sequence import (
     GenerationRequest,
     RefusedEvent,
     Sequence,
-    TokenEvent,
 )
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 from tokenwire.server.metrics import Metrics
@@ -101,16 +100,7 @@ def submit(scheduler: Scheduler, tok: TokenizerBundle, req: GenerationRequest) -
 
 
 async def last_event(handle: SequenceHandle) -> tuple[list[int], FinishedEvent | RefusedEvent]:
-    async def run() -> tuple[list[int], FinishedEvent | RefusedEvent]:
-        tokens: list[int] = []
-        async for event in handle.events():
-            if isinstance(event, TokenEvent):
-                tokens.append(event.token_id)
-            elif isinstance(event, FinishedEvent | RefusedEvent):
-                return tokens, event
-        raise AssertionError("no last event")
-
-    return await asyncio.wait_for(run(), TIMEOUT)
+    return await outcome(handle, TIMEOUT)
 
 
 async def settle(scheduler: Scheduler) -> None:
