@@ -273,6 +273,8 @@ class Spec:
     final_softcap: float = 0.0   # gemma2 (gemma3 when its config has one)
     rope_base_swa: float = 0.0   # gemma3's local layers (llama.cpp: 10000 when the file says nothing)
     rope_scale: float = 1.0      # linear rope scaling factor (gemma3 4B+ global layers)
+    rope_dims: int = 0           # rotated dims per head (0: all; phi3 with a partial rotary factor)
+    rope_factors: tuple[float, ...] = ()  # llama's rope_freqs.weight (Llama 3.x scaling), see llama3_rope_factors
     tied: bool = False
     qtypes: tuple[tuple[str, str], ...] = ()
     seed: int = 0
@@ -321,7 +323,7 @@ def write_metadata(writer: gguf.GGUFWriter, s: Spec) -> None:
     if s.arch not in ("gemma2",):
         writer.add_rope_freq_base(s.rope_base)
     if s.arch in ("llama", "phi3", "qwen2"):
-        writer.add_rope_dimension_count(s.head_dim)
+        writer.add_rope_dimension_count(s.rope_dims or s.head_dim)
     if s.arch in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.heads != s.hidden:
         writer.add_key_length(s.head_dim)
         writer.add_value_length(s.head_dim)
@@ -398,6 +400,8 @@ def random_tensors(s: Spec) -> dict[str, np.ndarray]:
         if s.arch in ("gemma2", "gemma3"):
             t[b + "post_ffw_norm.weight"] = norm(s.hidden)
     t["output_norm.weight"] = norm(s.hidden)
+    if s.rope_factors:
+        t["rope_freqs.weight"] = np.asarray(s.rope_factors, np.float32)
     if not s.tied:
         t["output.weight"] = (0.3 * rng.standard_normal((s.vocab_size, s.hidden))).astype(np.float32)
     return t
@@ -524,11 +528,35 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low_freq_factor: float = 1.0,
+                        high_freq_factor: float = 4.0, original_context: int = 8192) -> tuple[float, ...]:
+    """rope_freqs.weight as convert_hf_to_gguf.py's LlamaModel computes it for rope_type "llama3":
+    each frequency's divisor (1 for short wavelengths, `factor` for long ones, smoothed between)."""
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low_wavelen, high_wavelen = original_context / low_freq_factor, original_context / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return tuple(out)
+
+
 def spec_of_config(config, arch: str, qtypes: Mapping[str, str] | str | None = None) -> Spec:
     """The `Spec` a transformers config corresponds to (what metadata the file gets)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     tied = bool(getattr(config, "tie_word_embeddings", False)) or arch == "gemma2"
     rope_scaling = getattr(config, "rope_scaling", None) or {}
+    rope_factors: tuple[float, ...] = ()
+    if arch == "llama" and rope_scaling.get("rope_type") == "llama3":
+        rope_factors = llama3_rope_factors(
+            head_dim, float(config.rope_theta), rope_scaling.get("factor", 8.0), rope_scaling.get("low_freq_factor", 1.0),
+            rope_scaling.get("high_freq_factor", 4.0), rope_scaling.get("original_max_position_embeddings", 8192))
     return spec(
         arch, hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
         kv_heads=config.num_key_value_heads, head_dim=head_dim, ffn=config.intermediate_size,
@@ -538,6 +566,8 @@ def spec_of_config(config, arch: str, qtypes: Mapping[str, str] | str | None = N
         final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
         rope_base_swa=0.0 if arch != "gemma3" or config.rope_local_base_freq == 10000.0 else config.rope_local_base_freq,
         rope_scale=float(rope_scaling.get("factor", 1.0)) if rope_scaling.get("rope_type") == "linear" else 1.0,
+        rope_dims=int(head_dim * getattr(config, "partial_rotary_factor", 1.0)) if arch == "phi3" else 0,
+        rope_factors=rope_factors,
         tied=tied, vocab_size=config.vocab_size, qtypes=qtypes or (),
     )
 
@@ -575,11 +605,15 @@ def from_transformers(model, path: Path, arch: str, qtypes: Mapping[str, str] | 
             w = permute_qk(w, s.kv_heads)
         tensors[name] = np.ascontiguousarray(w, np.float32)
         origin[name] = hf_name
+    if s.rope_factors:
+        tensors["rope_freqs.weight"] = np.asarray(s.rope_factors, np.float32)
     stored = write_file(Path(path), s, tensors, v)
     if match_model:
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, w in stored.items():
+                if name not in origin:
+                    continue
                 hf_name = origin[name]
                 if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                     w = unpermute_qk(w, s.heads)
@@ -607,20 +641,23 @@ class HFFixture:
 
 
 @functools.cache
-def _cached_hf(arch: str, qtypes: tuple[tuple[str, str], ...], seed: int, overrides: tuple[tuple[str, Any], ...]) -> HFFixture:
-    model = random_hf_model(arch, seed=seed, **dict(overrides))
-    path = _cache_dir() / f"hf-{arch}-{abs(hash((qtypes, seed, overrides))) % 10**12}.gguf"
-    from_transformers(model, path, arch, dict(qtypes))
-    return HFFixture(model, path, arch)
+def _cached_hf(key: str) -> HFFixture:
+    args = json.loads(key)
+    model = random_hf_model(args["arch"], seed=args["seed"], **args["overrides"])
+    path = _cache_dir() / f"hf-{args['arch']}-{abs(hash(key)) % 10**12}.gguf"
+    from_transformers(model, path, args["arch"], args["qtypes"])
+    return HFFixture(model, path, args["arch"])
 
 
 def hf_fixture(arch: str, qtypes: Mapping[str, str] | str | None = None, seed: int = 0, **overrides: Any) -> HFFixture:
-    """A cached random transformers model of `arch` and its GGUF (needs torch: the export extra)."""
+    """A cached random transformers model of `arch` and its GGUF (needs torch: the export extra).
+    `overrides` are config fields (JSON values). Do not modify the model or the file."""
     if isinstance(qtypes, str):
         qtypes = {"linear": qtypes}
-    return _cached_hf(arch, tuple(sorted((qtypes or {}).items())), seed, tuple(sorted(overrides.items())))
+    key = {"arch": arch, "qtypes": dict(qtypes or {}), "seed": seed, "overrides": overrides}
+    return _cached_hf(json.dumps(key, sort_keys=True))
 
 
 __all__ = ["ARCHS", "BOS_ID", "EOS_ID", "HFFixture", "Spec", "Vocab", "dequantize", "from_transformers",
-           "gguf_fixture", "hf_config", "hf_fixture", "permute_qk", "quantize", "random_hf_model",
+           "gguf_fixture", "hf_config", "hf_fixture", "llama3_rope_factors", "permute_qk", "quantize", "random_hf_model",
            "random_tensors", "spec", "unpermute_qk", "vocab", "write_gguf"]
