@@ -80,13 +80,16 @@ serve: model
 bridge: setup
 	$(BIN)/tokenwire bridge --server $(HOST):$(GRPC_PORT) --http-host $(HOST) --http-port $(HTTP_PORT)
 
-# Both tiers: the fast one first (no model, seconds), then the slow one (the real model and servers).
+# Both tiers: the fast one first (no model, seconds), then the slow one (the real model and servers) on
+# two pytest-xdist workers, a file per worker (--dist loadfile keeps a file's shared fixtures in one
+# process), and last the few `serial` tests that cannot be spread.
 # TOKENWIRE_REQUIRE_ALL=1: a skipped test fails unless tests/skip_policy.py allows its reason (no
 # GPU, a CPU without the instruction set), so no end-to-end test passes by skipping; each tier
 # lists its skips (-rs) and its slowest tests (--durations).
 test: model node browser postgres haproxy espeak
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow"
-	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m slow
+	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m "slow and not serial" -n 2 --dist loadfile
+	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=5 -m "slow and serial"
 
 # The fast tier alone: scheduler, sampling, stores, ... on a fake engine; no model needed.
 test-fast: setup postgres haproxy
@@ -113,9 +116,11 @@ bench: model
 bench-cluster: model postgres haproxy
 	$(BIN)/python bench/bench_cluster.py
 
+# GGUF=FILE measures that GGUF instead (imported into a temporary store; e.g. the 1.5B random-weight
+# Q4_K_M of bench/make_random_gguf.py, or .cache/qwen2.5-coder-0.5b-instruct-awq.Q4_K_M.gguf).
 bench-peers: model
 	bash bench/peers/setup.sh
-	$(BIN)/python bench/bench_peers.py
+	$(BIN)/python bench/bench_peers.py $(if $(GGUF),--gguf "$(GGUF)")
 
 # Mutation testing of the fast tier (mutmut; tools/mutation.py, [tool.mutmut] in pyproject.toml):
 # stops after MUTATION_BUDGET seconds, then reports killed/surviving mutants per module and lists

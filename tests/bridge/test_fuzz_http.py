@@ -65,6 +65,10 @@ TRIED: Counter[tuple[str, str, int]] = Counter()
 SECONDS: Counter[str] = Counter()  # time spent waiting for answers, by operation
 _TURN = itertools.count()
 
+# schemathesis makes one item per operation, all with this test's node id: pytest-xdist would run
+# only one of them, so the file runs in `make test`'s serial step (the "serial" marker).
+pytestmark = pytest.mark.serial
+
 
 @dataclass
 class Stack:
