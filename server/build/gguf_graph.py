@@ -24,7 +24,6 @@ pages being read.
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,19 +123,6 @@ def _empty_tensor(name: str, data_type: int, shape: tuple[int, ...]):
     return t
 
 
-def _release(reader, name_index: int) -> None:
-    """Gives a tensor's pages of the memory-mapped file back (they are clean: read again on demand)."""
-    mm = getattr(reader.data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        return
-    t = reader.tensors[name_index]
-    start = t.data_offset - t.data_offset % mmap.PAGESIZE
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
-    except (OSError, ValueError):
-        pass
-
-
 # ---- the graph --------------------------------------------------------------------------------
 
 @dataclass
@@ -179,8 +165,8 @@ class GraphWriter:
         return self._consts[key]
 
     def raw(self, name: str) -> np.ndarray:
-        """A tensor's data as the reader maps it (uint8 [rows, row bytes] for block types)."""
-        return self.reader.tensors[self.m.tensor(name).index].data
+        """A tensor's data as the file maps it (uint8 [rows, row bytes] for block types)."""
+        return self.reader.data(self.reader.tensors[self.m.tensor(name).index])
 
     def vector(self, name: str, order: np.ndarray | None = None) -> np.ndarray:
         from gguf import GGMLQuantizationType
@@ -212,7 +198,7 @@ class GraphWriter:
         for t in tensors:
             self.report.tensor_bytes += t.n_bytes
             self.report.types[t.type_name] = self.report.types.get(t.type_name, 0) + 1
-            _release(self.reader, t.index)
+            self.reader.release(self.reader.tensors[t.index])
         self.report.packed_bytes += gguf_pack.packed_nbytes(p)
         self._packed[key] = (codes, meta, qtype, k, n)
         return self._packed[key]
@@ -274,7 +260,7 @@ def _qkv(g: GraphWriter, b: LayerTensors, i: int, x: str) -> str:
         qkv = g.linear(x, f"l{i}_qkv", [b.q, b.k, b.v], f"qkv_{i}", [q_order, k_order, None])
         g.report.fused["qkv"] = g.report.fused.get("qkv", 0) + 1
     else:
-        parts = [g.linear(x, f"l{i}_{r}", [n], f"{r}_{i}", [o])
+        parts = [g.linear(x, f"l{i}_{r}", [n], f"{r}proj_{i}", [o])
                  for r, n, o in (("q", b.q, q_order), ("k", b.k, k_order), ("v", b.v, None))]
         qkv = g.node("Concat", parts, f"qkv_{i}", axis=-1)
     if b.qkv_bias or b.q_bias or b.k_bias or b.v_bias:
@@ -445,3 +431,30 @@ def build_gguf_graph(model: GGUFModel, reader, out_dir: Path, last_only: bool = 
     proto.ir_version = 8
     onnx.save_model(proto, str(out_dir / NATIVE_GRAPH))  # references only: the weights are in the .data file
     return g.report
+
+
+def config_json(model: GGUFModel, eos_ids: list[int] | None = None, bos_id: int | None = None) -> dict:
+    """The config.json the engine (ModelConfig, TokenizerBundle) reads for a GGUF model's graph."""
+    m = model
+    config = {
+        "model_type": m.architecture,
+        "architectures": [f"GGUF:{m.architecture}"],
+        "num_hidden_layers": m.layers,
+        "hidden_size": m.hidden,
+        "intermediate_size": m.intermediate,
+        "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_dim,
+        "vocab_size": m.vocab,
+        "max_position_embeddings": m.context_length,
+        "rms_norm_eps": m.rms_eps,
+        "rope_theta": next((b.rope.base for b in m.blocks if b.rope and not b.sliding_window), 10000.0),
+        "sliding_window": max(b.sliding_window for b in m.blocks) or None,
+        "tie_word_embeddings": m.tied,
+        "gguf_file_type": m.file_type,
+    }
+    if eos_ids:
+        config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
+    if bos_id is not None:
+        config["bos_token_id"] = bos_id
+    return config

@@ -18,8 +18,9 @@ computes follows llama.cpp's src/models/*.cpp:
 * gemma3: gemma2 without attention softcapping, with q/k norms, 5 local layers (sliding window,
   rope base 10000) to 1 global (the file's rope base and scaling).
 
-An unreadable or truncated file raises GGUFCorrupt; a file this reader does not understand
-(architecture, shapes, tensors it would ignore) raises GGUFUnsupported. Both say why.
+An unreadable or truncated file raises GGUFCorrupt (gguf_file.py parses it); a file this reader
+does not understand (architecture, shapes, tensors it would ignore) raises GGUFUnsupported. Both say
+why.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from .gguf_file import GGUFCorrupt, GGUFFile
+
+__all__ = ["ARCHITECTURES", "GGUFCorrupt", "GGUFModel", "GGUFUnsupported", "LayerTensors", "Rope", "read_model"]
+
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
-
-
-class GGUFCorrupt(ValueError):
-    """The file is not a readable GGUF (truncated, damaged, or not GGUF at all)."""
 
 
 class GGUFUnsupported(ValueError):
@@ -123,7 +124,7 @@ class TensorInfo:
     type_name: str
     shape: tuple[int, ...]  # ggml order: shape[0] is the contiguous dim (K of a weight)
     n_bytes: int
-    index: int  # in reader.tensors
+    index: int  # in GGUFFile.tensors
 
 
 @dataclass
@@ -163,36 +164,8 @@ class GGUFModel:
         return self.tensors[name]
 
 
-def _field(reader, key: str) -> Any:
-    f = reader.get_field(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value
-
-
-def open_reader(path: Path):
-    """A GGUFReader over the file (memory-mapped), or GGUFCorrupt saying what is wrong with it."""
-    from gguf import GGUFReader
-
-    path = Path(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise GGUFCorrupt(f"{path}: cannot read it: {exc}") from exc
-    if magic != b"GGUF":
-        raise GGUFCorrupt(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # the reader raises ValueError, IndexError, KeyError, ... on damage
-        raise GGUFCorrupt(f"{path} is not a readable GGUF (truncated or damaged): {type(exc).__name__}: {exc}") from exc
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise GGUFCorrupt(f"{path} is truncated: tensor {t.name} ends at byte {t.data_offset + t.n_bytes:,} "
-                              f"but the file has {size:,} bytes")
-    return reader
+def _field(f: GGUFFile, key: str) -> Any:
+    return f.field(key)
 
 
 def _file_type(reader, tensors: dict[str, TensorInfo]) -> str:
@@ -305,12 +278,12 @@ def _per_layer_constant(value: Any, what: str) -> int:
     return int(value)
 
 
-def read_model(source) -> GGUFModel:
-    """The model a GGUF describes; `source` is a path or an open gguf.GGUFReader."""
+def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
+    """The model a GGUF describes; `source` is a path or an open GGUFFile."""
     from gguf import GGMLQuantizationType
 
-    reader = open_reader(Path(source)) if isinstance(source, (str, os.PathLike)) else source
-    path = Path(getattr(reader.data, "filename", "") or "")
+    reader = source if isinstance(source, GGUFFile) else GGUFFile(source)
+    path = reader.path
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str):
         raise GGUFCorrupt(f"{path} has no general.architecture")
@@ -319,10 +292,9 @@ def read_model(source) -> GGUFModel:
                               f"(it builds {', '.join(ARCHITECTURES)})")
     traits = TRAITS[arch]
     tensors: dict[str, TensorInfo] = {}
-    for i, t in enumerate(reader.tensors):
-        qtype = int(t.tensor_type)
-        tensors[t.name] = TensorInfo(t.name, qtype, GGMLQuantizationType(qtype).name,
-                                     tuple(int(d) for d in t.shape), int(t.n_bytes), i)
+    for t in reader.tensors:
+        tensors[t.name] = TensorInfo(t.name, t.qtype, GGMLQuantizationType(t.qtype).name, t.shape, t.n_bytes,
+                                     t.index)
 
     def need(key: str) -> Any:
         value = _field(reader, f"{arch}.{key}")
@@ -390,7 +362,7 @@ def read_model(source) -> GGUFModel:
         embedding_scale=math.sqrt(hidden) if traits.embedding_scale else 1.0, activation=traits.activation,
         embedding="token_embd.weight", output=output, output_norm="output_norm.weight",
         output_bias="output.bias" if "output.bias" in tensors else "", blocks=blocks, tensors=tensors,
-        metadata={k: _field(reader, k) for k in reader.fields if k.startswith((f"{arch}.", "general."))},
+        metadata={k: v for k, v in reader.fields.items() if k.startswith((f"{arch}.", "general."))},
         parameter_count=sum(int(np.prod(t.shape)) for n, t in tensors.items() if n not in _IGNORED),
     )
     _check_shapes(model)

@@ -5,7 +5,10 @@ PATH may be
   (model.onnx + config.json + tokenizer.json): copied as it is;
 * a transformers checkpoint folder (config.json + *.safetensors / pytorch_model.bin):
   exported with optimum (needs the `export` extra);
-* a `.gguf` file that transformers can read: converted as the default model's pipeline does.
+* a `.gguf` file: its blocks carried into tokenwire's native graph as they are (import_gguf,
+  gguf_graph.py); an architecture or tensor type that graph does not build goes through
+  transformers instead (the default model's pipeline: an fp32 detour, ~9 bytes a parameter of
+  memory, refused up front when this machine does not have them).
 
 Everything is built in a hidden staging folder inside the store, smoke-tested (model_check)
 and only then moved into place, so a refused import leaves the store as it was.
@@ -13,16 +16,29 @@ and only then moved into place, so a refused import leaves the store as it was.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenwire.server.models.store import MANIFEST, ModelStore, folder_name, folder_size
+from tokenwire.server.engine.graph import NATIVE_GRAPH
+from tokenwire.server.models.store import (
+    MANIFEST,
+    ModelEntry,
+    ModelStore,
+    folder_name,
+    folder_size,
+    sha256_file,
+    weight_files,
+    write_manifest,
+)
 
 from .pull import (
+    BUILD_VERSION,
     BuildError,
     build_quantized,
     export_onnx,
@@ -33,6 +49,10 @@ from .pull import (
 from .smoke_test import SmokeResult, SmokeTestFailed, smoke_test
 
 QUANTIZE_BITS = {"int4": 4, "int8": 8}
+# Peak memory of the transformers route for a GGUF, per parameter: 6.0 GB for a 0.49 GB Q4_K_M file
+# of 0.63B parameters (DESIGN.md, "Facts for the second wave"), rounded up.
+TRANSFORMERS_BYTES_PER_PARAM = 9
+GGUF_SOURCE_LINK = "source.gguf"  # in a GGUF model's folder: a symlink to the imported file
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 
 
@@ -140,11 +160,17 @@ def import_model(
     quantize: str | None = None,
     force: bool = False,
     progress=_stderr,
+    check: bool = True,
+    transformers: bool = False,
 ) -> ImportResult:
+    """Imports PATH into the store. A .gguf goes to import_gguf (the native graph) unless
+    `quantize` or `transformers` asks for the transformers route."""
     path = Path(path).expanduser().resolve()
     kind = detect_kind(path)
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ImportRefused(f"--quantize takes {' or '.join(QUANTIZE_BITS)}, not {quantize!r}")
+    if kind == "gguf" and not (quantize or transformers):
+        return import_gguf(path, store, name=name, force=force, check=check, progress=progress)
     if kind != "onnx" or quantize:
         require_export_extra()
     store.root.mkdir(parents=True, exist_ok=True)
@@ -181,22 +207,203 @@ def import_model(
             precision = quantize
         base = name or model_name(path)
         model_id = base if ":" in base else f"{base}:{precision or 'unknown'}"
-        target = store.root / folder_name(model_id)
-        existing = store.get(model_id)
-        if (target.exists() or existing is not None) and not force:
-            raise ImportRefused(f"model {model_id} is already in the store ({existing.path if existing else target}); "
-                                "pass --force to replace it, or --name to import it under another name")
+        target, existing = _free_place(store, model_id, force)
         source = {"import": str(path), "kind": kind}
         write_model_manifest(final, model_id, source, precision, params, extra)
-        progress(f"smoke test: greedy decode of a few tokens with and without the KV cache ({model_id})")
-        try:
-            smoke = smoke_test(final)
-        except SmokeTestFailed as exc:
-            raise ImportRefused(f"refusing to import {path}: the smoke test failed: {exc}") from exc
-        for old in {target, existing.path if existing else target}:
-            if old.exists():
-                shutil.rmtree(old)
-        final.replace(target)
+        smoke = _smoke_and_install(final, target, existing, model_id, path, progress)
         return ImportResult(model_id, target, kind, precision, params, folder_size(target), smoke)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _free_place(store: ModelStore, model_id: str, force: bool) -> tuple[Path, ModelEntry | None]:
+    """(the folder model_id goes to, the entry it replaces); ImportRefused when taken and not `force`."""
+    target = store.root / folder_name(model_id)
+    existing = store.get(model_id)
+    if (target.exists() or existing is not None) and not force:
+        raise ImportRefused(f"model {model_id} is already in the store ({existing.path if existing else target}); "
+                            "pass --force to replace it, or --name to import it under another name")
+    return target, existing
+
+
+def _smoke_and_install(built: Path, target: Path, existing: ModelEntry | None, model_id: str, path: Path,
+                       progress) -> SmokeResult:
+    """Smoke-tests a built folder, then moves it into place, removing what it replaces (rmtree
+    removes a `source.gguf` link, never the file it points to)."""
+    progress(f"smoke test: greedy decode of a few tokens with and without the KV cache ({model_id})")
+    try:
+        smoke = smoke_test(built)
+    except SmokeTestFailed as exc:
+        raise ImportRefused(f"refusing to import {path}: the smoke test failed: {exc}") from exc
+    for old in {target, existing.path if existing else target}:
+        if old.exists():
+            shutil.rmtree(old)
+    built.replace(target)
+    return smoke
+
+
+# ---- GGUF files: the native graph -------------------------------------------------------------
+
+def available_memory() -> int:
+    """Bytes this machine can give a new process now (MemAvailable), 0 when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _through_transformers(path: Path, store: ModelStore, why: str, parameters: int, name: str | None,
+                          force: bool, check: bool, progress) -> ImportResult:
+    """The fallback for a GGUF the native graph cannot build, refused when it would not fit."""
+    need = parameters * TRANSFORMERS_BYTES_PER_PARAM
+    have = available_memory()
+    if parameters and have and need > have:
+        raise ImportRefused(
+            f"refusing to import {path.name}: the native graph cannot run it ({why}), and the transformers "
+            f"route would need about {_gib(need)} of memory ({parameters / 1e9:.2f}B parameters x "
+            f"{TRANSFORMERS_BYTES_PER_PARAM} bytes) where this machine has {_gib(have)} available")
+    progress(f"the native graph cannot run {path.name}: {why}; importing it through transformers instead "
+             f"(fp32, about {_gib(need)} of memory)" if parameters else
+             f"the native graph cannot run {path.name}: {why}; importing it through transformers instead")
+    return import_model(path, store, name=name, force=force, progress=progress, check=check, transformers=True)
+
+
+def _gguf_model_id(name: str | None, path: Path, file_type: str) -> str:
+    base = name or model_name(path)
+    return base if ":" in base else f"{base}:{file_type.lower()}"
+
+
+def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: bool = False, check: bool = True,
+                progress=_stderr, fallback: bool = True) -> ImportResult:
+    """A GGUF file into the store as a native-graph model (gguf_graph.py), no torch and no fp32 copy.
+
+    The folder gets model_native.onnx + .data (the file's blocks repacked), config.json, the
+    tokenizer files (gguf_tokenizer.write_tokenizer), the manifest (precision "gguf:<file type>",
+    kernels.native with the paged KV layout) and `source.gguf`, a symlink to the file. Built in a
+    hidden folder of the store and smoke-tested before it moves in. A file the native graph cannot
+    build (its architecture, a tensor type, the kernels missing here) goes through transformers
+    instead when `fallback`, saying why; a corrupt or truncated file is refused, store unchanged."""
+    from tokenwire.server.native import loader as native_kernels
+
+    from .gguf_file import GGUFFile
+    from .gguf_graph import build_gguf_graph, native_unsupported
+    from .gguf_model import GGUFCorrupt, GGUFUnsupported, read_model
+
+    path = Path(path).expanduser().resolve()
+    started = time.monotonic()
+    for module in ("gguf", "onnx"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise BuildError(f"importing a GGUF needs the 'export' extra (missing: {module}): "
+                             "pip install 'tokenwire[export]'") from None
+    try:
+        reader = GGUFFile(path)
+    except GGUFCorrupt as exc:
+        raise ImportRefused(f"refusing to import {path.name}: {exc}") from exc
+    try:
+        parameters = sum(math.prod(t.shape) for t in reader.tensors)
+        try:
+            model = read_model(reader)
+        except GGUFCorrupt as exc:
+            raise ImportRefused(f"refusing to import {path.name}: {exc}") from exc
+        except GGUFUnsupported as exc:
+            model, why = None, str(exc)
+        else:
+            lib = native_kernels.library()
+            why = native_unsupported(model) or (f"tokenwire's native kernels are unavailable: {lib.reason}"
+                                                if lib.path is None else "")
+        if why:
+            if not fallback:
+                raise ImportRefused(f"refusing to import {path.name}: the native graph cannot run it: {why}")
+            reader.close()
+            return _through_transformers(path, store, why, parameters, name, force, check, progress)
+        assert model is not None
+        model_id = _gguf_model_id(name, path, model.file_type)
+        target, existing = _free_place(store, model_id, force)
+        store.root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".import-", dir=store.root))
+        try:
+            out = work / "model"
+            out.mkdir()
+            progress(f"{path.name}: {model.architecture}, {model.layers} layers, {model.file_type}; "
+                     "writing its tokenizer")
+            try:
+                tokenizer = _write_tokenizer(path, out)
+            except ImportRefused as exc:
+                if not fallback:
+                    raise
+                reader.close()
+                return _through_transformers(path, store, str(exc).split(": ", 1)[-1], parameters, name, force,
+                                             check, progress)
+            progress(f"repacking {len(model.tensors)} tensors into the native graph ({NATIVE_GRAPH})")
+            report = build_gguf_graph(model, reader, out)
+            reader.close()
+            _write_config(model, out)
+            (out / GGUF_SOURCE_LINK).symlink_to(path)
+            precision = f"gguf:{model.file_type}"
+            manifest = _gguf_manifest(model, out, model_id, path, precision, report, tokenizer,
+                                      time.monotonic() - started)
+            write_manifest(out, manifest)
+            smoke = _smoke_and_install(out, target, existing, model_id, path, progress)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return ImportResult(model_id, target, "gguf", precision, model.parameter_count, folder_size(target), smoke)
+    finally:
+        reader.close()
+
+
+def _write_tokenizer(path: Path, out: Path) -> dict:
+    from .gguf_tokenizer import write_tokenizer
+
+    try:
+        return dict(write_tokenizer(path, out) or {})
+    except Exception as exc:  # an unknown pre-tokenizer, a vocabulary it cannot read: say which
+        raise ImportRefused(f"refusing to import {path.name}: its tokenizer cannot be rebuilt from the file: "
+                            f"{exc}") from exc
+
+
+def _write_config(model, out: Path) -> None:
+    """config.json from the model and the stop tokens the tokenizer step found."""
+    import json
+
+    from .gguf_graph import config_json
+
+    gen = {}
+    if (out / "generation_config.json").is_file():
+        gen = json.loads((out / "generation_config.json").read_text())
+    eos = gen.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    (out / "config.json").write_text(json.dumps(config_json(model, eos_ids, gen.get("bos_token_id")), indent=2) + "\n")
+
+
+def _gguf_manifest(model, out: Path, model_id: str, path: Path, precision: str, report, tokenizer: dict,
+                   seconds: float) -> dict:
+    return {
+        "id": model_id,
+        "source": {"gguf": str(path), "file": path.name, "bytes": path.stat().st_size, "kind": "gguf",
+                   "name": model.name},
+        "precision": precision,
+        "architecture": model.architecture,
+        "context_length": model.context_length,
+        "parameter_count": model.parameter_count,
+        "graph": "gqa",
+        "graphs": [NATIVE_GRAPH],
+        "build": BUILD_VERSION,
+        "graph_sha256": sha256_file(out / NATIVE_GRAPH),
+        "weight_files": weight_files(out),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kernels": {"native": {"graph": NATIVE_GRAPH, "weights": "GGUF blocks (BlockLinear/BlockGather)",
+                               "activations": "int16 per block of 32", "kv_dtype": "float16",
+                               "kv_format": "float16", "kv_layout": "paged"}},
+        "gguf": {"file_type": model.file_type, "tensor_types": report.types, "tensor_bytes": report.tensor_bytes,
+                 "packed_bytes": report.packed_bytes, "fused": report.fused, "import_seconds": round(seconds, 1)},
+        "tokenizer": tokenizer,
+    }

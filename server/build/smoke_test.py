@@ -1,8 +1,8 @@
 """The smoke test a model must pass before it enters the store.
 
-Load it as the server would (onnxruntime session, tokenizer), then greedy-decode a few tokens
-twice: with the KV cache (prefill, then one token at a time) and without it (the whole
-sequence recomputed each step). A graph whose cache is wired wrongly, or whose logits are
+Load it as the server would (onnxruntime session, tokenizer; a fast graph through the engine the
+server opens for it, e.g. PagedEngine), then greedy-decode a few tokens twice: with the KV cache
+(prefill, then one token at a time) and without it (the whole sequence recomputed each step). A graph whose cache is wired wrongly, or whose logits are
 not finite, gives different tokens or fails here instead of in front of a user.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tokenwire.server.engine.batch_engine import BatchEngine
+from tokenwire.server.engine.graph import is_fast_graph, open_engine
 from tokenwire.server.engine.optimum_engine import OptimumEngine
 from tokenwire.server.engine.tokenizer import TokenizerBundle
 
@@ -54,11 +55,22 @@ def greedy_with_cache(engine: BatchEngine, ids: list[int], steps: int) -> tuple[
     return tokens, all_logits
 
 
-def greedy_recompute(engine: OptimumEngine, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
+def recomputed_last(engine: BatchEngine, seq: list[int]) -> np.ndarray:
+    """The last position's logits of `seq` computed from nothing (no cache kept)."""
+    if isinstance(engine, OptimumEngine):
+        return engine.full_logits(seq)[-1]
+    engine.reset()
+    state = engine.new_prefill()
+    logits = np.array(engine.prefill(state, seq))
+    engine.end_prefill(state)
+    return logits
+
+
+def greedy_recompute(engine: BatchEngine, ids: list[int], steps: int) -> tuple[list[int], list[np.ndarray]]:
     seq = list(ids)
     tokens, all_logits = [], []
     for _ in range(steps):
-        logits = engine.full_logits(seq)[-1]
+        logits = recomputed_last(engine, seq)
         all_logits.append(logits)
         token = int(np.argmax(logits))
         tokens.append(token)
@@ -69,9 +81,9 @@ def greedy_recompute(engine: OptimumEngine, ids: list[int], steps: int) -> tuple
 def smoke_test(folder: Path, prompt: str = SMOKE_PROMPT, steps: int = SMOKE_STEPS) -> SmokeResult:
     started = time.perf_counter()
     try:
-        engine = OptimumEngine(folder / "model.onnx")
+        engine = open_engine(folder)[0] if is_fast_graph(folder) else OptimumEngine(folder / "model.onnx")
     except Exception as exc:  # onnxruntime raises its own kinds
-        raise SmokeTestFailed(f"onnxruntime cannot load model.onnx: {exc}") from exc
+        raise SmokeTestFailed(f"onnxruntime cannot load the model's graph: {exc}") from exc
     try:
         tokenizer = TokenizerBundle(folder)
     except Exception as exc:

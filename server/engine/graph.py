@@ -50,7 +50,10 @@ def choose_kernels(model_dir: Path, device: str = "cpu", kernels: str | None = N
     choice = kernels or os.environ.get("TOKENWIRE_KERNELS") or "auto"
     if choice not in native_kernels.CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(native_kernels.CHOICES)}, not {choice!r}")
+    only_native = not (model_dir / GRAPH).is_file() and (model_dir / NATIVE_GRAPH).is_file()  # a GGUF import
     if choice == "onnxruntime":
+        if only_native:
+            raise ValueError(f"{model_dir.name} has only {NATIVE_GRAPH}: it runs on tokenwire's native kernels")
         return "onnxruntime", "asked for onnxruntime's kernels"
     if device != "cpu":
         why = f"the native kernels are CPU kernels (device {device})"
@@ -61,7 +64,7 @@ def choose_kernels(model_dir: Path, device: str = "cpu", kernels: str | None = N
         why = lib.reason if lib.path is None else ""
     if not why:
         return "native", ""
-    if choice == "native":
+    if choice == "native" or only_native:
         raise ValueError(f"native kernels unavailable: {why}")
     return "onnxruntime", why
 

@@ -51,12 +51,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def folder_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """The bytes a folder's own files take: a symlink (a GGUF model's `source.gguf`) counts nothing."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def weight_files(folder: Path) -> dict[str, int]:
-    """The graph and its external data (model.onnx, model.onnx_data, ...): name -> bytes."""
-    return {p.name: p.stat().st_size for p in sorted(folder.glob("model.onnx*")) if p.is_file()}
+    """The graph and its external data (model.onnx, model.onnx_data, ...): name -> bytes. A folder
+    whose only graph is the native one (a GGUF import) has model_native.onnx and its .data instead."""
+    found = sorted(folder.glob("model.onnx*")) or sorted(folder.glob("model_native.onnx*"))
+    return {p.name: p.stat().st_size for p in found if p.is_file()}
 
 
 REQUIRED_FILES = ("model.onnx", "config.json", "tokenizer.json")
@@ -72,6 +75,9 @@ def required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
     kind = str(manifest.get("kind", "") or "generate")
     if kind in KIND_FILES:
         return KIND_FILES[kind] + tuple(str(v) for v in (manifest.get("files") or {}).values())
+    graphs = manifest.get("graphs")  # a decoder with other graphs than model.onnx (a GGUF import)
+    if isinstance(graphs, list) and graphs:
+        return (*(str(g) for g in graphs), *REQUIRED_FILES[1:])
     return REQUIRED_FILES
 
 
