@@ -1,4 +1,4 @@
-"""`tokenwire import / rm / ps / load / unload`: managing the models a server can run.
+"""`tokenwire import / check / rm / ps / load / unload`: managing the models a server can run.
 
 `import` and `rm` work on the model store folder directly (like `pull`; a running server sees
 the change on its next listing). `ps`, `load` and `unload` ask a running server.
@@ -46,7 +46,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         result = import_model(Path(args.path), _store(args), name=args.name, quantize=args.quantize,
-                              force=args.force)
+                              force=args.force, check=not args.no_check)
     except BuildError as exc:
         return _fail(str(exc))
     smoke = result.smoke
@@ -56,6 +56,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"  smoke test: {len(smoke.tokens)} greedy tokens identical with and without the KV cache "
           f"(max logit difference {smoke.max_logit_diff:.1e}): {smoke.prompt!r} -> {smoke.text!r}")
     print(f"  use it: tokenwire generate --model {result.model_id} 'Hello'")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from tokenwire.server.build.gguf_check import CheckError, check_model, format_table
+    from tokenwire.server.build.quality import DEFAULT_MAX_TOKENS
+
+    store = _store(args)
+    entry = store.get(store.resolve(args.id))
+    if entry is None:
+        known = ", ".join(e.id for e in store.scan()) or "none"
+        return _fail(f"unknown model {args.id!r}; models in the store: {known}")
+    progress = (lambda _: None) if args.json else (lambda line: print(line, file=sys.stderr))
+    try:
+        quality = check_model(entry.path, max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS,
+                              dtype=np.float64 if args.float64 else np.float32, progress=progress)
+    except CheckError as exc:
+        return _fail(str(exc))
+    print(json.dumps(quality, indent=2) if args.json else format_table(entry.id, quality))
     return 0
 
 
@@ -193,8 +214,19 @@ def add_model_commands(sub) -> None:
     p.add_argument("--quantize", choices=["int4", "int8"], default=None,
                    help="store a weight-only quantized variant (MatMulNBits) instead of fp32")
     p.add_argument("--force", action="store_true", help="replace a model with the same id")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip `tokenwire check` after a GGUF import (the served graph against the file's float reference)")
     p.add_argument("--models-dir", type=Path, default=None, help="model store (env TOKENWIRE_MODELS)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("check", help="compare a GGUF import's served graph with the file's float reference "
+                                     "(top-1 agreement, KL, perplexity; recorded in its manifest)")
+    p.add_argument("id", metavar="MODEL", help="model id or alias")
+    p.add_argument("--max-tokens", type=int, default=None, help="check at most this many tokens of the fixed text")
+    p.add_argument("--float64", action="store_true", help="run the reference in float64 (slower)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--models-dir", type=Path, default=None, help="model store (env TOKENWIRE_MODELS)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("rm", help="remove models from the store (and the aliases that point to them)")
     p.add_argument("ids", nargs="+", metavar="ID", help="model id or alias")

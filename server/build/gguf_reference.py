@@ -3,7 +3,7 @@
 What the served native graph is checked against (`tokenwire check`): every tensor is dequantized with
 `gguf.quants.dequantize` when its layer is reached and dropped after it, so only one layer's weights
 are in memory at a time besides the activations [T, hidden]; attention runs over the whole sequence
-(causal, per head, queries in chunks so the scores stay [chunk, T]). float32 by default, float64 on
+(causal, per KV head, queries in chunks so the scores stay small). float32 by default, float64 on
 request. No torch.
 
 The architectures follow llama.cpp's own reading of the file (src/llama-model.cpp), not the file name:
@@ -34,6 +34,7 @@ ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 NEOX_ROPE = frozenset({"qwen2", "qwen3", "phi3", "gemma2", "gemma3"})
 GEMMA = frozenset({"gemma2", "gemma3"})
 QUERY_CHUNK = 512
+SCORES = 8 << 20  # attention scores held at once, at most (floats)
 OUTPUT_KEEP_BYTES = 2 << 30  # the dequantized output matrix is kept while computing logits up to this size
 
 
@@ -192,27 +193,38 @@ def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, freq_sca
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int, softcap: float) -> np.ndarray:
     """Causal attention over the whole sequence: q [T, H, D], k [T, Hkv, D], v [T, Hkv, Dv] -> [T, H, Dv].
-    A query at position p sees keys p-window+1..p when window > 0."""
-    t_len, n_head, _ = q.shape
-    group = n_head // k.shape[1]
+    A query at position p sees keys p-window+1..p when window > 0. The query heads sharing a KV head
+    go together, queries in chunks, so the scores held are [group, chunk, keys] (at most ~8M floats)."""
+    t_len, n_head, dim = q.shape
+    n_kv = k.shape[1]
+    group = n_head // n_kv
     out = np.empty((t_len, n_head, v.shape[2]), dtype=q.dtype)
-    keys = np.arange(t_len)
-    for start in range(0, t_len, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, t_len)
+    chunk = int(max(16, min(QUERY_CHUNK, SCORES // max(1, group * t_len))))
+    for start in range(0, t_len, chunk):
+        stop = min(start + chunk, t_len)
+        lo = max(0, start - window + 1) if window > 0 else 0
+        keys = np.arange(lo, stop)[None, :]
         pos = np.arange(start, stop)[:, None]
-        masked = keys[None, :stop] > pos
+        allowed = keys <= pos
         if window > 0:
-            masked |= keys[None, :stop] <= pos - window
-        for h in range(n_head):
-            kh, vh = k[:stop, h // group], v[:stop, h // group]
-            s = (q[start:stop, h] @ kh.T) * scale
+            allowed &= keys > pos - window
+        bias = np.where(allowed, 0.0, -np.inf).astype(q.dtype)
+        rows = stop - start
+        for g in range(n_kv):
+            qg = q[start:stop, g * group:(g + 1) * group].transpose(1, 0, 2).reshape(group * rows, dim)
+            s = qg @ k[lo:stop, g].T
+            s *= scale
             if softcap > 0:
-                s = softcap * np.tanh(s / softcap)
-            s[masked] = -np.inf
+                s /= softcap
+                np.tanh(s, out=s)
+                s *= softcap
+            s = s.reshape(group, rows, -1)
+            s += bias
             s -= s.max(-1, keepdims=True)
-            p = np.exp(s)
-            p /= p.sum(-1, keepdims=True)
-            out[start:stop, h] = p @ vh
+            np.exp(s, out=s)
+            s /= s.sum(-1, keepdims=True)
+            o = s.reshape(group * rows, -1) @ v[lo:stop, g]
+            out[start:stop, g * group:(g + 1) * group] = o.reshape(group, rows, -1).transpose(1, 0, 2)
     return out
 
 

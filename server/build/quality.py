@@ -82,26 +82,42 @@ def compare_kernels(reference: Path, candidate: Path, kernels: list[str | None],
     return results
 
 
+class Agreement:
+    """The measures' running totals, fed some positions at a time (logits [n, V] of both models and
+    the n tokens that followed), so neither model's logits of a long text need be held whole."""
+
+    def __init__(self) -> None:
+        self.positions = 0
+        self.same = self.kl_sum = self.ref_nll = self.cand_nll = 0.0
+
+    def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray, targets: np.ndarray) -> None:
+        lp_ref = log_softmax(np.asarray(ref_logits, dtype=np.float64))
+        lp_cand = log_softmax(np.asarray(cand_logits, dtype=np.float64))
+        self.same += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
+        self.kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
+        rows = np.arange(len(targets))
+        self.ref_nll -= float(lp_ref[rows, targets].sum())
+        self.cand_nll -= float(lp_cand[rows, targets].sum())
+        self.positions += len(targets)
+
+    def result(self) -> dict[str, float]:
+        n = self.positions
+        return {
+            "tokens": n + 1,
+            "top1_agreement": self.same / n,
+            "mean_kl": self.kl_sum / n,
+            "perplexity_reference": float(np.exp(self.ref_nll / n)),
+            "perplexity": float(np.exp(self.cand_nll / n)),
+        }
+
+
 def _agreement(ref_logits: np.ndarray, cand_logits: np.ndarray, tokens: list[int]) -> dict[str, float]:
     targets = np.asarray(tokens[1:])
-    same = kl_sum = ref_nll = cand_nll = 0.0
-    positions = len(tokens) - 1
-    for start in range(0, positions, 256):
-        stop = min(start + 256, positions)
-        lp_ref = log_softmax(ref_logits[start:stop].astype(np.float64))
-        lp_cand = log_softmax(cand_logits[start:stop].astype(np.float64))
-        same += float((lp_ref.argmax(-1) == lp_cand.argmax(-1)).sum())
-        kl_sum += float((np.exp(lp_ref) * (lp_ref - lp_cand)).sum())
-        rows = np.arange(stop - start)
-        ref_nll -= float(lp_ref[rows, targets[start:stop]].sum())
-        cand_nll -= float(lp_cand[rows, targets[start:stop]].sum())
-    return {
-        "tokens": positions + 1,
-        "top1_agreement": same / positions,
-        "mean_kl": kl_sum / positions,
-        "perplexity_reference": float(np.exp(ref_nll / positions)),
-        "perplexity": float(np.exp(cand_nll / positions)),
-    }
+    totals = Agreement()
+    for start in range(0, len(targets), 256):
+        stop = min(start + 256, len(targets))
+        totals.add(ref_logits[start:stop], cand_logits[start:stop], targets[start:stop])
+    return totals.result()
 
 
 def main() -> None:
