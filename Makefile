@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 GRPC_PORT ?= 50051
 HTTP_PORT ?= 8000
 
-.PHONY: setup model run serve bridge test test-fast mutation proto bench bench-peers bench-cluster lint browser node postgres haproxy espeak cluster clean
+.PHONY: setup model run serve bridge test test-fast test-gguf-files mutation proto bench bench-peers bench-cluster lint browser node postgres haproxy espeak cluster clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -87,13 +87,25 @@ bridge: setup
 # GPU, a CPU without the instruction set), so no end-to-end test passes by skipping; each tier
 # lists its skips (-rs) and its slowest tests (--durations).
 test: model node browser postgres haproxy espeak
-	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow"
+	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=10 -m "not slow and not gguf_files"
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=15 -m "slow and not serial" -n 2 --dist loadfile
 	TOKENWIRE_REQUIRE_ALL=1 $(BIN)/python -m pytest -q -rfEs --durations=5 -m "slow and serial"
 
 # The fast tier alone: scheduler, sampling, stores, ... on a fake engine; no model needed.
 test-fast: setup postgres haproxy
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not gguf_files"
+
+# The GGUF tokenizer against llama.cpp's recorded ids (tests/data/gguf_tokens.json) for the files make
+# test does not fetch (marker gguf_files): llama.cpp's own vocab-only GGUFs, read out of the
+# llama-cpp-python source archive (downloaded here into the peers' cache when missing), gemma3-270m
+# and qwen2.5-coder-0.5b (found in the store's .cache/ after their pull, or in TOKENWIRE_GGUF_DIRS).
+# A file not found fails the test; nothing is skipped.
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+TOKENWIRE_PEERS_CACHE ?= $(HOME)/.cache/tokenwire/peers
+test-gguf-files: setup
+	@[ -f "$(TOKENWIRE_PEERS_CACHE)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz" ] || \
+	  $(BIN)/pip download -q --no-binary :all: --no-deps "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" -d "$(TOKENWIRE_PEERS_CACHE)/src"
+	TOKENWIRE_REQUIRE_ALL=1 TOKENWIRE_PEERS_CACHE="$(TOKENWIRE_PEERS_CACHE)" $(BIN)/python -m pytest -q -rfEs -m gguf_files tests/build/test_gguf_tokenizer.py
 
 proto: setup
 	$(BIN)/python proto/generate.py
