@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenwire.server.engine.graph import NATIVE_GRAPH
+from tokenwire.server.models.process_memory import release_free_memory
 from tokenwire.server.models.store import (
     MANIFEST,
     ModelEntry,
@@ -343,9 +344,11 @@ def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: b
                 reader.close()
                 return _through_transformers(path, store, str(exc).split(": ", 1)[-1], parameters, name, force,
                                              check, progress)
+            release_free_memory()  # what building the tokenizer took (hundreds of MB for 262k tokens)
             progress(f"repacking {len(model.tensors)} tensors into the native graph ({NATIVE_GRAPH})")
             report = build_gguf_graph(model, reader, out)
             reader.close()
+            release_free_memory()
             _write_config(model, out)
             (out / GGUF_SOURCE_LINK).symlink_to(path)
             precision = f"gguf:{model.file_type}"
@@ -355,9 +358,6 @@ def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: b
             smoke = _smoke_and_install(out, target, existing, model_id, path, progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        if check:  # gguf_check.py: the served graph against the file's float reference, into the manifest
-            from .gguf_check import check_import
-            check_import(target, progress)
         return ImportResult(model_id, target, "gguf", precision, model.parameter_count, folder_size(target), smoke)
     finally:
         reader.close()
