@@ -8,7 +8,7 @@ tokens were used and, when fewer than the text's, why (a model too big for the w
 reference's time or memory budget).
 
 Both sides stream: the reference's hidden states [T, hidden] are kept, its logits and the served
-graph's are made and compared 256 positions at a time.
+graph's are made and compared 256 positions at a time (fewer for a large vocabulary).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .quality import DEFAULT_MAX_TOKENS, Agreement, eval_text
 
 SOURCE_LINK = "source.gguf"
 CHUNK = 256
+CHUNK_LOGITS = 16 << 20  # logits compared at once, at most (a 262k vocabulary: 64 positions)
 # The reference's work: about 2 x parameters x tokens flop in numpy (tens of GFLOP/s on two cores):
 # 4e12 is about a minute or two; beyond that the text is shortened.
 REFERENCE_FLOP_BUDGET = 4e12
@@ -72,6 +73,11 @@ def _layer_bytes(f: GGUFFile, itemsize: int) -> int:
     return max(per_layer.values(), default=0)
 
 
+def chunk_rows(n_vocab: int) -> int:
+    """Positions compared at a time: CHUNK, fewer for a large vocabulary."""
+    return max(8, min(CHUNK, CHUNK_LOGITS // max(1, n_vocab)))
+
+
 def reference_memory(f: GGUFFile, itemsize: int = 4) -> tuple[int, int]:
     """(bytes the reference and the comparison hold whatever the text's length, bytes per token):
     one layer's weights dequantized (with temporaries), the output matrix when kept, two models'
@@ -83,11 +89,11 @@ def reference_memory(f: GGUFFile, itemsize: int = 4) -> tuple[int, int]:
     ffn = int(down.shape[0]) if down is not None else 4 * hp.n_embd
     per_token = itemsize * (8 * hp.n_embd + 4 * ffn + 3 * hp.n_head * hp.head_dim)
     fixed = (3 * _layer_bytes(f, itemsize) + min(hp.n_vocab * hp.n_embd * itemsize, OUTPUT_KEEP_BYTES)
-             + 4 * CHUNK * hp.n_vocab * 8 + 3 * SCORES * itemsize)
+             + 6 * chunk_rows(hp.n_vocab) * hp.n_vocab * 8 + 3 * SCORES * itemsize)
     return fixed, per_token
 
 
-def plan(model_dir: Path, gguf: Path, max_tokens: int = DEFAULT_MAX_TOKENS, itemsize: int = 4,
+def plan(model_dir: Path, gguf: Path | GGUFFile, max_tokens: int = DEFAULT_MAX_TOKENS, itemsize: int = 4,
          memory: int | None = None) -> Plan:
     """The tokens to check: the fixed text, cut to `max_tokens`, then to what the reference can do
     within REFERENCE_FLOP_BUDGET and in half the memory available (its activations and attention
@@ -98,7 +104,7 @@ def plan(model_dir: Path, gguf: Path, max_tokens: int = DEFAULT_MAX_TOKENS, item
 
     text = TokenizerBundle(model_dir).encode(eval_text())
     tokens = text[:max_tokens]
-    f = GGUFFile(gguf)
+    f = gguf if isinstance(gguf, GGUFFile) else GGUFFile(gguf)
     params = sum(int(t.n_elements) for t in f.tensors.values())
     limits = {"time": (int(REFERENCE_FLOP_BUDGET / (2 * max(params, 1))),
                        f"{params / 1e9:.2f}B parameters: the reference's budget of {REFERENCE_FLOP_BUDGET:.0e} flop")}
@@ -157,18 +163,19 @@ def check_model(model_dir: Path, max_tokens: int = DEFAULT_MAX_TOKENS, dtype: ty
     """Checks an imported GGUF model's folder; returns (and with `write` records) its "quality"."""
     model_dir = Path(model_dir)
     gguf = source_gguf(model_dir)
-    p = plan(model_dir, gguf, max_tokens, np.dtype(dtype).itemsize)
     say = progress or (lambda _: None)
-    say(f"reference forward of {gguf.name} ({np.dtype(dtype).name}) over {len(p.tokens)} tokens"
-        + (f" (shortened from {min(p.text_tokens, max_tokens)}: {p.shortened_because})" if p.shortened_because else ""))
     started = time.monotonic()
-    reference = ReferenceModel(gguf, dtype)
+    reference = ReferenceModel(gguf, dtype)  # gguf.GGUFReader: seconds for a large vocabulary, so once
+    p = plan(model_dir, reference.file, max_tokens, np.dtype(dtype).itemsize)
+    say(f"reference forward of {gguf.resolve().name} ({np.dtype(dtype).name}) over {len(p.tokens)} tokens"
+        + (f" (shortened from {min(p.text_tokens, max_tokens)}: {p.shortened_because})" if p.shortened_because else ""))
     hidden = reference.hidden_states(p.tokens)
     ref_seconds = time.monotonic() - started
     say(f"served graph, teacher-forced one token per step over {len(p.tokens)} tokens")
     started = time.monotonic()
-    result: dict[str, Any] = compare_streams(reference.logit_chunks(hidden, CHUNK),
-                                             served_logits(model_dir, p.tokens, CHUNK), p.tokens)
+    rows = chunk_rows(reference.hp.n_vocab)
+    result: dict[str, Any] = compare_streams(reference.logit_chunks(hidden, rows),
+                                             served_logits(model_dir, p.tokens, rows), p.tokens)
     result.update({
         "reference": f"gguf_reference {np.dtype(dtype).name} forward of {SOURCE_LINK}",
         "method": "teacher-forced over the fixed text, the served graph one token per decode step",
