@@ -369,6 +369,8 @@ def write_tokenizer(source: Any, out_dir: str | Path) -> dict[str, Any]:
         "vocab_size": len(vocab.tokens),
         "bos_token_id": vocab.ids["bos"],
         "eos_token_id": vocab.ids["eos"],
+        "eot_token_id": vocab.ids["eot"],
+        "pad_token_id": vocab.ids["pad"],
         "eog_token_ids": vocab.eog,
         "turn_end_token_ids": _turn_ends(vocab),
         "add_bos": vocab.add_bos,
