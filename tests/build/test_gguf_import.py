@@ -18,10 +18,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import cli
-from gguf_fixtures import gguf_fixture, hf_fixture
+from gguf_fixtures import gguf_fixture, hf_fixture, llama3_rope_factors
 
 from tokenwire.server.build import gguf_graph, importer
+from tokenwire.server.build.gguf_model import Rope
 from tokenwire.server.build.gguf_reference import reference_logits
+from tokenwire.server.build.gguf_rope import frequencies
 from tokenwire.server.build.importer import ImportRefused, import_gguf, import_model
 from tokenwire.server.engine.graph import NATIVE_GRAPH
 from tokenwire.server.engine.paged_engine import PagedEngine
@@ -88,6 +90,37 @@ def test_each_architecture_decodes_as_the_reference(arch: str, tmp_path: Path) -
     assert manifest["precision"] == "gguf:Q4_K_M" and manifest["id"] == f"tiny-{arch}:q4_k_m"
     assert manifest["kernels"]["native"]["kv_layout"] == "paged"
     assert not (folder / "model.onnx").exists() and (folder / NATIVE_GRAPH).is_file()
+
+
+ROPE_VARIANTS = {
+    "llama3-factors": ("llama", {"rope_factors": llama3_rope_factors(64, 10000.0, factor=8.0, original_context=64)}),
+    "llama-partial": ("llama", {"rope_dims": 32}),  # interleaved pairs on half the dims, the rest passing
+    "phi3-partial": ("phi3", {"rope_dims": 48}),
+    "gemma3-linear": ("gemma3", {"rope_scale": 8.0}),  # the global layers' positions / 8, local ones not
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+def test_rope_variants_decode_as_the_reference(variant: str, tmp_path: Path) -> None:
+    arch, overrides = ROPE_VARIANTS[variant]
+    import_and_compare(gguf_fixture(arch, qtypes={"linear": "Q8_0"}, **overrides), tmp_path, variant)
+
+
+def test_yarn_and_linear_frequencies_equal_transformers() -> None:
+    """gguf_rope's angles and magnitude for YaRN and linear scaling, against transformers' rope
+    initialisers on the same parameters (what llama.cpp computes in ggml's rope_yarn)."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for scaling, extra in (("yarn", {"original_max_position_embeddings": 4096}), ("linear", {})):
+        config = PretrainedConfig(rope_theta=1e6, hidden_size=512, num_attention_heads=8, head_dim=64,
+                                  max_position_embeddings=16384,
+                                  rope_scaling={"rope_type": scaling, "factor": 4.0, **extra})
+        inv_freq, attention = ROPE_INIT_FUNCTIONS[scaling](config, "cpu")
+        ours, mscale = frequencies(Rope(base=1e6, dims=64, interleaved=False, scaling=scaling, factor=4.0,
+                                        original_context=4096))
+        np.testing.assert_allclose(ours, inv_freq.double().numpy(), rtol=1e-6)
+        assert mscale == pytest.approx(attention, rel=1e-6)
 
 
 def test_mixed_types_are_packed_as_the_file_has_them(tmp_path: Path) -> None:
