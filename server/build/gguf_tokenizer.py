@@ -338,6 +338,10 @@ def _configs(vocab: GGUFVocab) -> tuple[dict[str, Any], dict[str, Any], dict[str
         "add_eos_token": vocab.add_eos,
         "clean_up_tokenization_spaces": bool(vocab.pre_spec.clean_spaces) if vocab.pre_spec else False,
         "model_input_names": ["input_ids", "attention_mask"],
+        # The engine's own key (server/engine/tokenizer.py): every prompt starts with one BOS, as
+        # llama.cpp does for a file whose add_bos_token is set. add_bos_token alone is not enough:
+        # transformers' configs set it for SmolLM2, whose "BOS" is <|im_start|>.
+        "prompt_starts_with_bos": vocab.add_bos and ids["bos"] is not None,
     }
     if vocab.chat_template:
         tokenizer_config["chat_template"] = vocab.chat_template

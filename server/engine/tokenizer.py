@@ -52,6 +52,10 @@ class TokenizerBundle:
         # The vocabulary as the grammar engine reads it (constrained decoding), built on first use.
         self.grammar = GrammarTokenizer(folder / "tokenizer.json", min(eos) if eos else 0)
         self.bos_token = _token_text(tok_config.get("bos_token"))
+        # A model whose prompts must start with BOS (a GGUF's add_bos_token: gemma, llama), said by the
+        # key server/build/gguf_tokenizer.py writes; added once, when the template has not written it.
+        bos_id = self.tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        self._prompt_bos = bos_id if tok_config.get("prompt_starts_with_bos") is True else None
         self.eos_token = (
             self.tokenizer.id_to_token(min(eos)) if eos else _token_text(tok_config.get("eos_token"))
         ) or ""
@@ -101,7 +105,12 @@ class TokenizerBundle:
     def encode(self, text: str) -> list[int]:
         # Chat-templated text already carries its special tokens; the post-processor's BOS
         # (for SmolLM2 a stray <|im_start|>) would only be noise, so never add it.
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._with_bos(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self._prompt_bos is None or ids[:1] == [self._prompt_bos]:
+            return ids
+        return [self._prompt_bos, *ids]
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None) -> list[int]:
@@ -116,7 +125,7 @@ class TokenizerBundle:
         forged = [start for (start, end), token in zip(encoding.offsets, encoding.ids, strict=True)
                   if token in self._special_ids and any(a <= start and end <= b for a, b in spans)]
         if not forged:
-            return encoding.ids
+            return self._with_bos(encoding.ids)
         ids: list[int] = []
         at = 0
         for a, b in spans:  # template text parses its control tokens, message text does not
@@ -124,7 +133,7 @@ class TokenizerBundle:
             ids += self._plain.encode(text[a:b], add_special_tokens=False).ids if b > a else []
             at = b
         ids += self.tokenizer.encode(text[at:], add_special_tokens=False).ids if at < len(text) else []
-        return ids
+        return self._with_bos(ids)
 
     def _content_spans(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
                        text: str, tools: list[dict[str, Any]] | None = None,

@@ -351,3 +351,24 @@ def test_recorded_gguf_files_tokenize_as_llama_cpp(name: str, tmp_path_factory) 
     if entry["file"].startswith("gemma-3"):  # transformers 4.57 made "capital" into "▁c ap it al"
         tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         assert tok.encode("The capital", add_special_tokens=False).tokens == ["The", "▁capital"]
+
+
+def test_prompts_start_with_one_bos_where_the_file_asks(fixture_dir: Path, tmp_path: Path) -> None:
+    """llama.cpp starts every prompt of an add_bos_token file with BOS (gemma, llama): once, also
+    when the chat template writes it itself; a file without it gets none."""
+    spm = tmp_path / "spm"
+    write_tokenizer(write_fixture("spm", fixture_dir), spm)
+    config = json.loads((spm / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["prompt_starts_with_bos"] is True
+    config["chat_template"] = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (spm / "tokenizer_config.json").write_text(json.dumps(config))
+    bundle = TokenizerBundle(spm)
+    bos = bundle.tokenizer.token_to_id(bundle.bos_token)
+    plain = bundle.tokenizer.encode("Hello world", add_special_tokens=False).ids
+    assert bundle.encode("Hello world") == [bos, *plain]
+    chat = bundle.encode_chat([{"role": "user", "content": "Hello world"}], add_generation_prompt=False)
+    assert chat[0] == bos and chat.count(bos) == 1
+    bpe = tmp_path / "bpe"
+    write_tokenizer(write_fixture("bpe-qwen2", fixture_dir), bpe)
+    bundle = TokenizerBundle(bpe)
+    assert bundle.encode("Hello world") == bundle.tokenizer.encode("Hello world", add_special_tokens=False).ids
