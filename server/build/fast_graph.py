@@ -68,9 +68,9 @@ def native_unfit(config: ModelConfig) -> str:
     if config.model_type not in SUPPORTED or not config.heads:
         return f"no fast graph for model_type {config.model_type!r}"
     n_heads, kv_heads, head_dim, hidden = config.heads, config.kv_heads, config.head_dim, config.hidden_size
-    if (head_dim % 16 or head_dim > 128 or n_heads % kv_heads or n_heads // kv_heads > 8
+    if (head_dim % 16 or head_dim > 256 or n_heads % kv_heads or n_heads // kv_heads > 8
             or hidden % 32 or config.intermediate_size % 32):
-        return ("the native kernels need head_dim a multiple of 16 up to 128, at most 8 query heads per "
+        return ("the native kernels need head_dim a multiple of 16 up to 256, at most 8 query heads per "
                 "KV head, and hidden/intermediate sizes multiples of 32")
     return ""
 

@@ -13,8 +13,12 @@
    (one horizontal reduction per 16 keys), and softmax is computed online (running max and
    sum). Decoding splits a row's keys into chunks so that a single sequence uses every
    thread; the chunks' partial states are merged in tw_attention_finish. A query at position
-   p attends to positions 0..p; each result depends only on its own row, so a sequence
-   decodes the same alone or in a batch. This file is the AVX-512 version; tw_attention_avx2.c
+   p attends to positions 0..p, or with a sliding window W to max(0, p - W + 1)..p (tiles wholly
+   outside the window are never read: a task's keys start at its first query's window, rounded
+   down to a tile); an optional softcap bounds the scores (c * tanh(s / c), gemma2's
+   attn_logit_softcapping) before the softmax. Each result depends only on its own row (a row's
+   key chunks start where its own window does), so a sequence decodes the same alone or in a
+   batch. This file is the AVX-512 version; tw_attention_avx2.c
    is the same with 256-bit registers. */
 #include "tw_attention.h"
 #include "tw_isa.h"
@@ -41,6 +45,17 @@ TW_TARGET static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* cap * tanh(x / cap), as (1 - e^-2|y|) / (1 + e^-2|y|) with y = x / cap and x's sign: e^-2|y| <= 1
+   keeps exp512 in its range, and the absolute error (~cap * 2e-7) is that of rounding the score. */
+TW_TARGET static inline __m512 softcap512(__m512 x, float cap) {
+    const __m512 c = _mm512_set1_ps(cap), one = _mm512_set1_ps(1.0f);
+    const __m512 y = _mm512_div_ps(x, c);
+    const __m512 e = exp512(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int)0x80000000u));
+    return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), c);
+}
+
 /* Sixteen vectors -> one vector of their sums (lane i = sum of v[i]). */
 TW_TARGET static inline __m512 sum16(const __m512 *v) {
     __m512 s[8], u[4], w[2];
@@ -54,9 +69,19 @@ TW_TARGET static inline __m512 sum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
 }
 
+/* Where the keys of row b's query rows s0.. start: the window of query s0, rounded down to a tile
+   (tiles wholly before it are never read; 0 without a window). */
+static int64_t keys_from(const TwAttention *a, int64_t b, int64_t s0) {
+    const int64_t lo = tw_first_visible(a, a->seqlens[b] + 1 - a->seq + s0);
+    return lo - lo % TW_KEY_TILE;
+}
+
 int64_t tw_attention_plan(TwAttention *a) {
-    int64_t longest = 0;
-    for (int64_t b = 0; b < a->batch; b++) longest = a->seqlens[b] + 1 > longest ? a->seqlens[b] + 1 : longest;
+    int64_t longest = 0; /* the most keys a row's queries read, from its first tile read */
+    for (int64_t b = 0; b < a->batch; b++) {
+        const int64_t span = a->seqlens[b] + 1 - keys_from(a, b, 0);
+        longest = span > longest ? span : longest;
+    }
     a->query_blocks = (a->seq + TW_QUERY_BLOCK - 1) / TW_QUERY_BLOCK;
     a->key_chunks = a->seq == 1 ? (longest + TW_KEY_CHUNK - 1) / TW_KEY_CHUNK : 1;
     if (a->key_chunks < 1) a->key_chunks = 1;
@@ -107,13 +132,18 @@ TW_TARGET static inline __m512 load_half(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 
-TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
-    const int64_t d = a->head_dim, chunks = d / 16, group = a->heads / a->kv_heads;
+/* The body, inlined per head size (chunks = head_dim / 16) so that the common sizes' query and
+   accumulator vectors are sized and unrolled at compile time (a loop over 256-wide buffers cost
+   head_dim 64 ~10%). */
+TW_TARGET static inline __attribute__((always_inline)) void task_avx512_chunks(const TwAttention *a, int64_t task,
+                                                                               const int64_t chunks) {
+    const int64_t d = a->head_dim, group = a->heads / a->kv_heads;
     TwTask t;
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
     float *state = t.state;
     const int64_t slot = d + 2;
+    const float cap = a->softcap;
     if (j_begin >= j_end) return;
     float weights[TW_KEY_TILE];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TW_KEY_TILE) {
@@ -122,10 +152,10 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
         /* Keys and values are converted from fp16 where they are used: a converted copy of the
            tile costs more in stores than converting again for each head of the group. */
         for (int64_t s = s0; s < s1; s++) {
-            const int64_t pos = first + s; /* keys 0..pos are visible */
-            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
-            if (visible <= 0) continue;
-            const __mmask16 mask = (__mmask16)((1u << visible) - 1u);
+            int64_t lo, hi; /* the tile's keys j0 + lo .. j0 + hi - 1 are visible */
+            tw_tile_span(a, first + s, j0, n, &lo, &hi);
+            if (hi <= lo) continue;
+            const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
             for (int64_t hg = 0; hg < group; hg++) {
                 const int64_t at = (s - s0) * group + hg;
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
@@ -141,7 +171,9 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
                     for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[c], load_half(kr + 16 * c), acc);
                     dots[k] = acc;
                 }
-                const __m512 scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), sum16(dots));
+                __m512 scores = sum16(dots);
+                if (cap > 0.0f) scores = softcap512(scores, cap);
+                scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), scores);
                 float *st = state + at * slot;
                 const float tile_max = _mm512_reduce_max_ps(scores);
                 const float new_max = tile_max > st[0] ? tile_max : st[0];
@@ -154,7 +186,7 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
                 __m512 out[TW_MAX_HEAD_DIM / 16];
                 const __m512 corr = _mm512_set1_ps(correction);
                 for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), corr);
-                for (int64_t k = 0; k < visible; k++) {
+                for (int64_t k = lo; k < hi; k++) {
                     const __m512 w = _mm512_set1_ps(weights[k]);
                     const uint16_t *vr = values + k * d;
                     for (int64_t c = 0; c < chunks; c++) out[c] = _mm512_fmadd_ps(w, load_half(vr + 16 * c), out[c]);
@@ -162,6 +194,15 @@ TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
                 for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + 16 * c, out[c]);
             }
         }
+    }
+}
+
+TW_TARGET static void task_avx512(const TwAttention *a, int64_t task) {
+    switch (a->head_dim) {
+    case 64: task_avx512_chunks(a, task, 4); break;
+    case 128: task_avx512_chunks(a, task, 8); break;
+    case 256: task_avx512_chunks(a, task, 16); break;
+    default: task_avx512_chunks(a, task, a->head_dim / 16); break;
     }
 }
 
@@ -183,6 +224,7 @@ TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(c
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
     const int64_t slot = d + 2;
+    const float cap = a->softcap;
     if (j_begin >= j_end) return;
     float tails[2 * TW_MAX_HEAD_DIM], vs[TW_KV_BLOCK], vm[TW_KV_BLOCK], qs[TW_MAX_GROUP][TW_MAX_HEAD_DIM];
     float weights[TW_MAX_GROUP][TW_KV_BLOCK], corr[TW_MAX_GROUP], base[TW_MAX_GROUP], shift[TW_MAX_GROUP];
@@ -197,10 +239,10 @@ TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(c
             if (k < n) tw_kv8_value_scale(values + k * rb, d, &vs[k], &vm[k]);
         }
         for (int64_t s = s0; s < s1; s++) {
-            const int64_t pos = first + s;
-            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
-            if (visible <= 0) continue;
-            const __mmask16 mask = (__mmask16)((1u << visible) - 1u);
+            int64_t lo, hi; /* the block's keys j0 + lo .. j0 + hi - 1 are visible */
+            tw_tile_span(a, first + s, j0, n, &lo, &hi);
+            if (hi <= lo) continue;
+            const __mmask16 mask = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
             for (int64_t hg = 0; hg < group; hg++) {
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
                 __m512 at_min = _mm512_setzero_ps();
@@ -214,7 +256,7 @@ TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(c
             for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
                 __m512 acc[TW_MAX_GROUP];
                 for (int64_t hg = 0; hg < group; hg++) acc[hg] = _mm512_setzero_ps();
-                if (k < visible) {
+                if (k < hi) { /* keys before lo: scored, then masked */
                     const uint8_t *kr = keys + k * rb;
                     for (int64_t c = 0; c < chunks; c++) {
                         const __m512 kf = load_u8(kr + 16 * c);
@@ -225,8 +267,9 @@ TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(c
                 for (int64_t hg = 0; hg < group; hg++) dots[hg][k] = acc[hg];
             }
             for (int64_t hg = 0; hg < group; hg++) {
-                const __m512 scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY),
-                                                           _mm512_add_ps(sum16(dots[hg]), _mm512_set1_ps(base[hg])));
+                __m512 scores = _mm512_add_ps(sum16(dots[hg]), _mm512_set1_ps(base[hg]));
+                if (cap > 0.0f) scores = softcap512(scores, cap);
+                scores = _mm512_mask_blend_ps(mask, _mm512_set1_ps(-INFINITY), scores);
                 float *st = t.state + ((s - s0) * group + hg) * slot;
                 const float tile_max = _mm512_reduce_max_ps(scores);
                 const float new_max = tile_max > st[0] ? tile_max : st[0];
@@ -245,15 +288,15 @@ TW_TARGET static inline __attribute__((always_inline)) void task8_avx512_group(c
                     out[hg] = _mm512_fmadd_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[hg]), _mm512_set1_ps(shift[hg]));
                     odd[hg] = _mm512_setzero_ps();
                 }
-                int64_t k = 0;
-                for (; k + 1 < visible; k += 2) {
+                int64_t k = lo;
+                for (; k + 1 < hi; k += 2) {
                     const __m512 v0 = load_u8(values + k * rb + 16 * c), v1 = load_u8(values + (k + 1) * rb + 16 * c);
                     for (int64_t hg = 0; hg < group; hg++) {
                         out[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k]), v0, out[hg]);
                         odd[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k + 1]), v1, odd[hg]);
                     }
                 }
-                if (k < visible) {
+                if (k < hi) {
                     const __m512 v0 = load_u8(values + k * rb + 16 * c);
                     for (int64_t hg = 0; hg < group; hg++)
                         out[hg] = _mm512_fmadd_ps(_mm512_set1_ps(weights[hg][k]), v0, out[hg]);
@@ -287,7 +330,7 @@ void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t) {
     t->first = total - a->seq;
     t->s0 = qb * TW_QUERY_BLOCK;
     t->s1 = t->s0 + TW_QUERY_BLOCK < a->seq ? t->s0 + TW_QUERY_BLOCK : a->seq;
-    t->j_begin = a->key_chunks > 1 ? kc * TW_KEY_CHUNK : 0;
+    t->j_begin = keys_from(a, t->b, t->s0) + (a->key_chunks > 1 ? kc * TW_KEY_CHUNK : 0);
     t->j_end = a->key_chunks > 1 ? t->j_begin + TW_KEY_CHUNK : total;
     if (t->j_end > t->first + t->s1) t->j_end = t->first + t->s1; /* the block's last query sees keys < first + s1 */
     t->state = a->partial + task * a->partial_stride; /* per (query, head): max, sum, acc[d] */

@@ -9,7 +9,7 @@
 #define TW_QUERY_BLOCK 32  /* query rows per prefill task */
 #define TW_KEY_CHUNK 256   /* keys per decode task (a row's keys are split over tasks) */
 #define TW_KEY_TILE 16     /* keys scored together (a page holds a multiple of them) */
-#define TW_MAX_HEAD_DIM 128
+#define TW_MAX_HEAD_DIM 256 /* a multiple of 16 up to this (gemma3: 256) */
 #define TW_MAX_GROUP 8      /* query heads per KV head */
 #define TW_KV_BLOCK 16     /* int8 cache: positions that share a key's per-channel scales */
 
@@ -19,6 +19,8 @@ enum { TW_KV_FP16 = 0, TW_KV_INT8 = 1 };
 typedef struct {
     int64_t batch, seq, heads, kv_heads, head_dim, capacity, max_pos;
     float scale;
+    int64_t window;         /* sliding_window: a query at p sees keys max(0, p - window + 1)..p; 0 = all */
+    float softcap;          /* scores = softcap * tanh(scores / softcap) before softmax; 0 = none */
     const float *qkv;       /* [batch, seq, (heads + 2 kv_heads) * head_dim] */
     int kv_format;          /* TW_KV_FP16 (key, value) or TW_KV_INT8 (key8, value8) */
     uint16_t *key, *value;  /* fp16 [batch, kv_heads, capacity, head_dim], updated in place; paged:
@@ -57,6 +59,23 @@ static inline int64_t tw_kv8_offset(const TwAttention *a, int64_t b, int64_t kv,
     if (a->pages == NULL) return ((b * a->kv_heads + kv) * a->capacity + pos) * a->row_bytes;
     const int64_t page = a->pages[b * a->pages_per_row + pos / a->capacity];
     return ((page * a->kv_heads + kv) * a->capacity + pos % a->capacity) * a->row_bytes;
+}
+
+/* The first key position the query at position pos sees. Key j is visible iff j <= pos and
+   pos - j < window: transformers' sliding-window mask (masking_utils.sliding_window_overlay,
+   kv_idx > q_idx - sliding_window, used by gemma2/gemma3) and llama.cpp's LLAMA_SWA_TYPE_STANDARD
+   (masked iff p1 - p0 >= n_swa) agree, so a window of W keeps W keys, the query's own included. */
+static inline int64_t tw_first_visible(const TwAttention *a, int64_t pos) {
+    const int64_t lo = a->window > 0 ? pos - a->window + 1 : 0;
+    return lo > 0 ? lo : 0;
+}
+
+/* The keys of the tile [j0, j0 + n) that the query at position pos sees: [j0 + *lo, j0 + *hi),
+   none when *hi <= *lo. */
+static inline void tw_tile_span(const TwAttention *a, int64_t pos, int64_t j0, int64_t n, int64_t *lo, int64_t *hi) {
+    const int64_t from = tw_first_visible(a, pos) - j0, to = pos + 1 - j0;
+    *lo = from > 0 ? from : 0;
+    *hi = to < n ? to : n;
 }
 
 void tw_task_begin(const TwAttention *a, int64_t task, TwTask *t);

@@ -26,6 +26,23 @@ TW_AVX2 static inline __m256 exp256(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
 }
 
+/* cap * tanh(x / cap), as tw_attention.c's softcap512. */
+TW_AVX2 static inline __m256 softcap256(__m256 x, float cap) {
+    const __m256 c = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f), sign_bit = _mm256_set1_ps(-0.0f);
+    const __m256 y = _mm256_div_ps(x, c);
+    const __m256 e = exp256(_mm256_mul_ps(_mm256_andnot_ps(sign_bit, y), _mm256_set1_ps(-2.0f)));
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_mul_ps(_mm256_or_ps(t, _mm256_and_ps(sign_bit, y)), c);
+}
+
+/* Lanes lo <= i < hi of eight (i = 0..7), as a blend mask. */
+TW_AVX2 static inline __m256 lanes_between(int64_t lo, int64_t hi) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i below_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)hi), lanes);
+    const __m256i below_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)lo), lanes);
+    return _mm256_castsi256_ps(_mm256_andnot_si256(below_lo, below_hi));
+}
+
 /* Eight vectors -> one vector of their sums (lane i = sum of v[i]). */
 TW_AVX2 static inline __m256 sum8(const __m256 *v) {
     const __m256 a = _mm256_hadd_ps(v[0], v[1]), b = _mm256_hadd_ps(v[2], v[3]);
@@ -44,23 +61,25 @@ TW_AVX2 void tw_store_half_avx2(const float *x, int64_t d, uint16_t *row) {
         _mm_storeu_si128((__m128i *)(row + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
-TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
-    const int64_t d = a->head_dim, chunks = d / 8, group = a->heads / a->kv_heads;
+/* The body, inlined per head size (chunks = head_dim / 8), as tw_attention.c's task_avx512. */
+TW_AVX2 static inline __attribute__((always_inline)) void task_avx2_chunks(const TwAttention *a, int64_t task,
+                                                                           const int64_t chunks) {
+    const int64_t d = a->head_dim, group = a->heads / a->kv_heads;
     TwTask t;
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
     float *state = t.state;
     const int64_t slot = d + 2;
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const float cap = a->softcap;
     float weights[TILE8];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += TILE8) {
         const int64_t n = j_end - j0 < TILE8 ? j_end - j0 : TILE8;
         const uint16_t *keys = a->key + tw_kv_offset(a, b, kv, j0), *values = a->value + tw_kv_offset(a, b, kv, j0);
         for (int64_t s = s0; s < s1; s++) {
-            const int64_t pos = first + s;
-            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
-            if (visible <= 0) continue;
-            const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible), lanes));
+            int64_t lo, hi; /* the tile's keys j0 + lo .. j0 + hi - 1 are visible */
+            tw_tile_span(a, first + s, j0, n, &lo, &hi);
+            if (hi <= lo) continue;
+            const __m256 keep = lanes_between(lo, hi);
             for (int64_t hg = 0; hg < group; hg++) {
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
                 __m256 q[TW_MAX_HEAD_DIM / 8], dots[TILE8];
@@ -75,7 +94,9 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
                     for (int64_t c = 1; c < chunks; c++) acc = _mm256_fmadd_ps(q[c], load_half8(kr + 8 * c), acc);
                     dots[k] = acc;
                 }
-                const __m256 scores = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), sum8(dots), keep);
+                __m256 scores = sum8(dots);
+                if (cap > 0.0f) scores = softcap256(scores, cap);
+                scores = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), scores, keep);
                 float *st = state + ((s - s0) * group + hg) * slot;
                 const float tile_max = hmax8(scores);
                 const float new_max = tile_max > st[0] ? tile_max : st[0];
@@ -85,17 +106,31 @@ TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
                 st[1] = st[1] * correction + hsum8(p);
                 _mm256_storeu_ps(weights, p);
                 float *acc = st + 2;
-                __m256 out[TW_MAX_HEAD_DIM / 8];
                 const __m256 corr = _mm256_set1_ps(correction);
-                for (int64_t c = 0; c < chunks; c++) out[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), corr);
-                for (int64_t k = 0; k < visible; k++) {
-                    const __m256 w = _mm256_set1_ps(weights[k]);
-                    const uint16_t *vr = values + k * d;
-                    for (int64_t c = 0; c < chunks; c++) out[c] = _mm256_fmadd_ps(w, load_half8(vr + 8 * c), out[c]);
+                /* 64 channels at a time: 8 accumulators stay in registers (16 ymm in all), where
+                   head_dim 256's 32 would be stored back for every key */
+                for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
+                    const int64_t width = chunks - c0 < 8 ? chunks - c0 : 8;
+                    __m256 out[8];
+                    for (int64_t c = 0; c < width; c++) out[c] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * (c0 + c)), corr);
+                    for (int64_t k = lo; k < hi; k++) {
+                        const __m256 w = _mm256_set1_ps(weights[k]);
+                        const uint16_t *vr = values + k * d + 8 * c0;
+                        for (int64_t c = 0; c < width; c++) out[c] = _mm256_fmadd_ps(w, load_half8(vr + 8 * c), out[c]);
+                    }
+                    for (int64_t c = 0; c < width; c++) _mm256_storeu_ps(acc + 8 * (c0 + c), out[c]);
                 }
-                for (int64_t c = 0; c < chunks; c++) _mm256_storeu_ps(acc + 8 * c, out[c]);
             }
         }
+    }
+}
+
+TW_AVX2 void tw_attention_task_avx2(const TwAttention *a, int64_t task) {
+    switch (a->head_dim) {
+    case 64: task_avx2_chunks(a, task, 8); break;
+    case 128: task_avx2_chunks(a, task, 16); break;
+    case 256: task_avx2_chunks(a, task, 32); break;
+    default: task_avx2_chunks(a, task, a->head_dim / 8); break;
     }
 }
 
@@ -114,8 +149,8 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
     tw_task_begin(a, task, &t);
     const int64_t b = t.b, kv = t.kv, s0 = t.s0, s1 = t.s1, first = t.first, j_begin = t.j_begin, j_end = t.j_end;
     const int64_t slot = d + 2;
+    const float cap = a->softcap;
     if (j_begin >= j_end) return;
-    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     float tails[2 * TW_MAX_HEAD_DIM], vs[TW_KV_BLOCK], vm[TW_KV_BLOCK], qs[TW_MAX_GROUP][TW_MAX_HEAD_DIM];
     float weights[TW_MAX_GROUP][TW_KV_BLOCK], corr[TW_MAX_GROUP], base[TW_MAX_GROUP], shift[TW_MAX_GROUP];
     __m256 spread[TW_MAX_GROUP][TW_KV_BLOCK]; /* each weight in all lanes: AVX2's FMA has no broadcast operand */
@@ -130,12 +165,11 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
             if (k < n) tw_kv8_value_scale(values + k * rb, d, &vs[k], &vm[k]);
         }
         for (int64_t s = s0; s < s1; s++) {
-            const int64_t pos = first + s;
-            const int64_t visible = pos + 1 - j0 < n ? pos + 1 - j0 : n;
-            if (visible <= 0) continue;
+            int64_t lo, hi; /* the block's keys j0 + lo .. j0 + hi - 1 are visible */
+            tw_tile_span(a, first + s, j0, n, &lo, &hi);
+            if (hi <= lo) continue;
             /* lanes of keys 0-7 and 8-15 that this query sees */
-            const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible), lanes));
-            const __m256 keep1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)visible - 8), lanes));
+            const __m256 keep0 = lanes_between(lo, hi), keep1 = lanes_between(lo - 8, hi - 8);
             for (int64_t hg = 0; hg < group; hg++) {
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
                 __m256 at_min = _mm256_setzero_ps(); /* q . minimums: every key's score starts there */
@@ -149,7 +183,7 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
             for (int64_t k = 0; k < TW_KV_BLOCK; k++) {
                 __m256 acc[TW_MAX_GROUP];
                 for (int64_t hg = 0; hg < group; hg++) acc[hg] = _mm256_setzero_ps();
-                if (k < visible) {
+                if (k < hi) { /* keys before lo: scored, then masked */
                     const uint8_t *kr = keys + k * rb;
                     for (int64_t c = 0; c < chunks; c++) {
                         const __m256 kf = load_u8x8(kr + 8 * c);
@@ -162,8 +196,13 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
             for (int64_t hg = 0; hg < group; hg++) {
                 const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
                 const __m256 at_min = _mm256_set1_ps(base[hg]);
-                const __m256 sc0 = _mm256_blendv_ps(minus_inf, _mm256_add_ps(sum8(dots[hg]), at_min), keep0);
-                const __m256 sc1 = _mm256_blendv_ps(minus_inf, _mm256_add_ps(sum8(dots[hg] + 8), at_min), keep1);
+                __m256 sc0 = _mm256_add_ps(sum8(dots[hg]), at_min), sc1 = _mm256_add_ps(sum8(dots[hg] + 8), at_min);
+                if (cap > 0.0f) {
+                    sc0 = softcap256(sc0, cap);
+                    sc1 = softcap256(sc1, cap);
+                }
+                sc0 = _mm256_blendv_ps(minus_inf, sc0, keep0);
+                sc1 = _mm256_blendv_ps(minus_inf, sc1, keep1);
                 float *st = t.state + ((s - s0) * group + hg) * slot;
                 const float tile_max = hmax8(_mm256_max_ps(sc0, sc1));
                 const float new_max = tile_max > st[0] ? tile_max : st[0];
@@ -179,7 +218,7 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
                 _mm256_storeu_ps(weights[hg] + 8, _mm256_mul_ps(p1, _mm256_loadu_ps(vs + 8)));
             }
             for (int64_t hg = 0; hg < group; hg++)
-                for (int64_t k = 0; k < visible; k++) spread[hg][k] = _mm256_set1_ps(weights[hg][k]);
+                for (int64_t k = lo; k < hi; k++) spread[hg][k] = _mm256_set1_ps(weights[hg][k]);
             for (int64_t c = 0; c < chunks; c++) {
                 /* even and odd keys in two sums: two FMA chains a head, not one 16 long */
                 __m256 out[TW_MAX_GROUP], odd[TW_MAX_GROUP];
@@ -188,15 +227,15 @@ TW_AVX2 static inline __attribute__((always_inline)) void tw_attention_task8_avx
                     out[hg] = _mm256_fmadd_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(corr[hg]), _mm256_set1_ps(shift[hg]));
                     odd[hg] = _mm256_setzero_ps();
                 }
-                int64_t k = 0;
-                for (; k + 1 < visible; k += 2) {
+                int64_t k = lo;
+                for (; k + 1 < hi; k += 2) {
                     const __m256 v0 = load_u8x8(values + k * rb + 8 * c), v1 = load_u8x8(values + (k + 1) * rb + 8 * c);
                     for (int64_t hg = 0; hg < group; hg++) {
                         out[hg] = _mm256_fmadd_ps(spread[hg][k], v0, out[hg]);
                         odd[hg] = _mm256_fmadd_ps(spread[hg][k + 1], v1, odd[hg]);
                     }
                 }
-                if (k < visible) {
+                if (k < hi) {
                     const __m256 v0 = load_u8x8(values + k * rb + 8 * c);
                     for (int64_t hg = 0; hg < group; hg++) out[hg] = _mm256_fmadd_ps(spread[hg][k], v0, out[hg]);
                 }

@@ -206,15 +206,68 @@ static const TwCustomOp linear_op = TW_OP(linear);
    page kv_pages[b, p / page size], so each row holds only the pages its length needs.
    Outputs: attention float [B, S, H D], present_key / present_value (the past buffers when bound
    to the same memory, as the engine does; else a copy is made first).
-   Attributes: num_heads, kv_num_heads, scale, and kv_format: "float16" (the default) or "int8",
-   where the caches are uint8 with rows of D + D/4 bytes in place of D halves (tw_kv8.c). */
+   Attributes: num_heads, kv_num_heads, scale (any value: it multiplies the rotated queries), and
+   kv_format: "float16" (the default) or "int8", where the caches are uint8 with rows of D + D/4
+   bytes in place of D halves (tw_kv8.c); optionally sliding_window (int, 0 = none: a query at
+   position p sees keys max(0, p - window + 1)..p) and softcap (float, 0 = none: scores =
+   softcap * tanh(scores / softcap) after the scale, before the softmax), with either format.
+   D (the head size) is a multiple of 16 up to 256; where the graph declares the shapes of qkv or
+   the caches, a bad D is refused when the session is created. Per-head q/k norms (qwen3, gemma3)
+   belong to the graph, before this op: it takes q and k as given and rotates them. */
 
 typedef struct {
     const OrtApi *api;
-    int64_t heads, kv_heads;
-    float scale;
+    int64_t heads, kv_heads, window;
+    float scale, softcap;
     int kv_format;
 } AttentionKernel;
+
+/* Why head size d cannot run (NULL when it can). */
+static const char *head_dim_problem(int64_t d) {
+    return d <= 0 || d % 16 || d > TW_MAX_HEAD_DIM ? "tokenwire Attention: head size must be a multiple of 16, at most 256"
+                                                   : NULL;
+}
+
+/* The dims input i is declared with in the graph (-1 for a symbolic one); 0 (rank) when unknown. */
+static size_t declared_shape(const OrtApi *api, const OrtKernelInfo *info, size_t i, int64_t *dims) {
+    OrtTypeInfo *type = NULL;
+    const OrtTensorTypeAndShapeInfo *tensor = NULL;
+    size_t rank = 0;
+    OrtStatus *st = TW_API(api, KernelInfo_GetInputTypeInfo)(info, i, &type);
+    if (st == NULL && type != NULL) st = TW_API(api, CastTypeInfoToTensorInfo)(type, &tensor);
+    if (st == NULL && tensor != NULL) st = TW_API(api, GetDimensionsCount)(tensor, &rank);
+    if (st == NULL && tensor != NULL && rank <= 8) st = TW_API(api, GetDimensions)(tensor, dims, rank);
+    if (st != NULL || tensor == NULL || rank > 8) rank = 0;
+    if (st != NULL) TW_API(api, ReleaseStatus)(st);
+    if (type != NULL) TW_API(api, ReleaseTypeInfo)(type);
+    return rank;
+}
+
+/* The head size the graph's declared shapes give (qkv's width, else the caches' rows); 0 if unknown. */
+static int64_t declared_head_dim(const AttentionKernel *kernel, const OrtKernelInfo *info) {
+    int64_t dims[8];
+    const int64_t width = kernel->heads + 2 * kernel->kv_heads;
+    if (declared_shape(kernel->api, info, 0, dims) == 3 && dims[2] > 0 && dims[2] % width == 0) return dims[2] / width;
+    if (declared_shape(kernel->api, info, 1, dims) == 4 && dims[3] > 0) {
+        if (kernel->kv_format != TW_KV_INT8) return dims[3];
+        return dims[3] % 5 ? 0 : dims[3] / 5 * 4; /* int8 rows: D + D/4 bytes (else refused at run) */
+    }
+    return 0;
+}
+
+/* The optional attributes sliding_window and softcap (0 when absent). */
+static void read_window_softcap(const OrtApi *api, const OrtKernelInfo *info, AttentionKernel *kernel) {
+    OrtStatus *st = TW_API(api, KernelInfoGetAttribute_int64)(info, "sliding_window", &kernel->window);
+    if (st != NULL) {
+        TW_API(api, ReleaseStatus)(st);
+        kernel->window = 0;
+    }
+    st = TW_API(api, KernelInfoGetAttribute_float)(info, "softcap", &kernel->softcap);
+    if (st != NULL) {
+        TW_API(api, ReleaseStatus)(st);
+        kernel->softcap = 0.0f;
+    }
+}
 
 /* The optional string attribute kv_format: TW_KV_FP16 when absent, -1 when not a known format. */
 static int read_kv_format(const OrtApi *api, const OrtKernelInfo *info) {
@@ -249,6 +302,22 @@ static OrtStatus *attention_create(const TwCustomOp *op, const OrtApi *api, cons
     if (kernel->kv_format < 0) {
         free(kernel);
         return fail(api, "tokenwire Attention: kv_format must be \"float16\" or \"int8\"");
+    }
+    read_window_softcap(api, info, kernel);
+    const char *why = kernel->window < 0 ? "tokenwire Attention: sliding_window must be 0 (none) or a positive number "
+                                           "of positions"
+                      : !(kernel->softcap >= 0.0f && kernel->softcap <= 3.0e38f)
+                          ? "tokenwire Attention: softcap must be 0 (none) or a positive finite number"
+                          : NULL;
+    const int64_t d = why == NULL ? declared_head_dim(kernel, info) : 0;
+    char message[160];
+    if (why == NULL && d != 0 && head_dim_problem(d) != NULL) {
+        snprintf(message, sizeof message, "%s (the graph's shapes give %lld)", head_dim_problem(d), (long long)d);
+        why = message;
+    }
+    if (why != NULL) {
+        free(kernel);
+        return fail(api, why);
     }
     *out = kernel;
     return NULL;
@@ -307,15 +376,14 @@ static OrtStatus *attention_compute(void *opaque, OrtKernelContext *ctx) {
     const int int8 = kernel->kv_format == TW_KV_INT8;
     TwAttention a = {.batch = qdims[0], .seq = qdims[1], .heads = kernel->heads, .kv_heads = kernel->kv_heads,
                      .head_dim = kdims[3], .capacity = kdims[2], .max_pos = cdims[0], .scale = kernel->scale,
-                     .kv_format = kernel->kv_format};
+                     .window = kernel->window, .softcap = kernel->softcap, .kv_format = kernel->kv_format};
     if (int8) { /* rows of D + D/4 bytes: D from the qkv width */
         const int64_t width = a.heads + 2 * a.kv_heads;
         a.head_dim = qdims[2] % width ? 0 : qdims[2] / width;
         a.row_bytes = a.head_dim + a.head_dim / 4;
     }
     const int64_t d = a.head_dim;
-    if (d <= 0 || d % 16 || d > TW_MAX_HEAD_DIM)
-        return fail(api, "tokenwire Attention: head size must be a multiple of 16, at most 128");
+    if (head_dim_problem(d) != NULL) return fail(api, head_dim_problem(d));
     if (qdims[2] != (a.heads + 2 * a.kv_heads) * d) return fail(api, "tokenwire Attention: qkv width is not (H + 2G) * D");
     if (kdims[1] != a.kv_heads || memcmp(kdims, vdims, 4 * sizeof(int64_t)) != 0)
         return fail(api, "tokenwire Attention: past key/value must both be [B, kv_num_heads, capacity, D]");

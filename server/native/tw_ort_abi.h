@@ -17,6 +17,7 @@ typedef struct OrtKernelContext OrtKernelContext;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+typedef struct OrtTypeInfo OrtTypeInfo;
 typedef struct OrtApi OrtApi;
 
 typedef struct OrtApiBase {
@@ -36,6 +37,7 @@ enum {
     TW_SLOT_CustomOpDomain_Add = 27,
     TW_SLOT_AddCustomOpDomain = 28,
     TW_SLOT_GetTensorMutableData = 51,
+    TW_SLOT_CastTypeInfoToTensorInfo = 55,
     TW_SLOT_GetTensorElementType = 60,
     TW_SLOT_GetDimensionsCount = 61,
     TW_SLOT_GetDimensions = 62,
@@ -48,7 +50,9 @@ enum {
     TW_SLOT_KernelContext_GetInput = 90,
     TW_SLOT_KernelContext_GetOutput = 91,
     TW_SLOT_ReleaseStatus = 93,
+    TW_SLOT_ReleaseTypeInfo = 98,
     TW_SLOT_ReleaseTensorTypeAndShapeInfo = 99,
+    TW_SLOT_KernelInfo_GetInputTypeInfo = 234,
     TW_SLOT_KernelContext_ParallelFor = 274,
 };
 
@@ -71,6 +75,9 @@ typedef OrtStatus *(*tw_KernelContext_GetInput)(const OrtKernelContext *ctx, siz
 typedef OrtStatus *(*tw_KernelContext_GetOutput)(OrtKernelContext *ctx, size_t index, const int64_t *dims,
                                                  size_t count, OrtValue **out);
 typedef void (*tw_ReleaseStatus)(OrtStatus *status);
+typedef OrtStatus *(*tw_CastTypeInfoToTensorInfo)(const OrtTypeInfo *info, const OrtTensorTypeAndShapeInfo **out);
+typedef void (*tw_ReleaseTypeInfo)(OrtTypeInfo *info);
+typedef OrtStatus *(*tw_KernelInfo_GetInputTypeInfo)(const OrtKernelInfo *info, size_t index, OrtTypeInfo **out);
 typedef void (*tw_ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo *info);
 typedef OrtStatus *(*tw_KernelContext_ParallelFor)(const OrtKernelContext *ctx, void (*fn)(void *, size_t),
                                                    size_t total, size_t num_batch, void *user);
