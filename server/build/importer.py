@@ -277,8 +277,11 @@ def _through_transformers(path: Path, store: ModelStore, why: str, parameters: i
 
 
 def _gguf_model_id(name: str | None, path: Path, file_type: str) -> str:
-    base = name or model_name(path)
-    return base if ":" in base else f"{base}:{file_type.lower()}"
+    """NAME:FILETYPE; the default NAME is the file's, without a trailing file type
+    (qwen2.5-0.5b-instruct-q4_k_m.gguf -> qwen2.5-0.5b-instruct:q4_k_m)."""
+    variant = file_type.lower()
+    base = name or re.sub(rf"[._-]{re.escape(variant)}$", "", model_name(path)) or model_name(path)
+    return base if ":" in base else f"{base}:{variant}"
 
 
 def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: bool = False, check: bool = True,
@@ -310,6 +313,10 @@ def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: b
     except GGUFCorrupt as exc:
         raise ImportRefused(f"refusing to import {path.name}: {exc}") from exc
     try:
+        parts = reader.field("split.count")
+        if isinstance(parts, int) and parts > 1:
+            raise ImportRefused(f"refusing to import {path.name}: it is one of {parts} parts of a split GGUF; join "
+                                "them first (llama.cpp's llama-gguf-split --merge FIRST_PART OUT.gguf)")
         parameters = sum(math.prod(t.shape) for t in reader.tensors)
         try:
             model = read_model(reader)

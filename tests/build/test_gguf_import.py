@@ -191,20 +191,30 @@ def test_an_unsupported_quant_type_is_refused_with_its_name(tmp_path: Path, monk
     assert len(calls) == 1
 
 
-def test_an_unsupported_architecture_falls_back_with_the_reason(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "tiny-gpt2.gguf"
-    writer = gguf.GGUFWriter(str(path), "gpt2")
+def _stub_gguf(path: Path, arch: str, **keys: int) -> Path:
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(1)
     writer.add_embedding_length(32)
+    for key, value in keys.items():
+        writer.add_uint16(key.replace("_", "."), value)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_an_unsupported_architecture_falls_back_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    path = _stub_gguf(tmp_path / "tiny-gpt2.gguf", "gpt2")
     said: list[str] = []
     monkeypatch.setattr(importer, "import_model", lambda *a, **k: "converted")
     assert import_gguf(path, _store(tmp_path), progress=said.append) == "converted"
     assert "architecture 'gpt2' is not supported by the native graph" in said[0]
+    # One part of a split file has half a model: refused, not converted.
+    split = _stub_gguf(tmp_path / "m-00001-of-00002.gguf", "llama", split_count=2)
+    with pytest.raises(ImportRefused, match="one of 2 parts of a split GGUF"):
+        import_gguf(split, _store(tmp_path), progress=said.append)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage header", "empty"])
@@ -229,10 +239,11 @@ def test_a_damaged_file_is_refused_and_the_store_is_unchanged(damage: str, tmp_p
 
 
 def test_the_folder_links_its_source_and_rm_keeps_the_file(tmp_path: Path) -> None:
-    src = tmp_path / "mine.gguf"
+    src = tmp_path / "Mine-F32.gguf"
     shutil.copy(gguf_fixture("qwen3"), src)
     store = _store(tmp_path)
     result = import_gguf(src, store, progress=lambda _: None, check=False)
+    assert result.model_id == "mine:f32"  # the file's name without its file type, then the type
     link = result.folder / importer.GGUF_SOURCE_LINK
     assert link.is_symlink() and link.resolve() == src.resolve()
     assert result.size_bytes < src.stat().st_size * 2  # the link is not counted as the folder's
