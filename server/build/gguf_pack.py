@@ -33,11 +33,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
-from .native_pack import TILE, pack_codes4, pack_codes8
+from .native_pack import TILE
 
 DOMAIN = "ai.tokenwire"
 SPAN = 32  # weights along K per tile-block of codes (one activation block of the kernel)
-_CHUNK_COLUMNS = 2048  # columns packed at a time (bounds the temporaries)
+_SLICE_WEIGHTS = 1 << 22  # weights packed at a time (bounds the temporaries to a few tens of MB)
 
 
 @dataclass(frozen=True)
@@ -121,48 +121,57 @@ def packed_nbytes(p: PackedBlocks) -> int:
 
 
 def _tiled(per_col: np.ndarray, tiles: int) -> np.ndarray:
-    """[cols, *rest] -> [tiles, *rest, 16], columns zero-padded to whole tiles."""
-    cols = per_col.shape[0]
-    padded = np.zeros((tiles * TILE, *per_col.shape[1:]), dtype=per_col.dtype)
-    padded[:cols] = per_col
-    moved = padded.reshape(tiles, TILE, *per_col.shape[1:])
-    return np.ascontiguousarray(np.moveaxis(moved, 1, -1))
+    """[cols, *rest] -> [tiles, *rest, 16], columns zero-padded to whole tiles (one strided copy)."""
+    cols, rest = per_col.shape[0], per_col.shape[1:]
+    out = np.zeros((tiles, *rest, TILE), dtype=per_col.dtype)
+    full, part = divmod(cols, TILE)
+    if full:
+        out[:full] = np.moveaxis(per_col[:full * TILE].reshape(full, TILE, *rest), 1, -1)
+    if part:
+        out[full, ..., :part] = np.moveaxis(per_col[full * TILE:], 0, -1)
+    return out
+
+
+def _byte_pairs(pairs: np.ndarray, tiles: int) -> np.ndarray:
+    """[cols, nb, m] uint16 (column c's byte pairs; uint8 [cols, nb, 2m] is viewed so) -> uint8
+    [tiles, nb, 32m] whose group i of 32 bytes holds every column's pair i at bytes 2c, 2c + 1."""
+    pairs = np.ascontiguousarray(pairs).view(np.uint16)
+    return _tiled(pairs, tiles).view(np.uint8).reshape(tiles, pairs.shape[1], 32 * pairs.shape[2])
+
+
+def _nibbles(runs: np.ndarray) -> np.ndarray:
+    """runs: uint8 [..., 32 r] of nibble bytes whose every 32 bytes C hold two runs of 32 codes, C's
+    low nibbles and C's high nibbles (Q4_0's 16 bytes: one run, low then high, when r = 1/2) ->
+    uint16 [..., 2r (runs), 8]: pair j of a run = bytes e = 0, 1 holding codes k = 4j + e (low
+    nibble) and 4j + 2 + e (high), native_pack.pack_codes4's order (widened to int16 they pair with
+    consecutive activation pairs in vpdpwssd). Computed on uint16 pairs of bytes, two at once."""
+    w = np.ascontiguousarray(runs).view(np.uint32)  # bytes 4j..4j+3: (4j + e, 4j + 2 + e) as two uint16
+    j = min(8, runs.shape[-1] // 4)  # pairs per run in one chunk
+    out = np.empty((*runs.shape[:-1], runs.shape[-1] // (4 * j), 2, j), dtype=np.uint16)
+    out[..., 0, :] = ((w & np.uint32(0x0F0F)) | ((w >> np.uint32(12)) & np.uint32(0xF0F0))).reshape(out[..., 0, :].shape)
+    out[..., 1, :] = (((w >> np.uint32(4)) & np.uint32(0x0F0F)) | ((w >> np.uint32(16)) & np.uint32(0xF0F0))).reshape(
+        out[..., 1, :].shape)
+    return out.reshape(*runs.shape[:-1], -1, 8)
 
 
 def _high_plane(high: np.ndarray, width: int, tiles: int) -> np.ndarray:
-    """high: uint8 [cols, K] of the bits above the nibble (width 1 for Q5, 2 for Q6_K) ->
-    [tiles, K/32, 64 * width]. Byte B of the nibble bytes' group j holds two codes, a slot each:
-    u = 2j (low nibble) and 2j + 1 (high nibble). Their high bits sit at byte B of high group
-    u // (8 / width), bit (u % (8 / width)) * width: shifted into place and or-ed onto the nibbles
-    with byte-wide shifts and masks before the codes are widened."""
-    cols, k = high.shape
+    """high: uint8 [cols, nb, 32] of the bits above the nibble (width 1 for Q5, 2 for Q6_K) ->
+    [tiles, nb, 64 * width]. Byte 2c + e of nibble group j holds two codes, a slot each: u = 2j (low
+    nibble, k = 4j + e) and 2j + 1 (high, k = 4j + 2 + e), so k = 2u + e. Their high bits sit at
+    byte 2c + e of high group u // (8 / width), bit (u % (8 / width)) * width: shifted into place
+    and or-ed onto the nibbles with byte-wide shifts and masks before the codes are widened."""
+    cols, nb, _ = high.shape
     per = 8 // width
-    padded = np.zeros((tiles * TILE, k), dtype=np.uint8)
-    padded[:cols] = high
-    g = padded.reshape(tiles, TILE, k // SPAN, 8, 2, 2).transpose(0, 2, 3, 4, 1, 5)  # [t, b, j, h, c, p]
-    g = g.reshape(tiles, k // SPAN, 16 // per, per, 32)  # [t, b, group, slot in it, byte 2c + p]
-    shifts = (np.arange(per, dtype=np.uint8) * width).reshape(1, 1, 1, per, 1)
-    return np.bitwise_or.reduce(g << shifts, axis=3).reshape(tiles, k // SPAN, 64 * width)
-
-
-def _nibbles(q: np.ndarray, tiles: int) -> np.ndarray:
-    """q: uint8 [cols, K] -> pack_codes4 of its low 4 bits as [tiles, K/32, 256]."""
-    return pack_codes4(q & 0x0F).reshape(tiles, q.shape[1] // SPAN, 256)
+    h = np.ascontiguousarray(high).view(np.uint16).reshape(-1, per)  # [(c, b, group), slot]: e in the bytes
+    acc = h[:, 0].copy()
+    for slot in range(1, per):
+        acc |= h[:, slot] << np.uint16(slot * width)
+    return _byte_pairs(acc.reshape(cols, nb, -1), tiles)
 
 
 def _fp16(raw: np.ndarray, at: int) -> np.ndarray:
     """The fp16 field at byte `at` of each block: [cols, blocks] float16."""
     return np.ascontiguousarray(raw[..., at:at + 2]).view(np.float16)[..., 0]
-
-
-def _low_high(qs: np.ndarray) -> np.ndarray:
-    """32-element blocks stored as 16 bytes (elements i and i + 16 in one byte): [..., 16] -> [..., 32]."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _qh_bits(qh: np.ndarray) -> np.ndarray:
-    """Q5_0 / Q5_1's 4 bytes of fifth bits (little-endian, bit i = element i) -> [..., 32] of 0/1."""
-    return np.unpackbits(qh, axis=-1, bitorder="little")
 
 
 def scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -174,10 +183,19 @@ def scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def _shifted(a: np.ndarray, shifts: list[int], mask: int, axis: int) -> np.ndarray:
+    """(a >> s) & mask for each s (bytes, the last axis a multiple of 8), stacked along a new axis;
+    computed eight bytes at a time."""
+    v = np.ascontiguousarray(a).view(np.uint64)
+    m = np.uint64(int.from_bytes(bytes([mask]) * 8, "little"))
+    return np.stack([((v >> np.uint64(s)) & m).view(np.uint8) for s in shifts], axis=axis)
+
+
 def _pack_slice(qtype: int, blocks: np.ndarray, k: int, tiles: int) -> tuple[np.ndarray, np.ndarray]:
     """blocks: uint8 [cols, K/block, type_size] of whole tiles' columns (the last slice may be
     short) -> (codes [tiles, ...], meta [tiles, ...]) as uint8."""
     cols = blocks.shape[0]
+    kb = k // SPAN
     empty = np.zeros((tiles, 0), dtype=np.uint8)
     if qtype in _FLOAT:
         dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[T(qtype)]
@@ -189,40 +207,35 @@ def _pack_slice(qtype: int, blocks: np.ndarray, k: int, tiles: int) -> tuple[np.
         return _tiled(per, tiles).view(np.uint8).reshape(tiles, -1)
 
     if qtype == T.Q8_0:
-        q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(cols, k)
-        return pack_codes8(q).reshape(tiles, -1), fp16_meta(_fp16(blocks, 0))
+        return _byte_pairs(blocks[..., 2:], tiles).reshape(tiles, -1), fp16_meta(_fp16(blocks, 0))
     if qtype in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
         with_min = qtype in (T.Q4_1, T.Q5_1)
         five = qtype in (T.Q5_0, T.Q5_1)
         at = 4 if with_min else 2
-        q = _low_high(blocks[..., at + 4 * five:]).reshape(cols, k)
-        codes = _nibbles(q, tiles)
-        if five:
-            codes = np.concatenate([codes, _high_plane(_qh_bits(blocks[..., at:at + 4]).reshape(cols, k), 1, tiles)], -1)
+        codes = _byte_pairs(_nibbles(blocks[..., at + 4 * five:]).reshape(cols, kb, 8), tiles)
+        if five:  # qh: 4 bytes, little-endian, bit i = element i
+            high = np.unpackbits(blocks[..., at:at + 4], axis=-1, bitorder="little")
+            codes = np.concatenate([codes, _high_plane(high, 1, tiles)], -1)
         meta = fp16_meta(_fp16(blocks, 0), _fp16(blocks, 2)) if with_min else fp16_meta(_fp16(blocks, 0))
         return codes.reshape(tiles, -1), meta
     nsb = k // 256
     if qtype in (T.Q4_K, T.Q5_K):
         sc, mn = scale_min_k4(blocks[..., 4:16])  # [cols, nsb, 8]
-        qs = blocks[..., -128:].reshape(cols, nsb, 4, 1, 32)  # sub-block 2j: low nibbles of chunk j, 2j+1: high
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(cols, k)
-        codes = _nibbles(q, tiles)
-        if qtype == T.Q5_K:
-            qh = blocks[..., 16:48].reshape(cols, nsb, 1, 32)  # sub-block s's fifth bits: bit s of qh[l]
-            high = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1
-            codes = np.concatenate([codes, _high_plane(high.reshape(cols, k), 1, tiles)], -1)
+        # sub-block 2m: the low nibbles of qs's chunk m of 32 bytes, 2m + 1: its high nibbles
+        codes = _byte_pairs(_nibbles(blocks[..., -128:]).reshape(cols, kb, 8), tiles)
+        if qtype == T.Q5_K:  # sub-block s's fifth bits: bit s of qh[l]
+            high = _shifted(blocks[..., 16:48], list(range(8)), 1, 2).reshape(cols, kb, 32)
+            codes = np.concatenate([codes, _high_plane(high, 1, tiles)], -1)
         dd = _tiled(np.stack([_fp16(blocks, 0), _fp16(blocks, 2)], axis=2), tiles)  # [t, nsb, 2, 16]
         scm = _tiled(np.stack([sc, mn], axis=2), tiles)  # [t, nsb, 2, 8, 16]
         meta = np.concatenate([dd.view(np.uint8).reshape(tiles, nsb, 64), scm.reshape(tiles, nsb, 256)], -1)
         return codes.reshape(tiles, -1), meta.reshape(tiles, -1)
-    if qtype == T.Q6_K:
-        ql = blocks[..., 0:128].reshape(cols, nsb, 2, 1, 2, 32)  # [h, shift, half of 64, l]
-        low = (ql >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1, 1)) & 0x0F  # element h*128+s*32+l
-        qh = blocks[..., 128:192].reshape(cols, nsb, 2, 1, 32)
-        high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-        low = low.reshape(cols, k)
-        high = high.reshape(cols, k)
-        codes = np.concatenate([_nibbles(low, tiles), _high_plane(high, 2, tiles)], -1)
+    if qtype == T.Q6_K:  # element h*128 + s*32 + l: ql[h*64 + (s%2)*32 + l] >> 4*(s//2), qh[h*32 + l] >> 2s
+        low = _nibbles(blocks[..., 0:128].reshape(cols, nsb, 2, 2, 32))  # [h, s % 2, s // 2 (low, high), 8]
+        low = np.ascontiguousarray(low.transpose(0, 1, 2, 4, 3, 5))  # [h, s // 2, s % 2, 8]: s in order
+        high = _shifted(blocks[..., 128:192].reshape(cols, nsb, 2, 32), [0, 2, 4, 6], 3, 3)  # [h, s, l]
+        codes = np.concatenate([_byte_pairs(low.reshape(cols, kb, 8), tiles),
+                                _high_plane(high.reshape(cols, kb, 32), 2, tiles)], -1)
         d = _tiled(_fp16(blocks, 208), tiles)  # [t, nsb, 16]
         sc = _tiled(np.ascontiguousarray(blocks[..., 192:208]), tiles)  # [t, nsb, 16 sub-blocks, 16]
         meta = np.concatenate([d.view(np.uint8).reshape(tiles, nsb, 32), sc.reshape(tiles, nsb, 256)], -1)
@@ -246,7 +259,7 @@ def pack(qtype: int, raw: np.ndarray, k: int, n: int) -> PackedBlocks:
     meta = np.empty(meta_size, dtype=np.uint8)
     tiles = -(-n // TILE)
     code_tile, meta_tile = code_size // tiles, meta_size // tiles
-    per_slice = _CHUNK_COLUMNS // TILE
+    per_slice = max(1, _SLICE_WEIGHTS // (k * TILE))  # tiles
     for t0 in range(0, tiles, per_slice):
         t1 = min(t0 + per_slice, tiles)
         c, m = _pack_slice(qtype, rows[t0 * TILE:t1 * TILE], k, t1 - t0)
