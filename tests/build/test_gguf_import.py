@@ -142,6 +142,15 @@ def test_mixed_types_are_packed_as_the_file_has_them(tmp_path: Path) -> None:
     assert_close_to(reference, cached, "mixed decoded")
 
 
+def test_the_other_types_too(tmp_path: Path) -> None:
+    """Q4_0, Q4_1, Q5_1, Q5_K, BF16 and F16 weights (the types MIXED does not cover)."""
+    qtypes = {"linear": "Q4_0", "attn_q": "Q4_1", "ffn_up": "Q5_1", "ffn_gate": "Q5_K", "ffn_down": "BF16",
+              "token_embd": "F16", "output": "Q5_K"}
+    folder = import_and_compare(gguf_fixture("qwen2", tied=False, qtypes=qtypes), tmp_path, "other-types")
+    types = json.loads((folder / "tokenwire.json").read_text())["gguf"]["tensor_types"]
+    assert set(types) == {"Q4_0", "Q4_1", "Q5_1", "Q5_K", "BF16", "F16"}
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_tied_and_untied_output(tied: bool, tmp_path: Path) -> None:
     path = gguf_fixture("llama", tied=tied, qtypes={"linear": "Q4_K", "token_embd": "Q6_K", "output": "Q8_0"})
