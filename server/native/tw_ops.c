@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "tw_attention.h"
+#include "tw_blocks.h"
 #include "tw_isa.h"
 #include "tw_linear.h"
 #include "tw_ort_abi.h"
@@ -502,6 +503,217 @@ TW_CREATE_V1(attention)
 static const TwCustomOp attention_op = TW_ATTENTION_OP(attention_input_type, attention_output_type);
 static const TwCustomOp attention8_op = TW_ATTENTION_OP(attention8_input_type, attention8_output_type);
 
+/* ---- BlockLinear / BlockGather -----------------------------------------------------------
+   A GGUF tensor's own blocks, packed by server/build/gguf_pack.py (tw_blocks.h): codes uint8 and
+   meta uint8 (scales / minimums at the file's precision). Attributes: qtype (the GGML type id),
+   K (GGUF ne[0]) and N (ne[1]).
+   BlockLinear(x float [..., K], codes, meta) -> y float [..., N]: y = x @ W, W[k, n] the tensor's
+   row n, element k (tw_blocks.c; float types in fp32, the others with x rounded to int16 per
+   block of 32, as Linear). BlockGather(ids int64 [...], codes, meta) -> float [..., K]: the rows
+   ids of the tensor (an embedding lookup, a tied lm_head's initializers), exactly dequantized. */
+
+typedef struct {
+    const OrtApi *api;
+    const char *name;
+    int64_t qtype, k, n;
+    TwBlockFormat format;
+} BlockKernel;
+
+typedef struct {
+    TwBlockLinear lin;
+    int16_t *xq; /* lin's int16 activations, sx, sumx and xsum16, written by block_quantize_chunk */
+    float *sx, *sumx;
+    int32_t *xsum16; /* NULL for the types without an offset */
+    int64_t tiles, chunks;
+} BlockJob;
+
+typedef struct {
+    const BlockKernel *kernel;
+    const uint8_t *codes, *meta;
+    const int64_t *ids;
+    float *out;
+} GatherJob;
+
+static OrtStatus *block_create(const OrtApi *api, const OrtKernelInfo *info, const char *name, void **out) {
+    BlockKernel *kernel = calloc(1, sizeof(BlockKernel));
+    if (kernel == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire: out of memory");
+    *kernel = (BlockKernel){.api = api, .name = name};
+    OrtStatus *st = NULL;
+    if ((st = TW_API(api, KernelInfoGetAttribute_int64)(info, "qtype", &kernel->qtype)) ||
+        (st = TW_API(api, KernelInfoGetAttribute_int64)(info, "K", &kernel->k)) ||
+        (st = TW_API(api, KernelInfoGetAttribute_int64)(info, "N", &kernel->n))) {
+        free(kernel);
+        return st;
+    }
+    char message[200];
+    message[0] = 0;
+    if (kernel->qtype < 0 || kernel->qtype > 255 || !tw_block_format((int)kernel->qtype, &kernel->format))
+        snprintf(message, sizeof message, "tokenwire %s: qtype %lld is not one it computes (GGML ids of F32, F16, "
+                 "BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", name, (long long)kernel->qtype);
+    else if (kernel->k <= 0 || kernel->n <= 0 || kernel->k % kernel->format.block)
+        snprintf(message, sizeof message, "tokenwire %s: K (%lld) must be a positive multiple of the type's block "
+                 "(%lld), N (%lld) positive", name, (long long)kernel->k, (long long)kernel->format.block,
+                 (long long)kernel->n);
+    if (message[0]) {
+        free(kernel);
+        return fail(api, message);
+    }
+    *out = kernel;
+    return NULL;
+}
+
+static OrtStatus *block_linear_create(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    return block_create(api, info, "BlockLinear", out);
+}
+
+static OrtStatus *block_gather_create(const TwCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **out) {
+    (void)op;
+    return block_create(api, info, "BlockGather", out);
+}
+
+/* Inputs 1 and 2 (codes, meta), checked against the sizes qtype, K and N give. */
+static OrtStatus *block_weights(const BlockKernel *kernel, OrtKernelContext *ctx, const uint8_t **codes,
+                                const uint8_t **meta) {
+    const OrtApi *api = kernel->api;
+    const OrtValue *in[2];
+    int64_t dims[8];
+    size_t rank, count[2];
+    for (size_t i = 0; i < 2; i++) {
+        TRY(TW_API(api, KernelContext_GetInput)(ctx, i + 1, &in[i]));
+        TRY(tensor_shape(api, in[i], dims, &rank, &count[i]));
+    }
+    const int64_t want_codes = tw_block_code_size(&kernel->format, kernel->k, kernel->n);
+    const int64_t want_meta = tw_block_meta_size(&kernel->format, kernel->k, kernel->n);
+    if ((int64_t)count[0] != want_codes || (int64_t)count[1] != want_meta) {
+        char message[200];
+        snprintf(message, sizeof message, "tokenwire %s: packed sizes (%zu codes, %zu meta bytes) do not match qtype "
+                 "%lld, K and N (%lld, %lld)", kernel->name, count[0], count[1], (long long)kernel->qtype,
+                 (long long)want_codes, (long long)want_meta);
+        return fail(api, message);
+    }
+    void *p = NULL;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[0], &p));
+    *codes = p;
+    *meta = NULL;
+    if (want_meta > 0) {
+        TRY(TW_API(api, GetTensorMutableData)((OrtValue *)in[1], &p));
+        *meta = p;
+    }
+    return NULL;
+}
+
+/* Input 0 (x or ids) and its shape. */
+static OrtStatus *block_input(const BlockKernel *kernel, OrtKernelContext *ctx, const OrtValue **value, int64_t *dims,
+                              size_t *rank, size_t *count) {
+    TRY(TW_API(kernel->api, KernelContext_GetInput)(ctx, 0, value));
+    return tensor_shape(kernel->api, *value, dims, rank, count);
+}
+
+static void block_quantize_chunk(void *user, size_t index) {
+    const BlockJob *job = user;
+    const TwBlockLinear *lin = &job->lin;
+    const int64_t r0 = lin->rows * (int64_t)index / job->chunks, r1 = lin->rows * ((int64_t)index + 1) / job->chunks;
+    const int64_t kb = lin->k / TW_BLOCK;
+    tw_quantize_rows(lin->x + r0 * lin->k, r1 - r0, lin->k, job->xq + r0 * lin->k, job->sx + r0 * kb, job->sumx + r0 * kb);
+    if (job->xsum16 != NULL) tw_block_xsums(job->xq + r0 * lin->k, r1 - r0, lin->k, job->xsum16 + r0 * lin->k / 16);
+}
+
+static void block_tiles_chunk(void *user, size_t index) {
+    const BlockJob *job = user;
+    tw_block_tiles(&job->lin, job->tiles * (int64_t)index / job->chunks, job->tiles * ((int64_t)index + 1) / job->chunks);
+}
+
+static OrtStatus *block_linear_compute(void *opaque, OrtKernelContext *ctx) {
+    const BlockKernel *kernel = opaque;
+    const OrtApi *api = kernel->api;
+    const OrtValue *x = NULL;
+    int64_t dims[8];
+    size_t rank, count;
+    TRY(block_input(kernel, ctx, &x, dims, &rank, &count));
+    if (rank < 1 || dims[rank - 1] != kernel->k) return fail(api, "tokenwire BlockLinear: x's last dimension is not K");
+    const int64_t k = kernel->k, kb = k / TW_BLOCK;
+    BlockJob job = {.lin = {.qtype = (int)kernel->qtype, .rows = (int64_t)count / k, .k = k, .n = kernel->n},
+                    .tiles = (kernel->n + TW_TILE - 1) / TW_TILE};
+    TRY(block_weights(kernel, ctx, &job.lin.codes, &job.lin.meta));
+    dims[rank - 1] = kernel->n;
+    OrtValue *out = NULL;
+    void *p = NULL;
+    TRY(TW_API(api, KernelContext_GetOutput)(ctx, 0, dims, rank, &out));
+    if (job.lin.rows == 0) return NULL;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)x, &p));
+    job.lin.x = p;
+    TRY(TW_API(api, GetTensorMutableData)(out, &p));
+    job.lin.y = p;
+    const int64_t rows = job.lin.rows;
+    char *scratch = NULL;
+    OrtStatus *st = NULL;
+    if (!kernel->format.is_float) {
+        const size_t sums = tw_block_offset((int)kernel->qtype) ? (size_t)(rows * k / 16) : 0;
+        scratch = malloc((size_t)(rows * k) * sizeof(int16_t) + (2 * (size_t)(rows * kb) + sums) * sizeof(float));
+        if (scratch == NULL) return TW_API(api, CreateStatus)(TW_ORT_FAIL, "tokenwire BlockLinear: out of memory");
+        job.lin.xq = job.xq = (int16_t *)scratch;
+        job.lin.sx = job.sx = (float *)(scratch + (size_t)(rows * k) * sizeof(int16_t));
+        job.lin.sumx = job.sumx = job.sx + rows * kb;
+        job.lin.xsum16 = job.xsum16 = sums ? (int32_t *)(job.sumx + rows * kb) : NULL;
+        job.chunks = rows < 64 ? rows : 64;
+        st = parallel(api, ctx, block_quantize_chunk, job.chunks, 16, &job);
+    }
+    if (st == NULL) {
+        job.chunks = job.tiles < TW_CHUNKS ? job.tiles : TW_CHUNKS;
+        st = TW_API(api, KernelContext_ParallelFor)(ctx, block_tiles_chunk, (size_t)job.chunks, 0, &job);
+    }
+    free(scratch);
+    return st;
+}
+
+static void gather_row(void *user, size_t index) {
+    const GatherJob *job = user;
+    const BlockKernel *kernel = job->kernel;
+    tw_block_row((int)kernel->qtype, job->codes, job->meta, kernel->k, job->ids[index], job->out + (int64_t)index * kernel->k);
+}
+
+static OrtStatus *block_gather_compute(void *opaque, OrtKernelContext *ctx) {
+    const BlockKernel *kernel = opaque;
+    const OrtApi *api = kernel->api;
+    const OrtValue *ids = NULL;
+    int64_t dims[8];
+    size_t rank, count;
+    TRY(block_input(kernel, ctx, &ids, dims, &rank, &count));
+    if (rank > 7) return fail(api, "tokenwire BlockGather: ids of rank above 7");
+    GatherJob job = {.kernel = kernel};
+    TRY(block_weights(kernel, ctx, &job.codes, &job.meta));
+    void *p = NULL;
+    TRY(TW_API(api, GetTensorMutableData)((OrtValue *)ids, &p));
+    job.ids = p;
+    for (size_t i = 0; i < count; i++)
+        if (job.ids[i] < 0 || job.ids[i] >= kernel->n) return fail(api, "tokenwire BlockGather: an id is outside [0, N)");
+    dims[rank] = kernel->k;
+    OrtValue *out = NULL;
+    TRY(TW_API(api, KernelContext_GetOutput)(ctx, 0, dims, rank + 1, &out));
+    if (count == 0) return NULL;
+    TRY(TW_API(api, GetTensorMutableData)(out, &p));
+    job.out = p;
+    return parallel(api, ctx, gather_row, (int64_t)count, 16, &job);
+}
+
+TW_CREATE_V1(block_linear)
+TW_CREATE_V1(block_gather)
+
+static const char *block_linear_name(const TwCustomOp *op) { (void)op; return "BlockLinear"; }
+static const char *block_gather_name(const TwCustomOp *op) { (void)op; return "BlockGather"; }
+static int block_linear_input_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_FLOAT : TW_TENSOR_UINT8; }
+static int block_gather_input_type(const TwCustomOp *op, size_t i) { (void)op; return i == 0 ? TW_TENSOR_INT64 : TW_TENSOR_UINT8; }
+static size_t block_linear_input_count(const TwCustomOp *op) { (void)op; return 3; }
+static size_t block_gather_input_count(const TwCustomOp *op) { (void)op; return 3; }
+#define block_linear_output_type linear_output_type
+#define block_gather_output_type linear_output_type
+#define block_linear_output_count linear_output_count
+#define block_gather_output_count linear_output_count
+
+static const TwCustomOp block_linear_op = TW_OP(block_linear);
+static const TwCustomOp block_gather_op = TW_OP(block_gather);
+
 /* Entry point onnxruntime calls from SessionOptions.register_custom_ops_library. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
     const OrtApi *api = base->GetApi(TW_ORT_API_VERSION);
@@ -513,6 +725,8 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &linear_op));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &attention_op));
     TRY(TW_API(api, CustomOpDomain_Add)(domain, &attention8_op));
+    TRY(TW_API(api, CustomOpDomain_Add)(domain, &block_linear_op));
+    TRY(TW_API(api, CustomOpDomain_Add)(domain, &block_gather_op));
     return TW_API(api, AddCustomOpDomain)(options, domain);
 }
 
