@@ -366,7 +366,7 @@ def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
         parameter_count=sum(int(np.prod(t.shape)) for n, t in tensors.items() if n not in _IGNORED),
     )
     _check_shapes(model)
-    extra = sorted(set(tensors) - _used(model))
+    extra = sorted(n for n in set(tensors) - _used(model) if not n.endswith(".attn_rot_embd"))  # old rope tables
     if extra:
         raise GGUFUnsupported(f"this {arch} file has tensors the native graph would ignore: {', '.join(extra[:5])}"
                               + (f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""))
