@@ -16,6 +16,7 @@ measure a change before and after).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -100,6 +101,13 @@ def decode_us(library: str, shape: str, context: int, batch: int, kv_format: str
     return statistics.median(means)
 
 
+def _isa_of(library: str) -> str:
+    """The instruction set the loaded library runs (the same handle onnxruntime loaded)."""
+    lib = ctypes.CDLL(library)
+    lib.tw_native_isa.restype = ctypes.c_char_p
+    return lib.tw_native_isa().decode()
+
+
 def _child(args: argparse.Namespace, isa: str) -> list[dict]:
     """This script again with TOKENWIRE_NATIVE_ISA set: one ISA per process."""
     cmd = [sys.executable, __file__, "--isa", isa, "--json-rows", *args.passthrough]
@@ -132,9 +140,13 @@ def main() -> None:
     if args.isa == "both":
         rows = _child(args, "avx512") + _child(args, "avx2")
     else:
+        if args.isa == "avx2":
+            os.environ["TOKENWIRE_NATIVE_ISA"] = "avx2"  # read once, when the library first runs
         from tokenwire.server.native import loader
 
         library = args.library or str(loader.require())
+        if _isa_of(library) != args.isa:
+            raise SystemExit(f"the kernels run {_isa_of(library)!r} here, not {args.isa}")
         rows = []
         for shape in args.shapes.split(","):
             for context in (int(c) for c in args.contexts.split(",")):

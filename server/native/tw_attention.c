@@ -159,17 +159,29 @@ TW_TARGET static inline __attribute__((always_inline)) void task_avx512_chunks(c
             for (int64_t hg = 0; hg < group; hg++) {
                 const int64_t at = (s - s0) * group + hg;
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
-                __m512 q[TW_MAX_HEAD_DIM / 16], dots[TW_KEY_TILE];
-                for (int64_t c = 0; c < chunks; c++) q[c] = _mm512_loadu_ps(qp + 16 * c);
-                for (int64_t k = 0; k < TW_KEY_TILE; k++) {
-                    if (k >= n) { /* past the chunk: masked below, and maybe past the buffer */
-                        dots[k] = _mm512_setzero_ps();
-                        continue;
+                __m512 dots[TW_KEY_TILE];
+                if (n == TW_KEY_TILE) {
+                    /* channels outer, keys inner: 16 independent sums (one per key) where a key at a
+                       time is one chain of head_dim / 16 dependent FMAs; each key's sum runs in the
+                       same order either way */
+                    for (int64_t k = 0; k < TW_KEY_TILE; k++) dots[k] = _mm512_mul_ps(_mm512_loadu_ps(qp), load_half(keys + k * d));
+                    for (int64_t c = 1; c < chunks; c++) {
+                        const __m512 qc = _mm512_loadu_ps(qp + 16 * c);
+                        for (int64_t k = 0; k < TW_KEY_TILE; k++)
+                            dots[k] = _mm512_fmadd_ps(qc, load_half(keys + k * d + 16 * c), dots[k]);
                     }
-                    const uint16_t *kr = keys + k * d;
-                    __m512 acc = _mm512_mul_ps(q[0], load_half(kr));
-                    for (int64_t c = 1; c < chunks; c++) acc = _mm512_fmadd_ps(q[c], load_half(kr + 16 * c), acc);
-                    dots[k] = acc;
+                } else {
+                    for (int64_t k = 0; k < TW_KEY_TILE; k++) {
+                        if (k >= n) { /* past the chunk: masked below, and maybe past the buffer */
+                            dots[k] = _mm512_setzero_ps();
+                            continue;
+                        }
+                        const uint16_t *kr = keys + k * d;
+                        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qp), load_half(kr));
+                        for (int64_t c = 1; c < chunks; c++)
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp + 16 * c), load_half(kr + 16 * c), acc);
+                        dots[k] = acc;
+                    }
                 }
                 __m512 scores = sum16(dots);
                 if (cap > 0.0f) scores = softcap512(scores, cap);

@@ -82,17 +82,26 @@ TW_AVX2 static inline __attribute__((always_inline)) void task_avx2_chunks(const
             const __m256 keep = lanes_between(lo, hi);
             for (int64_t hg = 0; hg < group; hg++) {
                 const float *qp = a->q + ((b * a->seq + s) * a->heads + kv * group + hg) * d;
-                __m256 q[TW_MAX_HEAD_DIM / 8], dots[TILE8];
-                for (int64_t c = 0; c < chunks; c++) q[c] = _mm256_loadu_ps(qp + 8 * c);
-                for (int64_t k = 0; k < TILE8; k++) {
-                    if (k >= n) {
-                        dots[k] = _mm256_setzero_ps();
-                        continue;
+                __m256 dots[TILE8];
+                if (n == TILE8) { /* channels outer, keys inner: 8 independent sums (see tw_attention.c) */
+                    for (int64_t k = 0; k < TILE8; k++) dots[k] = _mm256_mul_ps(_mm256_loadu_ps(qp), load_half8(keys + k * d));
+                    for (int64_t c = 1; c < chunks; c++) {
+                        const __m256 qc = _mm256_loadu_ps(qp + 8 * c);
+                        for (int64_t k = 0; k < TILE8; k++)
+                            dots[k] = _mm256_fmadd_ps(qc, load_half8(keys + k * d + 8 * c), dots[k]);
                     }
-                    const uint16_t *kr = keys + k * d;
-                    __m256 acc = _mm256_mul_ps(q[0], load_half8(kr));
-                    for (int64_t c = 1; c < chunks; c++) acc = _mm256_fmadd_ps(q[c], load_half8(kr + 8 * c), acc);
-                    dots[k] = acc;
+                } else {
+                    for (int64_t k = 0; k < TILE8; k++) {
+                        if (k >= n) {
+                            dots[k] = _mm256_setzero_ps();
+                            continue;
+                        }
+                        const uint16_t *kr = keys + k * d;
+                        __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qp), load_half8(kr));
+                        for (int64_t c = 1; c < chunks; c++)
+                            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qp + 8 * c), load_half8(kr + 8 * c), acc);
+                        dots[k] = acc;
+                    }
                 }
                 __m256 scores = sum8(dots);
                 if (cap > 0.0f) scores = softcap256(scores, cap);
