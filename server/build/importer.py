@@ -365,6 +365,9 @@ def import_gguf(path: Path, store: ModelStore, name: str | None = None, force: b
             smoke = _smoke_and_install(out, target, existing, model_id, path, progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        if check:  # gguf_check.py: the served graph against the file's float reference, into the manifest
+            from .gguf_check import check_import
+            check_import(target, progress)
         return ImportResult(model_id, target, "gguf", precision, model.parameter_count, folder_size(target), smoke)
     finally:
         reader.close()
