@@ -10,6 +10,9 @@ The architectures follow llama.cpp's own reading of the file (src/llama-model.cp
 
 - llama: interleaved ("norm") rope on Q/K as stored (convert_hf_to_gguf.py permuted the rows for it);
   optional `rope_freqs.weight` frequency factors (Llama 3.x).
+- rope scaling as ggml's rope_yarn: linear, YaRN (ext_factor 1, magnitude 1 + 0.1 ln(factor)), phi3's
+  longrope (`rope_factors_long` when the file's context exceeds the original one, else `_short`, as
+  llama.cpp picks them for a context that long), cos/sin times the file's `rope.scaling.attn_factor`.
 - qwen2 (q/k/v biases), qwen3 (per-head q/k RMS norms), phi3 (fused attn_qkv; ffn_up holds gate then
   up; llama.cpp ignores phi3's sliding window, and so do we): half-split ("NEOX") rope.
 - gemma2, gemma3: embeddings scaled by sqrt(hidden), GELU (tanh) gating, norms stored as 1 + w (used
@@ -55,6 +58,9 @@ class Hparams:
     rope_freq_scale: float     # positions are multiplied by this (1 / linear scaling factor)
     rope_base_swa: float
     rope_freq_scale_swa: float
+    rope_factors: str          # the frequency divisors' tensor ("" for none)
+    rope_mscale: float         # cos/sin multiplied by it (the file's rope.scaling.attn_factor)
+    yarn: tuple[float, float] | None  # YaRN's ramp (low, high) over the rotated pairs; None when not YaRN
     sliding_window: int        # 0: none
     swa_layers: tuple[bool, ...]
     attn_softcap: float        # 0: none
@@ -125,10 +131,25 @@ def read_hparams(f: GGUFFile) -> Hparams:
     n_layer = int(key("block_count"))
     scaling = f.value(f"{arch}.rope.scaling.type", "none")
     factor = float(f.value(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-    if scaling not in ("none", "linear") and factor != 1.0:
+    if scaling not in ("none", "linear", "yarn", "longrope") and factor != 1.0:
         raise NotImplementedError(f"rope scaling {scaling!r} is not supported by the reference forward")
-    freq_scale = 1.0 / factor if scaling == "linear" else 1.0
+    freq_scale = 1.0 / factor if scaling in ("linear", "yarn") else 1.0
     rope_base = float(key("rope.freq_base", 10000.0))
+    n_rot = int(key("rope.dimension_count", head_dim))
+    context = int(f.value(f"{arch}.context_length", 0) or 0)
+    original = int(f.value(f"{arch}.rope.scaling.original_context_length", 0) or context)
+    yarn = None
+    if scaling == "yarn" and factor != 1.0:  # ggml_rope_yarn_corr_dims
+        def corr_dim(rotations: float) -> float:
+            return n_rot * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope_base))
+        yarn = (max(0.0, math.floor(corr_dim(float(f.value(f"{arch}.rope.scaling.yarn_beta_fast", 32.0) or 32.0)))),
+                min(n_rot - 1.0, math.ceil(corr_dim(float(f.value(f"{arch}.rope.scaling.yarn_beta_slow", 1.0) or 1.0)))))
+    factors = ""
+    if f.has("rope_freqs.weight"):
+        factors = "rope_freqs.weight"
+    elif f.has("rope_factors_long.weight") or f.has("rope_factors_short.weight"):  # llama.cpp's get_rope_factors
+        factors = "rope_factors_long.weight" if context > original or not f.has("rope_factors_short.weight") \
+            else "rope_factors_short.weight"
 
     window = int(f.value(f"{arch}.attention.sliding_window", 0) or 0)
     pattern = {"gemma2": 2, "gemma3": 6}.get(arch, 0)
@@ -145,10 +166,11 @@ def read_hparams(f: GGUFFile) -> Hparams:
     n_vocab = f.shape("token_embd.weight")[0]
     return Hparams(
         arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-        head_dim_v=head_dim_v, n_rot=int(key("rope.dimension_count", head_dim)), n_vocab=n_vocab,
+        head_dim_v=head_dim_v, n_rot=n_rot, n_vocab=n_vocab,
         rms_eps=float(key("attention.layer_norm_rms_epsilon")), rope_base=rope_base, rope_freq_scale=freq_scale,
         rope_base_swa=float(f.value(f"{arch}.rope.freq_base_swa", 10000.0 if arch == "gemma3" else rope_base)),
         rope_freq_scale_swa=1.0 if arch == "gemma3" else freq_scale,
+        rope_factors=factors, rope_mscale=float(f.value(f"{arch}.rope.scaling.attn_factor", 1.0) or 1.0), yarn=yarn,
         sliding_window=window, swa_layers=swa,
         attn_softcap=float(f.value(f"{arch}.attn_logit_softcapping", 0.0) or 0.0),
         final_softcap=float(f.value(f"{arch}.final_logit_softcapping", 0.0) or 0.0),
@@ -169,16 +191,25 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, base: float, freq_scale: float, neox: bool,
-         freq_factors: np.ndarray | None = None) -> np.ndarray:
+         freq_factors: np.ndarray | None = None, mscale: float = 1.0,
+         yarn: tuple[float, float] | None = None) -> np.ndarray:
     """ggml_rope_ext on x [T, heads, head_dim]: the first n_rot dims rotated, pairs (2i, 2i+1) in
-    "norm" mode or (i, i + n_rot/2) in NEOX mode, theta = pos * freq_scale * base^(-2i/n_rot) / ff[i]."""
+    "norm" mode or (i, i + n_rot/2) in NEOX mode, theta = pos * freq_scale * base^(-2i/n_rot) / ff[i]
+    (ggml's rope_yarn: with `yarn` = (low, high), blended with the unscaled angle by its ramp, and the
+    magnitude times 1 + 0.1 ln(1 / freq_scale)); cos and sin times `mscale`."""
     half = n_rot // 2
     inv = base ** (-np.arange(half, dtype=np.float64) * 2.0 / n_rot)
     if freq_factors is not None:
         inv = inv / freq_factors.astype(np.float64)
-    theta = (positions.astype(np.float64) * freq_scale)[:, None] * inv[None, :]
-    cos = np.cos(theta).astype(x.dtype)[:, None, :]
-    sin = np.sin(theta).astype(x.dtype)[:, None, :]
+    extrapolated = positions.astype(np.float64)[:, None] * inv[None, :]
+    theta = extrapolated * freq_scale
+    if yarn is not None:
+        low, high = yarn
+        ramp = 1.0 - np.clip((np.arange(half) - low) / max(0.001, high - low), 0.0, 1.0)
+        theta = theta * (1.0 - ramp) + extrapolated * ramp
+        mscale *= 1.0 + 0.1 * math.log(1.0 / freq_scale)
+    cos = (np.cos(theta) * mscale).astype(x.dtype)[:, None, :]
+    sin = (np.sin(theta) * mscale).astype(x.dtype)[:, None, :]
     out = x.copy()
     if neox:
         a, b = x[..., :half], x[..., half:n_rot]
@@ -269,10 +300,13 @@ class ReferenceModel:
             k = rms_norm(k, self._w(b + "attn_k_norm.weight"), hp.rms_eps)
         swa = hp.swa_layers[il]
         base, scale = (hp.rope_base_swa, hp.rope_freq_scale_swa) if swa else (hp.rope_base, hp.rope_freq_scale)
-        factors = self._w("rope_freqs.weight") if self.file.has("rope_freqs.weight") else None
+        # gemma3's local layers: their own base, unscaled (llama.cpp's freq_scale_swa = 1)
+        local = swa and hp.arch == "gemma3"
+        factors = self._w(hp.rope_factors) if hp.rope_factors and not local else None
         neox = hp.arch in NEOX_ROPE
-        q = rope(q, positions, hp.n_rot, base, scale, neox, factors)
-        k = rope(k, positions, hp.n_rot, base, scale, neox, factors)
+        mscale, yarn = (1.0, None) if local else (hp.rope_mscale, hp.yarn)
+        q = rope(q, positions, hp.n_rot, base, scale, neox, factors, mscale, yarn)
+        k = rope(k, positions, hp.n_rot, base, scale, neox, factors, mscale, yarn)
         o = attention(q, k, v, hp.attn_scale, hp.sliding_window if swa else 0, hp.attn_softcap)
         out = self._linear(o.reshape(t_len, hp.n_head * hp.head_dim_v), b + "attn_output")
         if self.file.has(b + "post_attention_norm.weight"):
