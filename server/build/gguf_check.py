@@ -46,7 +46,7 @@ class CheckError(RuntimeError):
 def source_gguf(model_dir: Path) -> Path:
     """The GGUF a model was imported from: its folder's `source.gguf` link, else the manifest's source."""
     link = model_dir / SOURCE_LINK
-    if link.exists():
+    if link.is_file():  # a regular file (a link planted to a FIFO or a device would block or never end)
         return link
     source = read_manifest(model_dir).get("source", {})
     path = source.get("gguf") if isinstance(source, dict) else None
@@ -168,7 +168,10 @@ def check_model(model_dir: Path, max_tokens: int = DEFAULT_MAX_TOKENS, dtype: ty
     gguf = source_gguf(model_dir)
     say = progress or (lambda _: None)
     started = time.monotonic()
-    reference = ReferenceModel(gguf, dtype)  # gguf.GGUFReader: seconds for a large vocabulary, so once
+    try:  # gguf.GGUFReader: seconds for a large vocabulary, so once
+        reference = ReferenceModel(gguf, dtype)
+    except (ValueError, NotImplementedError, OSError) as exc:  # the file replaced, or a variant it does not know
+        raise CheckError(f"{model_dir.name}: the reference forward cannot read {gguf}: {exc}") from exc
     p = plan(model_dir, reference.file, max_tokens, np.dtype(dtype).itemsize)
     say(f"reference forward of {gguf.resolve().name} ({np.dtype(dtype).name}) over {len(p.tokens)} tokens"
         + (f" (shortened from {min(p.text_tokens, max_tokens)}: {p.shortened_because})" if p.shortened_because else ""))

@@ -11,6 +11,8 @@ truncated or damaged file raises GGUFCorrupt saying where.
 
 from __future__ import annotations
 
+import itertools
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -106,8 +108,8 @@ class GGUFFile:
                     self._skip_strings(count)
                     return SkippedArray(item, count)
                 return [self._string() for _ in range(count)]
-            if item == _ARRAY:
-                return [self._value(self._take("<I"), skip) for _ in range(count)]
+            if item == _ARRAY:  # llama.cpp refuses them too (and parsing them would recurse)
+                raise self._fail("an array of arrays (not a GGUF value llama.cpp reads)")
             fmt = _SCALARS.get(item)
             if fmt is None:
                 raise self._fail(f"unknown array item type {item}")
@@ -160,7 +162,7 @@ class GGUFFile:
             except ValueError:
                 raise self._fail(f"tensor {name} has an unknown type {qtype}") from None
             block, type_size = GGML_QUANT_SIZES[kind]
-            elements = int(np.prod(shape, dtype=np.int64))
+            elements = math.prod(shape)  # exact: dims are uint64 and their product may not fit int64
             if shape[0] % block:
                 raise self._fail(f"tensor {name}'s rows ({shape[0]}) are not whole {kind.name} blocks of {block}")
             n_bytes = elements // block * type_size
@@ -170,8 +172,14 @@ class GGUFFile:
                                   f"but the file has {len(self._map):,} bytes")
             if name in self.by_name:
                 raise self._fail(f"tensor {name} appears twice")
+            if offset % alignment:
+                raise self._fail(f"tensor {name}'s data offset {offset:,} is not a multiple of the alignment {alignment}")
             self.tensors.append(entry)
             self.by_name[name] = entry
+        ends = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in self.tensors)
+        for (_, end, first), (begin, _, second) in itertools.pairwise(ends):
+            if begin < end:  # llama.cpp wants each tensor's data after the last one's, in order
+                raise self._fail(f"tensors {first} and {second} overlap in the file")
 
     # ---- access ----
     def field(self, key: str) -> Any:

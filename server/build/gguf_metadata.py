@@ -53,8 +53,8 @@ class _Cursor:
             item, count = self.take("<I"), self.take("<Q")
             if item == _STRING:
                 return [self.string() for _ in range(count)]
-            if item == _ARRAY:
-                return [self.value(self.take("<I")) for _ in range(count)]
+            if item == _ARRAY:  # llama.cpp refuses them too (and parsing them would recurse)
+                raise GGUFMetadataError(f"{self.path.name}: an array of arrays (not a GGUF value llama.cpp reads)")
             fmt = _SCALARS.get(item)
             if fmt is None:
                 raise GGUFMetadataError(f"{self.path.name}: unknown array item type {item}")

@@ -33,11 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from .gguf_file import GGUFCorrupt, GGUFFile
+from .gguf_file import GGUFCorrupt, GGUFFile, SkippedArray
 
 __all__ = ["ARCHITECTURES", "GGUFCorrupt", "GGUFModel", "GGUFUnsupported", "LayerTensors", "Rope", "read_model"]
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+# The most positions a graph serves (its rope tables cover them: 0.5 GB of fp32 at head size 128);
+# a file claiming more (Qwen2.5-1M's 1,010,000 fit) is served this many.
+MAX_CONTEXT = 1 << 20
 
 
 class GGUFUnsupported(ValueError):
@@ -168,6 +171,22 @@ def _field(f: GGUFFile, key: str) -> Any:
     return f.field(key)
 
 
+def _count(value: Any, key: str, minimum: int = 1) -> int:
+    """A size the file gives (a count, a dimension): a whole number >= minimum, else GGUFCorrupt."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value == int(value))
+    if isinstance(value, bool) or not whole or int(value) < minimum:
+        raise GGUFCorrupt(f"{key} is {value!r}, not a whole number of at least {minimum}")
+    return int(value)
+
+
+def _real(value: Any, key: str, positive: bool = False) -> float:
+    """A float the file gives: finite (and > 0 when `positive`), else GGUFCorrupt."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and value <= 0):
+        raise GGUFCorrupt(f"{key} is {value!r}, not a finite{' positive' if positive else ''} number")
+    return float(value)
+
+
 def _file_type(reader, tensors: dict[str, TensorInfo]) -> str:
     from gguf import LlamaFileType
 
@@ -198,14 +217,20 @@ def _swa_layers(reader, arch: str, traits: ArchTraits, layers: int) -> list[bool
 
 def _rope(reader, arch: str, traits: ArchTraits, head_dim: int, tensors: dict[str, TensorInfo],
           context_length: int) -> Rope:
-    base = float(_field(reader, f"{arch}.rope.freq_base") or 10000.0)
-    dims = int(_field(reader, f"{arch}.rope.dimension_count") or head_dim)
-    scaling = str(_field(reader, f"{arch}.rope.scaling.type") or "none").lower()
-    factor = float(_field(reader, f"{arch}.rope.scaling.factor") or 0.0)
+    def key(name: str, default: Any) -> Any:
+        return _field(reader, f"{arch}.rope.{name}") or default
+
+    base = _real(key("freq_base", 10000.0), f"{arch}.rope.freq_base", positive=True)
+    dims = _count(key("dimension_count", head_dim), f"{arch}.rope.dimension_count")
+    scaling = str(key("scaling.type", "none")).lower()
+    factor = _real(key("scaling.factor", 0.0), f"{arch}.rope.scaling.factor")
+    if factor < 0:
+        raise GGUFCorrupt(f"{arch}.rope.scaling.factor is {factor}, not a positive number")
     if scaling == "none" and factor and factor != 1.0:  # older files name only the factor (linear)
         scaling = "linear"
-    original = int(_field(reader, f"{arch}.rope.scaling.original_context_length") or context_length)
-    attn_factor = float(_field(reader, f"{arch}.rope.scaling.attn_factor") or 1.0)
+    original = _count(key("scaling.original_context_length", context_length),
+                      f"{arch}.rope.scaling.original_context_length")
+    attn_factor = _real(key("scaling.attn_factor", 1.0), f"{arch}.rope.scaling.attn_factor", positive=True)
     factors = ""
     if "rope_freqs.weight" in tensors:
         factors = "rope_freqs.weight"
@@ -223,8 +248,8 @@ def _rope(reader, arch: str, traits: ArchTraits, head_dim: int, tensors: dict[st
         raise GGUFUnsupported(f"rope.dimension_count {dims} does not fit head size {head_dim}")
     return Rope(base=base, dims=dims, interleaved=traits.rope_interleaved, scaling=scaling,
                 factor=factor or 1.0, original_context=original, attn_factor=attn_factor,
-                beta_fast=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_fast") or 32.0),
-                beta_slow=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_slow") or 1.0),
+                beta_fast=_real(key("scaling.yarn_beta_fast", 32.0), f"{arch}.rope.scaling.yarn_beta_fast", True),
+                beta_slow=_real(key("scaling.yarn_beta_slow", 1.0), f"{arch}.rope.scaling.yarn_beta_slow", True),
                 factors=factors)
 
 
@@ -269,13 +294,13 @@ def _used(model: GGUFModel) -> set[str]:
     return used - {""}
 
 
-def _per_layer_constant(value: Any, what: str) -> int:
+def _per_layer_constant(value: Any, what: str, key: str) -> int:
     """A count the file may give per layer (a list): fine when every layer has the same."""
     if isinstance(value, list):
         if len(set(value)) != 1:
             raise GGUFUnsupported(f"layers with different {what} are not supported")
         value = value[0]
-    return int(value)
+    return _count(value, key)
 
 
 def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
@@ -304,21 +329,30 @@ def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
 
     if "token_embd.weight" not in tensors:
         raise GGUFUnsupported(f"{path} has no token_embd.weight")
-    layers, hidden = int(need("block_count")), int(need("embedding_length"))
-    heads = _per_layer_constant(need("attention.head_count"), "query head counts")
-    kv_heads = _per_layer_constant(_field(reader, f"{arch}.attention.head_count_kv") or heads, "KV head counts")
-    head_dim = int(_field(reader, f"{arch}.attention.key_length") or hidden // heads)
-    value_dim = int(_field(reader, f"{arch}.attention.value_length") or head_dim)
+    layers = _count(need("block_count"), f"{arch}.block_count")
+    hidden = _count(need("embedding_length"), f"{arch}.embedding_length")
+    heads = _per_layer_constant(need("attention.head_count"), "query head counts", f"{arch}.attention.head_count")
+    kv_heads = _per_layer_constant(_field(reader, f"{arch}.attention.head_count_kv") or heads, "KV head counts",
+                                   f"{arch}.attention.head_count_kv")
+    head_dim = _count(_field(reader, f"{arch}.attention.key_length") or hidden // heads,
+                      f"{arch}.attention.key_length (or embedding_length / head_count)")
+    value_dim = _count(_field(reader, f"{arch}.attention.value_length") or head_dim, f"{arch}.attention.value_length")
     if value_dim != head_dim:
         raise GGUFUnsupported(f"key length {head_dim} differs from value length {value_dim}")
     embd = tensors["token_embd.weight"]
     if len(embd.shape) != 2 or embd.shape[0] != hidden:
         raise GGUFCorrupt(f"token_embd.weight is {list(embd.shape)}, not [{hidden}, vocab]")
     vocab = embd.shape[1]
-    context = int(_field(reader, f"{arch}.context_length") or 2048)
-    eps = float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_tokens = tokens.count if isinstance(tokens, SkippedArray) else len(tokens) if isinstance(tokens, list) else None
+    if n_tokens is not None and n_tokens != vocab:  # llama.cpp refuses such a file too
+        raise GGUFCorrupt(f"the file has {n_tokens:,} tokens but token_embd.weight has {vocab:,} rows")
+    context = _count(_field(reader, f"{arch}.context_length") or 2048, f"{arch}.context_length")
+    eps = _real(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-5,
+                f"{arch}.attention.layer_norm_rms_epsilon", positive=True)
     blocks = _blocks(arch, layers, set(tensors))
-    intermediate = int(_field(reader, f"{arch}.feed_forward_length") or 0)
+    ffl = _field(reader, f"{arch}.feed_forward_length")
+    intermediate = _per_layer_constant(ffl, "feed-forward sizes", f"{arch}.feed_forward_length") if ffl else 0
     b0 = blocks[0]
     ffn_rows = tensors[b0.down].shape[0]
     if intermediate and intermediate != ffn_rows:
@@ -327,26 +361,31 @@ def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
 
     scale = _field(reader, f"{arch}.attention.scale")
     if scale:
-        attention_scale = float(scale)
+        attention_scale = _real(scale, f"{arch}.attention.scale", positive=True)
     elif arch in ("gemma2", "gemma3") and layers in ((46,) if arch == "gemma2" else (62,)):
         attention_scale = 1.0 / math.sqrt(hidden / heads)  # 27B: query_pre_attn_scalar = hidden / heads
     else:
         attention_scale = 1.0 / math.sqrt(head_dim)
     attn_softcap = traits.attn_softcap
     if attn_softcap:
-        attn_softcap = float(_field(reader, f"{arch}.attn_logit_softcapping") or attn_softcap)
+        attn_softcap = _real(_field(reader, f"{arch}.attn_logit_softcapping") or attn_softcap,
+                             f"{arch}.attn_logit_softcapping", positive=True)
     final = _field(reader, f"{arch}.final_logit_softcapping")
-    final_softcap = float(final) if final is not None else traits.final_softcap
+    final_softcap = _real(final, f"{arch}.final_logit_softcapping") if final is not None else traits.final_softcap
+    if final_softcap < 0:
+        raise GGUFCorrupt(f"{arch}.final_logit_softcapping is {final_softcap}, not a positive number")
 
     rope = _rope(reader, arch, traits, head_dim, tensors, context)
-    window = int(_field(reader, f"{arch}.attention.sliding_window") or traits.default_window)
+    window = _count(_field(reader, f"{arch}.attention.sliding_window") or traits.default_window,
+                    f"{arch}.attention.sliding_window", minimum=0)
     sliding = _swa_layers(reader, arch, traits, layers) if window and not traits.ignore_window else [False] * layers
     if arch == "gemma3" and not _field(reader, f"{arch}.attention.sliding_window"):
         sliding = [False] * layers  # llama.cpp: no window in the file, no sliding layers
     local_base = _field(reader, f"{arch}.rope.freq_base_swa")
     local_rope = rope
     if local_base or traits.local_rope_base:
-        local_rope = Rope(base=float(local_base or traits.local_rope_base), dims=rope.dims,
+        local_rope = Rope(base=_real(local_base or traits.local_rope_base, f"{arch}.rope.freq_base_swa", True),
+                          dims=rope.dims,
                           interleaved=rope.interleaved)  # unscaled (llama.cpp's freq_scale_swa = 1)
     blocks = [LayerTensors(**{**vars(b), "sliding_window": window if sliding[i] else 0,
                               "rope": local_rope if sliding[i] else rope}) for i, b in enumerate(blocks)]
@@ -357,7 +396,8 @@ def read_model(source: GGUFFile | str | os.PathLike) -> GGUFModel:
     model = GGUFModel(
         path=path, architecture=arch, name=str(_field(reader, "general.name") or path.stem),
         file_type=_file_type(reader, tensors), layers=layers, hidden=hidden, intermediate=intermediate,
-        heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, context_length=context, rms_eps=eps,
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, context_length=min(context, MAX_CONTEXT),
+        rms_eps=eps,
         attention_scale=attention_scale, attn_softcap=attn_softcap, final_softcap=final_softcap,
         embedding_scale=math.sqrt(hidden) if traits.embedding_scale else 1.0, activation=traits.activation,
         embedding="token_embd.weight", output=output, output_norm="output_norm.weight",

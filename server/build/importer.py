@@ -88,6 +88,8 @@ def detect_kind(path: Path) -> str:
             if f.read(4) != b"GGUF":
                 raise ImportRefused(f"{path} is named .gguf but does not start with the GGUF magic bytes")
         return "gguf"
+    if not path.is_dir():  # a FIFO, a device: reading it could block or never end
+        raise ImportRefused(f"{path} is neither a regular file nor a folder")
     if (path / "model.onnx").is_file():
         return "onnx"
     if list(path.glob("decoder*_model*.onnx")):

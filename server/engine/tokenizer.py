@@ -99,7 +99,9 @@ class TokenizerBundle:
             )
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, OverflowError, RecursionError) as exc:
+            # OverflowError: the sandbox's range() limit; RecursionError: a macro calling itself (a
+            # template is the model file's, so it may be hostile: the request fails, not the server)
             raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
