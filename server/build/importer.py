@@ -221,6 +221,8 @@ def import_model(
 
 def _free_place(store: ModelStore, model_id: str, force: bool) -> tuple[Path, ModelEntry | None]:
     """(the folder model_id goes to, the entry it replaces); ImportRefused when taken and not `force`."""
+    if folder_name(model_id).startswith("."):  # the store's own hidden folders (.cache, .import-*): never listed
+        raise ImportRefused(f"a model name cannot start with '.' ({model_id!r}): pass another --name")
     target = store.root / folder_name(model_id)
     existing = store.get(model_id)
     if (target.exists() or existing is not None) and not force:

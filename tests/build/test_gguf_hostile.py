@@ -174,6 +174,16 @@ def test_a_fifo_named_gguf_is_refused_not_read(tmp_path: Path) -> None:
         import_model(fifo, ModelStore(tmp_path / "models"), progress=lambda _: None)
 
 
+@pytest.mark.parametrize("name", ["..", ".cache", ".import-x"])
+def test_a_name_the_store_would_hide_is_refused(name: str, tmp_path: Path) -> None:
+    """A folder starting with "." is never listed (nor found by rm): the import would vanish."""
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(ImportRefused, match="cannot start with '.'"):
+        import_gguf(gguf_fixture("qwen2", qtypes={"linear": "Q8_0"}), store, name=name, check=False,
+                    progress=lambda _: None)
+    assert not store.root.exists() or not any(store.root.iterdir())
+
+
 # ---- the tensor table and the metadata's structure ---------------------------------------------
 
 def test_overlapping_or_misaligned_tensor_data_is_refused(tmp_path: Path) -> None:
