@@ -21,7 +21,14 @@ Measured, interleaved round by round (order rotating), medians of --runs:
 Also: tokenwire's achieved memory bandwidth (bytes of weights per token x decode tok/s) beside
 the machine's copy bandwidth. Prints tables, writes bench/results/peers.json.
 
-    .venv/bin/python bench/bench_peers.py [--runs 5] [--max-tokens 128] [--streams 8]
+`--gguf FILE` (make bench-peers GGUF=FILE) measures another GGUF the same way: `tokenwire import
+FILE` into a temporary store (the GGUF import path; its wall time and peak memory, /usr/bin/time),
+served from there, against llama-cpp-python and llama-server on FILE itself (onnxruntime-genai,
+whose model is built from the default model only, is left out). Also per engine: load time (from
+starting the process to its first token, or llama-server's /health) and memory while serving
+(VmRSS after the rounds, VmHWM its peak). Writes bench/results/peers-gguf-<file stem>.json.
+
+    .venv/bin/python bench/bench_peers.py [--runs 5] [--max-tokens 128] [--streams 8] [--gguf FILE]
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -44,6 +54,7 @@ from bench_bridge import running_bridge  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     ROOT,
+    SERVER_PIDS,
     SHORT_PROMPT,
     free_port,
     long_prompt,
@@ -69,6 +80,7 @@ PEERS_DIR = ROOT / "bench" / "peers"
 PEERS_PY = ROOT / os.environ.get("PEERS_VENV", ".venv-peers") / "bin" / "python"
 CACHE = Path(os.environ.get("TOKENWIRE_PEERS_CACHE", Path.home() / ".cache" / "tokenwire" / "peers"))
 LLAMA_CPP_PYTHON_VERSION = os.environ.get("LLAMA_CPP_PYTHON_VERSION", "0.3.36")
+LLAMA_BUILD = f"{LLAMA_CPP_PYTHON_VERSION}-noamx"  # bench/peers/setup.sh's BUILD (its binaries' suffix)
 GENAI_VERSION = os.environ.get("GENAI_VERSION", "0.18.0")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_18 = SHORT_PROMPT + " Once upon"  # 18 tokens with SmolLM2's tokenizer
@@ -118,14 +130,14 @@ def weight_bytes(model_dir: Path, graph_file: str) -> dict[str, int]:
         for name in node.input:
             if name in sizes:
                 users.setdefault(name, set()).add(node.op_type)
-    gathered = sum(sizes[name] for name, ops in users.items() if ops == {"Gather"})
+    gathered = sum(sizes[name] for name, ops in users.items() if ops <= {"Gather", "BlockGather"})
     return {"file": (model_dir / (graph_file + ".data")).stat().st_size, "gathered_only": gathered}
 
 
 # ---- tokenwire over gRPC ----------------------------------------------------------------------
 
-def tokenwire_generate(stub, prompt: str, max_new: int) -> dict:
-    request = pb.GenerateRequest(model=MODEL, prompt=prompt, max_tokens=max_new, ignore_eos=True,
+def tokenwire_generate(stub, prompt: str, max_new: int, model: str = MODEL) -> dict:
+    request = pb.GenerateRequest(model=model, prompt=prompt, max_tokens=max_new, ignore_eos=True,
                                  sampling=pb.SamplingParams(temperature=0.0))
     started = time.perf_counter()
     arrivals, tokens, server_tps = [], [], 0.0
@@ -198,10 +210,13 @@ def start_genai() -> PeerProcess:
     return PeerProcess("onnxruntime-genai", [str(PEERS_DIR / "drive_genai.py"), str(model_dir)])
 
 
+LLAMA_SERVER_PIDS: dict[str, int] = {}  # base URL -> pid of the llama-servers running_llama_server started
+
+
 @contextmanager
 def running_llama_server(gguf: Path, slots: int):
     """`llama-server -np SLOTS -t 2 -c 8192` on a free port; yields its base URL."""
-    binary = CACHE / "bin" / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}"
+    binary = CACHE / "bin" / f"llama-server-{LLAMA_BUILD}"
     if not binary.exists():
         raise Skipped(f"llama-server: no binary at {binary}" + build_failure("server"))
     port = free_port()
@@ -209,11 +224,13 @@ def running_llama_server(gguf: Path, slots: int):
     proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                              "-np", str(slots), "-t", "2", "-c", "8192"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    LLAMA_SERVER_PIDS[url] = proc.pid
     try:
-        if not wait_http(url + "/health", proc, 120, 0.3):
+        if not wait_http(url + "/health", proc, 300, 0.3):
             raise Skipped(f"llama-server did not start; see {log.name}")
         yield url
     finally:
+        LLAMA_SERVER_PIDS.pop(url, None)
         proc.terminate()
         proc.wait(20)
         log.close()
@@ -255,6 +272,53 @@ async def streams(url: str, model: str, n: int, max_tokens: int, round_no: int, 
             "ttft_median_s": median([r["ttft_s"] for r in results])}
 
 
+# ---- another GGUF (--gguf), load times, memory ------------------------------------------------
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's resident memory now (VmRSS) and its peak so far (VmHWM), MB."""
+    found: dict[str, float] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    except OSError:
+        pass
+    return {"rss_mb": found.get("VmRSS", float("nan")), "peak_mb": found.get("VmHWM", float("nan"))}
+
+
+def import_into(gguf: Path, store_root: Path) -> dict:
+    """`tokenwire import GGUF` into `store_root` in a process of its own, under /usr/bin/time -v for
+    its peak resident memory; returns the model id, wall seconds, peak MB and what it built."""
+    from tokenwire.server.models.store import folder_size
+
+    # --no-check: the import alone (`tokenwire check` teacher-forces 2,048 tokens after it).
+    cmd = [sys.executable, "-m", "tokenwire.clients.cli", "import", str(gguf), "--name", "bench-gguf", "--no-check"]
+    timed = ["/usr/bin/time", "-v", *cmd] if Path("/usr/bin/time").exists() else cmd
+    started = time.perf_counter()
+    proc = subprocess.run(timed, env={**os.environ, "TOKENWIRE_MODELS": str(store_root)}, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - started
+    log = RESULTS / "import-gguf.log"
+    log.write_text(proc.stdout + proc.stderr)
+    found = re.search(r"^imported (\S+) ", proc.stdout, re.M)
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"tokenwire import {gguf} failed (log {log}):\n{(proc.stderr or proc.stdout)[-1500:]}")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    entry = ModelStore(store_root).get(found.group(1))
+    return {"model": entry.id, "import_s": wall, "import_peak_mb": int(peak.group(1)) / 1024 if peak else None,
+            "file_bytes": gguf.stat().st_size, "folder_bytes": folder_size(entry.path),
+            "graph": entry.manifest.get("graph"), "precision": entry.precision,
+            "native_graph": (entry.path / NATIVE_GRAPH).is_file(), "path": str(entry.path),
+            "manifest_gguf": entry.manifest.get("gguf", {})}
+
+
+def loaded(started: float, first_token) -> float:
+    """Seconds from `started` (the process's start) to the end of a one-token request."""
+    first_token()
+    return time.perf_counter() - started
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def same_prefix(a: list[int], b: list[int]) -> int:
@@ -266,7 +330,8 @@ def same_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def run_single(args, stub, peers: dict[str, PeerProcess], prompts: dict[str, tuple[str, list[int]]]) -> dict:
+def run_single(args, stub, peers: dict[str, PeerProcess], prompts: dict[str, tuple[str, list[int]]],
+               model: str = MODEL) -> dict:
     engines = ["tokenwire", *peers]
     raw: dict[str, dict[str, list]] = {e: {"decode_tps": [], "ttft_533_s": [], "decode_tps_600": [],
                                            "server_decode_tps": []} for e in engines}
@@ -275,7 +340,7 @@ def run_single(args, stub, peers: dict[str, PeerProcess], prompts: dict[str, tup
     def call(engine: str, which: str, max_new: int) -> dict:
         text, ids = prompts[which]
         if engine == "tokenwire":
-            return tokenwire_generate(stub, text, max_new)
+            return tokenwire_generate(stub, text, max_new, model)
         return peers[engine].generate(ids, max_new)
 
     for engine in engines:  # warm up: load, first runs
@@ -351,7 +416,7 @@ def report(args, out: dict) -> None:
 
     headers = ["single stream, median (range)", "tokenwire"] + peer_names + [f"tokenwire / {p}" for p in peer_names]
     rows = []
-    for label, key, scale in [("decode tok/s, 18-token prompt", "decode_tps", 1),
+    for label, key, scale in [(f"decode tok/s, {out['prompt_tokens']['short']}-token prompt", "decode_tps", 1),
                               (f"TTFT ms, {out['prompt_tokens']['long']}-token prompt (prefill)", "ttft_533_s", 1000),
                               ("decode tok/s at ~600 tokens of context", "decode_tps_600", 1)]:
         row = [label] + [cell(single_raw[e][key], scale) for e in ["tokenwire", *peer_names]]
@@ -363,7 +428,7 @@ def report(args, out: dict) -> None:
     info = out.get("peer_info", {})
     if "llama.cpp" in info:
         i = info["llama.cpp"]
-        print(f"  llama.cpp: llama-cpp-python {i['llama_cpp_python']}, Q4_1 GGUF, n_threads {i['n_threads']} "
+        print(f"  llama.cpp: llama-cpp-python {i['llama_cpp_python']}, {Path(out['gguf']).name}, n_threads {i['n_threads']} "
               f"(batch {i['n_threads_batch']}), n_ctx {i['n_ctx']}, n_batch {i['n_batch']}")
     if "onnxruntime-genai" in info:
         print(f"  onnxruntime-genai {info['onnxruntime-genai']['onnxruntime_genai']}: its builder's int4 model "
@@ -387,6 +452,21 @@ def report(args, out: dict) -> None:
         print(f"\nconcurrent streams over the OpenAI API, chat completions, {args.max_tokens} tokens each, "
               f"temperature 0.8; tokenwire = tokenwire bridge, llama-server -np {args.streams} -t 2 -c 8192")
         print(table(headers, rows))
+
+    if out.get("import"):
+        imp = out["import"]
+        print(f"\nimport: tokenwire import {Path(out['gguf']).name} ({imp['file_bytes'] / 1e9:.2f} GB) -> {imp['model']} "
+              f"({imp['graph']} graph{', native kernels' if imp['native_graph'] else ''}, {imp['precision']}, "
+              f"{imp['folder_bytes'] / 1e9:.2f} GB): {imp['import_s']:.0f} s, peak memory "
+              f"{imp['import_peak_mb'] or float('nan'):.0f} MB (/usr/bin/time -v)")
+    rows = [[engine, f"{seconds:.1f}"] for engine, seconds in out.get("load_s", {}).items()]
+    if rows:
+        print("\nload (process start to the first token; llama-server: to /health)")
+        print(table(["engine", "load s"], rows))
+    rows = [[engine, f"{m['rss_mb']:.0f}", f"{m['peak_mb']:.0f}"] for engine, m in out.get("memory_mb", {}).items()]
+    if rows:
+        print("\nmemory while serving, after the rounds (the server process; the bridge is a process of its own)")
+        print(table(["process", "RSS MB", "peak MB"], rows))
 
     bw = out["bandwidth"]
     print(f"\nachieved memory bandwidth, tokenwire decode: {bw['weights_file_bytes'] / 1e6:.1f} MB of weights "
@@ -421,8 +501,9 @@ def report(args, out: dict) -> None:
               "the medians resist a bad round or two, a quieter rerun is better")
     agreement = out.get("single", {}).get("greedy_same_prefix_as_tokenwire", {})
     for peer, same in agreement.items():
-        print(f"  greedy tokens identical to tokenwire's: {peer} first {same['short']} (18-token prompt), "
-              f"first {same['long']} (533-token prompt) of {args.max_tokens}")
+        print(f"  greedy tokens identical to tokenwire's: {peer} first {same['short']} "
+              f"({out['prompt_tokens']['short']}-token prompt), first {same['long']} "
+              f"({out['prompt_tokens']['long']}-token prompt) of {args.max_tokens}")
 
 
 def main() -> None:
@@ -430,48 +511,92 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="measure this GGUF (imported into a temporary store) instead of the default model")
+    parser.add_argument("--keep-store", action="store_true", help="with --gguf: keep the temporary store")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    store = ModelStore()
-    model = store.get(MODEL)
-    gguf = store.root / ".cache" / GGUF_NAME
-    if not gguf.exists():
-        raise SystemExit(f"no GGUF at {gguf}: run `tokenwire pull smollm2-135m` (make model)")
+    out: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "skipped": {}}
+    with ExitStack() as stack:
+        if args.gguf is not None:
+            gguf = args.gguf.expanduser().resolve()
+            if not gguf.is_file():
+                raise SystemExit(f"no GGUF at {gguf}")
+            root = Path(tempfile.mkdtemp(prefix="tokenwire-bench-gguf-"))
+            if not args.keep_store:
+                stack.callback(shutil.rmtree, root, True)
+            print(f"importing {gguf.name} into {root} (tokenwire import) ...", flush=True)
+            out["import"] = import_into(gguf, root)
+            print(f"  {out['import']['model']}: {out['import']['import_s']:.0f} s, peak "
+                  f"{out['import']['import_peak_mb'] or float('nan'):.0f} MB", flush=True)
+            os.environ["TOKENWIRE_MODELS"] = str(root)  # the server below serves from it
+            store, model_name = ModelStore(root), out["import"]["model"]
+        else:
+            store, model_name = ModelStore(), MODEL
+            gguf = store.root / ".cache" / GGUF_NAME
+            if not gguf.exists():
+                raise SystemExit(f"no GGUF at {gguf}: run `tokenwire pull smollm2-135m` (make model)")
+        measure(args, stack, store, model_name, gguf, out)
+    report(args, out)
+    name = f"peers-gguf-{args.gguf.name.removesuffix('.gguf')}.json" if args.gguf else "peers.json"
+    path = write_json(name, out)
+    print(f"wrote {path}")
+
+
+def measure(args, stack: ExitStack, store: ModelStore, model_name: str, gguf: Path, out: dict) -> None:
+    """The single-stream and concurrent-stream rounds of `model_name` (in `store`) against the
+    peers on `gguf`, with each engine's load time and memory; fills `out`."""
+    model = store.get(model_name)
     tokenizer = TokenizerBundle(model.path)
     long_text = long_prompt(tokenizer, LONG_TOKENS)
     prompts = {"short": (PROMPT_18, tokenizer.encode(PROMPT_18)), "long": (long_text, tokenizer.encode(long_text))}
-    out: dict = {"args": vars(args), "model": MODEL, "gguf": str(gguf), "skipped": {},
-                 "prompt_tokens": {k: len(ids) for k, (_, ids) in prompts.items()}}
+    out.update({"model": model_name, "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size,
+                "prompt_tokens": {k: len(ids) for k, (_, ids) in prompts.items()}})
+    load, memory = out.setdefault("load_s", {}), out.setdefault("memory_mb", {})
 
     print("measuring copy bandwidth ...", flush=True)
     copy_gbs = copy_bandwidth_gbs()
-    with ExitStack() as stack:
-        target = stack.enter_context(running_server("--prefix-cache-bytes", "0"))
-        channel = stack.enter_context(grpc.insecure_channel(target))
-        stub = pb_grpc.InferenceStub(channel)
-        peers: dict[str, PeerProcess] = {}
-        for name, start in [("llama.cpp", lambda: start_llama(gguf)), ("onnxruntime-genai", start_genai)]:
-            try:
-                peers[name] = start()
-                stack.callback(peers[name].close)
-                out.setdefault("peer_info", {})[name] = peers[name].info
-            except Skipped as exc:
-                out["skipped"][name] = str(exc)
-                print(f"skipping {name}: {exc}", flush=True)
-        print(f"single stream: tokenwire + {', '.join(peers) or 'no peers'}, {args.runs} rounds", flush=True)
-        out["single"] = run_single(args, stub, peers, prompts)
-
-        servers: dict[str, tuple[str, str, dict]] = {
-            "tokenwire": (stack.enter_context(running_bridge(target)), MODEL, {})}
+    started = time.perf_counter()
+    target = stack.enter_context(running_server("--prefix-cache-bytes", "0"))
+    channel = stack.enter_context(grpc.insecure_channel(target))
+    stub = pb_grpc.InferenceStub(channel)
+    load["tokenwire"] = loaded(started, lambda: tokenwire_generate(stub, PROMPT_18, 1, model_name))
+    peers: dict[str, PeerProcess] = {}
+    starts = [("llama.cpp", lambda: start_llama(gguf))]
+    if args.gguf is None:
+        starts.append(("onnxruntime-genai", start_genai))  # its model is built from the default model only
+    for name, start in starts:
         try:
-            # Same prompt-cache footing as our server (--prefix-cache-bytes 0): no slot reuse.
-            servers["llama-server"] = (stack.enter_context(running_llama_server(gguf, args.streams)), "smollm2",
-                                       {"cache_prompt": False})
+            started = time.perf_counter()
+            peers[name] = start()
+            stack.callback(peers[name].close)
+            load[name] = loaded(started, lambda: peers[name].generate(prompts["short"][1], 1))  # noqa: B023
+            out.setdefault("peer_info", {})[name] = peers[name].info
         except Skipped as exc:
-            out["skipped"]["llama-server"] = str(exc)
-            print(f"skipping llama-server: {exc}", flush=True)
-        print(f"{args.streams} streams: {', '.join(servers)}, {args.runs} rounds", flush=True)
-        out["streams"] = run_streams(args, servers)
+            out["skipped"][name] = str(exc)
+            print(f"skipping {name}: {exc}", flush=True)
+    print(f"single stream: tokenwire + {', '.join(peers) or 'no peers'}, {args.runs} rounds", flush=True)
+    out["single"] = run_single(args, stub, peers, prompts, model_name)
+    memory["tokenwire"] = memory_mb(SERVER_PIDS[target])
+    for name, peer in peers.items():
+        memory[name] = memory_mb(peer.proc.pid)
+
+    servers: dict[str, tuple[str, str, dict]] = {
+        "tokenwire": (stack.enter_context(running_bridge(target)), model_name, {})}
+    try:
+        # Same prompt-cache footing as our server (--prefix-cache-bytes 0): no slot reuse.
+        started = time.perf_counter()
+        url = stack.enter_context(running_llama_server(gguf, args.streams))
+        load["llama-server"] = time.perf_counter() - started  # to /health: the model is loaded
+        servers["llama-server"] = (url, "gguf", {"cache_prompt": False})
+    except Skipped as exc:
+        out["skipped"]["llama-server"] = str(exc)
+        print(f"skipping llama-server: {exc}", flush=True)
+    print(f"{args.streams} streams: {', '.join(servers)}, {args.runs} rounds", flush=True)
+    out["streams"] = run_streams(args, servers)
+    memory["tokenwire, after the streams"] = memory_mb(SERVER_PIDS[target])
+    if "llama-server" in servers:
+        memory[f"llama-server -np {args.streams}"] = memory_mb(LLAMA_SERVER_PIDS[servers["llama-server"][0]])
 
     kernels, _ = choose_kernels(model.path)  # what the server (--kernels auto) runs
     sizes = weight_bytes(model.path, NATIVE_GRAPH if kernels == "native" else GRAPH)
@@ -481,9 +606,6 @@ def main() -> None:
                         "achieved_gbs": sizes["file"] * tps / 1e9,
                         "achieved_gbs_without_gathered": (sizes["file"] - sizes["gathered_only"]) * tps / 1e9,
                         "copy_gbs": copy_gbs}
-    report(args, out)
-    path = write_json("peers.json", out)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
