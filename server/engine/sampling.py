@@ -178,9 +178,10 @@ def sample(
         return _degenerate(logits)
     if config.greedy:
         token = int(np.argmax(logits))
-        top = float(logits[token])
-        logprob = -float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
-        return token, logprob
+        # In float64, as top_logprobs computes it: the chosen token's logprob equals its entry there
+        # (float32 exp rounds differently across CPUs' numpy kernels).
+        wide = logits.astype(np.float64)
+        return token, -float(np.log(np.exp(wide - wide[token]).sum()))
 
     scaled = logits.astype(np.float32, copy=False) * np.float32(1.0 / config.temperature)
     if config.top_k == 0 and config.top_p >= 1.0 and config.min_p == 0.0:
