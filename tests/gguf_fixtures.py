@@ -205,7 +205,7 @@ def _random_blocks(qtype: QT, n_blocks: int, scale: float, rng: np.random.Genera
     elif qtype == QT.Q3_K:  # hmask[32] qs[64] scales[12] d: |scale - 32| about 16, |code| about 2
         blocks[:, 108:110] = _f16_bytes(np.full(n_blocks, scale / 32))
     else:
-        raise NotImplementedError(f"no random blocks for {qtype.name}")
+        raise ValueError(f"no random blocks for {qtype.name}")
     return blocks
 
 

@@ -113,10 +113,14 @@ class GGUFFile:
         return out.reshape(shape) if index is None else out.reshape(-1, *shape[1:])
 
 
+class ReferenceUnsupported(ValueError):
+    """A file of an architecture or rope variant the reference forward does not compute."""
+
+
 def read_hparams(f: GGUFFile) -> Hparams:
     arch = f.value("general.architecture")
     if arch not in ARCHITECTURES:
-        raise NotImplementedError(f"the reference forward does not know architecture {arch!r}; it knows {ARCHITECTURES}")
+        raise ReferenceUnsupported(f"the reference forward does not know architecture {arch!r}; it knows {ARCHITECTURES}")
 
     def key(name: str, default: Any = None) -> Any:
         value = f.value(f"{arch}.{name}", default)
@@ -132,7 +136,7 @@ def read_hparams(f: GGUFFile) -> Hparams:
     scaling = f.value(f"{arch}.rope.scaling.type", "none")
     factor = float(f.value(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
     if scaling not in ("none", "linear", "yarn", "longrope") and factor != 1.0:
-        raise NotImplementedError(f"rope scaling {scaling!r} is not supported by the reference forward")
+        raise ReferenceUnsupported(f"rope scaling {scaling!r} is not supported by the reference forward")
     freq_scale = 1.0 / factor if scaling in ("linear", "yarn") else 1.0
     rope_base = float(key("rope.freq_base", 10000.0))
     n_rot = int(key("rope.dimension_count", head_dim))

@@ -285,7 +285,7 @@ def _rope_scaled_file(tmp_path: Path, kind: str):
 def test_rope_scaled_files_decode_as_transformers_in_graph_and_reference(kind: str, tmp_path: Path) -> None:
     """The reference ignored phi3's rope factors and attn_factor (14 logits off transformers on this
     file: `tokenwire check` of a phi-3.5 or phi-4-mini GGUF would report a sound import as broken) and
-    refused YaRN files (NotImplementedError: `tokenwire import` of one failed after installing it)."""
+    refused YaRN files outright (`tokenwire import` of one failed after installing it)."""
     import torch
     from test_gguf_import import assert_close_to, decode_both_ways
 
